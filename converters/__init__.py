@@ -1,0 +1,1 @@
+"""Converters: torch -> ONNX export and QDQ rewriting."""

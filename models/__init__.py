@@ -1,0 +1,1 @@
+"""Models: architectures, the red-team attack zoo and the stored model zoo."""

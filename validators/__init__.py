@@ -1,0 +1,1 @@
+"""Validators: onnxruntime checks, metrics, the gate and reports."""
