@@ -1,0 +1,169 @@
+"""Quantization arithmetic with onnxruntime's exact semantics.
+
+QuantizeLinear computes ``saturate(round_half_even(x / scale) + zero_point)`` and
+DequantizeLinear ``(q - zero_point) * scale``, both in float32. Everything here
+divides (never multiplies by 1/scale) and rounds half to even, so a simulation
+built from these functions matches the deployed QDQ model. Gradients pass
+through the rounding unchanged (straight-through) and stop outside the grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even in the forward pass, identity gradient in the backward pass."""
+    return _RoundSTE.apply(x)
+
+
+@dataclass(frozen=True, eq=False)
+class QParams:
+    """Scale and zero point of one quantized tensor.
+
+    Attributes:
+        scale: float32 array, shape () for per-tensor or (C,) for per-channel.
+        zero_point: int64 array with the shape of `scale`.
+        qmin: Smallest integer of the grid.
+        qmax: Largest integer of the grid.
+        axis: Channel axis of the tensor for per-channel parameters, else None.
+    """
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    qmin: int
+    qmax: int
+    axis: int | None = None
+
+    @property
+    def signed(self) -> bool:
+        """Whether the grid holds negative integers."""
+        return self.qmin < 0
+
+    @property
+    def bits(self) -> int:
+        """Bit-width of the storage type."""
+        return int(np.ceil(np.log2(self.qmax - self.qmin + 1)))
+
+    def broadcast(self, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scale and zero point reshaped to broadcast over a tensor of rank `ndim`."""
+        if self.axis is None or self.scale.ndim == 0:
+            return self.scale, self.zero_point
+        shape = [1] * ndim
+        shape[self.axis] = -1
+        return self.scale.reshape(shape), self.zero_point.reshape(shape)
+
+    def torch(self, ndim: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale (float32) and zero point (float32) as broadcastable torch tensors."""
+        s, z = self.broadcast(ndim)
+        return (
+            torch.as_tensor(np.asarray(s, dtype=np.float32), device=device),
+            torch.as_tensor(np.asarray(z, dtype=np.float32), device=device),
+        )
+
+    def to_json(self) -> dict[str, object]:
+        """JSON-ready form (scales as exact float32 values)."""
+        return {
+            "scale": np.asarray(self.scale, dtype=np.float32).tolist(),
+            "zero_point": np.asarray(self.zero_point).tolist(),
+            "qmin": self.qmin,
+            "qmax": self.qmax,
+            "axis": self.axis,
+        }
+
+
+_MIN_SCALE = np.float64(1e-8)
+
+
+def qparams_from_range(
+    lo: np.ndarray | float,
+    hi: np.ndarray | float,
+    qmin: int,
+    qmax: int,
+    symmetric: bool,
+    symmetric_range: str = "restricted",
+    axis: int | None = None,
+) -> QParams:
+    """Scale and zero point for a value range, per tensor or per channel.
+
+    The range always includes 0 so that zero is exactly representable. Scales are
+    computed in float64 and stored as float32 (as onnxruntime's tools do); the
+    zero point is derived from the stored float32 scale.
+    """
+    lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
+    hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
+    if symmetric:
+        amax = np.maximum(np.abs(lo), np.abs(hi))
+        if symmetric_range == "full":
+            scale = 2.0 * amax / (qmax - qmin)
+        else:
+            scale = amax / qmax
+        scale32 = np.maximum(scale, _MIN_SCALE).astype(np.float32)
+        zp = np.zeros(scale32.shape, dtype=np.int64)
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+        scale32 = np.maximum(scale, _MIN_SCALE).astype(np.float32)
+        zp = qmin - np.rint(lo / scale32.astype(np.float64))
+        zp = np.clip(zp, qmin, qmax).astype(np.int64)
+    return QParams(scale=scale32, zero_point=zp, qmin=qmin, qmax=qmax, axis=axis)
+
+
+def quantize_np(x: np.ndarray, qp: QParams) -> np.ndarray:
+    """Integers of `x` on the grid (float32 division, round half to even, saturate)."""
+    s, z = qp.broadcast(x.ndim)
+    q = np.rint(np.asarray(x, dtype=np.float32) / np.asarray(s, dtype=np.float32))
+    return np.clip(q + z, qp.qmin, qp.qmax).astype(np.int64)
+
+
+def dequantize_np(q: np.ndarray, qp: QParams) -> np.ndarray:
+    """Float32 values of integers `q` (as DequantizeLinear computes them)."""
+    s, z = qp.broadcast(q.ndim)
+    return (q.astype(np.float32) - np.asarray(z, dtype=np.float32)) * np.asarray(s, np.float32)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+             qmin: int, qmax: int) -> torch.Tensor:
+    """Integer values (as float32) of `x`, with a straight-through gradient."""
+    return torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """Float values of integers `q`."""
+    return (q - zero_point) * scale
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+               qmin: int, qmax: int) -> torch.Tensor:
+    """QuantizeLinear followed by DequantizeLinear, differentiable (STE)."""
+    return dequantize(quantize(x, scale, zero_point, qmin, qmax), scale, zero_point)
+
+
+def fake_quant_qp(x: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """`fake_quant` with parameters from a QParams, broadcast over `x`."""
+    s, z = qp.torch(x.dim(), x.device)
+    return fake_quant(x, s, z, qp.qmin, qp.qmax)
+
+
+def bias_scale(act_scale: np.ndarray, weight_scale: np.ndarray) -> np.ndarray:
+    """float32 scale of an int32 bias: input scale times weight scale, in float32."""
+    return (np.float32(act_scale) * np.asarray(weight_scale, dtype=np.float32)).astype(np.float32)
+
+
+def quantize_bias(bias: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """int32 bias integers: round half to even of bias / scale, saturated to int32."""
+    q = np.rint(np.asarray(bias, dtype=np.float64) / np.asarray(scale, dtype=np.float64))
+    info = np.iinfo(np.int32)
+    return np.clip(q, info.min, info.max).astype(np.int32)

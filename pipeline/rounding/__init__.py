@@ -1,0 +1,37 @@
+"""Registry of rounding methods: nearest first; learned methods register beside it."""
+
+from __future__ import annotations
+
+from pipeline.errors import EfrapError
+from pipeline.rounding.base import (
+    LayerProblem,
+    RoundingConfig,
+    RoundingMethod,
+    RoundingResult,
+)
+from pipeline.rounding.nearest import NearestRounding
+
+METHODS: dict[str, RoundingMethod] = {"nearest": NearestRounding()}
+
+
+def register(method: RoundingMethod) -> None:
+    """Add a rounding method to the registry under its name."""
+    METHODS[method.name] = method
+
+
+def get_method(name: str) -> RoundingMethod:
+    """The rounding method called `name`."""
+    if name not in METHODS:
+        raise EfrapError(f"unknown rounding method '{name}': choose from {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+__all__ = [
+    "METHODS",
+    "LayerProblem",
+    "RoundingConfig",
+    "RoundingMethod",
+    "RoundingResult",
+    "get_method",
+    "register",
+]

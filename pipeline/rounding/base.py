@@ -1,0 +1,108 @@
+"""The interface every rounding method implements.
+
+A rounding method turns one layer's float weight into integers on a fixed grid
+(scale and zero point already chosen by the observer). Nearest rounding needs
+nothing else; learned methods (AdaRound, EFRAP) also get the layer's cached
+inputs from the partly quantized network, the full-precision targets, and a
+differentiable forward function of the layer, built by the graph driver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from pipeline.qmath import QParams
+
+
+@dataclass(frozen=True)
+class RoundingConfig:
+    """Settings of learned rounding (defaults follow the EFRAP release).
+
+    Attributes:
+        iters: Optimization steps per layer.
+        batch_size: Cached samples per step.
+        lr: Adam learning rate on the rounding variables V.
+        reg_weight: Weight of the rounding regulariser sum(1 - |2h - 1|^b).
+        b_start: Regulariser exponent at the end of warm-up (annealed to b_end).
+        b_end: Final regulariser exponent.
+        warmup: Fraction of iterations without the regulariser (and without annealing).
+        flip_weight: Weight of EFRAP's error-guided flip penalty.
+        error_mode: "element" (the release: each weight's own truncation error) or
+            "neuron" (the paper's text: the output channel's error norm).
+        loss: Name of the activation-preservation loss (see pipeline.rounding.losses).
+        seed: Seed of the batch sampling.
+    """
+
+    iters: int = 10_000
+    batch_size: int = 32
+    lr: float = 1e-3
+    reg_weight: float = 0.01
+    b_start: float = 2.0
+    b_end: float = 2.0
+    warmup: float = 0.0
+    flip_weight: float = 1.0
+    error_mode: str = "element"
+    loss: str = "mse"
+    seed: int = 1005
+
+
+@dataclass
+class LayerProblem:
+    """One layer to round.
+
+    Attributes:
+        name: Layer (node) name, for progress and reports.
+        weight: float32 full-precision weight as exported (BN folded).
+        qparams: The weight's grid; per-channel parameters lie along `qparams.axis`.
+        forward: Differentiable map (input batch, float weight) -> layer output, the
+            output quantizer included; None when the method needs no data.
+        inputs: Cached layer inputs from the partly quantized network, [N, ...].
+        targets: Full-precision layer outputs for the same samples, [N, ...].
+        output_grads: Gradient of the FP task loss with respect to the layer's FP
+            output, [N, ...]; only for losses that need it (Fisher-weighted).
+        head: Differentiable map layer output -> logits through the rest of the FP
+            network; only for losses that need it (prediction difference).
+        head_targets: FP logits for the same samples, [N, classes].
+    """
+
+    name: str
+    weight: torch.Tensor
+    qparams: QParams
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    inputs: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+    output_grads: torch.Tensor | None = None
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None
+    head_targets: torch.Tensor | None = None
+
+
+@dataclass
+class RoundingResult:
+    """Integer weights and what the method measured while finding them.
+
+    Attributes:
+        q: int64 tensor of integers in [qmin, qmax], shape of the weight.
+        stats: Named figures (flip_fraction, final loss terms, seconds).
+    """
+
+    q: torch.Tensor
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class RoundingMethod(Protocol):
+    """A rounding method: nearest, AdaRound, EFRAP, ..."""
+
+    name: str
+    #: Whether the method needs cached inputs/targets (False: weights alone suffice).
+    needs_data: bool
+
+    def __call__(self, problem: LayerProblem, config: RoundingConfig) -> RoundingResult:
+        """Round `problem.weight` onto `problem.qparams`'s grid."""
+        ...
+
+
+ProgressCallback = Callable[[int, dict[str, float]], None]

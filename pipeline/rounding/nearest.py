@@ -1,0 +1,22 @@
+"""Round to nearest (half to even): the baseline every deployment tool uses."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.qmath import quantize
+from pipeline.rounding.base import LayerProblem, RoundingConfig, RoundingResult
+
+
+class NearestRounding:
+    """Round-to-nearest, as QuantizeLinear computes it."""
+
+    name = "nearest"
+    needs_data = False
+
+    def __call__(self, problem: LayerProblem, config: RoundingConfig) -> RoundingResult:
+        """Quantize the weight with round half to even and saturation."""
+        s, z = problem.qparams.torch(problem.weight.dim(), problem.weight.device)
+        with torch.no_grad():
+            q = quantize(problem.weight, s, z, problem.qparams.qmin, problem.qparams.qmax)
+        return RoundingResult(q=q.to(torch.int64), stats={"flip_fraction": 0.0})

@@ -1,0 +1,211 @@
+"""Quantization schemes as data.
+
+A scheme says how weights and activations are quantized: bit-width, symmetric
+or asymmetric grid, per-channel or per-tensor, and which observer picks the
+range. Presets cover the common cases; any other combination is a JSON or TOML
+file with the same fields, for example::
+
+    name = "w4a8-ort"
+    first_last_bits = 8
+    [weight]
+    bits = 4
+    symmetric = true
+    per_channel = true
+    symmetric_range = "full"     # [-8, 7] like onnxruntime's quantize_static
+    [activation]
+    bits = 8
+    symmetric = false
+    observer = "minmax"
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from pipeline.errors import EfrapError
+
+WEIGHT_OBSERVERS = ("minmax", "mse")
+ACTIVATION_OBSERVERS = ("minmax", "percentile", "mse")
+SUPPORTED_BITS = (4, 8)
+
+
+@dataclass(frozen=True)
+class TensorQuant:
+    """How one kind of tensor (weights or activations) is quantized.
+
+    Attributes:
+        bits: 8 or 4.
+        symmetric: zero point fixed at 0 and a signed grid; else an unsigned grid
+            [0, 2^bits - 1] with a zero point.
+        per_channel: one scale per output channel (weights only).
+        observer: how the range is chosen (minmax, mse, percentile).
+        percentile: upper percentile for the percentile observer.
+        symmetric_range: "restricted" ([-127, 127], [-7, 7]; scale max|x| / qmax) or
+            "full" ([-128, 127], [-8, 7]; scale 2 max|x| / (qmax - qmin)).
+        reduce_range: use one bit less of the grid (int8 weights in [-63, 63]); avoids
+            16-bit saturation in fused u8s8 kernels on CPUs without VNNI.
+    """
+
+    bits: int = 8
+    symmetric: bool = True
+    per_channel: bool = False
+    observer: str = "minmax"
+    percentile: float = 99.99
+    symmetric_range: str = "restricted"
+    reduce_range: bool = False
+
+    @property
+    def qmin(self) -> int:
+        """Smallest integer of the grid."""
+        return self.qrange[0]
+
+    @property
+    def qmax(self) -> int:
+        """Largest integer of the grid."""
+        return self.qrange[1]
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        """(qmin, qmax) of the integer grid."""
+        bits = self.bits - 1 if self.reduce_range else self.bits
+        if not self.symmetric:
+            return 0, 2**bits - 1
+        if self.symmetric_range == "full":
+            return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+
+    @property
+    def signed(self) -> bool:
+        """Whether the integers are stored in a signed type."""
+        return self.symmetric
+
+    def with_bits(self, bits: int) -> TensorQuant:
+        """The same settings at another bit-width."""
+        return replace(self, bits=bits)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A full quantization scheme.
+
+    Attributes:
+        name: Preset or file name, recorded in outputs.
+        weight: Weight quantization.
+        activation: Activation quantization (always per tensor).
+        first_last_bits: If set, the first layer (reading the image) and the last
+            (producing the logits) use this many bits for their weights and their
+            input activations.
+    """
+
+    name: str
+    weight: TensorQuant
+    activation: TensorQuant
+    first_last_bits: int | None = None
+    notes: str = field(default="", compare=False)
+
+    def to_json(self) -> dict[str, object]:
+        """A JSON-ready dict that `scheme_from_dict` reads back."""
+        data = asdict(self)
+        data.pop("notes")
+        return data
+
+
+PRESETS: dict[str, Scheme] = {
+    "w8a8": Scheme(
+        name="w8a8",
+        weight=TensorQuant(bits=8, symmetric=True, per_channel=True, observer="minmax"),
+        activation=TensorQuant(bits=8, symmetric=False, per_channel=False, observer="minmax"),
+        notes="int8 symmetric per-channel weights, uint8 asymmetric per-tensor activations; "
+        "onnxruntime fuses it into QLinearConv",
+    ),
+    "w4a4": Scheme(
+        name="w4a4",
+        weight=TensorQuant(bits=4, symmetric=False, per_channel=True, observer="mse"),
+        activation=TensorQuant(bits=4, symmetric=False, per_channel=False, observer="mse"),
+        first_last_bits=8,
+        notes="EFRAP paper: 4-bit asymmetric per-channel weights (MSE search), 4-bit "
+        "asymmetric per-tensor activations, first and last layers at 8 bits",
+    ),
+    "w4a8": Scheme(
+        name="w4a8",
+        weight=TensorQuant(bits=4, symmetric=True, per_channel=True, observer="minmax",
+                           symmetric_range="full"),
+        activation=TensorQuant(bits=8, symmetric=False, per_channel=False, observer="minmax"),
+        notes="4-bit symmetric per-channel weights on onnxruntime quantize_static's "
+        "[-8, 7] grid, uint8 activations",
+    ),
+}
+
+
+def _tensor_quant(data: object, where: str, source: str) -> TensorQuant:
+    if not isinstance(data, dict):
+        raise EfrapError(f"{source}: '{where}' must be a table of settings")
+    known = set(TensorQuant.__dataclass_fields__)
+    unknown = set(data) - known
+    if unknown:
+        raise EfrapError(f"{source}: unknown keys in '{where}': {sorted(unknown)}")
+    try:
+        tq = TensorQuant(**data)
+    except TypeError as exc:
+        raise EfrapError(f"{source}: bad '{where}' settings ({exc})") from None
+    observers = WEIGHT_OBSERVERS if where == "weight" else ACTIVATION_OBSERVERS
+    if tq.bits not in SUPPORTED_BITS:
+        raise EfrapError(f"{source}: {where}.bits must be one of {SUPPORTED_BITS}, got {tq.bits}")
+    if tq.observer not in observers:
+        raise EfrapError(f"{source}: {where}.observer must be one of {observers}")
+    if tq.symmetric_range not in ("restricted", "full"):
+        raise EfrapError(f"{source}: {where}.symmetric_range must be 'restricted' or 'full'")
+    if where == "activation" and tq.per_channel:
+        raise EfrapError(f"{source}: per-channel activations are not supported")
+    if not 50.0 < tq.percentile <= 100.0:
+        raise EfrapError(f"{source}: {where}.percentile must be in (50, 100]")
+    return tq
+
+
+def scheme_from_dict(data: dict[str, object], source: str = "scheme") -> Scheme:
+    """Validate and build a scheme from parsed JSON/TOML data."""
+    if not isinstance(data, dict):
+        raise EfrapError(f"{source}: a scheme must be a table/object")
+    unknown = set(data) - {"name", "weight", "activation", "first_last_bits", "notes"}
+    if unknown:
+        raise EfrapError(f"{source}: unknown scheme keys {sorted(unknown)}")
+    for key in ("weight", "activation"):
+        if key not in data:
+            raise EfrapError(f"{source}: the scheme needs a '{key}' table")
+    flb = data.get("first_last_bits")
+    if flb is not None and flb not in SUPPORTED_BITS:
+        raise EfrapError(f"{source}: first_last_bits must be one of {SUPPORTED_BITS} or absent")
+    return Scheme(
+        name=str(data.get("name", Path(source).stem)),
+        weight=_tensor_quant(data["weight"], "weight", source),
+        activation=_tensor_quant(data["activation"], "activation", source),
+        first_last_bits=flb,  # type: ignore[arg-type]
+        notes=str(data.get("notes", "")),
+    )
+
+
+def load_scheme(name_or_path: str) -> Scheme:
+    """A preset by name, or a scheme read from a .json or .toml file.
+
+    Raises:
+        EfrapError: unknown preset, unreadable file, or invalid settings.
+    """
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path]
+    path = Path(name_or_path)
+    if path.suffix.lower() not in (".json", ".toml"):
+        raise EfrapError(
+            f"unknown scheme '{name_or_path}': use a preset ({', '.join(PRESETS)}) "
+            "or a .json/.toml scheme file"
+        )
+    if not path.is_file():
+        raise EfrapError(f"{path}: no such scheme file")
+    try:
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise EfrapError(f"{path}: cannot parse scheme ({exc})") from None
+    return scheme_from_dict(data, str(path))
