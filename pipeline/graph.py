@@ -1,0 +1,217 @@
+"""Reading an FP ONNX graph: which layers are quantized and where activations are.
+
+Rules (the same ones the converter writes and the simulation runs):
+
+1. A *layer* is a Conv, Gemm or MatMul node with a constant weight, plus a Relu or
+   Clip that is the only consumer of its output.
+2. The activation input of every layer is a quantization point.
+3. The output of every layer is a quantization point unless it is a graph output
+   (the logits stay float). With asymmetric activations onnxruntime drops the Relu
+   in front of such a Q and fuses DQ -> Conv -> Q into QLinearConv.
+4. A tensor produced from a quantization point by a range-preserving op (MaxPool,
+   Flatten, Reshape, Identity, Transpose) shares that point's parameters: its Q/DQ
+   is an exact identity, so no extra rounding happens.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from pipeline.errors import EfrapError
+
+QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
+FUSED_ACTIVATIONS = ("Relu", "Clip")
+PASSTHROUGH_OPS = ("MaxPool", "Flatten", "Reshape", "Identity", "Transpose", "Squeeze", "Unsqueeze")
+
+
+@dataclass(frozen=True)
+class QuantLayer:
+    """A quantized layer of the graph.
+
+    Attributes:
+        node: Name of the Conv/Gemm/MatMul node.
+        op: Its op type.
+        weight: Name of the weight initializer.
+        bias: Name of the bias initializer, if any.
+        weight_axis: Axis of the weight holding output channels.
+        input: The activation tensor the layer reads.
+        output: The layer's output tensor (after a fused Relu/Clip).
+        nodes: Names of the nodes from the layer node to `output`.
+        is_first: Whether the layer reads a graph input.
+        is_last: Whether the layer's output is a graph output.
+    """
+
+    node: str
+    op: str
+    weight: str
+    bias: str | None
+    weight_axis: int
+    input: str
+    output: str
+    nodes: tuple[str, ...]
+    is_first: bool
+    is_last: bool
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """Where the quantized graph has its quantizers.
+
+    Attributes:
+        layers: Quantized layers in topological order.
+        points: Activation tensors with their own calibrated parameters, in order.
+        shared: Tensor -> the point whose parameters it reuses (rule 4).
+        point_layers: Point -> names of the layers that read it (directly or shared).
+    """
+
+    layers: tuple[QuantLayer, ...]
+    points: tuple[str, ...]
+    shared: dict[str, str] = field(default_factory=dict)
+    point_layers: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def all_quantized_tensors(self) -> list[str]:
+        """Points and shared tensors, i.e. every tensor that gets a Q/DQ pair."""
+        return list(self.points) + [t for t in self.shared if t not in self.points]
+
+    def root(self, tensor: str) -> str:
+        """The point whose parameters `tensor` uses."""
+        return self.shared.get(tensor, tensor)
+
+
+def prepare_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with Constant nodes turned into initializers and every node named."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    kept = []
+    for node in graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            tensor = numpy_helper.to_array(node.attribute[0].t)
+            graph.initializer.append(numpy_helper.from_array(tensor, node.output[0]))
+            continue
+        kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {n.name for n in graph.node if n.name}
+    for i, node in enumerate(graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in used:
+                name += "_"
+            node.name = name
+            used.add(name)
+    return model
+
+
+def check_finite(model: onnx.ModelProto, source: str) -> None:
+    """Refuse weights that hold NaN or Inf."""
+    for init in model.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            raise EfrapError(f"{source}: initializer '{init.name}' holds NaN or Inf values")
+
+
+def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def analyze(model: onnx.ModelProto, source: str = "model") -> QuantPlan:
+    """Find the quantized layers and activation points of a prepared FP model.
+
+    Raises:
+        EfrapError: the graph has no Conv/Gemm/MatMul with a constant weight.
+    """
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    graph_inputs = {i.name for i in graph.input if i.name not in inits}
+    graph_outputs = {o.name for o in graph.output}
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    producer: dict[str, onnx.NodeProto] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+        for name in node.output:
+            producer[name] = node
+
+    layers: list[QuantLayer] = []
+    for node in graph.node:
+        if node.op_type not in QUANTIZABLE_OPS or len(node.input) < 2:
+            continue
+        weight = node.input[1]
+        if weight not in inits or node.input[0] in inits:
+            continue
+        dims = len(inits[weight].dims)
+        if node.op_type == "Conv":
+            axis = 0
+        elif node.op_type == "Gemm":
+            if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0:
+                raise EfrapError(f"{source}: Gemm '{node.name}' uses transA/alpha/beta; not supported")
+            axis = 0 if _attr(node, "transB", 0) else 1
+        else:
+            if dims != 2:
+                continue
+            axis = 1
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
+        out = node.output[0]
+        nodes = [node.name]
+        nxt = consumers.get(out, [])
+        if len(nxt) == 1 and nxt[0].op_type in FUSED_ACTIVATIONS and out not in graph_outputs:
+            out = nxt[0].output[0]
+            nodes.append(nxt[0].name)
+        layers.append(
+            QuantLayer(
+                node=node.name, op=node.op_type, weight=weight, bias=bias, weight_axis=axis,
+                input=node.input[0], output=out, nodes=tuple(nodes),
+                is_first=node.input[0] in graph_inputs, is_last=out in graph_outputs,
+            )
+        )
+    if not layers:
+        raise EfrapError(f"{source}: no Conv, Gemm or MatMul with a constant weight to quantize")
+
+    candidates: list[str] = []
+    for layer in layers:
+        for t in (layer.input, layer.output):
+            if t not in candidates and t not in graph_outputs:
+                candidates.append(t)
+    roots = set(candidates)
+
+    def source_root(tensor: str) -> str | None:
+        seen = tensor
+        while seen in producer and producer[seen].op_type in PASSTHROUGH_OPS:
+            seen = producer[seen].input[0]
+            if seen in roots and seen != tensor:
+                return seen
+        return None
+
+    shared: dict[str, str] = {}
+    for t in candidates:
+        src = source_root(t)
+        if src is not None:
+            shared[t] = src
+    # Intermediate pass-through tensors between a root and a shared tensor get Q/DQ too
+    # (exact identities) so that onnxruntime sees quantized values through pooling.
+    for t in list(shared):
+        cur = t
+        while cur in producer and producer[cur].op_type in PASSTHROUGH_OPS:
+            cur = producer[cur].input[0]
+            if cur == shared[t]:
+                break
+            shared.setdefault(cur, shared[t])
+    points = tuple(t for t in candidates if t not in shared)
+
+    point_layers: dict[str, list[str]] = defaultdict(list)
+    for layer in layers:
+        point_layers[shared.get(layer.input, layer.input)].append(layer.node)
+    return QuantPlan(
+        layers=tuple(layers),
+        points=points,
+        shared=shared,
+        point_layers={k: tuple(v) for k, v in point_layers.items()},
+    )

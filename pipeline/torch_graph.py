@@ -1,0 +1,332 @@
+"""Run an ONNX graph in PyTorch, optionally with quantization applied.
+
+This is the pipeline's simulation of a deployed model. It serves three purposes:
+the parity reference (the same quantized network onnxruntime runs), the source of
+each layer's cached inputs during reconstruction, and the differentiable forward
+pass of the layer being optimized. Quantization is expressed as overrides:
+
+- `weights`: initializer name -> tensor (e.g. dequantized integer weights);
+- `act_quant`: tensor name -> QParams, fake-quantized as soon as the tensor exists.
+
+QuantizeLinear/DequantizeLinear nodes are executed with the same arithmetic, so
+a QDQ model runs here too. Only ops that CNN classifiers use are implemented; an
+unsupported op is reported by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import ml_dtypes
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+
+from pipeline.errors import EfrapError
+from pipeline.qmath import QParams, fake_quant, fake_quant_qp
+
+Tensor = torch.Tensor
+_OPS: dict[str, Callable[..., list[Tensor]]] = {}
+
+
+def _op(name: str) -> Callable[[Callable[..., list[Tensor]]], Callable[..., list[Tensor]]]:
+    def deco(fn: Callable[..., list[Tensor]]) -> Callable[..., list[Tensor]]:
+        _OPS[name] = fn
+        return fn
+
+    return deco
+
+
+def _pads(pads: list[int], spatial: int) -> tuple[list[int], bool]:
+    begin, end = pads[:spatial], pads[spatial:]
+    return begin + end, begin == end
+
+
+def _pad_input(x: Tensor, pads: list[int], spatial: int, value: float = 0.0) -> tuple[Tensor, list[int]]:
+    if not pads:
+        return x, [0] * spatial
+    begin, end = pads[:spatial], pads[spatial:]
+    if begin == end:
+        return x, begin
+    torch_pads: list[int] = []
+    for b, e in zip(reversed(begin), reversed(end), strict=True):
+        torch_pads += [b, e]
+    return F.pad(x, torch_pads, value=value), [0] * spatial
+
+
+@_op("Conv")
+def _conv(x: Tensor, w: Tensor, b: Tensor | None = None, *, attrs: dict) -> list[Tensor]:
+    spatial = w.dim() - 2
+    if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        raise EfrapError("Conv with auto_pad is not supported; export with explicit pads")
+    x, pad = _pad_input(x, list(attrs.get("pads", [])), spatial)
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
+    return [conv(x, w, b, stride=attrs.get("strides", 1), padding=pad,
+                 dilation=attrs.get("dilations", 1), groups=attrs.get("group", 1))]
+
+
+@_op("Gemm")
+def _gemm(a: Tensor, b: Tensor, c: Tensor | None = None, *, attrs: dict) -> list[Tensor]:
+    if attrs.get("transA", 0):
+        a = a.t()
+    if attrs.get("transB", 0):
+        b = b.t()
+    y = attrs.get("alpha", 1.0) * (a @ b)
+    if c is not None:
+        y = y + attrs.get("beta", 1.0) * c
+    return [y]
+
+
+@_op("MatMul")
+def _matmul(a: Tensor, b: Tensor, *, attrs: dict) -> list[Tensor]:
+    return [torch.matmul(a, b)]
+
+
+for _name, _fn in {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div}.items():
+    _OPS[_name] = lambda a, b, *, attrs, _fn=_fn: [_fn(a, b)]
+
+
+@_op("Relu")
+def _relu(x: Tensor, *, attrs: dict) -> list[Tensor]:
+    return [F.relu(x)]
+
+
+@_op("Clip")
+def _clip(x: Tensor, lo: Tensor | None = None, hi: Tensor | None = None, *, attrs: dict) -> list[Tensor]:
+    return [torch.clamp(x, None if lo is None else lo.item(), None if hi is None else hi.item())]
+
+
+@_op("Sigmoid")
+def _sigmoid(x: Tensor, *, attrs: dict) -> list[Tensor]:
+    return [torch.sigmoid(x)]
+
+
+@_op("Softmax")
+def _softmax(x: Tensor, *, attrs: dict) -> list[Tensor]:
+    return [torch.softmax(x, dim=attrs.get("axis", -1))]
+
+
+@_op("MaxPool")
+def _maxpool(x: Tensor, *, attrs: dict) -> list[Tensor]:
+    k = attrs["kernel_shape"]
+    x, pad = _pad_input(x, list(attrs.get("pads", [])), len(k), value=float("-inf"))
+    pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[len(k)]
+    return [pool(x, k, stride=attrs.get("strides", k), padding=pad,
+                 dilation=attrs.get("dilations", 1), ceil_mode=bool(attrs.get("ceil_mode", 0)))]
+
+
+@_op("AveragePool")
+def _avgpool(x: Tensor, *, attrs: dict) -> list[Tensor]:
+    k = attrs["kernel_shape"]
+    include = bool(attrs.get("count_include_pad", 0))
+    x, pad = _pad_input(x, list(attrs.get("pads", [])), len(k))
+    pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[len(k)]
+    return [pool(x, k, stride=attrs.get("strides", k), padding=pad,
+                 ceil_mode=bool(attrs.get("ceil_mode", 0)), count_include_pad=include)]
+
+
+@_op("GlobalAveragePool")
+def _gap(x: Tensor, *, attrs: dict) -> list[Tensor]:
+    return [x.mean(dim=tuple(range(2, x.dim())), keepdim=True)]
+
+
+@_op("Flatten")
+def _flatten(x: Tensor, *, attrs: dict) -> list[Tensor]:
+    axis = attrs.get("axis", 1)
+    return [x.reshape(int(np.prod(x.shape[:axis])), -1)]
+
+
+@_op("Reshape")
+def _reshape(x: Tensor, shape: Tensor, *, attrs: dict) -> list[Tensor]:
+    dims = [int(v) for v in shape.tolist()]
+    if not attrs.get("allowzero", 0):
+        dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
+    return [x.reshape(dims)]
+
+
+@_op("Transpose")
+def _transpose(x: Tensor, *, attrs: dict) -> list[Tensor]:
+    perm = attrs.get("perm", list(reversed(range(x.dim()))))
+    return [x.permute(*perm)]
+
+
+@_op("Concat")
+def _concat(*xs: Tensor, attrs: dict) -> list[Tensor]:
+    return [torch.cat(xs, dim=attrs["axis"])]
+
+
+@_op("Identity")
+def _identity(x: Tensor, *, attrs: dict) -> list[Tensor]:
+    return [x]
+
+
+@_op("Dropout")
+def _dropout(x: Tensor, *rest: Tensor, attrs: dict) -> list[Tensor]:
+    return [x]
+
+
+@_op("Shape")
+def _shape(x: Tensor, *, attrs: dict) -> list[Tensor]:
+    return [torch.tensor(list(x.shape), dtype=torch.int64)]
+
+
+@_op("Gather")
+def _gather(x: Tensor, idx: Tensor, *, attrs: dict) -> list[Tensor]:
+    return [torch.index_select(x, attrs.get("axis", 0), idx.reshape(-1).long()).reshape(
+        *x.shape[: attrs.get("axis", 0)], *idx.shape, *x.shape[attrs.get("axis", 0) + 1 :])]
+
+
+@_op("Unsqueeze")
+def _unsqueeze(x: Tensor, axes: Tensor, *, attrs: dict) -> list[Tensor]:
+    for a in sorted(int(v) for v in axes.tolist()):
+        x = x.unsqueeze(a if a >= 0 else a + x.dim() + 1)
+    return [x]
+
+
+@_op("Squeeze")
+def _squeeze(x: Tensor, axes: Tensor | None = None, *, attrs: dict) -> list[Tensor]:
+    if axes is None:
+        return [x.squeeze()]
+    for a in sorted((int(v) for v in axes.tolist()), reverse=True):
+        x = x.squeeze(a)
+    return [x]
+
+
+@_op("BatchNormalization")
+def _bn(x: Tensor, g: Tensor, b: Tensor, mean: Tensor, var: Tensor, *, attrs: dict) -> list[Tensor]:
+    return [F.batch_norm(x, mean, var, g, b, False, 0.0, attrs.get("epsilon", 1e-5))]
+
+
+def _qparams_tensors(x: Tensor, scale: Tensor, zp: Tensor | None, axis: int) -> tuple[Tensor, Tensor]:
+    zp_t = torch.zeros_like(scale) if zp is None else zp.to(torch.float32)
+    if scale.dim() == 1 and x.dim() > 1:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        return scale.reshape(shape), zp_t.reshape(shape)
+    return scale, zp_t
+
+
+@_op("QuantizeLinear")
+def _quantize(x: Tensor, scale: Tensor, zp: Tensor | None = None, *, attrs: dict,
+              qrange: tuple[int, int]) -> list[Tensor]:
+    s, z = _qparams_tensors(x, scale, zp, attrs.get("axis", 1))
+    from pipeline.qmath import quantize
+
+    return [quantize(x, s, z, *qrange)]
+
+
+@_op("DequantizeLinear")
+def _dequantize(q: Tensor, scale: Tensor, zp: Tensor | None = None, *, attrs: dict) -> list[Tensor]:
+    s, z = _qparams_tensors(q, scale, zp, attrs.get("axis", 1))
+    return [(q.to(torch.float32) - z) * s]
+
+
+_QRANGE = {
+    onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127),
+    onnx.TensorProto.UINT4: (0, 15), onnx.TensorProto.INT4: (-8, 7),
+    onnx.TensorProto.UINT16: (0, 65535), onnx.TensorProto.INT16: (-32768, 32767),
+}
+
+
+def initializer_to_torch(init: onnx.TensorProto) -> Tensor:
+    """An initializer as a torch tensor (integers widened, float kept float32)."""
+    arr = numpy_helper.to_array(init)
+    if arr.dtype in (ml_dtypes.int4, ml_dtypes.uint4):
+        arr = arr.astype(np.int64)
+    elif arr.dtype.kind in "iu":
+        arr = arr.astype(np.int64)
+    elif arr.dtype.kind == "f":
+        arr = arr.astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+class TorchGraph:
+    """An ONNX graph executed with PyTorch ops.
+
+    Args:
+        model: A model prepared with pipeline.graph.prepare_model (or any model whose
+            nodes are all named and whose constants are initializers).
+        device: Where tensors live.
+    """
+
+    def __init__(self, model: onnx.ModelProto, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        graph = model.graph
+        self.nodes = list(graph.node)
+        for node in self.nodes:
+            if node.op_type not in _OPS:
+                raise EfrapError(f"op '{node.op_type}' (node '{node.name}') is not supported")
+        self.initializers = {i.name: initializer_to_torch(i).to(self.device) for i in graph.initializer}
+        self.init_types = {i.name: i.data_type for i in graph.initializer}
+        self.inputs = [i.name for i in graph.input if i.name not in self.initializers]
+        self.outputs = [o.name for o in graph.output]
+        self.attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in self.nodes]
+        self.producer = {o: i for i, n in enumerate(self.nodes) for o in n.output}
+        self._qranges: dict[int, tuple[int, int]] = {}
+        for i, node in enumerate(self.nodes):
+            if node.op_type == "QuantizeLinear":
+                zp = node.input[2] if len(node.input) > 2 else ""
+                dtype = self.init_types.get(zp, onnx.TensorProto.UINT8)
+                dtype = self.attrs[i].get("output_dtype", 0) or dtype
+                self._qranges[i] = _QRANGE[dtype]
+
+    def _needed(self, outputs: Iterable[str], available: set[str]) -> list[int]:
+        needed: set[int] = set()
+        stack = [o for o in outputs if o not in available]
+        while stack:
+            name = stack.pop()
+            if name in available or name in self.initializers:
+                continue
+            if name not in self.producer:
+                raise EfrapError(f"tensor '{name}' cannot be computed from the given inputs")
+            idx = self.producer[name]
+            if idx in needed:
+                continue
+            needed.add(idx)
+            stack.extend(i for i in self.nodes[idx].input if i)
+        return sorted(needed)
+
+    def run(
+        self,
+        feeds: Mapping[str, Tensor],
+        outputs: Iterable[str] | None = None,
+        weights: Mapping[str, Tensor] | None = None,
+        act_quant: Mapping[str, QParams] | None = None,
+    ) -> dict[str, Tensor]:
+        """Compute `outputs` (default: the graph outputs) from `feeds`.
+
+        Args:
+            feeds: Tensor name -> value; graph inputs or any intermediate tensors.
+            outputs: Names to return.
+            weights: Initializer overrides.
+            act_quant: Tensors to fake-quantize as soon as they exist (feeds included;
+                re-quantizing an already quantized tensor is an exact identity).
+        """
+        outputs = list(outputs or self.outputs)
+        act_quant = act_quant or {}
+        values: dict[str, Tensor] = {}
+        for name, value in feeds.items():
+            values[name] = fake_quant_qp(value, act_quant[name]) if name in act_quant else value
+        order = self._needed(outputs, set(values))
+        for idx in order:
+            node = self.nodes[idx]
+            args: list[Tensor | None] = []
+            for name in node.input:
+                if not name:
+                    args.append(None)
+                elif name in values:
+                    args.append(values[name])
+                elif weights is not None and name in weights:
+                    args.append(weights[name])
+                else:
+                    args.append(self.initializers[name])
+            extra = {"qrange": self._qranges[idx]} if idx in self._qranges else {}
+            results = _OPS[node.op_type](*args, attrs=self.attrs[idx], **extra)
+            for name, value in zip(node.output, results, strict=False):
+                values[name] = fake_quant_qp(value, act_quant[name]) if name in act_quant else value
+        return {o: values[o] for o in outputs}
+
+
+__all__ = ["TorchGraph", "fake_quant", "initializer_to_torch"]

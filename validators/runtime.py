@@ -1,0 +1,87 @@
+"""onnxruntime sessions at a stated optimization level and provider.
+
+`faithful` turns every graph optimization off, so the QDQ semantics run exactly as
+written; `all` is what a deployment gets (fusion into QLinearConv and friends,
+whose integer kernels are not bit-identical to the QDQ semantics).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from pipeline.errors import EfrapError
+
+OPT_LEVELS = {
+    "faithful": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass(frozen=True)
+class Session:
+    """An inference session and how it was made."""
+
+    session: ort.InferenceSession
+    provider: str
+    opt_level: str
+    input_name: str
+
+    def run(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Logits for a batch of preprocessed inputs, in chunks."""
+        outs = [
+            self.session.run(None, {self.input_name: x[i : i + batch_size]})[0]
+            for i in range(0, len(x), batch_size)
+        ]
+        return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
+
+
+def pick_provider(provider: str = "auto") -> str:
+    """CUDA when requested or available (onnxruntime-gpu and a GPU), else CPU."""
+    available = ort.get_available_providers()
+    if provider == "cpu":
+        return "CPUExecutionProvider"
+    if provider == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise EfrapError("CUDA provider requested but onnxruntime-gpu with a GPU is not available")
+        return "CUDAExecutionProvider"
+    return "CUDAExecutionProvider" if "CUDAExecutionProvider" in available else "CPUExecutionProvider"
+
+
+def make_session(
+    model: onnx.ModelProto | bytes | str,
+    opt_level: str = "faithful",
+    provider: str = "auto",
+    threads: int = 0,
+    optimized_path: str | None = None,
+) -> Session:
+    """Create a session.
+
+    Args:
+        model: A ModelProto, serialized bytes or a file path.
+        opt_level: "faithful" (no optimization), "basic" or "all".
+        provider: "auto", "cpu" or "cuda".
+        threads: Intra-op threads (0: onnxruntime's default).
+        optimized_path: If set, onnxruntime writes the optimized graph there.
+    """
+    if opt_level not in OPT_LEVELS:
+        raise EfrapError(f"unknown optimization level '{opt_level}': use {', '.join(OPT_LEVELS)}")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = OPT_LEVELS[opt_level]
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    if optimized_path:
+        opts.optimized_model_filepath = optimized_path
+    chosen = pick_provider(provider)
+    providers = [chosen] if chosen == "CPUExecutionProvider" else [chosen, "CPUExecutionProvider"]
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    try:
+        sess = ort.InferenceSession(data, sess_options=opts, providers=providers)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EfrapError(f"onnxruntime cannot load the model ({msg})") from None
+    return Session(sess, sess.get_providers()[0], opt_level, sess.get_inputs()[0].name)
