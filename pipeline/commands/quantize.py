@@ -1,0 +1,113 @@
+"""`efrap quantize`: FP ONNX -> QDQ ONNX with a chosen rounding method."""
+
+from __future__ import annotations
+
+import argparse
+
+
+from pipeline.quantize import QuantizeOptions, quantize_file
+from pipeline.rounding import METHODS, RoundingConfig
+from pipeline.scheme import PRESETS, load_scheme
+
+
+def add_common_quant_args(p: argparse.ArgumentParser, default_scheme: str) -> None:
+    """Arguments shared by `quantize` and `defend`."""
+    p.add_argument("model", help="full-precision ONNX model")
+    p.add_argument("-o", "--output", required=True, help="where to write the QDQ ONNX model")
+    p.add_argument("--scheme", default=default_scheme,
+                   help=f"preset ({', '.join(PRESETS)}) or a .json/.toml scheme file "
+                   f"(default {default_scheme})")
+    p.add_argument("--calib", default="fashion-mnist",
+                   help="calibration data spec, training split (default fashion-mnist)")
+    p.add_argument("--num-calib", type=int, default=1024, help="calibration images (default 1024)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--weight-storage", choices=("int8", "int4"), default="int8",
+                   help="int8 containers (fast on CPU) or packed int4 (small); default int8")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="torch device for learned rounding (default: CUDA when available)")
+    p.add_argument("--summary", help="also write the run summary (per-layer stats) as JSON here")
+
+
+def add_rounding_args(p: argparse.ArgumentParser, defaults: RoundingConfig) -> None:
+    """Learned-rounding settings (ignored by nearest)."""
+    g = p.add_argument_group("learned rounding (adaround, efrap)")
+    g.add_argument("--iters", type=int, default=None,
+                   help=f"iterations per layer (default {defaults.iters}); fewer is faster")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help=f"samples per iteration (default {defaults.batch_size})")
+    g.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {defaults.lr})")
+    g.add_argument("--reg-weight", type=float, default=None,
+                   help=f"rounding regulariser weight (default {defaults.reg_weight})")
+    g.add_argument("--flip-weight", type=float, default=None,
+                   help=f"EFRAP flip penalty weight (default {defaults.flip_weight})")
+    g.add_argument("--error-mode", choices=("element", "neuron"), default=None,
+                   help="truncation-error weighting: element-wise (release) or neuron-wise norm")
+    g.add_argument("--loss", default=None,
+                   help=f"activation-preservation loss (default {defaults.loss})")
+
+
+def rounding_config(args: argparse.Namespace, defaults: RoundingConfig) -> RoundingConfig:
+    """Defaults overridden by the arguments that were given."""
+    from dataclasses import replace
+
+    fields = {"iters": "iters", "batch_size": "batch_size", "lr": "lr", "reg_weight": "reg_weight",
+              "flip_weight": "flip_weight", "error_mode": "error_mode", "loss": "loss"}
+    given = {f: getattr(args, a) for f, a in fields.items() if getattr(args, a, None) is not None}
+    return replace(defaults, seed=args.seed, **given)
+
+
+def method_defaults(method: str) -> RoundingConfig:
+    """The method's own default settings (EFRAP's release values, AdaRound's paper)."""
+    if method == "adaround":
+        from pipeline.rounding.adaround import ADAROUND_DEFAULTS
+
+        return ADAROUND_DEFAULTS
+    if method == "efrap":
+        from pipeline.rounding.efrap import EFRAP_DEFAULTS
+
+        return EFRAP_DEFAULTS
+    return RoundingConfig()
+
+
+def print_summary(summary: dict, output: str) -> None:
+    """One line per layer, then where the model went."""
+    for layer in summary["layers"]:
+        flips = layer.get("flip_fraction", 0.0)
+        print(f"  {layer['layer']:<28} {layer['op']:<6} {layer['bits']}-bit  "
+              f"flipped {100 * flips:6.2f}%  {layer['seconds']:.1f}s")
+    print(f"wrote {output} ({summary['method']}, scheme {summary['scheme']['name']}, "
+          f"calibration {summary['calibration_seconds']:.1f}s, rounding {summary['rounding_seconds']:.1f}s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Quantize with the chosen method."""
+    from pipeline.rounding import get_method
+
+    get_method(args.method)
+    options = QuantizeOptions(
+        scheme=load_scheme(args.scheme), method=args.method, calib=args.calib,
+        num_calib=args.num_calib, seed=args.seed, weight_storage=args.weight_storage,
+        rounding=rounding_config(args, method_defaults(args.method)), device=args.device,
+    )
+    summary = quantize_file(args.model, args.output, options)
+    print_summary(summary, args.output)
+    if args.summary:
+        from pipeline.onnx_io import write_json
+
+        write_json(summary, args.summary)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `efrap quantize`."""
+    p = sub.add_parser("quantize", help="quantize an FP ONNX model into QDQ ONNX",
+                       description="Calibrate in onnxruntime, round weights with the chosen "
+                       "method, and write QDQ ONNX (integer weights feeding DequantizeLinear).")
+    add_common_quant_args(p, "w8a8")
+    p.add_argument("--method", default="nearest",
+                   help=f"rounding method: {', '.join(METHODS)} (default nearest)")
+    add_rounding_args(p, RoundingConfig())
+    p.set_defaults(func=run)
+
+
+
