@@ -63,6 +63,9 @@ def verify_model(model_path: str, options: VerifyOptions) -> dict:
     from pipeline import data as data_mod
 
     model = load_model(model_path)
+    trigger = options.trigger
+    if isinstance(trigger, str):
+        trigger = load_trigger(trigger)
     dataset = data_mod.load_dataset(options.data, "test")
     data_mod.check_fits(dataset, input_shape(model), model_path)
     images, labels = dataset.images, dataset.labels
@@ -90,9 +93,6 @@ def verify_model(model_path: str, options: VerifyOptions) -> dict:
         "model_metadata": {k: v for k, v in meta.items() if k.startswith("efrap.")},
         "versions": versions(),
     }
-    trigger = options.trigger
-    if isinstance(trigger, str):
-        trigger = load_trigger(trigger)
     if trigger is not None:
         if trigger.target >= logits.shape[1]:
             raise EfrapError(f"trigger target {trigger.target} is not a class of this model")

@@ -1,0 +1,88 @@
+"""onnxruntime CPU latency of the FP32 model against its W8A8 QDQ model, and file sizes.
+
+Usage: python bench/latency.py [--model FP.onnx] [--batch 64] [--threads 2] [--runs 50]
+           [--json bench/results/latency.json]
+
+Quantizes the model with nearest W8A8 (int8 containers) and W4A4 (int8 containers and
+packed int4), loads each at optimization level `all` (what a deployment gets) and
+prints the median latency of a batch, the ratio to FP32, and the file sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from models.zoo import default_entry, zoo_path
+from pipeline.onnx_io import load_model
+from pipeline.progress import set_quiet
+from pipeline.provenance import versions
+from pipeline.quantize import QuantizeOptions, calibration_images, quantize_model
+from pipeline.scheme import PRESETS
+from validators.report import table
+from validators.runtime import make_session
+
+
+def median_latency(model: onnx.ModelProto, x: np.ndarray, threads: int, runs: int) -> float:
+    """Median seconds per batch at opt level all, after warm-up."""
+    sess = make_session(model, "all", "cpu", threads=threads)
+    for _ in range(5):
+        sess.session.run(None, {sess.input_name: x})
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.session.run(None, {sess.input_name: x})
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    """Run the benchmark and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="FP ONNX (default: the zoo's demo model)")
+    parser.add_argument("--data", default="fashion-mnist")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--json", default="bench/results/latency.json")
+    args = parser.parse_args()
+    set_quiet(True)
+    path = args.model or str(zoo_path(default_entry()))
+    fp = load_model(path)
+    images = calibration_images(fp, args.data, 1024, 0, path)
+    x = images[: args.batch]
+    variants = {"fp32": fp}
+    for name, scheme, storage in (("w8a8", "w8a8", "int8"), ("w4a4 int8-containers", "w4a4", "int8"),
+                                  ("w4a4 packed-int4", "w4a4", "int4")):
+        variants[name], _, _ = quantize_model(
+            fp, images, QuantizeOptions(scheme=PRESETS[scheme], weight_storage=storage))
+    rows, results = [], {}
+    base = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, model in variants.items():
+            file = Path(tmp) / "m.onnx"
+            onnx.save(model, str(file))
+            size = file.stat().st_size
+            lat = median_latency(model, x, args.threads, args.runs)
+            base = base or (lat, size)
+            results[name] = {"latency_ms": lat * 1e3, "latency_ratio": lat / base[0],
+                             "bytes": size, "size_ratio": size / base[1]}
+            rows.append([name, f"{lat * 1e3:.2f}", f"{lat / base[0]:.2f}", size, f"{size / base[1]:.3f}"])
+    print(f"model {path}, batch {args.batch}, {args.threads} threads, opt level all, CPU provider")
+    print(table(["variant", "median ms", "ratio", "bytes", "size ratio"], rows))
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": path, "batch": args.batch, "threads": args.threads,
+                               "runs": args.runs, "opt_level": "all", "provider": "cpu",
+                               "results": results, "versions": versions()}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
