@@ -1,0 +1,54 @@
+"""`efrap demo`: the whole story on the stored default model and Fashion-MNIST."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline.progress import log
+from pipeline.quantize import QuantizeOptions, quantize_file
+from pipeline.scheme import PRESETS
+from validators.report import pct, table
+from validators.verify import VerifyOptions, verify_model
+
+
+def run(args: argparse.Namespace) -> int:
+    """Verify FP, quantize with nearest rounding (and EFRAP for a QCB model), compare."""
+    from models.zoo import default_entry, trigger_path, zoo_path
+
+    start = time.perf_counter()
+    entry = default_entry()
+    model = str(zoo_path(entry))
+    trigger = str(trigger_path(entry)) if entry.kind == "qcb" else None
+    log(f"demo: model {entry.name} ({entry.kind}, {entry.architecture}), data {args.data}")
+    verify = VerifyOptions(data=args.data, trigger=trigger, opt_level="faithful")
+    rows = []
+
+    def add(label: str, path: str) -> None:
+        report = verify_model(path, verify)
+        rows.append([label, pct(report["clean_accuracy"]), pct(report["attack_success_rate"])])
+
+    add("full precision", model)
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = Path(args.out_dir) if args.out_dir else Path(tmp)
+        for scheme in ("w8a8", "w4a4"):
+            out = str(out_dir / f"{entry.name}.nearest.{scheme}.onnx")
+            quantize_file(model, out, QuantizeOptions(scheme=PRESETS[scheme], calib=args.data,
+                                                      num_calib=args.num_calib))
+            add(f"nearest {scheme}", out)
+    print(table(["model", "clean accuracy", "attack success"], rows))
+    print(f"onnxruntime {verify.opt_level} level; {time.perf_counter() - start:.0f}s in all")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `efrap demo`."""
+    p = sub.add_parser("demo", help="run the main job on the stored default model",
+                       description="Verify the stored default model in full precision, quantize "
+                       "it with nearest rounding (W8A8, W4A4), and print a table.")
+    p.add_argument("--data", default="fashion-mnist", help="data spec (default fashion-mnist)")
+    p.add_argument("--num-calib", type=int, default=1024, help="calibration images (default 1024)")
+    p.add_argument("--out-dir", help="keep the quantized models here (default: a temporary folder)")
+    p.set_defaults(func=run)
