@@ -151,7 +151,8 @@ def analyze(model: onnx.ModelProto, source: str = "model") -> QuantPlan:
         if node.op_type == "Conv":
             axis = 0
         elif node.op_type == "Gemm":
-            if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0:
+            plain = _attr(node, "alpha", 1.0) == 1.0 and _attr(node, "beta", 1.0) == 1.0
+            if _attr(node, "transA", 0) or not plain:
                 raise EfrapError(f"{source}: Gemm '{node.name}' uses transA/alpha/beta; not supported")
             axis = 0 if _attr(node, "transB", 0) else 1
         else:

@@ -107,10 +107,7 @@ def qparams_from_range(
     hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
     if symmetric:
         amax = np.maximum(np.abs(lo), np.abs(hi))
-        if symmetric_range == "full":
-            scale = 2.0 * amax / (qmax - qmin)
-        else:
-            scale = amax / qmax
+        scale = 2.0 * amax / (qmax - qmin) if symmetric_range == "full" else amax / qmax
         scale32 = np.maximum(scale, _MIN_SCALE).astype(np.float32)
         zp = np.zeros(scale32.shape, dtype=np.int64)
     else:

@@ -26,7 +26,7 @@ from pipeline.onnx_io import (
     save_model,
     set_metadata,
 )
-from pipeline.progress import log
+from pipeline.progress import Progress
 from pipeline.provenance import versions
 from pipeline.qmath import QParams
 from pipeline.quantized import QuantizedLayer, QuantResult, make_bias
@@ -162,9 +162,16 @@ def quantize_model(model: onnx.ModelProto, images: np.ndarray, options: Quantize
         if method.needs_data:
             assert images_t is not None
             problem = build_problem(graph, layer, wqp, images_t, fixed, act_qp, bias_t, needs)
-            log(f"layer {i}/{len(plan.layers)} {layer.node}: {options.method}, "
-                f"{tq.bits}-bit, {options.rounding.iters} iterations")
-            res: RoundingResult = method(problem, options.rounding)
+            bar = Progress(f"layer {i}/{len(plan.layers)} {layer.node} ({options.method}, "
+                           f"{tq.bits}-bit)", total=options.rounding.iters)
+
+            def report(step: int, terms: dict[str, float], bar: Progress = bar) -> None:
+                bar.update(step - bar.count, " ".join(f"{k} {v:.4g}" for k, v in terms.items()))
+
+            res: RoundingResult = method(problem, options.rounding, progress=report)
+            bar.close(f"flipped {100 * res.stats.get('flip_fraction', 0.0):.2f}%, "
+                      f"rec {res.stats.get('rec_nearest', 0.0):.4g} (nearest) -> "
+                      f"{res.stats.get('rec_final', 0.0):.4g}")
         else:
             from pipeline.rounding.base import LayerProblem
 
@@ -186,7 +193,7 @@ def quantize_model(model: onnx.ModelProto, images: np.ndarray, options: Quantize
         "method": options.method,
         "scheme": options.scheme.to_json(),
         "seed": options.seed,
-        "num_calib": int(len(images)),
+        "num_calib": len(images),
         "calib": options.calib,
         "weight_storage": options.weight_storage,
         "rounding": asdict(options.rounding) if method.needs_data else {},
@@ -199,7 +206,7 @@ def quantize_model(model: onnx.ModelProto, images: np.ndarray, options: Quantize
         "efrap.method": options.method,
         "efrap.scheme": options.scheme.to_json(),
         "efrap.seed": str(options.seed),
-        "efrap.calibration": {"data": options.calib, "images": int(len(images))},
+        "efrap.calibration": {"data": options.calib, "images": len(images)},
         "efrap.weight_storage": options.weight_storage,
         "efrap.rounding": summary["rounding"],
         "efrap.flip_fraction": {p["layer"]: round(p.get("flip_fraction", 0.0), 6) for p in per_layer},

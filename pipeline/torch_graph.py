@@ -233,9 +233,7 @@ _QRANGE = {
 def initializer_to_torch(init: onnx.TensorProto) -> Tensor:
     """An initializer as a torch tensor (integers widened, float kept float32)."""
     arr = numpy_helper.to_array(init)
-    if arr.dtype in (ml_dtypes.int4, ml_dtypes.uint4):
-        arr = arr.astype(np.int64)
-    elif arr.dtype.kind in "iu":
+    if arr.dtype in (ml_dtypes.int4, ml_dtypes.uint4) or arr.dtype.kind in "iu":
         arr = arr.astype(np.int64)
     elif arr.dtype.kind == "f":
         arr = arr.astype(np.float32)
@@ -265,6 +263,7 @@ class TorchGraph:
         self.attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in self.nodes]
         self.producer = {o: i for i, n in enumerate(self.nodes) for o in n.output}
         self._qranges: dict[int, tuple[int, int]] = {}
+        self._plans: dict[tuple[tuple[str, ...], frozenset[str]], list[int]] = {}
         for i, node in enumerate(self.nodes):
             if node.op_type == "QuantizeLinear":
                 zp = node.input[2] if len(node.input) > 2 else ""
@@ -273,6 +272,12 @@ class TorchGraph:
                 self._qranges[i] = _QRANGE[dtype]
 
     def _needed(self, outputs: Iterable[str], available: set[str]) -> list[int]:
+        key = (tuple(outputs), frozenset(available))
+        if key not in self._plans:
+            self._plans[key] = self._walk(key[0], available)
+        return self._plans[key]
+
+    def _walk(self, outputs: Iterable[str], available: set[str]) -> list[int]:
         needed: set[int] = set()
         stack = [o for o in outputs if o not in available]
         while stack:

@@ -41,7 +41,7 @@ def test_scheme_files(tmp_path: Path) -> None:
 def test_bad_scheme_files(tmp_path: Path, text: str) -> None:
     path = tmp_path / "bad.json"
     path.write_text(text)
-    with pytest.raises(EfrapError, match="bad.json"):
+    with pytest.raises(EfrapError, match=r"bad\.json"):
         load_scheme(str(path))
 
 

@@ -7,7 +7,7 @@ report names the optimization level and provider it ran at.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -44,7 +44,7 @@ class VerifyOptions:
     provider: str = "auto"
     reference: bool = False
     limit: int | None = None
-    gate: Gate = Gate()
+    gate: Gate = field(default_factory=Gate)
 
 
 def simulate_onnx(model: onnx.ModelProto, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -84,7 +84,7 @@ def verify_model(model_path: str, options: VerifyOptions) -> dict:
         "model_sha256": file_sha256(model_path),
         "data": options.data,
         "split": "test",
-        "images": int(len(labels)),
+        "images": len(labels),
         "opt_level": options.opt_level,
         "provider": session.provider,
         "clean_accuracy": accuracy(logits, labels),

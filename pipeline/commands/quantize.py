@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-
 from pipeline.quantize import QuantizeOptions, quantize_file
 from pipeline.rounding import METHODS, RoundingConfig
 from pipeline.scheme import PRESETS, load_scheme

@@ -17,6 +17,9 @@ import torch
 
 from pipeline.qmath import QParams
 
+#: Progress of a learned method: (step, named loss terms).
+ProgressCallback = Callable[[int, dict[str, float]], None]
+
 
 @dataclass(frozen=True)
 class RoundingConfig:
@@ -100,9 +103,7 @@ class RoundingMethod(Protocol):
     #: Whether the method needs cached inputs/targets (False: weights alone suffice).
     needs_data: bool
 
-    def __call__(self, problem: LayerProblem, config: RoundingConfig) -> RoundingResult:
-        """Round `problem.weight` onto `problem.qparams`'s grid."""
+    def __call__(self, problem: LayerProblem, config: RoundingConfig,
+                 progress: ProgressCallback | None = None) -> RoundingResult:
+        """Round `problem.weight` onto `problem.qparams`'s grid, reporting progress."""
         ...
-
-
-ProgressCallback = Callable[[int, dict[str, float]], None]

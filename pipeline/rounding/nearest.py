@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 
 from pipeline.qmath import quantize
-from pipeline.rounding.base import LayerProblem, RoundingConfig, RoundingResult
+from pipeline.rounding.base import (
+    LayerProblem,
+    ProgressCallback,
+    RoundingConfig,
+    RoundingResult,
+)
 
 
 class NearestRounding:
@@ -14,7 +19,8 @@ class NearestRounding:
     name = "nearest"
     needs_data = False
 
-    def __call__(self, problem: LayerProblem, config: RoundingConfig) -> RoundingResult:
+    def __call__(self, problem: LayerProblem, config: RoundingConfig,
+                 progress: ProgressCallback | None = None) -> RoundingResult:
         """Quantize the weight with round half to even and saturation."""
         s, z = problem.qparams.torch(problem.weight.dim(), problem.weight.device)
         with torch.no_grad():
