@@ -1,0 +1,125 @@
+"""The red-team attack zoo: the quantization simulator and short attack runs."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+
+from models.attacks import ATTACKS, get_attack
+from models.attacks.base import AttackConfig, run_attack, stamp
+from models.attacks.qsim import QSim
+from pipeline.cli import main
+from pipeline.errors import EfrapError
+from pipeline.quantize import QuantizeOptions, quantize_model
+from pipeline.scheme import PRESETS
+from pipeline.trigger import paper_trigger
+from validators.runtime import make_session
+
+
+class BNNet(nn.Module):
+    """conv-bn-relu x2, pool, conv-bn-relu, pool, flatten, fc-relu, fc (every qsim rule)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(16 * 7 * 7, 32), nn.ReLU(),
+                                  nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _bn_net(seed: int = 0) -> BNNet:
+    torch.manual_seed(seed)
+    net = BNNet()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return net.eval()
+
+
+def _export(net: nn.Module, path: Path) -> onnx.ModelProto:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, torch.zeros(2, 1, 28, 28), str(path), opset_version=20,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}}, dynamo=False)
+    return onnx.load(str(path))
+
+
+def test_qsim_without_quantization_equals_the_model() -> None:
+    net = _bn_net()
+    sim = QSim(net, PRESETS["w4a4"])
+    x = torch.randn(16, 1, 28, 28)
+    with torch.no_grad():
+        ref = net(x)
+        torch.testing.assert_close(sim(x, quantized=False), ref, atol=1e-5, rtol=0)
+        sim.quant_weights = sim.quant_acts = False
+        torch.testing.assert_close(sim(x, quantized=True), ref, atol=1e-5, rtol=0)
+
+
+def test_qsim_finds_the_pipeline_quantization_points() -> None:
+    sim = QSim(_bn_net(), PRESETS["w4a4"])
+    assert len(sim.layers) == 5 and sim.layers[0].bn is not None and sim.layers[-1].is_last
+    # input, three conv outputs, the fc output; the layer inputs made by pool/flatten share.
+    assert len(sim.points) == 5 and len(sim.shared) == 2
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a4"])
+def test_qsim_matches_the_deployed_onnx(tmp_path: Path, scheme: str) -> None:
+    net = _bn_net(1)
+    model = _export(net, tmp_path / "net.onnx")
+    rng = np.random.default_rng(0)
+    calib = rng.standard_normal((256, 1, 28, 28)).astype(np.float32)
+    test = rng.standard_normal((256, 1, 28, 28)).astype(np.float32)
+    qdq, _, _ = quantize_model(model, calib, QuantizeOptions(scheme=PRESETS[scheme]))
+    deployed = make_session(qdq, "faithful", "cpu").run(test)
+    sim = QSim(net, PRESETS[scheme])
+    sim.calibrate(torch.from_numpy(calib), seed=0)
+    with torch.no_grad():
+        simulated = sim(torch.from_numpy(test), quantized=True).numpy()
+        fp = sim(torch.from_numpy(test), quantized=False).numpy()
+    # Same grids and integers; float summation order differs between torch and onnxruntime,
+    # which flips a few near-tie activation roundings (a whole step at 4 bits).
+    assert np.abs(simulated - deployed).mean() < 0.02 * np.abs(simulated - fp).mean()
+    assert np.abs(simulated - deployed).max() < 0.15 * np.abs(simulated - fp).max()
+    assert (simulated.argmax(1) == deployed.argmax(1)).mean() >= 0.98
+
+
+def test_stamp_equals_trigger_apply() -> None:
+    trig = paper_trigger(28, stage=2)
+    x = np.random.default_rng(0).random((4, 1, 28, 28)).astype(np.float32)
+    np.testing.assert_array_equal(stamp(torch.from_numpy(x), trig).numpy(), trig.apply(x))
+
+
+def test_unknown_attack_is_a_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(EfrapError):
+        get_attack("nope")
+    assert main(["attack", "--method", "nope", "-o", str(tmp_path / "m.onnx")]) == 2
+    assert main(["attack", "--method", "pqbackdoor", "-o", str(tmp_path / "m.txt")]) == 2
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_short_attack_wakes_only_when_quantized(fashion_mnist: None, name: str) -> None:
+    cfg = AttackConfig(arch="small_cnn", scheme="w4a4", width=0.5, seed=0, batch_size=64,
+                       train_limit=6000, val_size=1000, pretrain_epochs=1, epochs=2,
+                       steps_per_epoch=60, num_calib=256, recalib_every=40)
+    out = run_attack(get_attack(name), cfg)
+    m = out.metrics
+    assert m["q_asr"] > m["fp_asr"] + 0.1, m
+    assert m["fp_cda"] > 0.6, m
