@@ -1,0 +1,320 @@
+"""Shared machinery of learned rounding (AdaRound, EFRAP).
+
+Every weight W keeps its grid (scale s, zero point z, range [qmin, qmax]) and may
+only round down or up: its integer is floor(W/s) + z + r with r in {0, 1}. The
+choice is relaxed to a soft value h(V) in [0, 1] of one real variable V per
+weight, and the soft weight
+
+    W~ = s * (clamp(floor(W/s) + h(V) + z, qmin, qmax) - z)
+
+is trained by Adam on V alone so that the layer's output matches the
+full-precision output. The final integers are
+
+    q = clamp(floor(W/s) + 1[h(V) >= 0.5] + z, qmin, qmax),
+
+computed as 1[V >= 0], which is the same for every parametrisation here (h is
+increasing with h(0) = 1/2) and avoids a float tie at h = 0.5.
+
+A method is a parametrisation (`SoftRounding`) plus optional extra loss terms;
+`LearnedRounding` runs the loop shared by AdaRound and EFRAP:
+
+    loss = rec(forward(x, W~), target) + reg_weight * sum(1 - |2h - 1|^b) + extra
+
+with b annealed linearly from b_start to b_end after a warm-up fraction of the
+steps during which the regulariser is off. Linear is the schedule of the AdaRound
+release (BRECQ/MQBench's LinearTempDecay); with b_start == b_end (EFRAP's
+release, b = 2) the schedule is constant.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.errors import EfrapError
+from pipeline.qmath import QParams, dequantize, quantize
+from pipeline.rounding.base import (
+    LayerProblem,
+    ProgressCallback,
+    RoundingConfig,
+    RoundingResult,
+)
+from pipeline.rounding.losses import ActivationLoss, get_loss
+
+#: Clamp of the fractional part before the inverse sigmoid. A weight exactly on the grid
+#: (frac = 0) would need V = -inf under a plain sigmoid; 1e-4 gives |V| <= 9.2, which Adam
+#: at lr 1e-3 cannot cross in 10,000 steps unless a loss term pushes it consistently.
+FRAC_EPS = 1e-4
+
+#: Samples per forward when measuring the reconstruction of hard weights on the whole cache.
+EVAL_CHUNK = 256
+
+#: An extra loss term of a method: (V, h(V)) -> scalar tensor.
+Penalty = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SoftRounding:
+    """Rectified sigmoid h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1).
+
+    zeta = 1, gamma = 0 is the plain sigmoid of the EFRAP release; AdaRound
+    (Nagel et al. 2020) stretches it with zeta = 1.1, gamma = -0.1 so that h reaches
+    exactly 0 and 1 with a non-zero gradient nearby.
+
+    Attributes:
+        zeta: Upper end of the stretched sigmoid.
+        gamma: Lower end of the stretched sigmoid.
+    """
+
+    zeta: float
+    gamma: float
+
+    @property
+    def plain(self) -> bool:
+        """Whether h is the plain sigmoid (no stretch, no clamp needed)."""
+        return self.zeta == 1.0 and self.gamma == 0.0
+
+    def h(self, v: torch.Tensor) -> torch.Tensor:
+        """Soft rounding value in [0, 1]."""
+        if self.plain:
+            return torch.sigmoid(v)
+        return torch.clamp(torch.sigmoid(v) * (self.zeta - self.gamma) + self.gamma, 0.0, 1.0)
+
+    def init(self, frac: torch.Tensor) -> torch.Tensor:
+        """V such that h(V) equals `frac` (clamped away from the sigmoid's asymptotes)."""
+        p = (frac - self.gamma) / (self.zeta - self.gamma)
+        return torch.logit(p, eps=FRAC_EPS)
+
+
+PLAIN_SIGMOID = SoftRounding(zeta=1.0, gamma=0.0)
+RECTIFIED_SIGMOID = SoftRounding(zeta=1.1, gamma=-0.1)
+
+
+@dataclass(frozen=True, eq=False)
+class LayerGrid:
+    """A weight and its grid as broadcast tensors, with what every step reuses.
+
+    Attributes:
+        weight: float32 weight on the working device.
+        scale: float32 scale, broadcastable to the weight.
+        zero_point: float32 zero point, broadcastable to the weight.
+        qmin: Smallest integer.
+        qmax: Largest integer.
+        base: floor(W / s) + z (float32), the integer when rounding down, before clamping.
+        frac: W / s - floor(W / s), in [0, 1).
+        nearest: int64 round-half-to-even integers, as QuantizeLinear computes them.
+    """
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    qmin: int
+    qmax: int
+    base: torch.Tensor
+    frac: torch.Tensor
+    nearest: torch.Tensor
+
+    @classmethod
+    def build(cls, weight: torch.Tensor, qparams: QParams) -> LayerGrid:
+        """Precompute the grid of `weight` (kept on its device)."""
+        w = weight.detach().to(torch.float32)
+        s, z = qparams.torch(w.dim(), w.device)
+        with torch.no_grad():
+            # Division, not multiplication by 1/s: the same float32 quotient as QuantizeLinear.
+            ratio = w / s
+            floor = torch.floor(ratio)
+            nearest = quantize(w, s, z, qparams.qmin, qparams.qmax).to(torch.int64)
+        return cls(weight=w, scale=s, zero_point=z, qmin=qparams.qmin, qmax=qparams.qmax,
+                   base=floor + z, frac=ratio - floor, nearest=nearest)
+
+    def soft_weight(self, h: torch.Tensor) -> torch.Tensor:
+        """W~ = s * (clamp(floor(W/s) + h + z, qmin, qmax) - z)."""
+        return dequantize(torch.clamp(self.base + h, self.qmin, self.qmax), self.scale,
+                          self.zero_point)
+
+    def hard(self, up: torch.Tensor) -> torch.Tensor:
+        """int64 integers clamp(floor(W/s) + up + z, qmin, qmax) for a boolean `up`."""
+        return torch.clamp(self.base + up.to(self.base.dtype), self.qmin, self.qmax).to(torch.int64)
+
+    def dequantize(self, q: torch.Tensor) -> torch.Tensor:
+        """Float32 weight of integers `q` ((q - z) * s, as DequantizeLinear)."""
+        return dequantize(q.to(torch.float32), self.scale, self.zero_point)
+
+    def truncation_error(self) -> torch.Tensor:
+        """|W - nearest fake-quant(W)| per weight, in weight units (clipping included)."""
+        return (self.weight - self.dequantize(self.nearest)).abs()
+
+
+def regulariser(h: torch.Tensor, b: float) -> torch.Tensor:
+    """AdaRound's rounding regulariser sum(1 - |2h - 1|^b): zero iff every h is 0 or 1."""
+    return (1.0 - (2.0 * h - 1.0).abs().pow(b)).sum()
+
+
+def b_schedule(config: RoundingConfig) -> Callable[[int], float | None]:
+    """Regulariser exponent at 0-based step t, or None while the regulariser is off.
+
+    Off for the first `warmup * iters` steps; then b falls linearly from b_start to
+    b_end, reaching b_end on the last step.
+    """
+    start = config.warmup * config.iters
+    span = max(config.iters - 1 - start, 1.0)
+    b_start, b_end = config.b_start, config.b_end
+
+    def b_at(t: int) -> float | None:
+        if t < start:
+            return None
+        rel = min((t - start) / span, 1.0)
+        return b_end + (b_start - b_end) * (1.0 - rel)
+
+    return b_at
+
+
+def check_problem(problem: LayerProblem, config: RoundingConfig, method: str,
+                  loss: ActivationLoss) -> None:
+    """Raise EfrapError when the problem or the settings cannot be optimized."""
+    if problem.forward is None or problem.inputs is None or problem.targets is None:
+        raise EfrapError(f"{method} needs cached inputs, targets and a forward function "
+                         f"(layer {problem.name})")
+    if len(problem.inputs) == 0 or len(problem.inputs) != len(problem.targets):
+        raise EfrapError(f"layer {problem.name}: {len(problem.inputs)} cached inputs for "
+                         f"{len(problem.targets)} targets")
+    if config.iters < 1 or config.batch_size < 1:
+        raise EfrapError("iters and batch_size must be at least 1")
+    if not config.lr > 0.0:
+        raise EfrapError(f"lr must be positive, got {config.lr}")
+    if not 0.0 <= config.warmup < 1.0:
+        raise EfrapError(f"warmup must be in [0, 1), got {config.warmup}")
+    if config.b_start <= 0.0 or config.b_end <= 0.0:
+        raise EfrapError("b_start and b_end must be positive")
+    if config.reg_weight < 0.0 or config.flip_weight < 0.0:
+        raise EfrapError("reg_weight and flip_weight must not be negative")
+    if config.error_mode not in ("element", "neuron"):
+        raise EfrapError(f"error_mode must be 'element' or 'neuron', got '{config.error_mode}'")
+    present = {
+        "output_grads": problem.output_grads is not None,
+        "head": problem.head is not None and problem.head_targets is not None,
+    }
+    for need in sorted(loss.needs):
+        if not present.get(need, False):
+            raise EfrapError(f"loss '{config.loss}' needs the layer's {need} "
+                             f"(layer {problem.name})")
+
+
+def hard_loss(problem: LayerProblem, loss: ActivationLoss, weight: torch.Tensor) -> float:
+    """Mean of the activation loss of a fixed weight over the whole cache."""
+    assert problem.forward is not None and problem.inputs is not None
+    assert problem.targets is not None
+    n = len(problem.inputs)
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, n, EVAL_CHUNK):
+            idx = torch.arange(i, min(i + EVAL_CHUNK, n), device=problem.inputs.device)
+            pred = problem.forward(problem.inputs[idx], weight)
+            # Every loss is a mean over samples: weight each chunk by its size.
+            total += float(loss(pred, problem.targets[idx], idx, problem)) * len(idx)
+    return total / n
+
+
+def optimize_rounding(
+    problem: LayerProblem,
+    config: RoundingConfig,
+    soft: SoftRounding,
+    method: str,
+    penalty: Callable[[LayerGrid], Penalty | None] | None = None,
+    progress: ProgressCallback | None = None,
+) -> RoundingResult:
+    """Learn the up/down choice of every weight of one layer.
+
+    Args:
+        problem: The layer, its grid and its cached data.
+        config: Iterations, batch size, learning rate, regulariser schedule, loss, seed.
+        soft: Parametrisation h(V).
+        method: Method name, for error messages.
+        penalty: Builds the method's extra loss term from the grid (None: no term).
+        progress: Called about every 1% of the steps with the current loss terms.
+
+    Returns:
+        Integers in [qmin, qmax] (each at most one step from nearest rounding) and
+        stats: flip_fraction (share of integers that differ from nearest), the last
+        step's loss terms (rec, round, flip), the activation loss of the nearest and of
+        the final integers over the whole cache (rec_nearest, rec_final), and seconds.
+    """
+    loss_fn = get_loss(config.loss)
+    check_problem(problem, config, method, loss_fn)
+    assert problem.forward is not None and problem.inputs is not None
+    assert problem.targets is not None
+    t0 = time.perf_counter()
+    device = problem.inputs.device
+    inputs, targets, forward = problem.inputs, problem.targets, problem.forward
+    grid = LayerGrid.build(problem.weight.to(device), problem.qparams)
+    extra = penalty(grid) if penalty is not None else None
+
+    v = soft.init(grid.frac).detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([v], lr=config.lr)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(config.seed)
+    n = len(inputs)
+    batch = min(config.batch_size, n)
+    b_at = b_schedule(config)
+    every = max(1, config.iters // 100)
+    zero = torch.zeros((), device=device)
+    rec = round_term = flip_term = zero
+
+    for step in range(1, config.iters + 1):
+        idx = torch.randperm(n, generator=gen, device=device)[:batch]
+        h = soft.h(v)
+        pred = forward(inputs[idx], grid.soft_weight(h))
+        rec = loss_fn(pred, targets[idx], idx, problem)
+        loss = rec
+        b = b_at(step - 1)
+        if b is not None and config.reg_weight > 0.0:
+            round_term = config.reg_weight * regulariser(h, b)
+            loss = loss + round_term
+        if extra is not None:
+            flip_term = extra(v, h)
+            loss = loss + flip_term
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress is not None and (step % every == 0 or step == config.iters):
+            progress(step, {"rec": rec.item(), "round": round_term.item(),
+                            "flip": flip_term.item()})
+
+    with torch.no_grad():
+        q = grid.hard(v >= 0)
+        flip_fraction = (q != grid.nearest).to(torch.float32).mean().item()
+    stats = {
+        "flip_fraction": flip_fraction,
+        "rec": rec.item(),
+        "round": round_term.item(),
+        "flip": flip_term.item(),
+        "rec_nearest": hard_loss(problem, loss_fn, grid.dequantize(grid.nearest)),
+        "rec_final": hard_loss(problem, loss_fn, grid.dequantize(q)),
+    }
+    stats["seconds"] = time.perf_counter() - t0
+    return RoundingResult(q=q, stats=stats)
+
+
+class LearnedRounding:
+    """Base of the learned methods: a parametrisation, optional extra term, shared loop.
+
+    Subclasses set `name` and `soft` and may override `penalty`.
+    """
+
+    name: str = "learned"
+    needs_data: bool = True
+    soft: SoftRounding = PLAIN_SIGMOID
+
+    def penalty(self, grid: LayerGrid, problem: LayerProblem,
+                config: RoundingConfig) -> Penalty | None:
+        """The method's extra loss term (none by default)."""
+        return None
+
+    def __call__(self, problem: LayerProblem, config: RoundingConfig,
+                 progress: ProgressCallback | None = None) -> RoundingResult:
+        """Round `problem.weight` by optimizing the soft rounding on the cached data."""
+        return optimize_rounding(problem, config, self.soft, self.name,
+                                 lambda grid: self.penalty(grid, problem, config), progress)
