@@ -1,17 +1,23 @@
-"""Registry of rounding methods: nearest first; learned methods register beside it."""
+"""Registry of rounding methods: nearest first, then the learned ones (AdaRound, EFRAP)."""
 
 from __future__ import annotations
 
 from pipeline.errors import EfrapError
+from pipeline.rounding.adaround import AdaRound
 from pipeline.rounding.base import (
     LayerProblem,
     RoundingConfig,
     RoundingMethod,
     RoundingResult,
 )
+from pipeline.rounding.efrap import Efrap
 from pipeline.rounding.nearest import NearestRounding
 
-METHODS: dict[str, RoundingMethod] = {"nearest": NearestRounding()}
+METHODS: dict[str, RoundingMethod] = {
+    "nearest": NearestRounding(),
+    "adaround": AdaRound(),
+    "efrap": Efrap(),
+}
 
 
 def register(method: RoundingMethod) -> None:
