@@ -7,7 +7,7 @@ on in-memory objects for library use.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
@@ -48,7 +48,7 @@ class QuantizeOptions:
         num_calib: Number of calibration images.
         seed: Seeds image selection, sampling and learned rounding.
         weight_storage: "int8" containers or packed "int4".
-        rounding: Settings of learned rounding.
+        rounding: Settings of learned rounding (None: the method's own defaults).
         device: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda".
         provider: onnxruntime provider for calibration.
     """
@@ -59,7 +59,7 @@ class QuantizeOptions:
     num_calib: int = 1024
     seed: int = 0
     weight_storage: str = "int8"
-    rounding: RoundingConfig = field(default_factory=RoundingConfig)
+    rounding: RoundingConfig | None = None
     device: str = "auto"
     provider: str = "auto"
 
@@ -125,6 +125,7 @@ def quantize_model(model: onnx.ModelProto, images: np.ndarray, options: Quantize
     if options.weight_storage not in WEIGHT_STORAGES:
         raise EfrapError(f"unknown weight storage '{options.weight_storage}': use int8 or int4")
     method = get_method(options.method)
+    config = options.rounding or method.defaults
     check_finite(model, source)
     prepared = prepare_model(model)
     plan = analyze(prepared, source)
@@ -141,7 +142,7 @@ def quantize_model(model: onnx.ModelProto, images: np.ndarray, options: Quantize
     if method.needs_data:
         from pipeline.rounding.losses import get_loss
 
-        needs = get_loss(options.rounding.loss).needs
+        needs = get_loss(config.loss).needs
     torch.manual_seed(options.seed)
     fixed: dict[str, torch.Tensor] = {}
     layers: dict[str, QuantizedLayer] = {}
@@ -163,20 +164,20 @@ def quantize_model(model: onnx.ModelProto, images: np.ndarray, options: Quantize
             assert images_t is not None
             problem = build_problem(graph, layer, wqp, images_t, fixed, act_qp, bias_t, needs)
             bar = Progress(f"layer {i}/{len(plan.layers)} {layer.node} ({options.method}, "
-                           f"{tq.bits}-bit)", total=options.rounding.iters)
+                           f"{tq.bits}-bit)", total=config.iters)
 
             def report(step: int, terms: dict[str, float], bar: Progress = bar) -> None:
                 bar.update(step - bar.count, " ".join(f"{k} {v:.4g}" for k, v in terms.items()))
 
-            res: RoundingResult = method(problem, options.rounding, progress=report)
+            res: RoundingResult = method(problem, config, progress=report)
             bar.close(f"flipped {100 * res.stats.get('flip_fraction', 0.0):.2f}%, "
                       f"rec {res.stats.get('rec_nearest', 0.0):.4g} (nearest) -> "
                       f"{res.stats.get('rec_final', 0.0):.4g}")
         else:
             from pipeline.rounding.base import LayerProblem
 
-            res = method(LayerProblem(layer.node, torch.from_numpy(w).to(device), wqp),
-                         options.rounding)
+            res = method(LayerProblem(layer.node, torch.from_numpy(w).to(device), wqp,
+                                      channel_axis=layer.weight_axis), config)
         ql.q = res.q.detach().cpu().numpy().astype(np.int64)
         ql.stats = {k: float(v) for k, v in res.stats.items()}
         ql.stats["seconds"] = round(time.perf_counter() - lt, 3)
@@ -196,7 +197,7 @@ def quantize_model(model: onnx.ModelProto, images: np.ndarray, options: Quantize
         "num_calib": len(images),
         "calib": options.calib,
         "weight_storage": options.weight_storage,
-        "rounding": asdict(options.rounding) if method.needs_data else {},
+        "rounding": asdict(config) if method.needs_data else {},
         "device": str(device),
         "layers": per_layer,
         "calibration_seconds": round(t_calib, 3),

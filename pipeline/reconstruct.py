@@ -81,6 +81,7 @@ def build_problem(
         name=layer.node,
         weight=graph.initializers[layer.weight].to(device),
         qparams=qparams,
+        channel_axis=layer.weight_axis,
         forward=forward,
         inputs=inputs,
         targets=targets,

@@ -57,15 +57,9 @@ def rounding_config(args: argparse.Namespace, defaults: RoundingConfig) -> Round
 
 def method_defaults(method: str) -> RoundingConfig:
     """The method's own default settings (EFRAP's release values, AdaRound's paper)."""
-    if method == "adaround":
-        from pipeline.rounding.adaround import ADAROUND_DEFAULTS
+    from pipeline.rounding import get_method
 
-        return ADAROUND_DEFAULTS
-    if method == "efrap":
-        from pipeline.rounding.efrap import EFRAP_DEFAULTS
-
-        return EFRAP_DEFAULTS
-    return RoundingConfig()
+    return get_method(method).defaults
 
 
 def print_summary(summary: dict, output: str) -> None:

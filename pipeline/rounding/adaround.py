@@ -34,3 +34,4 @@ class AdaRound(LearnedRounding):
     name = "adaround"
     needs_data = True
     soft = RECTIFIED_SIGMOID
+    defaults = ADAROUND_DEFAULTS

@@ -70,6 +70,8 @@ class LayerProblem:
         head: Differentiable map layer output -> logits through the rest of the FP
             network; only for losses that need it (prediction difference).
         head_targets: FP logits for the same samples, [N, classes].
+        channel_axis: Axis of the weight holding output channels (also for per-tensor
+            grids, where `qparams.axis` is None).
     """
 
     name: str
@@ -81,6 +83,7 @@ class LayerProblem:
     output_grads: torch.Tensor | None = None
     head: Callable[[torch.Tensor], torch.Tensor] | None = None
     head_targets: torch.Tensor | None = None
+    channel_axis: int = 0
 
 
 @dataclass
@@ -102,6 +105,8 @@ class RoundingMethod(Protocol):
     name: str
     #: Whether the method needs cached inputs/targets (False: weights alone suffice).
     needs_data: bool
+    #: The method's own default settings (EFRAP's release values, AdaRound's paper).
+    defaults: RoundingConfig
 
     def __call__(self, problem: LayerProblem, config: RoundingConfig,
                  progress: ProgressCallback | None = None) -> RoundingResult:

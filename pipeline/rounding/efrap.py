@@ -75,6 +75,7 @@ class Efrap(LearnedRounding):
     name = "efrap"
     needs_data = True
     soft = PLAIN_SIGMOID
+    defaults = EFRAP_DEFAULTS
 
     def penalty(self, grid: LayerGrid, problem: LayerProblem,
                 config: RoundingConfig) -> Penalty | None:
@@ -82,9 +83,7 @@ class Efrap(LearnedRounding):
         if config.flip_weight == 0.0:
             return None
         # Per-channel grids name the output channel; a per-tensor grid does not, and
-        # Conv/Gemm weights keep their output channels on axis 0.
-        axis = problem.qparams.axis if problem.qparams.axis is not None else 0
-        e = error_weights(grid, config.error_mode, axis)
+        e = error_weights(grid, config.error_mode, problem.channel_axis)
         t = flip_targets(grid)
         weight = config.flip_weight
 

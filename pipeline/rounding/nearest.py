@@ -18,6 +18,7 @@ class NearestRounding:
 
     name = "nearest"
     needs_data = False
+    defaults = RoundingConfig()
 
     def __call__(self, problem: LayerProblem, config: RoundingConfig,
                  progress: ProgressCallback | None = None) -> RoundingResult:

@@ -1,0 +1,35 @@
+"""`efrap export`: checkpoint -> ONNX (BN folded, opset 21, dynamic batch)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export a checkpoint written by `efrap train` or `efrap attack`."""
+    from converters.export import export_onnx
+    from pipeline.onnx_io import check_not_same_path
+    from pipeline.train import load_checkpoint
+
+    check_not_same_path(args.checkpoint, args.output)
+    model, meta = load_checkpoint(args.checkpoint)
+    shape = (meta["in_channels"], meta["image_size"], meta["image_size"])
+    norm = meta["normalization"]
+    extra = {f"efrap.{k}": v for k, v in meta.items()
+             if k in ("arch", "dataset", "attack", "scheme", "trigger", "kind")}
+    extra["efrap.num_classes"] = str(meta["num_classes"])
+    diff = export_onnx(model, shape, args.output, normalization=(norm["mean"], norm["std"]),
+                       metadata=extra)
+    print(f"wrote {args.output}; max |onnx - torch| = {diff:.3e}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `efrap export`."""
+    p = sub.add_parser("export", help="export a checkpoint to ONNX",
+                       description="Fold BatchNorm, export to ONNX opset 21 with a dynamic batch, "
+                       "store the input normalisation in metadata, and report the largest "
+                       "difference against torch.")
+    p.add_argument("checkpoint", help="checkpoint (.pt) from efrap train or efrap attack")
+    p.add_argument("-o", "--output", required=True, help="ONNX file to write")
+    p.set_defaults(func=run)

