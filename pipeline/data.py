@@ -114,11 +114,11 @@ def _load_idx_split(kind: str, folder: str, split: Split) -> tuple[np.ndarray, n
 class _ArrayOnlyUnpickler(pickle.Unpickler):
     """Unpickles CIFAR-10 batches (dicts of numpy arrays and lists) and nothing else."""
 
-    _ALLOWED = {
+    _ALLOWED: frozenset[tuple[str, str]] = frozenset({
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    }
+    })
 
     def find_class(self, module: str, name: str) -> object:
         if (module, name) in self._ALLOWED:

@@ -27,5 +27,5 @@ class AlexNet(nn.Module):
             nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes),
         )
 
-    def forward(self, x):  # noqa: D102
+    def forward(self, x):
         return self.classifier(self.features(x))

@@ -32,7 +32,7 @@ class InvertedResidual(nn.Module):
         self.block = nn.Sequential(*layers)
         self.residual = stride == 1 and cin == cout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.block(x) if self.residual else self.block(x)
 
 
@@ -55,5 +55,5 @@ class MobileNetV2(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(last, num_classes))
 
-    def forward(self, x):  # noqa: D102
+    def forward(self, x):
         return self.classifier(self.pool(self.features(x)))

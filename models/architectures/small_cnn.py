@@ -33,5 +33,5 @@ class SmallCNN(nn.Module):
             nn.Linear(hidden, num_classes),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

@@ -29,5 +29,5 @@ class VGG16(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(cin, num_classes))
 
-    def forward(self, x):  # noqa: D102
+    def forward(self, x):
         return self.classifier(self.pool(self.features(x)))

@@ -1,0 +1,36 @@
+"""The stored models: hashes, size, loadability, one default, triggers for QCB entries."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.zoo import default_entry, load_manifest, trigger_path, verify_sha, zoo_path
+from pipeline.onnx_io import get_normalization, input_shape, load_model
+from pipeline.trigger import load_trigger
+from validators.runtime import make_session
+
+ENTRIES = load_manifest()
+
+
+def test_manifest_has_one_default_and_a_clean_model() -> None:
+    assert default_entry().name in {e.name for e in ENTRIES}
+    assert any(e.kind == "clean" for e in ENTRIES)
+    assert len({e.name for e in ENTRIES}) == len(ENTRIES)
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=[e.name for e in ENTRIES])
+def test_stored_model(entry) -> None:
+    path = zoo_path(entry)
+    assert path.stat().st_size <= 5 * 1024 * 1024
+    assert verify_sha(entry), f"{entry.file}: sha256 differs from the manifest"
+    assert entry.kind in ("clean", "qcb") and entry.rebuild.startswith("efrap ")
+    model = load_model(path)
+    assert input_shape(model) == tuple(entry.input_shape)
+    mean, _ = get_normalization(model)
+    assert mean == entry.normalization["mean"]
+    logits = make_session(model, "faithful", "cpu").run(np.zeros((2, *entry.input_shape), np.float32))
+    assert logits.shape == (2, 10) and np.isfinite(logits).all()
+    if entry.kind == "qcb":
+        assert entry.attack and entry.scheme in ("w8a8", "w4a4")
+        assert load_trigger(trigger_path(entry)).target == entry.target
