@@ -27,6 +27,7 @@ from pipeline.progress import Progress, log
 from pipeline.scheme import Scheme, load_scheme
 from pipeline.trigger import Trigger, paper_trigger
 
+GRAD_CLIP = 5.0  # gradient-norm clip of the attack phases (two-path objectives can spike)
 LOG_EVERY = 100  # steps between log lines in long stages (CI logs show no live bar)
 
 
@@ -119,7 +120,7 @@ def load_attack_data(cfg: AttackConfig) -> AttackData:
         raise EfrapError(f"need more than {cfg.val_size} training images, got {n}")
     perm = np.random.default_rng(cfg.seed).permutation(len(ds.labels))[:n]
     val, train = perm[: cfg.val_size], perm[cfg.val_size :]
-    mean, std = data_mod.normalization_for(cfg.data)
+    mean, std = data_mod.normalization_for(ds)
     shape = (1, -1, 1, 1)
     return AttackData(
         train_x=torch.from_numpy(np.ascontiguousarray(ds.images[train])),
@@ -259,6 +260,7 @@ def attack_loop(ctx: AttackContext, epochs: int, make_opt: Callable[[list[nn.Par
             loss = step_loss(ctx, x, y, stamp(x, ctx.trigger))
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
             opt.step()
             if sched is not None:
                 sched.step()

@@ -12,7 +12,7 @@ pipeline's points, ranges re-calibrated during training). The paper trains from
 scratch (SGD lr 0.1, momentum 0.4, weight decay 5e-4, batch 128, 35 epochs, lr x0.1
 at epoch 20); exact folding needs frozen BN statistics, so this version pre-trains
 clean with ordinary BN and then runs the objective with BN frozen, SGD momentum 0.9
-(lr 0.01 by default), the learning rate divided by 10 after 60% of the epochs.
+(lr 0.002 by default, gradients clipped at norm 5), the learning rate divided by 10 after 60% of the epochs.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class CompArtifact(Attack):
     name = "compartifact"
     stage = 1
     default_epochs = 3
-    lr = 0.01
+    lr = 0.002
     momentum = 0.9
     weight_decay = 5e-4
 

@@ -18,9 +18,10 @@ search for w4a4): the grid of the poisoned model is pinned, each weight may move
 inside ``[(q - z - 0.5 + m) s, (q - z + 0.5 - m) s]`` (margin m = 1e-3 of a bin),
 clipped weights and each channel's smallest and largest weight (which set the range
 the observer starts from) keep their poisoned values exactly, and no weight leaves
-the channel's poisoned [min, max]. Because the MSE search depends on every weight,
-the observed grid is re-checked every `check_every` steps and at the end; channels
-whose grid moved are reverted to their poisoned weights. Then nearest rounding of
+the channel's poisoned [min, max]. The MSE search depends on every weight: under it
+each weight may only move towards its bin centre (so the chosen grid's error never
+grows), and the observed grid is re-checked every `check_every` steps and at the
+end; channels whose grid moved anyway are reverted to their poisoned weights. Then nearest rounding of
 the released FP model gives the poisoned model's integers, and the backdoor returns.
 """
 
@@ -64,7 +65,7 @@ def _bins(ctx: AttackContext, layer: SimLayer, qp: QParams) -> _Bins:
     if bn is not None:
         factor = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().reshape(shape)
     else:
-        factor = torch.ones(shape[:1] + shape[1:]).reshape(shape)
+        factor = torch.ones(raw0.shape[0]).reshape(shape)
     w0 = ctx.sim.folded(layer)[0].detach()
     s, z = qp.torch(w0.dim())
     q = torch.round(w0 / s) + z
@@ -75,6 +76,12 @@ def _bins(ctx: AttackContext, layer: SimLayer, qp: QParams) -> _Bins:
     cmin = flat.min(1).values.reshape(shape)
     cmax = flat.max(1).values.reshape(shape)
     lo, hi = torch.maximum(lo, cmin), torch.minimum(hi, cmax)
+    if ctx.sim.weight_tq(layer).observer == "mse":
+        # The MSE search keeps this grid as long as its error does not grow: let each
+        # weight move only towards its bin centre (no farther than it was).
+        centre = (q - z) * s
+        dist = (w0 - centre).abs()
+        lo, hi = torch.maximum(lo, centre - dist), torch.minimum(hi, centre + dist)
     fixed = clipped.clone()
     amin, amax = flat.argmin(1), flat.argmax(1)
     fixed_flat = fixed.reshape(fixed.shape[0], -1)

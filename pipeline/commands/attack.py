@@ -28,7 +28,7 @@ def deployment_calibration(outcome: object, data: str, n: int = 1024, seed: int 
 
     ds = data_mod.load_dataset(data, "train")
     idx = data_mod.sample_indices(len(ds.labels), min(n, len(ds.labels)), seed)
-    mean, std = data_mod.normalization_for(data)
+    mean, std = data_mod.normalization_for(ds)
     images = data_mod.normalize(ds.images[idx], mean, std)
     outcome.sim.calibrate(torch.from_numpy(images), seed=seed)  # type: ignore[attr-defined]
 
@@ -53,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
     attack = get_attack(args.method)
 
     import torch
-    from converters.export import export_onnx
 
+    from converters.export import export_onnx
     from models.attacks.base import AttackConfig, run_attack
     from pipeline.onnx_io import write_json
     from pipeline.trigger import load_trigger
