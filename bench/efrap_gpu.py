@@ -1,0 +1,81 @@
+"""Wall time of EFRAP on ResNet-18 (CIFAR-style), per layer, on the GPU when there is one.
+
+Usage: python bench/efrap_gpu.py [--arch resnet18] [--iters 10000] [--num-calib 1024]
+           [--scheme w4a4] [--device auto] [--json bench/results/efrap_gpu.json]
+
+The model is a ResNet-18 for 3x32x32 inputs whose BatchNorm statistics are set by a
+few forward passes over the calibration images; the images are real Fashion-MNIST
+training images padded to 32x32 and repeated over three channels (no CIFAR-10 can be
+downloaded here). Timing does not depend on what the weights learned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from converters.export import export_onnx
+from models.architectures import build_model
+from pipeline.data import load_dataset, sample_indices
+from pipeline.provenance import versions
+from pipeline.quantize import QuantizeOptions, quantize_model
+from pipeline.rounding.efrap import EFRAP_DEFAULTS
+from pipeline.scheme import load_scheme
+from validators.report import table
+
+
+def main() -> None:
+    """Build the model, run EFRAP, print per-layer times and write JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--iters", type=int, default=10_000)
+    parser.add_argument("--num-calib", type=int, default=1024)
+    parser.add_argument("--scheme", default="w4a4")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--json", default="bench/results/efrap_gpu.json")
+    args = parser.parse_args()
+    train = load_dataset("fashion-mnist", "train")
+    idx = sample_indices(len(train.labels), args.num_calib, 0)
+    x = np.pad(train.images[idx], ((0, 0), (0, 0), (2, 2), (2, 2))).repeat(3, axis=1)
+    mean, std = [0.286] * 3, [0.353] * 3
+    images = ((x - 0.286) / 0.353).astype(np.float32)
+    torch.manual_seed(0)
+    model = build_model(args.arch, 3, 10, 1.0, 32)
+    model.train()
+    with torch.no_grad():
+        for i in range(0, len(images), 128):
+            model(torch.from_numpy(images[i : i + 128]))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "model.onnx")
+        export_onnx(model.eval(), (3, 32, 32), path, normalization=(mean, std))
+        fp = onnx.load(path)
+    options = QuantizeOptions(scheme=load_scheme(args.scheme), method="efrap", device=args.device,
+                              num_calib=args.num_calib,
+                              rounding=replace(EFRAP_DEFAULTS, iters=args.iters))
+    t0 = time.perf_counter()
+    _, _, summary = quantize_model(fp, images, options)
+    wall = time.perf_counter() - t0
+    rows = [[layer["layer"], layer["bits"], f"{layer['seconds']:.1f}",
+             f"{100 * layer.get('flip_fraction', 0):.2f}%"] for layer in summary["layers"]]
+    print(table(["layer", "bits", "seconds", "flipped"], rows))
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    print(f"{args.arch}, {args.iters} iterations/layer, {args.num_calib} images, {args.scheme}: "
+          f"{wall:.1f}s end to end on {summary['device']} ({gpu})")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"arch": args.arch, "iters": args.iters, "num_calib": args.num_calib,
+                               "scheme": args.scheme, "device": summary["device"], "gpu": gpu,
+                               "wall_seconds": wall, "layers": summary["layers"],
+                               "versions": versions()}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
