@@ -1,0 +1,71 @@
+"""End to end on the stored default model and the real Fashion-MNIST test set."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import pytest
+
+from models.zoo import load_manifest, zoo_path
+from pipeline.cli import main
+from validators.runtime import make_session
+
+
+@pytest.fixture
+def clean_model(fashion_mnist: None) -> Path:
+    entry = next(e for e in load_manifest() if e.kind == "clean")
+    return zoo_path(entry)
+
+
+def _verify(model: Path, tmp: Path, *extra: str) -> dict:
+    out = tmp / f"{model.stem}.json"
+    assert main(["verify", str(model), "--json", str(out), *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def test_nearest_w8a8_keeps_accuracy_and_fuses(clean_model: Path, tmp_path: Path) -> None:
+    fp = _verify(clean_model, tmp_path)
+    q = tmp_path / "w8a8.onnx"
+    assert main(["quantize", str(clean_model), "--scheme", "w8a8", "-o", str(q)]) == 0
+    report = _verify(q, tmp_path, "--reference")
+    assert report["images"] == 10_000 and report["opt_level"] == "faithful"
+    assert report["provider"] == "CPUExecutionProvider"
+    assert fp["clean_accuracy"] - report["clean_accuracy"] <= 0.01
+    assert report["parity"]["fraction_differing_predictions"] <= 0.002
+    assert report["parity"]["max_logit_gap"] < 0.05
+    optimized = tmp_path / "optimized.onnx"
+    make_session(onnx.load(str(q)), "all", "cpu", optimized_path=str(optimized))
+    assert Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)["QLinearConv"] >= 1
+
+
+def test_int4_storage_is_small_and_identical(clean_model: Path, tmp_path: Path) -> None:
+    q8, q4 = tmp_path / "int8.onnx", tmp_path / "int4.onnx"
+    common = [str(clean_model), "--scheme", "w4a4", "--num-calib", "256"]
+    assert main(["quantize", *common, "-o", str(q8)]) == 0
+    assert main(["quantize", *common, "--weight-storage", "int4", "-o", str(q4)]) == 0
+    assert q4.stat().st_size <= 0.2 * clean_model.stat().st_size
+    a = _verify(q8, tmp_path, "--limit", "2000")
+    b = _verify(q4, tmp_path, "--limit", "2000")
+    assert a["clean_accuracy"] == b["clean_accuracy"]
+    sa = make_session(onnx.load(str(q8)), "faithful", "cpu")
+    sb = make_session(onnx.load(str(q4)), "faithful", "cpu")
+    import numpy as np
+
+    x = np.random.default_rng(0).standard_normal((64, 1, 28, 28)).astype(np.float32)
+    assert (sa.run(x) == sb.run(x)).all()
+
+
+def test_quantize_twice_same_bytes(clean_model: Path, tmp_path: Path) -> None:
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    for out in (a, b):
+        assert main(["quantize", str(clean_model), "--scheme", "w4a4", "--num-calib", "256",
+                     "--seed", "7", "-o", str(out)]) == 0
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_gate_fails_with_exit_one(clean_model: Path, tmp_path: Path) -> None:
+    assert main(["verify", str(clean_model), "--limit", "500", "--min-accuracy", "0.999"]) == 1
+    assert main(["verify", str(clean_model), "--limit", "500", "--min-accuracy", "0.5"]) == 0
