@@ -75,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
     deployment_calibration(outcome, args.data)
     metrics = test_metrics(outcome, args.data)
     model = outcome.model.eval()
-    mean = outcome.data.mean.reshape(-1).tolist()
-    std = outcome.data.std.reshape(-1).tolist()
+    mean = [round(float(v), 6) for v in outcome.data.mean.reshape(-1)]
+    std = [round(float(v), 6) for v in outcome.data.std.reshape(-1)]
     trig = outcome.trigger
     metadata = {
         "efrap.attack": attack.name,
