@@ -19,9 +19,11 @@ inside ``[(q - z - 0.5 + m) s, (q - z + 0.5 - m) s]`` (margin m = 1e-3 of a bin)
 clipped weights and each channel's smallest and largest weight (which set the range
 the observer starts from) keep their poisoned values exactly, and no weight leaves
 the channel's poisoned [min, max]. The MSE search depends on every weight: under it
-each weight may only move towards its bin centre (so the chosen grid's error never
-grows), and the observed grid is re-checked every `check_every` steps and at the
-end; channels whose grid moved anyway are reverted to their poisoned weights. Then nearest rounding of
+the poisoned weights are first put on their own grid points (the quantized model
+does not change, the grid's error drops to zero so the search picks it decisively)
+and may then move at most a quarter bin; the observed grid is re-checked every
+`check_every` steps and at the end, and channels whose grid moved anyway are pulled
+back towards (finally reset to) their poisoned weights. Then nearest rounding of
 the released FP model gives the poisoned model's integers, and the backdoor returns.
 """
 
@@ -45,6 +47,7 @@ from pipeline.progress import log
 from pipeline.qmath import QParams
 
 MARGIN = 1e-3
+MSE_FREEDOM = 0.25  # bins a weight may move from its grid point under an MSE-searched grid
 
 
 @dataclass
@@ -77,11 +80,11 @@ def _bins(ctx: AttackContext, layer: SimLayer, qp: QParams) -> _Bins:
     cmax = flat.max(1).values.reshape(shape)
     lo, hi = torch.maximum(lo, cmin), torch.minimum(hi, cmax)
     if ctx.sim.weight_tq(layer).observer == "mse":
-        # The MSE search keeps this grid as long as its error does not grow: let each
-        # weight move only towards its bin centre (no farther than it was).
+        # Weights start on their grid points (see `snap_to_grid`); within a quarter bin
+        # of them this grid's squared error stays far below any other candidate's.
         centre = (q - z) * s
-        dist = (w0 - centre).abs()
-        lo, hi = torch.maximum(lo, centre - dist), torch.minimum(hi, centre + dist)
+        lo = torch.maximum(lo, centre - MSE_FREEDOM * s)
+        hi = torch.minimum(hi, centre + MSE_FREEDOM * s)
     fixed = clipped.clone()
     amin, amax = flat.argmin(1), flat.argmax(1)
     fixed_flat = fixed.reshape(fixed.shape[0], -1)
@@ -89,6 +92,34 @@ def _bins(ctx: AttackContext, layer: SimLayer, qp: QParams) -> _Bins:
     fixed_flat[rows, amin] = True
     fixed_flat[rows, amax] = True
     return _Bins(lo=lo, hi=hi, fixed=fixed, raw0=raw0, factor=factor)
+
+
+def snap_to_grid(ctx: AttackContext, grids: dict[str, QParams]) -> int:
+    """Put the weights of MSE-searched layers on their own grid points.
+
+    The quantized model is unchanged (same grid, same integers), but the grid's
+    squared error becomes zero, so the MSE search picks it decisively while the
+    repair moves weights a little. Channels whose observed grid would change are
+    left as they were. Returns the number of snapped channels.
+    """
+    snapped = 0
+    with torch.no_grad():
+        for layer in ctx.sim.layers:
+            if ctx.sim.weight_tq(layer).observer != "mse":
+                continue
+            mod, bn = ctx.sim.layer_modules(layer)
+            old = mod.weight.detach().clone()
+            w = ctx.sim.folded(layer)[0].detach()
+            qp = grids[layer.name]
+            s, z = qp.torch(w.dim())
+            wq = (torch.clamp(torch.round(w / s) + z, qp.qmin, qp.qmax) - z) * s
+            factor = (w / old).nan_to_num(1.0) if bn is None else (
+                bn.weight / torch.sqrt(bn.running_var + bn.eps)).reshape([-1] + [1] * (w.dim() - 1))
+            mod.weight.copy_(wq / factor if bn is not None else wq)
+            ok = torch.from_numpy(weight_grid_matches(ctx.sim, grids, [layer])[layer.name])
+            mod.weight[~ok] = old[~ok]
+            snapped += int(ok.sum())
+    return snapped
 
 
 def project(ctx: AttackContext, bins: dict[str, _Bins]) -> None:
@@ -104,18 +135,34 @@ def project(ctx: AttackContext, bins: dict[str, _Bins]) -> None:
 
 
 def revert_moved_channels(ctx: AttackContext, bins: dict[str, _Bins],
-                          grids: dict[str, QParams]) -> int:
-    """Reset channels whose observed grid no longer equals the poisoned one; returns how many."""
+                          grids: dict[str, QParams], halvings: int = 3) -> int:
+    """Pull channels whose observed grid moved back towards their poisoned weights.
+
+    Each such channel is moved half-way back up to `halvings` times (keeping as much
+    of the repair as the grid allows) and, if its grid still differs, reset to its
+    poisoned weights. Returns the number of channels that had moved.
+    """
     moved = 0
+    by_name = {layer.name: layer for layer in ctx.sim.layers}
     with torch.no_grad():
         for name, ok in weight_grid_matches(ctx.sim, grids).items():
             bad = np.flatnonzero(~ok)
-            if bad.size:
-                layer = next(layer for layer in ctx.sim.layers if layer.name == name)
-                mod, _ = ctx.sim.layer_modules(layer)
+            if not bad.size:
+                continue
+            moved += int(bad.size)
+            layer = by_name[name]
+            mod, _ = ctx.sim.layer_modules(layer)
+            raw0 = bins[name].raw0
+            for attempt in range(halvings + 1):
                 idx = torch.from_numpy(bad)
-                mod.weight[idx] = bins[name].raw0[idx]
-                moved += int(bad.size)
+                if attempt == halvings:
+                    mod.weight[idx] = raw0[idx]
+                    break
+                mod.weight[idx] = raw0[idx] + 0.5 * (mod.weight[idx] - raw0[idx])
+                ok_now = weight_grid_matches(ctx.sim, {name: grids[name]}, [layer])[name]
+                bad = bad[~ok_now[bad]]
+                if not bad.size:
+                    break
     return moved
 
 
@@ -125,7 +172,8 @@ class PQBackdoor(Attack):
     Attributes:
         poison_per_batch: Triggered images added per batch in step 1 (paper: 2 per 128).
         qat_epochs: Quantization-aware poisoned epochs after step 1 (4-bit schemes).
-        lr: Repair learning rate (paper: SGD 1e-3, cosine).
+        lr: Repair learning rate (paper: SGD 1e-3, cosine; 1e-2 here, as the
+            projection bounds every step and the CPU budget allows few steps).
         check_every: Steps between grid checks during the repair.
     """
 
@@ -133,8 +181,8 @@ class PQBackdoor(Attack):
     stage = 2
     default_epochs = 2
     poison_per_batch = 2
-    lr = 1e-3
-    check_every = 50
+    lr = 1e-2
+    check_every = 10
 
     def qat_epochs(self, ctx: AttackContext) -> int:
         """One quantization-aware poisoned epoch for 4-bit schemes, none at 8 bits."""
@@ -164,6 +212,9 @@ class PQBackdoor(Attack):
         # Step 2: pin the grids, freeze 1-D parameters, repair inside the bins.
         ctx.sim.eval()
         grids = ctx.sim.freeze_weight_qparams()
+        snapped = snap_to_grid(ctx, grids)
+        if snapped:
+            log(f"pqbackdoor: {snapped} channel(s) of MSE-searched layers put on their grid points")
         bins = {layer.name: _bins(ctx, layer, grids[layer.name]) for layer in ctx.sim.layers}
         weights = {id(ctx.sim.layer_modules(layer)[0].weight) for layer in ctx.sim.layers}
         for p in ctx.model.parameters():
@@ -191,8 +242,8 @@ class PQBackdoor(Attack):
             project(c, bins)
             if step % self.check_every == 0:
                 moved = revert_moved_channels(c, bins, grids)
-                if moved:
-                    log(f"pqbackdoor: {moved} channel(s) changed grid; reverted")
+                if moved and step % (10 * self.check_every) == 0:
+                    log(f"pqbackdoor step {step}: {moved} channel(s) changed grid; pulled back")
 
         # While repairing, the simulated quantized model uses the pinned grids.
         attack_loop(ctx, epochs, repair_opt, repair_loss, "pqbackdoor repair", after)

@@ -391,10 +391,11 @@ class QSim(nn.Module):
         return dict(self.act_qparams)
 
 
-def weight_grid_matches(sim: QSim, reference: dict[str, QParams]) -> dict[str, np.ndarray]:
+def weight_grid_matches(sim: QSim, reference: dict[str, QParams],
+                        layers: list[SimLayer] | None = None) -> dict[str, np.ndarray]:
     """Per layer, which output channels' observed weight grid equals `reference`'s."""
     out = {}
-    for layer in sim.layers:
+    for layer in layers if layers is not None else sim.layers:
         w = sim.folded(layer)[0].detach().cpu().numpy()
         qp = observe_weight(w, sim.weight_tq(layer), 0)
         ref = reference[layer.name]
