@@ -69,3 +69,19 @@ def test_quantize_twice_same_bytes(clean_model: Path, tmp_path: Path) -> None:
 def test_gate_fails_with_exit_one(clean_model: Path, tmp_path: Path) -> None:
     assert main(["verify", str(clean_model), "--limit", "500", "--min-accuracy", "0.999"]) == 1
     assert main(["verify", str(clean_model), "--limit", "500", "--min-accuracy", "0.5"]) == 0
+
+
+def test_defend_writes_metadata_matches_simulation_and_is_deterministic(
+        clean_model: Path, tmp_path: Path) -> None:
+    outs = [tmp_path / "d1.onnx", tmp_path / "d2.onnx"]
+    for out in outs:
+        assert main(["defend", str(clean_model), "--iters", "60", "--num-calib", "128",
+                     "-o", str(out)]) == 0
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    meta = {p.key: p.value for p in onnx.load(str(outs[0])).metadata_props}
+    assert meta["efrap.method"] == "efrap"
+    flips = json.loads(meta["efrap.flip_fraction"])
+    assert len(flips) == 5 and any(v > 0 for v in flips.values())
+    assert json.loads(meta["efrap.rounding"])["iters"] == 60
+    report = _verify(outs[0], tmp_path, "--reference", "--limit", "2000")
+    assert report["parity"]["fraction_differing_predictions"] <= 0.002

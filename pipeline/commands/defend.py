@@ -4,31 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.commands.quantize import (
-    add_common_quant_args,
-    add_rounding_args,
-    method_defaults,
-    print_summary,
-    rounding_config,
-)
-from pipeline.quantize import QuantizeOptions, quantize_file
-from pipeline.scheme import load_scheme
+from pipeline.commands.quantize import add_common_quant_args, add_rounding_args, quantize_with
 
 
 def run(args: argparse.Namespace) -> int:
     """Quantize with EFRAP."""
-    options = QuantizeOptions(
-        scheme=load_scheme(args.scheme), method="efrap", calib=args.calib,
-        num_calib=args.num_calib, seed=args.seed, weight_storage=args.weight_storage,
-        rounding=rounding_config(args, method_defaults("efrap")), device=args.device,
-    )
-    summary = quantize_file(args.model, args.output, options)
-    print_summary(summary, args.output)
-    if args.summary:
-        from pipeline.onnx_io import write_json
-
-        write_json(summary, args.summary)
-    return 0
+    return quantize_with(args, "efrap")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

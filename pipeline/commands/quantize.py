@@ -72,15 +72,15 @@ def print_summary(summary: dict, output: str) -> None:
           f"calibration {summary['calibration_seconds']:.1f}s, rounding {summary['rounding_seconds']:.1f}s)")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Quantize with the chosen method."""
+def quantize_with(args: argparse.Namespace, method: str) -> int:
+    """Quantize `args.model` with `method`, print the per-layer summary, write outputs."""
     from pipeline.rounding import get_method
 
-    get_method(args.method)
+    get_method(method)
     options = QuantizeOptions(
-        scheme=load_scheme(args.scheme), method=args.method, calib=args.calib,
+        scheme=load_scheme(args.scheme), method=method, calib=args.calib,
         num_calib=args.num_calib, seed=args.seed, weight_storage=args.weight_storage,
-        rounding=rounding_config(args, method_defaults(args.method)), device=args.device,
+        rounding=rounding_config(args, method_defaults(method)), device=args.device,
     )
     summary = quantize_file(args.model, args.output, options)
     print_summary(summary, args.output)
@@ -89,6 +89,11 @@ def run(args: argparse.Namespace) -> int:
 
         write_json(summary, args.summary)
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Quantize with the chosen method."""
+    return quantize_with(args, args.method)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
