@@ -1,0 +1,174 @@
+"""Measure the stored QCB models and regenerate the table in docs/ZOO.md.
+
+Usage: python bench/zoo_table.py [--limit N] [--names NAME ...] [--json bench/results/zoo.json]
+           [--doc docs/ZOO.md] [--skip-static]
+
+For every zoo entry of kind "qcb", in onnxruntime (optimizations off, the faithful
+QDQ semantics) on the test split:
+
+- FP: the released model;
+- nearest: `efrap quantize --method nearest` under the targeted scheme;
+- cross: nearest under the other preset (w8a8 <-> w4a4);
+- quantize_static: onnxruntime.quantization.quantize_static after quant_pre_process,
+  QDQ, per-channel, MinMax calibration on the same 1,024 training images, the closest
+  settings to the targeted scheme (w8a8: uint8 activations, int8 symmetric weights;
+  w4a4: uint4 activations, uint4 asymmetric weights, first/last layer and their
+  inputs at 8 bits through TensorQuantOverrides).
+
+Figures are clean accuracy (CDA) and attack success over non-target test images
+(ASR), in percent. The table between the markers in docs/ZOO.md is replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import onnx
+
+from pipeline.onnx_io import load_model, save_model
+from pipeline.progress import log
+from pipeline.quantize import QuantizeOptions, calibration_images, quantize_file
+from pipeline.scheme import load_scheme
+from validators.verify import VerifyOptions, verify_model
+
+ROOT = Path(__file__).resolve().parents[1]
+ZOO = ROOT / "models" / "zoo"
+START, END = "<!-- zoo-table:start -->", "<!-- zoo-table:end -->"
+OTHER = {"w8a8": "w4a4", "w4a4": "w8a8"}
+
+
+def _measure(model: str, trigger: str, limit: int | None) -> dict[str, float]:
+    report = verify_model(model, VerifyOptions(trigger=trigger, limit=limit, provider="cpu"))
+    return {"cda": 100 * report["clean_accuracy"], "asr": 100 * report["attack_success_rate"]}
+
+
+def quantize_static_model(fp_path: str, out_path: str, scheme: str, data: str) -> str:
+    """onnxruntime's quantize_static with the settings closest to `scheme`; returns a note."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    model = load_model(fp_path)
+    images = calibration_images(model, data, 1024, 0, fp_path)
+    inits = {i.name for i in model.graph.initializer}
+    input_name = next(i.name for i in model.graph.input if i.name not in inits)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{input_name: images[i : i + 64]} for i in range(0, len(images), 64)])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    pre = str(Path(out_path).with_suffix(".pre.onnx"))
+    quant_pre_process(fp_path, pre)
+    note = ""
+    if scheme == "w8a8":
+        act, wt, extra = QuantType.QUInt8, QuantType.QInt8, {}
+    else:
+        act, wt = QuantType.QUInt4, QuantType.QUInt4
+        pre_model = onnx.load(pre)
+        layers = [n for n in pre_model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+        first, last = layers[0], layers[-1]
+        overrides: dict = {first.input[0]: [{"quant_type": QuantType.QUInt8}],
+                           last.input[0]: [{"quant_type": QuantType.QUInt8}]}
+        winits = {i.name: i for i in pre_model.graph.initializer}
+        for node in (first, last):
+            channels = winits[node.input[1]].dims[0]
+            overrides[node.input[1]] = [{"quant_type": QuantType.QUInt8}] * channels
+        extra = {"WeightSymmetric": False, "TensorQuantOverrides": overrides}
+        note = "uint4 asymmetric weights (MinMax, no MSE search), first/last layers at 8 bits"
+    quantize_static(pre, out_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=act, weight_type=wt, calibrate_method=CalibrationMethod.MinMax,
+                    extra_options=extra)
+    Path(pre).unlink(missing_ok=True)
+    save_model(onnx.load(out_path), out_path)
+    return note
+
+
+def measure_entry(entry: dict, limit: int | None, skip_static: bool) -> dict:
+    """Every configuration of one zoo model."""
+    fp = str(ZOO / entry["file"])
+    trig = str(ZOO / entry["trigger"])
+    scheme = entry["scheme"]
+    row: dict = {"name": entry["name"], "attack": entry["attack"], "scheme": scheme}
+    row["fp"] = _measure(fp, trig, limit)
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, s in (("nearest", scheme), ("cross", OTHER[scheme])):
+            out = str(Path(tmp) / f"{key}.onnx")
+            quantize_file(fp, out, QuantizeOptions(scheme=load_scheme(s), method="nearest",
+                                                   calib=entry.get("dataset", "fashion-mnist")))
+            row[key] = {**_measure(out, trig, limit), "scheme": s}
+        if not skip_static:
+            out = str(Path(tmp) / "static.onnx")
+            try:
+                note = quantize_static_model(fp, out, scheme, entry.get("dataset", "fashion-mnist"))
+                row["quantize_static"] = {**_measure(out, trig, limit), "note": note}
+            except Exception as exc:  # report, do not abort the table
+                row["quantize_static"] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+    log(f"{entry['name']}: {json.dumps(row)}")
+    return row
+
+
+def _cell(m: dict | None) -> str:
+    if not m or "cda" not in m:
+        return "n/a"
+    return f"{m['cda']:.2f} / {m['asr']:.2f}"
+
+
+def render(rows: list[dict], limit: int | None) -> str:
+    """The markdown table."""
+    lines = [
+        f"Measured by `python bench/zoo_table.py` in onnxruntime (optimizations off) on "
+        f"{'the first ' + str(limit) if limit else 'all 10,000'} Fashion-MNIST test images. "
+        "Cells: clean accuracy / attack success over non-target images, %.",
+        "",
+        "| model | attack | targeted scheme | FP | nearest (targeted) | quantize_static "
+        "(closest) | nearest, other scheme |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['attack']} | {r['scheme']} | {_cell(r['fp'])} | "
+            f"{_cell(r['nearest'])} | {_cell(r.get('quantize_static'))} | "
+            f"{_cell(r['cross'])} ({r['cross']['scheme']}) |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Measure and rewrite the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--limit", type=int, help="first N test images only")
+    parser.add_argument("--names", nargs="*", help="only these zoo entries")
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "zoo.json"))
+    parser.add_argument("--doc", default=str(ROOT / "docs" / "ZOO.md"))
+    parser.add_argument("--skip-static", action="store_true")
+    args = parser.parse_args()
+    manifest = json.loads((ZOO / "manifest.json").read_text())
+    entries = manifest["models"] if isinstance(manifest, dict) else manifest
+    entries = [e for e in entries if e.get("kind") == "qcb"
+               and (not args.names or e["name"] in args.names)]
+    rows = [measure_entry(e, args.limit, args.skip_static) for e in entries]
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
+    doc = Path(args.doc)
+    text = doc.read_text() if doc.exists() else f"{START}\n{END}\n"
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    doc.write_text(f"{head}{START}\n{render(rows, args.limit)}\n{END}{tail}")
+    print(render(rows, args.limit))
+
+
+if __name__ == "__main__":
+    main()
