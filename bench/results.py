@@ -9,6 +9,11 @@ except --iters), all verified with the entry's trigger at optimization level
 `faithful` on the CPU provider. CDA is clean accuracy, ASR attack success over test
 images whose label is not the target, both in percent. Floors checked: EFRAP ASR at
 most 5% and CDA within 2 points of FP.
+
+Carrier check: nearest rounding with only the weights at the scheme's bit-width
+(activations at 8 bits) and with only the activations at it (weights at 8 bits) shows
+whether a backdoor rides on weight rounding, which weight-rounding defenses (AdaRound,
+EFRAP) can change, or on activation rounding, which they cannot.
 """
 
 from __future__ import annotations
@@ -71,17 +76,25 @@ def main() -> None:
                 if method != "nearest":
                     row[method]["iters"] = config.iters
                 log(f"{entry.name} {method}: CDA {row[method]['cda']:.2f} ASR {row[method]['asr']:.2f}")
+            carriers = {"weights_only": replace(scheme, activation=scheme.activation.with_bits(8)),
+                        "activations_only": replace(scheme, weight=scheme.weight.with_bits(8))}
+            for label, variant in carriers.items():
+                out = str(Path(tmp) / f"{entry.name}.{label}.onnx")
+                quantize_file(fp, out, QuantizeOptions(scheme=variant, calib=entry.dataset, seed=args.seed))
+                row[label] = measure(out, trig, entry.dataset, args.limit)
             e = row["efrap"]
             row["floors_met"] = e["asr"] <= 5.0 and row["fp"]["cda"] - e["cda"] <= 2.0
             results.append(row)
     headers = ["model", "scheme", "FP CDA/ASR", "nearest CDA/ASR", "adaround CDA/ASR",
-               "efrap CDA/ASR", "floors"]
+               "efrap CDA/ASR", "floors", "nearest, low-bit weights only",
+               "nearest, low-bit activations only"]
 
     def pair(m: dict) -> str:
         return f"{m['cda']:.2f} / {m['asr']:.2f}"
 
     rows = [[r["model"], r["scheme"], pair(r["fp"]), pair(r["nearest"]), pair(r["adaround"]),
-             pair(r["efrap"]), "met" if r["floors_met"] else "MISSED"] for r in results]
+             pair(r["efrap"]), "met" if r["floors_met"] else "MISSED", pair(r["weights_only"]),
+             pair(r["activations_only"])] for r in results]
     print(table(headers, rows))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
