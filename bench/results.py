@@ -36,6 +36,7 @@ from validators.verify import VerifyOptions, verify_model
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("nearest", "adaround", "efrap")
+FINDINGS = "<!-- findings -->"
 
 
 def measure(path: str, trigger: str, data: str, limit: int | None) -> dict[str, float]:
@@ -116,7 +117,12 @@ def main() -> None:
     md += ["", f"Iterations per layer: adaround {iters.get('adaround')}, efrap {iters.get('efrap')}; "
            "1,024 calibration images; seed " + str(args.seed) + ".", "",
            f"Versions: {json.dumps(versions(), sort_keys=True)}", ""]
-    Path(args.doc).write_text("\n".join(md))
+    doc = Path(args.doc)
+    # Hand-written findings below the marker survive regeneration.
+    if doc.exists() and FINDINGS in doc.read_text():
+        md.append(doc.read_text()[doc.read_text().index(FINDINGS):].rstrip("\n"))
+        md.append("")
+    doc.write_text("\n".join(md))
 
 
 if __name__ == "__main__":
