@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -54,7 +55,7 @@ def main() -> None:
     parser.add_argument("--json", default="bench/results/latency.json")
     args = parser.parse_args()
     set_quiet(True)
-    path = args.model or str(zoo_path(default_entry()))
+    path = args.model or os.path.relpath(zoo_path(default_entry()))
     fp = load_model(path)
     images = calibration_images(fp, args.data, 1024, 0, path)
     x = images[: args.batch]
