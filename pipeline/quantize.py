@@ -32,7 +32,7 @@ from pipeline.qmath import QParams
 from pipeline.quantized import QuantizedLayer, QuantResult, make_bias
 from pipeline.reconstruct import build_problem
 from pipeline.rounding import RoundingConfig, get_method
-from pipeline.rounding.base import RoundingResult
+from pipeline.rounding.base import LayerProblem, RoundingResult
 from pipeline.scheme import Scheme, TensorQuant
 from pipeline.torch_graph import TorchGraph
 
@@ -174,8 +174,6 @@ def quantize_model(model: onnx.ModelProto, images: np.ndarray, options: Quantize
                       f"rec {res.stats.get('rec_nearest', 0.0):.4g} (nearest) -> "
                       f"{res.stats.get('rec_final', 0.0):.4g}")
         else:
-            from pipeline.rounding.base import LayerProblem
-
             res = method(LayerProblem(layer.node, torch.from_numpy(w).to(device), wqp,
                                       channel_axis=layer.weight_axis), config)
         ql.q = res.q.detach().cpu().numpy().astype(np.int64)

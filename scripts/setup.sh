@@ -20,4 +20,6 @@ if ! $PY -c "import torch" >/dev/null 2>&1; then
 fi
 echo "setup: installing efrap-onnx with its dev extra"
 $PY -m pip install -q -e ".[dev]"
+# pyenv only sees new console scripts (efrap) after a rehash.
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
 echo "setup: done ($($PY -c 'import torch, onnxruntime; print("torch", torch.__version__, "onnxruntime", onnxruntime.__version__)'))"
