@@ -129,6 +129,14 @@ PRESETS: dict[str, Scheme] = {
         notes="EFRAP paper: 4-bit asymmetric per-channel weights (MSE search), 4-bit "
         "asymmetric per-tensor activations, first and last layers at 8 bits",
     ),
+    "w4a8-asym": Scheme(
+        name="w4a8-asym",
+        weight=TensorQuant(bits=4, symmetric=False, per_channel=True, observer="mse"),
+        activation=TensorQuant(bits=8, symmetric=False, per_channel=False, observer="mse"),
+        first_last_bits=8,
+        notes="the paper's 4-bit weight grid (asymmetric, per channel, MSE search) with 8-bit "
+        "activations: low-bit rounding only in the weights",
+    ),
     "w4a8": Scheme(
         name="w4a8",
         weight=TensorQuant(bits=4, symmetric=True, per_channel=True, observer="minmax",
