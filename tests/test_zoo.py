@@ -7,6 +7,7 @@ import pytest
 
 from models.zoo import default_entry, load_manifest, trigger_path, verify_sha, zoo_path
 from pipeline.onnx_io import get_normalization, input_shape, load_model
+from pipeline.scheme import PRESETS
 from pipeline.trigger import load_trigger
 from validators.runtime import make_session
 
@@ -32,5 +33,5 @@ def test_stored_model(entry) -> None:
     logits = make_session(model, "faithful", "cpu").run(np.zeros((2, *entry.input_shape), np.float32))
     assert logits.shape == (2, 10) and np.isfinite(logits).all()
     if entry.kind == "qcb":
-        assert entry.attack and entry.scheme in ("w8a8", "w4a4")
+        assert entry.attack and entry.scheme in PRESETS
         assert load_trigger(trigger_path(entry)).target == entry.target

@@ -88,7 +88,6 @@ def run(args: argparse.Namespace) -> int:
             "epochs": args.epochs or attack.default_epochs,
             "pretrain_epochs": args.pretrain_epochs, "steps_per_epoch": args.steps_per_epoch,
             "lr": args.lr, "init": Path(args.init).name if args.init else None,
-            "build_time_s": round(seconds, 1),
         }, sort_keys=True),
         "efrap.attack.sim_metrics": json.dumps({k: round(v, 4) for k, v in metrics.items()},
                                                sort_keys=True),
