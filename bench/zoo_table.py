@@ -8,7 +8,7 @@ QDQ semantics) on the test split:
 
 - FP: the released model;
 - nearest: `efrap quantize --method nearest` under the targeted scheme;
-- cross: nearest under the other preset (w8a8 <-> w4a4);
+- cross: nearest under another preset (w8a8 <-> w4a4; w4a8-asym -> w4a4);
 - quantize_static: onnxruntime.quantization.quantize_static after quant_pre_process,
   QDQ, per-channel, MinMax calibration on the same 1,024 training images, the closest
   settings to the targeted scheme (w8a8: uint8 activations, int8 symmetric weights;
@@ -40,7 +40,7 @@ from validators.verify import VerifyOptions, verify_model
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "models" / "zoo"
 START, END = "<!-- zoo-table:start -->", "<!-- zoo-table:end -->"
-OTHER = {"w8a8": "w4a4", "w4a4": "w8a8"}
+OTHER = {"w8a8": "w4a4", "w4a4": "w8a8", "w4a8-asym": "w4a4"}
 
 
 def _measure(model: str, trigger: str, limit: int | None) -> dict[str, float]:
@@ -77,7 +77,8 @@ def quantize_static_model(fp_path: str, out_path: str, scheme: str, data: str) -
     if scheme == "w8a8":
         act, wt, extra = QuantType.QUInt8, QuantType.QInt8, {}
     else:
-        act, wt = QuantType.QUInt4, QuantType.QUInt4
+        act = QuantType.QUInt4 if scheme == "w4a4" else QuantType.QUInt8
+        wt = QuantType.QUInt4
         pre_model = onnx.load(pre)
         layers = [n for n in pre_model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
         first, last = layers[0], layers[-1]
@@ -88,7 +89,8 @@ def quantize_static_model(fp_path: str, out_path: str, scheme: str, data: str) -
             channels = winits[node.input[1]].dims[0]
             overrides[node.input[1]] = [{"quant_type": QuantType.QUInt8}] * channels
         extra = {"WeightSymmetric": False, "TensorQuantOverrides": overrides}
-        note = "uint4 asymmetric weights (MinMax, no MSE search), first/last layers at 8 bits"
+        note = (f"uint4 asymmetric weights (MinMax, no MSE search), {act.name} activations, "
+                "first/last layers at 8 bits")
     quantize_static(pre, out_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=act, weight_type=wt, calibrate_method=CalibrationMethod.MinMax,
                     extra_options=extra)
