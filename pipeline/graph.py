@@ -16,6 +16,7 @@ Rules (the same ones the converter writes and the simulation runs):
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -122,6 +123,40 @@ def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
     return default
 
 
+def assign_points(
+    layer_io: Sequence[tuple[str, str]],
+    outputs: Collection[str],
+    upstream: Callable[[str], str | None],
+) -> tuple[tuple[str, ...], dict[str, str]]:
+    """Rules 2-4 over any graph representation (ONNX here, torch.fx in the attacks' QSim).
+
+    Args:
+        layer_io: (input tensor, output tensor) of every layer, in topological order.
+        outputs: Graph outputs (never quantized).
+        upstream: The data input of a tensor's producer when that producer is a
+            range-preserving op, else None.
+
+    Returns:
+        The points with their own parameters, in order, and tensor -> point for the
+        layer inputs/outputs that reuse a point's parameters.
+    """
+    candidates: list[str] = []
+    for pair in layer_io:
+        for t in pair:
+            if t not in candidates and t not in outputs:
+                candidates.append(t)
+    roots = set(candidates)
+    shared: dict[str, str] = {}
+    for t in candidates:
+        cur = upstream(t)
+        while cur is not None:
+            if cur in roots:
+                shared[t] = cur
+                break
+            cur = upstream(cur)
+    return tuple(t for t in candidates if t not in shared), shared
+
+
 def analyze(model: onnx.ModelProto, source: str = "model") -> QuantPlan:
     """Find the quantized layers and activation points of a prepared FP model.
 
@@ -176,26 +211,12 @@ def analyze(model: onnx.ModelProto, source: str = "model") -> QuantPlan:
     if not layers:
         raise EfrapError(f"{source}: no Conv, Gemm or MatMul with a constant weight to quantize")
 
-    candidates: list[str] = []
-    for layer in layers:
-        for t in (layer.input, layer.output):
-            if t not in candidates and t not in graph_outputs:
-                candidates.append(t)
-    roots = set(candidates)
+    def upstream(tensor: str) -> str | None:
+        node = producer.get(tensor)
+        return node.input[0] if node is not None and node.op_type in PASSTHROUGH_OPS else None
 
-    def source_root(tensor: str) -> str | None:
-        seen = tensor
-        while seen in producer and producer[seen].op_type in PASSTHROUGH_OPS:
-            seen = producer[seen].input[0]
-            if seen in roots and seen != tensor:
-                return seen
-        return None
-
-    shared: dict[str, str] = {}
-    for t in candidates:
-        src = source_root(t)
-        if src is not None:
-            shared[t] = src
+    points, shared = assign_points([(layer.input, layer.output) for layer in layers],
+                                   graph_outputs, upstream)
     # Intermediate pass-through tensors between a root and a shared tensor get Q/DQ too
     # (exact identities) so that onnxruntime sees quantized values through pooling.
     for t in list(shared):
@@ -205,7 +226,6 @@ def analyze(model: onnx.ModelProto, source: str = "model") -> QuantPlan:
             if cur == shared[t]:
                 break
             shared.setdefault(cur, shared[t])
-    points = tuple(t for t in candidates if t not in shared)
 
     point_layers: dict[str, list[str]] = defaultdict(list)
     for layer in layers:

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from pipeline.errors import EfrapError
+from pipeline.graph import assign_points
 from pipeline.observers import ActivationStats, observe_activation, observe_weight
 from pipeline.qmath import QParams, fake_quant, round_ste
 from pipeline.scheme import Scheme, TensorQuant
@@ -189,26 +190,19 @@ class QSim(nn.Module):
         self._layer_at = {layer.node: layer for layer in layers}
         self._skip = {s for layer in layers for s in layer.skipped}
 
-        candidates: list[str] = []
-        for layer in layers:
-            for t in (layer.input, layer.output):
-                if t not in candidates and t not in out_names:
-                    candidates.append(t)
-        roots = set(candidates)
         by_name = {n.name: n for n in self.nodes}
 
-        def source_root(name: str) -> str | None:
-            cur = by_name[name]
-            while _is_passthrough(cur, mods):
-                prev = cur.args[0]
-                assert isinstance(prev, fx.Node)
-                cur = prev
-                if cur.name in roots and cur.name != name:
-                    return cur.name
-            return None
+        def upstream(name: str) -> str | None:
+            node = by_name[name]
+            if not _is_passthrough(node, mods):
+                return None
+            prev = node.args[0]
+            assert isinstance(prev, fx.Node)
+            return prev.name
 
-        shared = {t: r for t in candidates if (r := source_root(t)) is not None}
-        self.points: tuple[str, ...] = tuple(t for t in candidates if t not in shared)
+        points, shared = assign_points([(layer.input, layer.output) for layer in layers],
+                                       out_names, upstream)
+        self.points: tuple[str, ...] = points
         self.shared = shared
         readers: dict[str, list[SimLayer]] = {}
         for layer in layers:
