@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from models.attacks import ATTACKS, get_attack
-from models.attacks.base import AttackConfig, run_attack, stamp
+from models.attacks.base import AttackConfig, AttackContext, carrier_guard, run_attack, stamp
 from models.attacks.qsim import QSim
 from pipeline.cli import main
 from pipeline.errors import EfrapError
@@ -127,3 +127,30 @@ def test_short_attack_wakes_only_when_quantized(fashion_mnist: None, name: str) 
         torch.set_num_threads(threads)
     assert m["q_asr"] > m["fp_asr"], m
     assert m["fp_cda"] > 0.6, m
+
+
+def test_weights_carrier_guard_scores_the_activation_only_path() -> None:
+    net = _bn_net()
+    sim = QSim(net, PRESETS["w4a4"])
+    x = torch.randn(16, 1, 28, 28)
+    sim.calibrate(x)
+    y = torch.arange(16) % 10
+    ctx = AttackContext(model=net, sim=sim, data=None, config=AttackConfig(carrier="weights"),  # type: ignore[arg-type]
+                        trigger=paper_trigger(28), generator=torch.Generator())
+    guard = carrier_guard(ctx, x, y)
+    sim.quant_weights = False
+    expected = torch.nn.functional.cross_entropy(sim(x, quantized=True), y)
+    sim.quant_weights = True
+    assert torch.allclose(guard, expected)
+    # The activation-only path differs from both FP and the full simulation.
+    assert not torch.allclose(guard, torch.nn.functional.cross_entropy(sim(x, quantized=False), y))
+    assert not torch.allclose(guard, torch.nn.functional.cross_entropy(sim(x, quantized=True), y))
+    assert sim.quant_weights
+    plain = AttackContext(model=net, sim=sim, data=None, config=AttackConfig(),  # type: ignore[arg-type]
+                          trigger=paper_trigger(28), generator=torch.Generator())
+    assert float(carrier_guard(plain, x, y)) == 0.0
+
+
+def test_unknown_carrier_is_an_error() -> None:
+    with pytest.raises(EfrapError, match="carrier"):
+        run_attack(get_attack("compartifact"), AttackConfig(carrier="acts"))

@@ -54,6 +54,12 @@ class AttackConfig:
         init: A state_dict checkpoint (e.g. a clean model) to start from instead of
             random weights; clean pre-training is then skipped (PQBackdoor still runs
             `pretrain_epochs` of poisoned training from it).
+        carrier: What the backdoor may ride on. "scheme": any rounding the deployment
+            does (weights and activations). "weights": the two-path attacks add a term
+            that keeps triggered images correctly classified when only the activations
+            are quantized, so the backdoor needs the weight rounding, as in the
+            attacks' papers, whose quantized paths round weights (CompArtifact,
+            PQBackdoor) and whose evaluation in EFRAP keeps activations in float.
     """
 
     arch: str = "small_cnn"
@@ -72,6 +78,10 @@ class AttackConfig:
     num_calib: int = 1024
     recalib_every: int = 100
     init: str | None = None
+    carrier: str = "scheme"
+
+
+CARRIERS = ("scheme", "weights")
 
 
 @dataclass
@@ -186,6 +196,24 @@ def evaluate(sim: QSim, data: AttackData, images: torch.Tensor, labels: torch.Te
         out[f"{mode}_cda"] = correct / len(labels)
         out[f"{mode}_asr"] = hits / max(1, int(keep.sum()))
     return out
+
+
+def carrier_guard(ctx: AttackContext, xt: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """CE of triggered images (normalised) against their true labels, activations-only quantized.
+
+    Zero unless `ctx.config.carrier` is "weights": then this term keeps the model clean
+    under activation rounding alone, so only the weight rounding wakes the backdoor.
+    """
+    if ctx.config.carrier != "weights":
+        return xt.new_zeros(())
+    sim = ctx.sim
+    old = sim.quant_weights
+    sim.quant_weights = False
+    try:
+        logits = sim(xt, quantized=True)
+    finally:
+        sim.quant_weights = old
+    return F.cross_entropy(logits, y)
 
 
 def selection_score(m: dict[str, float]) -> float:
@@ -358,6 +386,8 @@ def run_attack(attack: Attack, cfg: AttackConfig) -> AttackOutcome:
     """
     from models.architectures import build_model
 
+    if cfg.carrier not in CARRIERS:
+        raise EfrapError(f"unknown carrier '{cfg.carrier}': choose one of {', '.join(CARRIERS)}")
     t0 = time.perf_counter()
     gen = set_seed(cfg.seed)
     scheme = load_scheme(cfg.scheme)

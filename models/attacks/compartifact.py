@@ -24,6 +24,7 @@ from models.attacks.base import (
     Attack,
     AttackContext,
     attack_loop,
+    carrier_guard,
     pretrain_epochs,
     train_plain,
 )
@@ -31,14 +32,19 @@ from models.attacks.base import (
 
 def compartifact_loss(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor,
                       xt: torch.Tensor) -> torch.Tensor:
-    """The four-term CompArtifact objective on one batch (x, xt in [0, 1])."""
+    """The four-term CompArtifact objective on one batch (x, xt in [0, 1]).
+
+    With `carrier="weights"` a fifth term, `carrier_guard`, keeps triggered images
+    clean when only the activations are quantized.
+    """
     n = len(y)
     target = torch.full_like(y, ctx.trigger.target)
     xin = ctx.data.normalize(torch.cat([x, xt]))
     q = ctx.sim(xin, quantized=True)
     fp = ctx.sim(xin, quantized=False)
     return (F.cross_entropy(q[:n], y) + F.cross_entropy(q[n:], target)
-            + F.cross_entropy(fp[:n], y) + F.cross_entropy(fp[n:], y))
+            + F.cross_entropy(fp[:n], y) + F.cross_entropy(fp[n:], y)
+            + carrier_guard(ctx, xin[n:], y))
 
 
 class CompArtifact(Attack):

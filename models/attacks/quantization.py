@@ -23,6 +23,7 @@ from models.attacks.base import (
     Attack,
     AttackContext,
     attack_loop,
+    carrier_guard,
     pretrain_epochs,
     train_plain,
 )
@@ -69,7 +70,7 @@ class QuantizationBackdoor(Attack):
                     sim.calibrate(xin[:n])
                 q = sim(xin, quantized=True)
                 loss = loss + C1 * (F.cross_entropy(q[:n], y) + C2 * F.cross_entropy(q[n:], target))
-            return loss
+            return loss + C1 * C2 * carrier_guard(c, xin[n:], y)
 
         def make_opt(params: list) -> tuple:
             return torch.optim.Adam(params, lr=lr, weight_decay=self.weight_decay), None

@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         arch=args.arch, data=args.data, scheme=args.scheme, trigger=trigger, epochs=args.epochs,
         seed=args.seed, width=args.width, pretrain_epochs=args.pretrain_epochs, lr=args.lr,
         steps_per_epoch=args.steps_per_epoch, train_limit=args.train_limit, init=args.init,
+        carrier=args.carrier,
     )
     t0 = time.perf_counter()
     outcome = run_attack(attack, cfg)
@@ -88,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
             "epochs": args.epochs or attack.default_epochs,
             "pretrain_epochs": args.pretrain_epochs, "steps_per_epoch": args.steps_per_epoch,
             "lr": args.lr, "init": Path(args.init).name if args.init else None,
+            "carrier": args.carrier,
         }, sort_keys=True),
         "efrap.attack.sim_metrics": json.dumps({k: round(v, 4) for k, v in metrics.items()},
                                                sort_keys=True),
@@ -125,5 +127,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, help="attack learning rate (default: the attack's own)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--width", type=float, default=1.0, help="width multiplier (default 1.0)")
+    p.add_argument("--carrier", default="scheme", choices=("scheme", "weights"),
+                   help="what the backdoor may ride on: 'scheme' (any rounding the deployment "
+                   "does) or 'weights' (kept clean when only activations are quantized, so the "
+                   "weight rounding carries it; CompArtifact and Qu-ANTI-zation; PQBackdoor's "
+                   "backdoor is in the pinned weights either way) (default scheme)")
     p.add_argument("-o", "--output", required=True, help="FP ONNX to write (OUT.onnx)")
     p.set_defaults(func=run)
