@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
+from models.attacks.base import CARRIERS
 from models.zoo import default_entry, load_manifest, trigger_path, verify_sha, zoo_path
 from pipeline.onnx_io import get_normalization, input_shape, load_model
 from pipeline.scheme import PRESETS
@@ -35,3 +38,9 @@ def test_stored_model(entry) -> None:
     if entry.kind == "qcb":
         assert entry.attack and entry.scheme in PRESETS
         assert load_trigger(trigger_path(entry)).target == entry.target
+        # The manifest's carrier is the one the model was built with (older builds predate
+        # the option and used the whole scheme).
+        meta = {p.key: p.value for p in model.metadata_props}
+        built = json.loads(meta["efrap.attack.settings"]).get("carrier", "scheme")
+        assert entry.extra.get("carrier") == built and built in CARRIERS
+        assert meta["efrap.attack.scheme"] == entry.scheme
