@@ -1,7 +1,7 @@
 """Measure the stored QCB models and regenerate the table in docs/ZOO.md.
 
 Usage: python bench/zoo_table.py [--limit N] [--names NAME ...] [--json bench/results/zoo.json]
-           [--doc docs/ZOO.md] [--skip-static]
+           [--doc docs/ZOO.md] [--skip-static] [--no-manifest]
 
 For every zoo entry of kind "qcb", in onnxruntime (optimizations off, the faithful
 QDQ semantics) on the test split:
@@ -16,7 +16,9 @@ QDQ semantics) on the test split:
   inputs at 8 bits through TensorQuantOverrides).
 
 Figures are clean accuracy (CDA) and attack success over non-target test images
-(ASR), in percent. The table between the markers in docs/ZOO.md is replaced.
+(ASR), in percent. The table between the markers in docs/ZOO.md is replaced, and
+each entry's figures are recorded under "metrics" in models/zoo/manifest.json
+(fractions; not with --limit or --no-manifest).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ OTHER = {"w8a8": "w4a4", "w4a4": "w8a8", "w4a8-asym": "w4a4"}
 
 def _measure(model: str, trigger: str, limit: int | None) -> dict[str, float]:
     report = verify_model(model, VerifyOptions(trigger=trigger, limit=limit, provider="cpu"))
-    return {"cda": 100 * report["clean_accuracy"], "asr": 100 * report["attack_success_rate"]}
+    return {"cda": 100 * report["clean_accuracy"], "asr": 100 * report["attack_success_rate"],
+            "images": report["images"]}
 
 
 def quantize_static_model(fp_path: str, out_path: str, scheme: str, data: str) -> str:
@@ -104,7 +107,8 @@ def measure_entry(entry: dict, limit: int | None, skip_static: bool) -> dict:
     fp = str(ZOO / entry["file"])
     trig = str(ZOO / entry["trigger"])
     scheme = entry["scheme"]
-    row: dict = {"name": entry["name"], "attack": entry["attack"], "scheme": scheme}
+    row: dict = {"name": entry["name"], "attack": entry["attack"], "scheme": scheme,
+                 "carrier": entry.get("carrier", "scheme")}
     row["fp"] = _measure(fp, trig, limit)
     with tempfile.TemporaryDirectory() as tmp:
         for key, s in (("nearest", scheme), ("cross", OTHER[scheme])):
@@ -136,16 +140,39 @@ def render(rows: list[dict], limit: int | None) -> str:
         f"{'the first ' + str(limit) if limit else 'all 10,000'} Fashion-MNIST test images. "
         "Cells: clean accuracy / attack success over non-target images, %.",
         "",
-        "| model | attack | targeted scheme | FP | nearest (targeted) | quantize_static "
+        "| model | attack | targeted scheme | carrier | FP | nearest (targeted) | quantize_static "
         "(closest) | nearest, other scheme |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['name']} | {r['attack']} | {r['scheme']} | {_cell(r['fp'])} | "
+            f"| {r['name']} | {r['attack']} | {r['scheme']} | {r['carrier']} | {_cell(r['fp'])} | "
             f"{_cell(r['nearest'])} | {_cell(r.get('quantize_static'))} | "
             f"{_cell(r['cross'])} ({r['cross']['scheme']}) |")
     return "\n".join(lines)
+
+
+def record_in_manifest(manifest: dict | list, rows: list[dict]) -> None:
+    """Store each row's figures as the entry's "metrics" (fractions), atomically."""
+    entries = manifest["models"] if isinstance(manifest, dict) else manifest
+    by_name = {r["name"]: r for r in rows}
+    for entry in entries:
+        row = by_name.get(entry["name"])
+        if row is None:
+            continue
+        metrics = {}
+        for key in ("fp", "nearest", "quantize_static", "cross"):
+            m = row.get(key) or {}
+            if "cda" in m:
+                metrics[key] = {"clean_accuracy": round(m["cda"] / 100, 4),
+                                "attack_success_rate": round(m["asr"] / 100, 4),
+                                **({"scheme": m["scheme"]} if "scheme" in m else {})}
+        entry["metrics"] = {**metrics, "opt_level": "faithful", "provider": "CPUExecutionProvider",
+                            "images": row["fp"]["images"]}
+    path = ZOO / "manifest.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def main() -> None:
@@ -156,12 +183,16 @@ def main() -> None:
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "zoo.json"))
     parser.add_argument("--doc", default=str(ROOT / "docs" / "ZOO.md"))
     parser.add_argument("--skip-static", action="store_true")
+    parser.add_argument("--no-manifest", action="store_true",
+                        help="do not record the figures in the manifest (never done with --limit)")
     args = parser.parse_args()
     manifest = json.loads((ZOO / "manifest.json").read_text())
     entries = manifest["models"] if isinstance(manifest, dict) else manifest
     entries = [e for e in entries if e.get("kind") == "qcb"
                and (not args.names or e["name"] in args.names)]
     rows = [measure_entry(e, args.limit, args.skip_static) for e in entries]
+    if not args.no_manifest and args.limit is None:
+        record_in_manifest(manifest, rows)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
     doc = Path(args.doc)
