@@ -82,7 +82,8 @@ class Efrap(LearnedRounding):
         """flip_weight * sum(e * BCE(sigmoid(V), t)), or None when the weight is 0."""
         if config.flip_weight == 0.0:
             return None
-        # Per-channel grids name the output channel; a per-tensor grid does not, and
+        # The problem names the output-channel axis even for per-tensor grids, as the
+        # neuron-wise norm groups by output channel whatever the grid's granularity.
         e = error_weights(grid, config.error_mode, problem.channel_axis)
         t = flip_targets(grid)
         weight = config.flip_weight
