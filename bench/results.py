@@ -63,6 +63,7 @@ def main() -> None:
             fp, trig = str(zoo_path(entry)), str(trigger_path(entry))
             scheme = load_scheme(entry.scheme or "w8a8")
             row = {"model": entry.name, "attack": entry.attack, "scheme": entry.scheme,
+                   "carrier": entry.extra.get("carrier", "scheme"),
                    "architecture": entry.architecture, "fp": measure(fp, trig, entry.dataset, args.limit)}
             for method in METHODS:
                 config = get_method(method).defaults
@@ -86,14 +87,14 @@ def main() -> None:
             e = row["efrap"]
             row["floors_met"] = e["asr"] <= 5.0 and row["fp"]["cda"] - e["cda"] <= 2.0
             results.append(row)
-    headers = ["model", "scheme", "FP CDA/ASR", "nearest CDA/ASR", "adaround CDA/ASR",
+    headers = ["model", "scheme", "carrier", "FP CDA/ASR", "nearest CDA/ASR", "adaround CDA/ASR",
                "efrap CDA/ASR", "floors", "nearest, low-bit weights only",
                "nearest, low-bit activations only"]
 
     def pair(m: dict) -> str:
         return f"{m['cda']:.2f} / {m['asr']:.2f}"
 
-    rows = [[r["model"], r["scheme"], pair(r["fp"]), pair(r["nearest"]), pair(r["adaround"]),
+    rows = [[r["model"], r["scheme"], r["carrier"], pair(r["fp"]), pair(r["nearest"]), pair(r["adaround"]),
              pair(r["efrap"]), "met" if r["floors_met"] else "MISSED", pair(r["weights_only"]),
              pair(r["activations_only"])] for r in results]
     print(table(headers, rows))
@@ -110,6 +111,10 @@ def main() -> None:
           "Fashion-MNIST test set. CDA: clean accuracy; ASR: attack success over test images whose",
           "label is not the target; both in percent. Each model is quantized under the scheme its",
           "attack targets. Floors: EFRAP ASR <= 5% and CDA within 2 points of FP.", "",
+          "Carrier: what the attack let the backdoor ride on (`efrap attack --carrier`).",
+          "`weights`: the backdoor needs the weight rounding (EFRAP's threat model; the",
+          "paper quantizes weights only). `scheme`: any rounding of the scheme, activation",
+          "rounding included, which no weight-rounding defense can change.", "",
           f"Command: `{command}`", "", "| " + " | ".join(headers) + " |",
           "|" + "---|" * len(headers)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
