@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     from converters.export import export_onnx
     from models.attacks.base import AttackConfig, run_attack
-    from pipeline.onnx_io import write_json
+    from pipeline.onnx_io import atomic_write, write_json
     from pipeline.trigger import load_trigger
 
     if args.epochs is not None and args.epochs < 1:
@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     }
     export_onnx(model, outcome.data.input_shape, str(onnx_path), normalization=(mean, std),
                 metadata=metadata)
-    torch.save(model.state_dict(), ckpt_path)
+    state = model.state_dict()
+    atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
     write_json(trig.to_json(), trig_path)
     print(f"wrote {onnx_path}, {ckpt_path.name}, {trig_path.name} "
           f"({attack.name} for {outcome.scheme.name}, {seconds:.0f}s)")
