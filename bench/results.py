@@ -63,7 +63,7 @@ def main() -> None:
             fp, trig = str(zoo_path(entry)), str(trigger_path(entry))
             scheme = load_scheme(entry.scheme or "w8a8")
             row = {"model": entry.name, "attack": entry.attack, "scheme": entry.scheme,
-                   "carrier": entry.extra.get("carrier", "scheme"),
+                   "carrier": entry.carrier,
                    "architecture": entry.architecture, "fp": measure(fp, trig, entry.dataset, args.limit)}
             for method in METHODS:
                 config = get_method(method).defaults

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import onnx
 
-from pipeline.onnx_io import load_model, save_model
+from pipeline.onnx_io import atomic_write, load_model, save_model
 from pipeline.progress import log
 from pipeline.quantize import QuantizeOptions, calibration_images, quantize_file
 from pipeline.scheme import load_scheme
@@ -108,7 +108,7 @@ def measure_entry(entry: dict, limit: int | None, skip_static: bool) -> dict:
     trig = str(ZOO / entry["trigger"])
     scheme = entry["scheme"]
     row: dict = {"name": entry["name"], "attack": entry["attack"], "scheme": scheme,
-                 "carrier": entry.get("carrier", "scheme")}
+                 "carrier": entry["carrier"]}
     row["fp"] = _measure(fp, trig, limit)
     with tempfile.TemporaryDirectory() as tmp:
         for key, s in (("nearest", scheme), ("cross", OTHER[scheme])):
@@ -152,9 +152,9 @@ def render(rows: list[dict], limit: int | None) -> str:
     return "\n".join(lines)
 
 
-def record_in_manifest(manifest: dict | list, rows: list[dict]) -> None:
+def record_in_manifest(manifest: dict, rows: list[dict]) -> None:
     """Store each row's figures as the entry's "metrics" (fractions), atomically."""
-    entries = manifest["models"] if isinstance(manifest, dict) else manifest
+    entries = manifest["models"]
     by_name = {r["name"]: r for r in rows}
     for entry in entries:
         row = by_name.get(entry["name"])
@@ -169,10 +169,9 @@ def record_in_manifest(manifest: dict | list, rows: list[dict]) -> None:
                                 **({"scheme": m["scheme"]} if "scheme" in m else {})}
         entry["metrics"] = {**metrics, "opt_level": "faithful", "provider": "CPUExecutionProvider",
                             "images": row["fp"]["images"]}
-    path = ZOO / "manifest.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(path)
+    # Not write_json: it sorts keys, and the manifest keeps its hand-chosen field order.
+    text = json.dumps(manifest, indent=2) + "\n"
+    atomic_write(ZOO / "manifest.json", lambda tmp: Path(tmp).write_text(text))
 
 
 def main() -> None:
@@ -187,8 +186,7 @@ def main() -> None:
                         help="do not record the figures in the manifest (never done with --limit)")
     args = parser.parse_args()
     manifest = json.loads((ZOO / "manifest.json").read_text())
-    entries = manifest["models"] if isinstance(manifest, dict) else manifest
-    entries = [e for e in entries if e.get("kind") == "qcb"
+    entries = [e for e in manifest["models"] if e.get("kind") == "qcb"
                and (not args.names or e["name"] in args.names)]
     rows = [measure_entry(e, args.limit, args.skip_static) for e in entries]
     if not args.no_manifest and args.limit is None:

@@ -39,6 +39,7 @@ class ZooEntry:
         scheme: Scheme the QCB targets.
         trigger: Trigger file name inside the zoo folder.
         target: Target label of the backdoor.
+        carrier: What a QCB's backdoor rides on (`efrap attack --carrier`).
         extra: Any further fields of the entry.
     """
 
@@ -58,6 +59,7 @@ class ZooEntry:
     scheme: str | None = None
     trigger: str | None = None
     target: int | None = None
+    carrier: str | None = None
     extra: dict = field(default_factory=dict)
 
 

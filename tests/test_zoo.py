@@ -42,5 +42,5 @@ def test_stored_model(entry) -> None:
         # the option and used the whole scheme).
         meta = {p.key: p.value for p in model.metadata_props}
         built = json.loads(meta["efrap.attack.settings"]).get("carrier", "scheme")
-        assert entry.extra.get("carrier") == built and built in CARRIERS
+        assert entry.carrier == built and built in CARRIERS
         assert meta["efrap.attack.scheme"] == entry.scheme

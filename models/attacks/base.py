@@ -206,13 +206,8 @@ def carrier_guard(ctx: AttackContext, xt: torch.Tensor, y: torch.Tensor) -> torc
     """
     if ctx.config.carrier != "weights":
         return xt.new_zeros(())
-    sim = ctx.sim
-    old = sim.quant_weights
-    sim.quant_weights = False
-    try:
+    with ctx.sim.float_weights() as sim:
         logits = sim(xt, quantized=True)
-    finally:
-        sim.quant_weights = old
     return F.cross_entropy(logits, y)
 
 

@@ -349,6 +349,16 @@ class QSim(nn.Module):
         finally:
             self.quantized = old
 
+    @contextmanager
+    def float_weights(self) -> Iterator[QSim]:
+        """Temporarily quantize only the activations in quantized mode."""
+        old = self.quant_weights
+        self.quant_weights = False
+        try:
+            yield self
+        finally:
+            self.quant_weights = old
+
     # ------------------------------------------------------------------ calibration
     @torch.no_grad()
     def calibrate(self, images: torch.Tensor, seed: int = 0) -> dict[str, QParams]:
