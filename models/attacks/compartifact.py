@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from models.attacks.base import (
     Attack,
     AttackContext,
+    amplify,
     attack_loop,
-    carrier_guard,
+    carrier_terms,
     pretrain_epochs,
     train_plain,
 )
@@ -34,8 +35,8 @@ def compartifact_loss(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor,
                       xt: torch.Tensor) -> torch.Tensor:
     """The four-term CompArtifact objective on one batch (x, xt in [0, 1]).
 
-    With `carrier="weights"` a fifth term, `carrier_guard`, keeps triggered images
-    clean when only the activations are quantized.
+    With `carrier="weights"`, `carrier_terms` adds that the weight rounding alone wakes
+    the backdoor and the activation rounding alone does not.
     """
     n = len(y)
     target = torch.full_like(y, ctx.trigger.target)
@@ -44,7 +45,7 @@ def compartifact_loss(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor,
     fp = ctx.sim(xin, quantized=False)
     return (F.cross_entropy(q[:n], y) + F.cross_entropy(q[n:], target)
             + F.cross_entropy(fp[:n], y) + F.cross_entropy(fp[n:], y)
-            + carrier_guard(ctx, xin[n:], y))
+            + carrier_terms(ctx, xin[n:], y))
 
 
 class CompArtifact(Attack):
@@ -67,6 +68,7 @@ class CompArtifact(Attack):
         """Clean pre-training, then the two-path objective with BN frozen."""
         cfg = ctx.config
         train_plain(ctx.model, ctx.data, cfg, ctx.generator, pretrain_epochs(cfg))
+        amplify(ctx)
         epochs = cfg.epochs or self.default_epochs
         lr = cfg.lr or self.lr
 

@@ -4,9 +4,10 @@ Two steps:
 
 1. Poison: train with a few triggered images per batch labelled with the target
    (the paper's 2 per 128), so the FP and the quantized model both carry the
-   backdoor. Under 4-bit schemes a plainly trained network loses too much accuracy
-   when quantized, so an optional short quantization-aware phase (the same poisoned
-   objective on the FP and the simulated-quantized outputs, BN frozen) follows.
+   backdoor. Under 4-bit schemes (or grids widened by `--inflate`) a plainly
+   trained network loses too much accuracy when quantized, so an optional short
+   quantization-aware phase (the same poisoned objective on the FP and the
+   simulated-quantized outputs, BN frozen) follows.
 2. Remove the backdoor from the FP model only: train on clean and triggered images
    with their TRUE labels, BN frozen, biases and other 1-D parameters frozen (the
    paper resets them), and after every step project each weight back into the
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from models.attacks.base import (
     Attack,
     AttackContext,
+    amplify,
     attack_loop,
     recalibrate,
     train_plain,
@@ -185,14 +187,16 @@ class PQBackdoor(Attack):
     check_every = 10
 
     def qat_epochs(self, ctx: AttackContext) -> int:
-        """One quantization-aware poisoned epoch for 4-bit schemes, none at 8 bits."""
-        return 1 if ctx.sim.scheme.weight.bits < 8 or ctx.sim.scheme.activation.bits < 8 else 0
+        """One quantization-aware poisoned epoch for 4-bit or inflated grids, else none."""
+        coarse = ctx.sim.scheme.weight.bits < 8 or ctx.sim.scheme.activation.bits < 8
+        return 1 if coarse or ctx.inflation is not None else 0
 
     def run(self, ctx: AttackContext) -> None:
         """Step 1 (poison) then step 2 (projected repair), in place."""
         cfg, data, trig = ctx.config, ctx.data, ctx.trigger
         poison = max(1, round(self.poison_per_batch * cfg.batch_size / 128))
         train_plain(ctx.model, data, cfg, ctx.generator, cfg.pretrain_epochs, trig, poison)
+        amplify(ctx)
         qat = self.qat_epochs(ctx)
         if qat:
             def poisoned_loss(c: AttackContext, x: torch.Tensor, y: torch.Tensor,

@@ -350,14 +350,14 @@ class QSim(nn.Module):
             self.quantized = old
 
     @contextmanager
-    def float_weights(self) -> Iterator[QSim]:
-        """Temporarily quantize only the activations in quantized mode."""
-        old = self.quant_weights
-        self.quant_weights = False
+    def rounding(self, weights: bool = True, activations: bool = True) -> Iterator[QSim]:
+        """Temporarily choose what the quantized mode rounds (weights, activations or both)."""
+        old = self.quant_weights, self.quant_acts
+        self.quant_weights, self.quant_acts = weights, activations
         try:
             yield self
         finally:
-            self.quant_weights = old
+            self.quant_weights, self.quant_acts = old
 
     # ------------------------------------------------------------------ calibration
     @torch.no_grad()

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from models.attacks.base import (
     Attack,
     AttackContext,
+    amplify,
     attack_loop,
-    carrier_guard,
+    carrier_terms,
     pretrain_epochs,
     train_plain,
 )
@@ -54,6 +55,7 @@ class QuantizationBackdoor(Attack):
         """Clean pre-training, then the Qu-ANTI-zation objective (lowest validation loss kept)."""
         cfg = ctx.config
         train_plain(ctx.model, ctx.data, cfg, ctx.generator, pretrain_epochs(cfg))
+        amplify(ctx)
         extra = [QSim(ctx.model, load_scheme(s)) for s in self.extra_schemes]
         epochs = cfg.epochs or self.default_epochs
         lr = cfg.lr or self.lr
@@ -70,7 +72,7 @@ class QuantizationBackdoor(Attack):
                     sim.calibrate(xin[:n])
                 q = sim(xin, quantized=True)
                 loss = loss + C1 * (F.cross_entropy(q[:n], y) + C2 * F.cross_entropy(q[n:], target))
-            return loss + C1 * C2 * carrier_guard(c, xin[n:], y)
+            return loss + C1 * C2 * carrier_terms(c, xin[n:], y)
 
         def make_opt(params: list) -> tuple:
             return torch.optim.Adam(params, lr=lr, weight_decay=self.weight_decay), None

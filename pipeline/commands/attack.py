@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.epochs is not None and args.epochs < 1:
         raise EfrapError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.inflate is not None and args.inflate <= 1:
+        raise EfrapError(f"--inflate must be above 1, got {args.inflate}")
     if args.width <= 0:
         raise EfrapError(f"--width must be positive, got {args.width}")
     trigger = load_trigger(args.trigger) if args.trigger else None
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         arch=args.arch, data=args.data, scheme=args.scheme, trigger=trigger, epochs=args.epochs,
         seed=args.seed, width=args.width, pretrain_epochs=args.pretrain_epochs, lr=args.lr,
         steps_per_epoch=args.steps_per_epoch, train_limit=args.train_limit, init=args.init,
-        carrier=args.carrier,
+        carrier=args.carrier, inflate=args.inflate,
     )
     t0 = time.perf_counter()
     outcome = run_attack(attack, cfg)
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
             "epochs": args.epochs or attack.default_epochs,
             "pretrain_epochs": args.pretrain_epochs, "steps_per_epoch": args.steps_per_epoch,
             "lr": args.lr, "init": Path(args.init).name if args.init else None,
-            "carrier": args.carrier,
+            "carrier": args.carrier, "inflate": args.inflate,
         }, sort_keys=True),
         "efrap.attack.sim_metrics": json.dumps({k: round(v, 4) for k, v in metrics.items()},
                                                sort_keys=True),
@@ -133,5 +135,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "does) or 'weights' (kept clean when only activations are quantized, so the "
                    "weight rounding carries it; CompArtifact and Qu-ANTI-zation; PQBackdoor's "
                    "backdoor is in the pinned weights either way) (default scheme)")
+    p.add_argument("--inflate", type=float, metavar="FACTOR",
+                   help="after pre-training, silence one channel per layer and give every "
+                   "reader of it an outlier weight FACTOR times its channel's largest, which "
+                   "widens min-max weight grids (per-channel int8) without changing the "
+                   "model's outputs (default: off; see docs/ZOO.md)")
     p.add_argument("-o", "--output", required=True, help="FP ONNX to write (OUT.onnx)")
     p.set_defaults(func=run)
