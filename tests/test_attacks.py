@@ -12,7 +12,15 @@ import torch
 import torch.nn as nn
 
 from models.attacks import ATTACKS, get_attack
-from models.attacks.base import AttackConfig, AttackContext, carrier_guard, run_attack, stamp
+from models.attacks.base import (
+    GUARD_WEIGHT,
+    AttackConfig,
+    AttackContext,
+    carrier_terms,
+    run_attack,
+    stamp,
+)
+from models.attacks.inflate import inflate_grids
 from models.attacks.qsim import QSim
 from pipeline.cli import main
 from pipeline.errors import EfrapError
@@ -129,26 +137,73 @@ def test_short_attack_wakes_only_when_quantized(fashion_mnist: None, name: str) 
     assert m["fp_cda"] > 0.6, m
 
 
-def test_weights_carrier_guard_scores_the_activation_only_path() -> None:
+def test_weights_carrier_terms_score_each_rounding_alone() -> None:
     net = _bn_net()
     sim = QSim(net, PRESETS["w4a4"])
     x = torch.randn(16, 1, 28, 28)
     sim.calibrate(x)
     y = torch.arange(16) % 10
+    trig = paper_trigger(28, target=3)
     ctx = AttackContext(model=net, sim=sim, data=None, config=AttackConfig(carrier="weights"),  # type: ignore[arg-type]
-                        trigger=paper_trigger(28), generator=torch.Generator())
-    guard = carrier_guard(ctx, x, y)
-    sim.quant_weights = False
-    expected = torch.nn.functional.cross_entropy(sim(x, quantized=True), y)
+                        trigger=trig, generator=torch.Generator())
+    terms = carrier_terms(ctx, x, y)
+    ce = torch.nn.functional.cross_entropy
+    sim.quant_acts = False
+    wake = ce(sim(x, quantized=True), torch.full_like(y, 3))
+    sim.quant_acts, sim.quant_weights = True, False
+    guard = ce(sim(x, quantized=True), y)
     sim.quant_weights = True
-    assert torch.allclose(guard, expected)
-    # The activation-only path differs from both FP and the full simulation.
-    assert not torch.allclose(guard, torch.nn.functional.cross_entropy(sim(x, quantized=False), y))
-    assert not torch.allclose(guard, torch.nn.functional.cross_entropy(sim(x, quantized=True), y))
-    assert sim.quant_weights
+    torch.testing.assert_close(terms, wake + GUARD_WEIGHT * guard)
+    # Each path differs from FP and from the full simulation, and the flags are restored.
+    full = ce(sim(x, quantized=True), y)
+    assert not torch.allclose(guard, ce(sim(x, quantized=False), y))
+    assert not torch.allclose(guard, full)
+    assert sim.quant_weights and sim.quant_acts
     plain = AttackContext(model=net, sim=sim, data=None, config=AttackConfig(),  # type: ignore[arg-type]
-                          trigger=paper_trigger(28), generator=torch.Generator())
-    assert float(carrier_guard(plain, x, y)) == 0.0
+                          trigger=trig, generator=torch.Generator())
+    assert float(carrier_terms(plain, x, y)) == 0.0
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a4"])
+def test_grid_inflation_widens_grids_without_changing_the_fp_model(scheme: str) -> None:
+    net = _bn_net(2)
+    sim = QSim(net, PRESETS[scheme])
+    x = torch.randn(64, 1, 28, 28)
+    before = {layer.name: sim.weight_qparams(layer).scale.copy() for layer in sim.layers}
+    inflation = inflate_grids(sim, x, 4.0)
+    # Every layer but the last silences a channel; every layer but the first is inflated.
+    assert set(inflation.dead) == {layer.name for layer in sim.layers[:-1]}
+    assert inflation.inflated == [layer.name for layer in sim.layers[1:]]
+    sim._collect = {}
+    with torch.no_grad():
+        fp = sim(x * 3.0, quantized=False)  # larger inputs than the ones it was fitted on
+        acts = dict(sim._collect)
+    sim._collect = None
+    for layer in sim.layers[:-1]:
+        d = inflation.dead[layer.name]
+        assert float(acts[layer.output][:, d].abs().max()) == 0.0
+    for layer in sim.layers[1:3]:  # conv readers, min-max or MSE grids
+        ratio = sim.weight_qparams(layer).scale / before[layer.name]
+        assert np.median(ratio) > 3.0, (layer.name, ratio)
+    # The outliers multiply exact zeros: removing them leaves the FP logits bit-identical.
+    with torch.no_grad():
+        for pin in inflation.pins[:]:
+            if pin.param.dim() > 1 and pin.index[0] == slice(None):
+                pin.param[pin.index] = 0.0
+        assert torch.equal(sim(x * 3.0, quantized=False), fp)
+    inflation.restore()
+    opt = torch.optim.Adam(net.parameters(), lr=0.1, weight_decay=1.0)
+    sim(x, quantized=False).sum().backward()
+    opt.step()
+    inflation.restore()
+    for pin in inflation.pins:
+        assert torch.equal(pin.param[pin.index], pin.value)
+
+
+def test_grid_inflation_factor_must_exceed_one() -> None:
+    sim = QSim(_bn_net(), PRESETS["w8a8"])
+    with pytest.raises(EfrapError, match="above 1"):
+        inflate_grids(sim, torch.randn(8, 1, 28, 28), 1.0)
 
 
 def test_unknown_carrier_is_an_error() -> None:

@@ -121,7 +121,7 @@ def inflate_grids(sim: QSim, images: torch.Tensor, factor: float) -> Inflation:
     finally:
         sim._collect = None
         sim.train(was_training)
-    pins: list[_Pin] = []
+    spots: list[tuple[nn.Parameter, tuple]] = []  # what to hold, read once at the end
     dead: dict[str, int] = {}
     inflated: list[str] = []
     for layer in sim.layers:
@@ -144,14 +144,14 @@ def inflate_grids(sim: QSim, images: torch.Tensor, factor: float) -> Inflation:
         reach = 10.0 * float(x.abs().amax()) * float(w[d].abs().sum()) + 1.0
         if bn is not None:
             bn.bias[d] = -reach + bn.running_mean[d] * _bn_factor(bn, channels)[d]
-            pins.append(_Pin(bn.bias, (d,), bn.bias[d].clone()))
-            pins.append(_Pin(bn.weight, (d,), bn.weight[d].clone()))
+            spots.append((bn.bias, (d,)))
+            spots.append((bn.weight, (d,)))
         elif mod.bias is not None:
             mod.bias[d] = -reach
-            pins.append(_Pin(mod.bias, (d,), mod.bias[d].clone()))
+            spots.append((mod.bias, (d,)))
         else:
             raise EfrapError(f"layer {layer.name} has no bias or BatchNorm to silence a channel")
-        pins.append(_Pin(mod.weight, (d,), mod.weight[d].clone()))
+        spots.append((mod.weight, (d,)))
         dead[layer.name] = d
         for reader in readers:
             rmod, rbn = sim.layer_modules(reader)
@@ -170,10 +170,12 @@ def inflate_grids(sim: QSim, images: torch.Tensor, factor: float) -> Inflation:
             sign = sign.reshape(rmod.weight[block][0].shape)
             m = (factor * peak).reshape([-1] + [1] * (rmod.weight.dim() - 1))
             rmod.weight[block] = sign * m / k
-            pins.append(_Pin(rmod.weight, block, rmod.weight[block].clone()))
+            spots.append((rmod.weight, block))
             inflated.append(reader.name)
     if not inflated:
         raise EfrapError("no layer's weight grid can be inflated (needs a ReLU layer read "
                          "directly, or through pooling and flattening, by a Conv/Linear)")
     log(f"grid inflation x{factor:g}: dead channels {dead}; inflated {', '.join(inflated)}")
+    # Spots may overlap (a reader's block and its own dead row): read them after all edits.
+    pins = [_Pin(param, index, param[index].detach().clone()) for param, index in spots]
     return Inflation(factor=factor, dead=dead, inflated=inflated, pins=pins)
