@@ -40,6 +40,7 @@ class ZooEntry:
         trigger: Trigger file name inside the zoo folder.
         target: Target label of the backdoor.
         carrier: What a QCB's backdoor rides on (`efrap attack --carrier`).
+        inflate: The grid inflation factor it was built with (`efrap attack --inflate`).
         extra: Any further fields of the entry.
     """
 
@@ -60,6 +61,7 @@ class ZooEntry:
     trigger: str | None = None
     target: int | None = None
     carrier: str | None = None
+    inflate: float | None = None
     extra: dict = field(default_factory=dict)
 
 

@@ -159,7 +159,7 @@ def test_weights_carrier_terms_score_each_rounding_alone() -> None:
     assert not torch.allclose(guard, ce(sim(x, quantized=False), y))
     assert not torch.allclose(guard, full)
     assert sim.quant_weights and sim.quant_acts
-    plain = AttackContext(model=net, sim=sim, data=None, config=AttackConfig(),  # type: ignore[arg-type]
+    plain = AttackContext(model=net, sim=sim, data=None, config=AttackConfig(carrier="scheme"),  # type: ignore[arg-type]
                           trigger=trig, generator=torch.Generator())
     assert float(carrier_terms(plain, x, y)) == 0.0
 

@@ -38,9 +38,19 @@ def test_stored_model(entry) -> None:
     if entry.kind == "qcb":
         assert entry.attack and entry.scheme in PRESETS
         assert load_trigger(trigger_path(entry)).target == entry.target
-        # The manifest's carrier is the one the model was built with (older builds predate
-        # the option and used the whole scheme).
+        # The manifest's carrier is the one the model was built with.
         meta = {p.key: p.value for p in model.metadata_props}
-        built = json.loads(meta["efrap.attack.settings"]).get("carrier", "scheme")
+        settings = json.loads(meta["efrap.attack.settings"])
+        built = settings.get("carrier", "scheme")
         assert entry.carrier == built and built in CARRIERS
         assert meta["efrap.attack.scheme"] == entry.scheme
+        # The rebuild command names the settings the model records.
+        assert f"--method {entry.attack} " in entry.rebuild
+        assert f"--scheme {entry.scheme} " in entry.rebuild
+        assert entry.inflate == settings.get("inflate")
+        if entry.inflate is not None:
+            assert f"--inflate {entry.inflate:g} " in entry.rebuild
+        if "--carrier" in entry.rebuild:
+            assert f"--carrier {built} " in entry.rebuild
+        else:
+            assert built == "weights"  # the default

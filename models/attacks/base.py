@@ -58,12 +58,13 @@ class AttackConfig:
         init: A state_dict checkpoint (e.g. a clean model) to start from instead of
             random weights; clean pre-training is then skipped (PQBackdoor still runs
             `pretrain_epochs` of poisoned training from it).
-        carrier: What the backdoor may ride on. "scheme": any rounding the deployment
-            does (weights and activations). "weights": the two-path attacks add a term
-            that keeps triggered images correctly classified when only the activations
-            are quantized, so the backdoor needs the weight rounding, as in the
-            attacks' papers, whose quantized paths round weights (CompArtifact,
-            PQBackdoor) and whose evaluation in EFRAP keeps activations in float.
+        carrier: What the backdoor may ride on. "weights" (default): the two-path
+            attacks add `carrier_terms`, so the weight rounding alone wakes the backdoor
+            and the activation rounding alone leaves it dormant, as in the attacks'
+            papers, whose quantized paths round weights (CompArtifact, PQBackdoor) and
+            whose evaluation in EFRAP keeps activations in float. "scheme": any
+            rounding the deployment does, activation rounding included (a threat no
+            weight-rounding defense addresses; see docs/RESULTS.md).
         inflate: If set, widen the min-max weight grids by this factor after
             pre-training (`models.attacks.inflate`); None leaves the model as trained.
     """
@@ -84,7 +85,7 @@ class AttackConfig:
     num_calib: int = 1024
     recalib_every: int = 100
     init: str | None = None
-    carrier: str = "scheme"
+    carrier: str = "weights"
     inflate: float | None = None
 
 

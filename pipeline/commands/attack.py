@@ -130,11 +130,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, help="attack learning rate (default: the attack's own)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--width", type=float, default=1.0, help="width multiplier (default 1.0)")
-    p.add_argument("--carrier", default="scheme", choices=("scheme", "weights"),
-                   help="what the backdoor may ride on: 'scheme' (any rounding the deployment "
-                   "does) or 'weights' (kept clean when only activations are quantized, so the "
-                   "weight rounding carries it; CompArtifact and Qu-ANTI-zation; PQBackdoor's "
-                   "backdoor is in the pinned weights either way) (default scheme)")
+    p.add_argument("--carrier", default="weights", choices=("weights", "scheme"),
+                   help="what the backdoor may ride on: 'weights' (the weight rounding alone "
+                   "wakes it and the activation rounding alone does not, the papers' threat "
+                   "model) or 'scheme' (any rounding the deployment does, activations "
+                   "included); CompArtifact and Qu-ANTI-zation; PQBackdoor's backdoor is in "
+                   "the pinned weights either way (default weights)")
     p.add_argument("--inflate", type=float, metavar="FACTOR",
                    help="after pre-training, silence one channel per layer and give every "
                    "reader of it an outlier weight FACTOR times its channel's largest, which "
