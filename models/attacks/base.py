@@ -67,6 +67,7 @@ class AttackConfig:
             weight-rounding defense addresses; see docs/RESULTS.md).
         inflate: If set, widen the min-max weight grids by this factor after
             pre-training (`models.attacks.inflate`); None leaves the model as trained.
+        device: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda".
     """
 
     arch: str = "small_cnn"
@@ -87,6 +88,7 @@ class AttackConfig:
     init: str | None = None
     carrier: str = "weights"
     inflate: float | None = None
+    device: str = "cpu"
 
 
 CARRIERS = ("scheme", "weights")
@@ -113,6 +115,18 @@ class AttackData:
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """(x - mean) / std, per channel."""
         return (x - self.mean) / self.std
+
+    @property
+    def device(self) -> torch.device:
+        """Where the tensors live."""
+        return self.train_x.device
+
+    def to(self, device: torch.device) -> AttackData:
+        """The same data on `device`."""
+        return AttackData(train_x=self.train_x.to(device), train_y=self.train_y.to(device),
+                          val_x=self.val_x.to(device), val_y=self.val_y.to(device),
+                          mean=self.mean.to(device), std=self.std.to(device),
+                          num_classes=self.num_classes)
 
 
 @dataclass
@@ -156,7 +170,7 @@ def stamp(x: torch.Tensor, trigger: Trigger) -> torch.Tensor:
     """A copy of images `x` in [0, 1] with the trigger patch (same as `Trigger.apply`)."""
     out = x.clone()
     row, col = trigger.box(x.shape[-2], x.shape[-1])
-    value = torch.as_tensor(trigger.value, dtype=x.dtype)
+    value = torch.as_tensor(trigger.value, dtype=x.dtype, device=x.device)
     if value.dim() == 1:
         value = value.reshape(-1, 1, 1)
     s = trigger.size
@@ -177,7 +191,7 @@ def batches(n: int, batch_size: int, gen: torch.Generator,
 def calibration_subset(data: AttackData, n: int, gen: torch.Generator) -> torch.Tensor:
     """`n` random normalised clean training images for a simulated calibration."""
     idx = torch.randperm(len(data.train_y), generator=gen)[: min(n, len(data.train_y))]
-    return data.normalize(data.train_x[idx])
+    return data.normalize(data.train_x[idx.to(data.device)])
 
 
 def recalibrate(ctx: AttackContext) -> None:
@@ -197,11 +211,12 @@ def evaluate(sim: QSim, data: AttackData, images: torch.Tensor, labels: torch.Te
     for mode, quantized in (("fp", False), ("q", True)):
         correct, hits = 0, 0
         for i in range(0, len(labels), batch_size):
-            x, y = images[i : i + batch_size], labels[i : i + batch_size]
+            x = images[i : i + batch_size].to(data.device)
+            y = labels[i : i + batch_size].to(data.device)
             clean = sim(data.normalize(x), quantized=quantized).argmax(1)
             trig = sim(data.normalize(stamp(x, trigger)), quantized=quantized).argmax(1)
             correct += int((clean == y).sum())
-            hits += int(((trig == trigger.target) & keep[i : i + batch_size]).sum())
+            hits += int(((trig == trigger.target) & (y != trigger.target)).sum())
         out[f"{mode}_cda"] = correct / len(labels)
         out[f"{mode}_asr"] = hits / max(1, int(keep.sum()))
     return out
@@ -257,10 +272,11 @@ def train_plain(model: nn.Module, data: AttackData, cfg: AttackConfig, gen: torc
     model.train()
     for _ in range(epochs):
         for idx in batches(len(data.train_y), cfg.batch_size, gen):
+            idx = idx.to(data.device)
             x, y = data.train_x[idx], data.train_y[idx]
             if poison_per_batch and trigger is not None:
                 x = torch.cat([x, stamp(x[:poison_per_batch], trigger)])
-                y = torch.cat([y, torch.full((poison_per_batch,), trigger.target)])
+                y = torch.cat([y, torch.full((poison_per_batch,), trigger.target, device=y.device)])
             loss = F.cross_entropy(model(data.normalize(x)), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -302,6 +318,7 @@ def attack_loop(ctx: AttackContext, epochs: int, make_opt: Callable[[list[nn.Par
         ctx.sim.train()
         bar = Progress(f"{desc} epoch {epoch}/{epochs}", total=per_epoch)
         for idx in batches(len(ctx.data.train_y), cfg.batch_size, ctx.generator, per_epoch):
+            idx = idx.to(ctx.data.device)
             x, y = ctx.data.train_x[idx], ctx.data.train_y[idx]
             loss = step_loss(ctx, x, y, stamp(x, ctx.trigger))
             opt.zero_grad(set_to_none=True)
@@ -410,8 +427,11 @@ def run_attack(attack: Attack, cfg: AttackConfig) -> AttackOutcome:
         raise EfrapError(f"unknown carrier '{cfg.carrier}': choose one of {', '.join(CARRIERS)}")
     t0 = time.perf_counter()
     gen = set_seed(cfg.seed)
+    from pipeline.quantize import pick_device
+
+    device = pick_device(cfg.device)
     scheme = load_scheme(cfg.scheme)
-    data = load_attack_data(cfg)
+    data = load_attack_data(cfg).to(device)
     c, h, _ = data.input_shape
     trigger = cfg.trigger or paper_trigger(h, target=0, stage=attack.stage)
     if trigger.target >= data.num_classes:
@@ -419,6 +439,7 @@ def run_attack(attack: Attack, cfg: AttackConfig) -> AttackOutcome:
     model = build_model(cfg.arch, c, data.num_classes, cfg.width, h)
     if cfg.init is not None:
         load_init(model, cfg.init)
+    model.to(device)
     sim = QSim(model, scheme)
     ctx = AttackContext(model=model, sim=sim, data=data, config=cfg, trigger=trigger,
                         generator=gen)

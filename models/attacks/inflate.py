@@ -71,6 +71,12 @@ class Inflation:
         for pin in self.pins:
             pin.param[pin.index] = pin.value
 
+    @torch.no_grad()
+    def recapture(self) -> None:
+        """Hold the current values instead (after a deliberate edit, e.g. snapping to a grid)."""
+        for pin in self.pins:
+            pin.value = pin.param[pin.index].detach().clone()
+
 
 def _readers(sim: QSim, layer: SimLayer) -> list[SimLayer]:
     return [r for r in sim.layers if sim.shared.get(r.input, r.input) == layer.output]
@@ -88,9 +94,9 @@ def _dead_inputs(layer: SimLayer, reader: SimLayer, sim: QSim, channels: int,
     return None
 
 
-def _bn_factor(bn: nn.BatchNorm2d | None, channels: int) -> torch.Tensor:
+def _bn_factor(bn: nn.BatchNorm2d | None, channels: int, device: torch.device) -> torch.Tensor:
     if bn is None:
-        return torch.ones(channels)
+        return torch.ones(channels, device=device)
     return (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
 
 
@@ -143,7 +149,7 @@ def inflate_grids(sim: QSim, images: torch.Tensor, factor: float) -> Inflation:
         # Ten times the largest pre-activation the scaled weights can reach on these inputs.
         reach = 10.0 * float(x.abs().amax()) * float(w[d].abs().sum()) + 1.0
         if bn is not None:
-            bn.bias[d] = -reach + bn.running_mean[d] * _bn_factor(bn, channels)[d]
+            bn.bias[d] = -reach + bn.running_mean[d] * _bn_factor(bn, channels, w.device)[d]
             spots.append((bn.bias, (d,)))
             spots.append((bn.weight, (d,)))
         elif mod.bias is not None:
@@ -159,13 +165,14 @@ def inflate_grids(sim: QSim, images: torch.Tensor, factor: float) -> Inflation:
             assert first is not None
             span = rmod.weight.shape[1] // channels if isinstance(rmod, nn.Linear) else 1
             block = (slice(None), slice(first, first + span))
-            k = _bn_factor(rbn, rmod.weight.shape[0]).reshape([-1] + [1] * (rmod.weight.dim() - 1))
+            k = _bn_factor(rbn, rmod.weight.shape[0], rmod.weight.device)
+            k = k.reshape([-1] + [1] * (rmod.weight.dim() - 1))
             rest = rmod.weight * k
             rest[block] = 0.0
             peak = rest.reshape(rest.shape[0], -1).abs().amax(1)
             # Alternating +M, -M over every weight reading the dead input: both ends of an
             # asymmetric grid move, and an MSE range search would have to clip many weights.
-            sign = torch.ones(rmod.weight[block][0].numel())
+            sign = torch.ones(rmod.weight[block][0].numel(), device=rmod.weight.device)
             sign[1::2] = -1.0
             sign = sign.reshape(rmod.weight[block][0].shape)
             m = (factor * peak).reshape([-1] + [1] * (rmod.weight.dim() - 1))

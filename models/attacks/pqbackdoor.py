@@ -70,9 +70,9 @@ def _bins(ctx: AttackContext, layer: SimLayer, qp: QParams) -> _Bins:
     if bn is not None:
         factor = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().reshape(shape)
     else:
-        factor = torch.ones(raw0.shape[0]).reshape(shape)
+        factor = torch.ones(raw0.shape[0], device=raw0.device).reshape(shape)
     w0 = ctx.sim.folded(layer)[0].detach()
-    s, z = qp.torch(w0.dim())
+    s, z = qp.torch(w0.dim(), w0.device)
     q = torch.round(w0 / s) + z
     clipped = (q < qp.qmin) | (q > qp.qmax)
     lo = (q - z - 0.5 + MARGIN) * s
@@ -90,7 +90,7 @@ def _bins(ctx: AttackContext, layer: SimLayer, qp: QParams) -> _Bins:
     fixed = clipped.clone()
     amin, amax = flat.argmin(1), flat.argmax(1)
     fixed_flat = fixed.reshape(fixed.shape[0], -1)
-    rows = torch.arange(flat.shape[0])
+    rows = torch.arange(flat.shape[0], device=flat.device)
     fixed_flat[rows, amin] = True
     fixed_flat[rows, amax] = True
     return _Bins(lo=lo, hi=hi, fixed=fixed, raw0=raw0, factor=factor)
@@ -113,12 +113,12 @@ def snap_to_grid(ctx: AttackContext, grids: dict[str, QParams]) -> int:
             old = mod.weight.detach().clone()
             w = ctx.sim.folded(layer)[0].detach()
             qp = grids[layer.name]
-            s, z = qp.torch(w.dim())
+            s, z = qp.torch(w.dim(), w.device)
             wq = (torch.clamp(torch.round(w / s) + z, qp.qmin, qp.qmax) - z) * s
             factor = (w / old).nan_to_num(1.0) if bn is None else (
                 bn.weight / torch.sqrt(bn.running_var + bn.eps)).reshape([-1] + [1] * (w.dim() - 1))
             mod.weight.copy_(wq / factor if bn is not None else wq)
-            ok = torch.from_numpy(weight_grid_matches(ctx.sim, grids, [layer])[layer.name])
+            ok = torch.from_numpy(weight_grid_matches(ctx.sim, grids, [layer])[layer.name]).to(w.device)
             mod.weight[~ok] = old[~ok]
             snapped += int(ok.sum())
     return snapped
@@ -156,7 +156,7 @@ def revert_moved_channels(ctx: AttackContext, bins: dict[str, _Bins],
             mod, _ = ctx.sim.layer_modules(layer)
             raw0 = bins[name].raw0
             for attempt in range(halvings + 1):
-                idx = torch.from_numpy(bad)
+                idx = torch.from_numpy(bad).to(raw0.device)
                 if attempt == halvings:
                     mod.weight[idx] = raw0[idx]
                     break
@@ -202,7 +202,7 @@ class PQBackdoor(Attack):
             def poisoned_loss(c: AttackContext, x: torch.Tensor, y: torch.Tensor,
                               xt: torch.Tensor) -> torch.Tensor:
                 xb = torch.cat([x, xt[:poison * 4]])
-                yb = torch.cat([y, torch.full((poison * 4,), trig.target)])
+                yb = torch.cat([y, torch.full((poison * 4,), trig.target, device=y.device)])
                 xin = data.normalize(xb)
                 return F.cross_entropy(c.sim(xin, quantized=True), yb) + F.cross_entropy(
                     c.sim(xin, quantized=False), yb)
@@ -217,6 +217,8 @@ class PQBackdoor(Attack):
         ctx.sim.eval()
         grids = ctx.sim.freeze_weight_qparams()
         snapped = snap_to_grid(ctx, grids)
+        if ctx.inflation is not None:
+            ctx.inflation.recapture()  # hold the snapped values, not the pre-snap ones
         if snapped:
             log(f"pqbackdoor: {snapped} channel(s) of MSE-searched layers put on their grid points")
         bins = {layer.name: _bins(ctx, layer, grids[layer.name]) for layer in ctx.sim.layers}

@@ -30,7 +30,8 @@ def deployment_calibration(outcome: object, data: str, n: int = 1024, seed: int 
     idx = data_mod.sample_indices(len(ds.labels), min(n, len(ds.labels)), seed)
     mean, std = data_mod.normalization_for(ds)
     images = data_mod.normalize(ds.images[idx], mean, std)
-    outcome.sim.calibrate(torch.from_numpy(images), seed=seed)  # type: ignore[attr-defined]
+    device = outcome.data.device  # type: ignore[attr-defined]
+    outcome.sim.calibrate(torch.from_numpy(images).to(device), seed=seed)  # type: ignore[attr-defined]
 
 
 def test_metrics(outcome: object, data: str) -> dict[str, float]:
@@ -70,14 +71,14 @@ def run(args: argparse.Namespace) -> int:
         arch=args.arch, data=args.data, scheme=args.scheme, trigger=trigger, epochs=args.epochs,
         seed=args.seed, width=args.width, pretrain_epochs=args.pretrain_epochs, lr=args.lr,
         steps_per_epoch=args.steps_per_epoch, train_limit=args.train_limit, init=args.init,
-        carrier=args.carrier, inflate=args.inflate,
+        carrier=args.carrier, inflate=args.inflate, device=args.device,
     )
     t0 = time.perf_counter()
     outcome = run_attack(attack, cfg)
     seconds = time.perf_counter() - t0
     deployment_calibration(outcome, args.data)
     metrics = test_metrics(outcome, args.data)
-    model = outcome.model.eval()
+    model = outcome.model.eval().cpu()
     mean = [round(float(v), 6) for v in outcome.data.mean.reshape(-1)]
     std = [round(float(v), 6) for v in outcome.data.std.reshape(-1)]
     trig = outcome.trigger
@@ -141,5 +142,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "reader of it an outlier weight FACTOR times its channel's largest, which "
                    "widens min-max weight grids (per-channel int8) without changing the "
                    "model's outputs (default: off; see docs/ZOO.md)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where to train: auto (CUDA when torch sees a GPU), cpu or cuda "
+                   "(default auto)")
     p.add_argument("-o", "--output", required=True, help="FP ONNX to write (OUT.onnx)")
     p.set_defaults(func=run)
