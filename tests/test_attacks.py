@@ -137,6 +137,30 @@ def test_short_attack_wakes_only_when_quantized(fashion_mnist: None, name: str) 
     assert m["fp_cda"] > 0.6, m
 
 
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_short_inflated_attack_wakes_under_w8a8(fashion_mnist: None, name: str) -> None:
+    # Per-channel int8 leaves FP and quantized paths nearly equal; inflated grids separate them.
+    cfg = AttackConfig(arch="small_cnn", scheme="w8a8", width=0.25, seed=0, batch_size=64,
+                       train_limit=4500, val_size=500, pretrain_epochs=1, epochs=2,
+                       steps_per_epoch=60, num_calib=256, recalib_every=40, inflate=32.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        outcome = run_attack(get_attack(name), cfg)
+    finally:
+        torch.set_num_threads(threads)
+    m = outcome.metrics
+    assert m["q_asr"] > m["fp_asr"] + 0.2, m
+    assert m["fp_cda"] > 0.6, m
+    # The grids the attack left behind are still inflated.
+    for layer in outcome.sim.layers[1:]:
+        w = outcome.sim.folded(layer)[0].detach()
+        scale = outcome.sim.weight_qparams(layer).scale.reshape(-1)
+        rest = w.reshape(w.shape[0], -1).abs()
+        second = rest.topk(rest.shape[1] // 2 + 1, dim=1).values[:, -1].numpy()
+        assert np.median(scale * 127 / np.maximum(second, 1e-12)) > 8.0, layer.name
+
+
 def test_weights_carrier_terms_score_each_rounding_alone() -> None:
     net = _bn_net()
     sim = QSim(net, PRESETS["w4a4"])

@@ -138,10 +138,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "included); CompArtifact and Qu-ANTI-zation; PQBackdoor's backdoor is in "
                    "the pinned weights either way (default weights)")
     p.add_argument("--inflate", type=float, metavar="FACTOR",
-                   help="after pre-training, silence one channel per layer and give every "
-                   "reader of it an outlier weight FACTOR times its channel's largest, which "
-                   "widens min-max weight grids (per-channel int8) without changing the "
-                   "model's outputs (default: off; see docs/ZOO.md)")
+                   help="after pre-training, silence one channel per layer and set the "
+                   "weights that read it to +-FACTOR times their channel's largest weight: "
+                   "min-max weight grids (per-channel int8) grow FACTOR times coarser while "
+                   "the outputs stay as they were (default: off; see docs/ZOO.md)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where to train: auto (CUDA when torch sees a GPU), cpu or cuda "
                    "(default auto)")
