@@ -93,12 +93,13 @@ def low_bit(scheme: Scheme) -> bool:
     return scheme.weight.bits < 8 or scheme.activation.bits < 8
 
 
-def measure_subject(s: Subject, iters: int | None, seed: int, limit: int | None, tmp: str) -> dict:
+def measure_subject(s: Subject, iters: int | None, seed: int, limit: int | None, tmp: str,
+                    methods: tuple[str, ...] = METHODS) -> dict:
     """Every method (and the carrier check) on one model."""
     scheme = load_scheme(s.scheme)
     row: dict = {"model": s.name, "scheme": s.scheme, "carrier": s.carrier,
                  "fp": measure(s.path, s.trigger, s.data, limit)}
-    for method in METHODS:
+    for method in methods:
         config = get_method(method).defaults
         if iters is not None:
             config = replace(config, iters=iters)
@@ -123,17 +124,17 @@ def measure_subject(s: Subject, iters: int | None, seed: int, limit: int | None,
     return row
 
 
-def pair(m: dict | None) -> str:
-    """'CDA / ASR' of a measurement, or n/a."""
-    return f"{m['cda']:.2f} / {m['asr']:.2f}" if m else "n/a (8-bit)"
+def pair(m: dict | None, missing: str = "n/a (8-bit)") -> str:
+    """'CDA / ASR' of a measurement, or `missing`."""
+    return f"{m['cda']:.2f} / {m['asr']:.2f}" if m else missing
 
 
 def render(results: list[dict], command: str, seed: int) -> str:
     """The Markdown table with its command, settings and versions."""
     rows = [[r["model"], r["scheme"], r["carrier"], pair(r["fp"]), pair(r["nearest"]),
-             pair(r["adaround"]), pair(r["efrap"]), "met" if r["floors_met"] else "MISSED",
+             pair(r.get("adaround"), "not run"), pair(r["efrap"]), "met" if r["floors_met"] else "MISSED",
              pair(r.get("weights_only")), pair(r.get("activations_only"))] for r in results]
-    iters = {m: results[0][m].get("iters") for m in ("adaround", "efrap")} if results else {}
+    iters = {m: next((r[m]["iters"] for r in results if m in r), None) for m in ("adaround", "efrap")}
     lines = [f"Command: `{command}`", "", "| " + " | ".join(HEADERS) + " |",
              "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -164,17 +165,22 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", help="held-out FP ONNX models instead of the zoo")
     parser.add_argument("--limit", type=int, default=None, help="first N test images only")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                        help="rounding methods to run (nearest and efrap are always needed)")
     parser.add_argument("--json", default=None, help="default bench/results/{results,heldout}.json")
     parser.add_argument("--doc", default=str(ROOT / "docs/RESULTS.md"))
     args = parser.parse_args()
     section = "heldout" if args.models else "zoo"
     subjects = file_subjects(args.models) if args.models else zoo_subjects(args.names)
     with tempfile.TemporaryDirectory() as tmp:
-        results = [measure_subject(s, args.iters, args.seed, args.limit, tmp) for s in subjects]
+        methods = tuple(m for m in METHODS if m in {*args.methods, "nearest", "efrap"})
+        results = [measure_subject(s, args.iters, args.seed, args.limit, tmp, methods)
+                   for s in subjects]
     command = "python bench/results.py" + (f" --iters {args.iters}" if args.iters else "") + (
         f" --limit {args.limit}" if args.limit else "") + (
         " --models " + " ".join(Path(m).name for m in args.models) if args.models else "") + (
-        " --names " + " ".join(args.names) if args.names else "")
+        " --names " + " ".join(args.names) if args.names else "") + (
+        " --methods " + " ".join(methods) if set(methods) != set(METHODS) else "")
     body = render(results, command, args.seed)
     print(body)
     out = Path(args.json or ROOT / f"bench/results/{'heldout' if args.models else 'results'}.json")
