@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.zoo import load_manifest, trigger_path, zoo_path
+from pipeline.commands.attack import output_paths
 from pipeline.onnx_io import get_metadata, load_model
 from pipeline.progress import log
 from pipeline.provenance import versions
@@ -76,7 +77,8 @@ def file_subjects(paths: list[str]) -> list[Subject]:
     for p in paths:
         meta = get_metadata(load_model(p))
         settings = json.loads(meta.get("efrap.attack.settings", "{}"))
-        out.append(Subject(Path(p).stem, p, str(Path(p).with_suffix("")) + ".trigger.json",
+        trigger = output_paths(p)[2]  # where `efrap attack` wrote it
+        out.append(Subject(Path(p).stem, p, str(trigger),
                            meta["efrap.attack.scheme"], settings.get("carrier", "scheme"),
                            settings.get("data", "fashion-mnist")))
     return out

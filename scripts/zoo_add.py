@@ -22,8 +22,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.zoo import MANIFEST, ZOO_DIR
-from pipeline.onnx_io import atomic_write, file_sha256, get_metadata, get_normalization, input_shape
-from pipeline.onnx_io import load_model as load_onnx
+from pipeline.onnx_io import (
+    atomic_write,
+    file_sha256,
+    get_metadata,
+    get_normalization,
+    input_shape,
+    load_model,
+)
 from pipeline.trigger import load_trigger
 from validators.verify import VerifyOptions, verify_model
 
@@ -32,7 +38,7 @@ def entry_for(name: str, rebuild: str, build_time: float, threads: int) -> dict:
     """A manifest entry for models/zoo/NAME.onnx, with FP figures measured in onnxruntime."""
     path = ZOO_DIR / f"{name}.onnx"
     trig = ZOO_DIR / f"{name}.trigger.json"
-    model = load_onnx(path)
+    model = load_model(path)
     meta = get_metadata(model)
     settings = json.loads(meta["efrap.attack.settings"])
     if not rebuild.startswith("efrap attack ") or f"--method {meta['efrap.attack']}" not in rebuild:

@@ -198,11 +198,9 @@ def test_grid_inflation_widens_grids_without_changing_the_fp_model(scheme: str) 
     # Every layer but the last silences a channel; every layer but the first is inflated.
     assert set(inflation.dead) == {layer.name for layer in sim.layers[:-1]}
     assert inflation.inflated == [layer.name for layer in sim.layers[1:]]
-    sim._collect = {}
+    acts = sim.point_values(x * 3.0)  # larger inputs than the ones it was fitted on
     with torch.no_grad():
-        fp = sim(x * 3.0, quantized=False)  # larger inputs than the ones it was fitted on
-        acts = dict(sim._collect)
-    sim._collect = None
+        fp = sim(x * 3.0, quantized=False)
     for layer in sim.layers[:-1]:
         d = inflation.dead[layer.name]
         assert float(acts[layer.output][:, d].abs().max()) == 0.0

@@ -82,15 +82,14 @@ def _readers(sim: QSim, layer: SimLayer) -> list[SimLayer]:
     return [r for r in sim.layers if sim.shared.get(r.input, r.input) == layer.output]
 
 
-def _dead_inputs(layer: SimLayer, reader: SimLayer, sim: QSim, channels: int,
-                 dead: int) -> int | None:
-    """First input index of `reader` that reads channel `dead` of `layer` (None: unsupported)."""
+def _span(reader: SimLayer, sim: QSim, channels: int) -> int | None:
+    """Inputs of `reader` per channel of what it reads: channel d is inputs d*span ..
+    (d+1)*span - 1 of its weight's axis 1 (None: a layout this does not handle)."""
     mod = sim.layer_modules(reader)[0]
     if isinstance(mod, nn.Conv2d):
-        return dead if mod.groups == 1 and mod.in_channels == channels else None
+        return 1 if mod.groups == 1 and mod.in_channels == channels else None
     if isinstance(mod, nn.Linear) and mod.in_features % channels == 0:
-        # Flatten of an NCHW tensor: channel d is the contiguous block d*HW .. (d+1)*HW - 1.
-        return dead * (mod.in_features // channels)
+        return mod.in_features // channels  # flatten of NCHW: a contiguous H*W block
     return None
 
 
@@ -118,15 +117,7 @@ def inflate_grids(sim: QSim, images: torch.Tensor, factor: float) -> Inflation:
     """
     if factor <= 1.0:
         raise EfrapError(f"grid inflation factor must be above 1, got {factor}")
-    was_training = sim.training
-    sim.eval()
-    sim._collect = {}
-    try:
-        sim(images, quantized=False)
-        acts = dict(sim._collect)
-    finally:
-        sim._collect = None
-        sim.train(was_training)
+    acts = sim.point_values(images)
     spots: list[tuple[nn.Parameter, tuple]] = []  # what to hold, read once at the end
     dead: dict[str, int] = {}
     inflated: list[str] = []
@@ -136,8 +127,8 @@ def inflate_grids(sim: QSim, images: torch.Tensor, factor: float) -> Inflation:
             continue
         mod, bn = sim.layer_modules(layer)
         channels = mod.weight.shape[0]
-        starts = [_dead_inputs(layer, r, sim, channels, 0) for r in readers]
-        if any(s is None for s in starts) or channels < 2:
+        spans = [_span(r, sim, channels) for r in readers]
+        if any(s is None for s in spans) or channels < 2:
             continue
         activity = acts[layer.output].transpose(0, 1).reshape(channels, -1).mean(1)
         d = int(activity.argmin())
@@ -159,12 +150,10 @@ def inflate_grids(sim: QSim, images: torch.Tensor, factor: float) -> Inflation:
             raise EfrapError(f"layer {layer.name} has no bias or BatchNorm to silence a channel")
         spots.append((mod.weight, (d,)))
         dead[layer.name] = d
-        for reader in readers:
+        for reader, span in zip(readers, spans, strict=True):
+            assert span is not None
             rmod, rbn = sim.layer_modules(reader)
-            first = _dead_inputs(layer, reader, sim, channels, d)
-            assert first is not None
-            span = rmod.weight.shape[1] // channels if isinstance(rmod, nn.Linear) else 1
-            block = (slice(None), slice(first, first + span))
+            block = (slice(None), slice(d * span, (d + 1) * span))
             k = _bn_factor(rbn, rmod.weight.shape[0], rmod.weight.device)
             k = k.reshape([-1] + [1] * (rmod.weight.dim() - 1))
             rest = rmod.weight * k

@@ -361,31 +361,37 @@ class QSim(nn.Module):
 
     # ------------------------------------------------------------------ calibration
     @torch.no_grad()
+    def point_values(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Full-precision values of every quantization point on `images` (eval mode)."""
+        was_training = self.training
+        self.eval()
+        self._collect = {}
+        try:
+            self.forward(images, quantized=False)
+            return self._collect
+        finally:
+            self._collect = None
+            self.train(was_training)
+
+    @torch.no_grad()
     def calibrate(self, images: torch.Tensor, seed: int = 0) -> dict[str, QParams]:
         """Set activation grids from a full-precision pass over normalised clean images.
 
         Mirrors `pipeline.calibration.calibrate` (batches of 64, the same value
         sampling in the same order) and `pipeline.quantize.activation_qparams`.
         """
-        was_training = self.training
-        self.eval()
         rng = np.random.default_rng(seed)
         mins = {p: np.inf for p in self.points}
         maxs = {p: -np.inf for p in self.points}
         samples: dict[str, list[np.ndarray]] = {p: [] for p in self.points}
-        try:
-            for start in range(0, len(images), CALIB_BATCH):
-                self._collect = {}
-                self.forward(images[start : start + CALIB_BATCH], quantized=False)
-                for p in self.points:  # plan order, like pipeline.calibration
-                    flat = self._collect[p].reshape(-1).cpu().numpy()
-                    mins[p] = min(mins[p], float(flat.min()))
-                    maxs[p] = max(maxs[p], float(flat.max()))
-                    k = min(SAMPLE_PER_BATCH, flat.size)
-                    samples[p].append(flat[rng.choice(flat.size, size=k, replace=False)])
-        finally:
-            self._collect = None
-            self.train(was_training)
+        for start in range(0, len(images), CALIB_BATCH):
+            values = self.point_values(images[start : start + CALIB_BATCH])
+            for p in self.points:  # plan order, like pipeline.calibration
+                flat = values[p].reshape(-1).cpu().numpy()
+                mins[p] = min(mins[p], float(flat.min()))
+                maxs[p] = max(maxs[p], float(flat.max()))
+                k = min(SAMPLE_PER_BATCH, flat.size)
+                samples[p].append(flat[rng.choice(flat.size, size=k, replace=False)])
         self.act_qparams = {
             p: observe_activation(
                 ActivationStats(min=mins[p], max=maxs[p], sample=np.concatenate(samples[p])),
