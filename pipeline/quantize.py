@@ -14,6 +14,7 @@ import onnx
 import torch
 
 from converters.qdq import WEIGHT_STORAGES, to_qdq
+from pipeline.bn_fold import pre_bn_error_scale, read_bn_factors
 from pipeline.calibration import calibrate
 from pipeline.errors import EfrapError
 from pipeline.graph import QuantPlan, analyze, check_finite, prepare_model
@@ -138,6 +139,9 @@ def quantize_model(model: onnx.ModelProto, images: np.ndarray, options: Quantize
     graph = TorchGraph(prepared, device)
     inits = {k: v.cpu().numpy() for k, v in graph.initializers.items()}
     images_t = torch.from_numpy(images).to(device) if method.needs_data else None
+    bn_factors = read_bn_factors(
+        model, {layer.node: int(inits[layer.weight].shape[layer.weight_axis]) for layer in plan.layers},
+        source)
     needs: frozenset[str] = frozenset()
     if method.needs_data:
         from pipeline.rounding.losses import get_loss
@@ -163,6 +167,9 @@ def quantize_model(model: onnx.ModelProto, images: np.ndarray, options: Quantize
         if method.needs_data:
             assert images_t is not None
             problem = build_problem(graph, layer, wqp, images_t, fixed, act_qp, bias_t, needs)
+            if layer.node in bn_factors:
+                problem.error_scale = torch.from_numpy(
+                    pre_bn_error_scale(bn_factors[layer.node])).to(device)
             bar = Progress(f"layer {i}/{len(plan.layers)} {layer.node} ({options.method}, "
                            f"{tq.bits}-bit)", total=config.iters)
 
@@ -183,7 +190,9 @@ def quantize_model(model: onnx.ModelProto, images: np.ndarray, options: Quantize
         fixed[layer.weight] = torch.from_numpy(ql.dequantized_weight()).to(device)
         if bias_t is not None and layer.bias is not None:
             fixed[layer.bias] = bias_t
-        per_layer.append({"layer": layer.node, "op": layer.op, "bits": tq.bits, **ql.stats})
+        units = "pre_bn" if layer.node in bn_factors and config.error_units == "pre_bn" else "exported"
+        per_layer.append({"layer": layer.node, "op": layer.op, "bits": tq.bits,
+                          **({"error_units": units} if method.needs_data else {}), **ql.stats})
     t_round = time.perf_counter() - t1
 
     result = QuantResult(plan=plan, act_qparams=act_qp, layers=layers)
@@ -209,6 +218,8 @@ def quantize_model(model: onnx.ModelProto, images: np.ndarray, options: Quantize
         "efrap.weight_storage": options.weight_storage,
         "efrap.rounding": summary["rounding"],
         "efrap.flip_fraction": {p["layer"]: round(p.get("flip_fraction", 0.0), 6) for p in per_layer},
+        **({"efrap.error_units": {p["layer"]: p["error_units"] for p in per_layer}}
+           if method.needs_data else {}),
         "efrap.versions": versions(),
     })
     return qdq, result, summary

@@ -83,5 +83,10 @@ def test_defend_writes_metadata_matches_simulation_and_is_deterministic(
     flips = json.loads(meta["efrap.flip_fraction"])
     assert len(flips) == 5 and any(v > 0 for v in flips.values())
     assert json.loads(meta["efrap.rounding"])["iters"] == 60
+    # The stored model was exported by efrap: its convs' errors are in pre-BN units.
+    units = json.loads(meta["efrap.error_units"])
+    assert {k: v for k, v in units.items() if "Conv" in k} == dict.fromkeys(
+        json.loads(meta["efrap.bn_fold"]), "pre_bn")
+    assert sorted(v for k, v in units.items() if "Gemm" in k) == ["exported", "exported"]
     report = _verify(outs[0], tmp_path, "--reference", "--limit", "2000")
     assert report["parity"]["fraction_differing_predictions"] <= 0.002

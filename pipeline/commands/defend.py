@@ -19,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="EFRAP: learn a non-nearest rounding that flips weights with large truncation "
         "error while a layer-wise activation reconstruction loss keeps clean accuracy. Defaults "
         "follow the release: 10,000 iterations per layer, batch 32, 1,024 calibration images, "
-        "Adam lr 1e-3, regulariser 0.01 (b = 2), flip weight 1.")
+        "Adam lr 1e-3, regulariser 0.01 (b = 2), flip weight 1, element-wise truncation errors "
+        "measured on the conv weight before BatchNorm folding when the model records its BN "
+        "factors (efrap export does).")
     add_common_quant_args(p, "w4a4")
     from pipeline.rounding.efrap import EFRAP_DEFAULTS
 

@@ -41,6 +41,10 @@ def add_rounding_args(p: argparse.ArgumentParser, defaults: RoundingConfig) -> N
                    help=f"EFRAP flip penalty weight (default {defaults.flip_weight})")
     g.add_argument("--error-mode", choices=("element", "neuron"), default=None,
                    help="truncation-error weighting: element-wise (release) or neuron-wise norm")
+    g.add_argument("--error-units", choices=("pre-bn", "exported"), default=None,
+                   help="units of EFRAP's truncation errors: pre-bn (default, the release: the conv "
+                        "weight before BatchNorm folding, when the model records its BN factors) "
+                        "or exported (the folded weight)")
     g.add_argument("--loss", default=None,
                    help=f"activation-preservation loss (default {defaults.loss})")
 
@@ -52,6 +56,8 @@ def rounding_config(args: argparse.Namespace, defaults: RoundingConfig) -> Round
     fields = {"iters": "iters", "batch_size": "batch_size", "lr": "lr", "reg_weight": "reg_weight",
               "flip_weight": "flip_weight", "error_mode": "error_mode", "loss": "loss"}
     given = {f: getattr(args, a) for f, a in fields.items() if getattr(args, a, None) is not None}
+    if getattr(args, "error_units", None) is not None:
+        given["error_units"] = args.error_units.replace("-", "_")
     return replace(defaults, seed=args.seed, **given)
 
 

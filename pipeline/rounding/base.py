@@ -37,6 +37,9 @@ class RoundingConfig:
         error_mode: "element" (the release: each weight's own truncation error) or
             "neuron" (the paper's text: the output channel's error norm).
         loss: Name of the activation-preservation loss (see pipeline.rounding.losses).
+        error_units: "pre_bn" (the release: truncation errors in the units of the conv
+            weight before BatchNorm folding, when the model records its BN factors) or
+            "exported" (in the units of the exported, folded weight).
         seed: Seed of the batch sampling.
     """
 
@@ -50,6 +53,7 @@ class RoundingConfig:
     flip_weight: float = 1.0
     error_mode: str = "element"
     loss: str = "mse"
+    error_units: str = "pre_bn"
     seed: int = 1005
 
 
@@ -72,6 +76,9 @@ class LayerProblem:
         head_targets: FP logits for the same samples, [N, classes].
         channel_axis: Axis of the weight holding output channels (also for per-tensor
             grids, where `qparams.axis` is None).
+        error_scale: Per-output-channel multiplier that turns the exported weight's
+            truncation errors into pre-BN units (1/|BN factor|), or None when the
+            model records no BN factor for this layer.
     """
 
     name: str
@@ -84,6 +91,7 @@ class LayerProblem:
     head: Callable[[torch.Tensor], torch.Tensor] | None = None
     head_targets: torch.Tensor | None = None
     channel_axis: int = 0
+    error_scale: torch.Tensor | None = None
 
 
 @dataclass

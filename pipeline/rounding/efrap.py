@@ -15,6 +15,13 @@ The release writes t = 1 - round(frac(W/s)) with round half to even, which point
 the same way as nearest on exact ties with an odd floor; here t is the opposite of
 the integer nearest rounding actually picks, which differs only on those ties.
 
+The release rounds the conv weight before BatchNorm (BN runs in float), so its
+e_ij is in those units. An exported model has BN folded, which multiplies each
+output channel's errors by |f| = |gamma| / sqrt(var + eps); with error_units
+"pre_bn" (default) and the factors recorded in the model (pipeline.bn_fold), e is
+divided by |f| so the penalty weighs what the release weighs. The integers and
+the reconstruction are unchanged by folding (per-channel grids absorb f).
+
 error_mode "neuron" replaces e_ij by the L2 norm of the truncation errors of the
 weight's output channel (the same value for every weight of the channel): the
 paper's text ("neuron-wise truncation error norms"), not the release.
@@ -42,6 +49,7 @@ EFRAP_DEFAULTS = RoundingConfig(
     flip_weight=1.0,
     error_mode="element",
     loss="mse",
+    error_units="pre_bn",
 )
 
 
@@ -52,15 +60,21 @@ def flip_targets(grid: LayerGrid) -> torch.Tensor:
         return 1.0 - nearest_up
 
 
-def error_weights(grid: LayerGrid, mode: str, channel_axis: int) -> torch.Tensor:
+def error_weights(grid: LayerGrid, mode: str, channel_axis: int,
+                  channel_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Per-weight flip weights e: own truncation error ("element") or channel norm ("neuron").
 
     Args:
         grid: The layer's grid.
         mode: "element" or "neuron".
-        channel_axis: Output-channel axis of the weight (used by "neuron").
+        channel_axis: Output-channel axis of the weight.
+        channel_scale: Optional per-output-channel multiplier of the errors (pre-BN units).
     """
     err = grid.truncation_error()
+    if channel_scale is not None:
+        shape = [1] * err.dim()
+        shape[channel_axis] = -1
+        err = err * channel_scale.to(err.device, torch.float32).reshape(shape)
     if mode == "element":
         return err
     dims = [d for d in range(err.dim()) if d != channel_axis]
@@ -84,7 +98,8 @@ class Efrap(LearnedRounding):
             return None
         # The problem names the output-channel axis even for per-tensor grids, as the
         # neuron-wise norm groups by output channel whatever the grid's granularity.
-        e = error_weights(grid, config.error_mode, problem.channel_axis)
+        scale = problem.error_scale if config.error_units == "pre_bn" else None
+        e = error_weights(grid, config.error_mode, problem.channel_axis, scale)
         t = flip_targets(grid)
         weight = config.flip_weight
 

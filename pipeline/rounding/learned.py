@@ -193,6 +193,13 @@ def check_problem(problem: LayerProblem, config: RoundingConfig, method: str,
         raise EfrapError("reg_weight and flip_weight must not be negative")
     if config.error_mode not in ("element", "neuron"):
         raise EfrapError(f"error_mode must be 'element' or 'neuron', got '{config.error_mode}'")
+    if config.error_units not in ("pre_bn", "exported"):
+        raise EfrapError(f"error_units must be 'pre_bn' or 'exported', got '{config.error_units}'")
+    scale = problem.error_scale
+    if scale is not None and (scale.dim() != 1
+                              or scale.numel() != problem.weight.shape[problem.channel_axis]):
+        raise EfrapError(f"layer {problem.name}: error_scale has {scale.numel()} values for "
+                         f"{problem.weight.shape[problem.channel_axis]} output channels")
     present = {
         "output_grads": problem.output_grads is not None,
         "head": problem.head is not None and problem.head_targets is not None,
