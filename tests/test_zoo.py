@@ -35,11 +35,14 @@ def test_stored_model(entry) -> None:
     assert mean == entry.normalization["mean"]
     logits = make_session(model, "faithful", "cpu").run(np.zeros((2, *entry.input_shape), np.float32))
     assert logits.shape == (2, 10) and np.isfinite(logits).all()
+    # Exported by efrap: every conv records its BN factors (EFRAP's pre-BN error units).
+    meta = {p.key: p.value for p in model.metadata_props}
+    convs = {n.name: n for n in model.graph.node if n.op_type == "Conv"}
+    assert set(json.loads(meta["efrap.bn_fold"])) == set(convs)
     if entry.kind == "qcb":
         assert entry.attack and entry.scheme in PRESETS
         assert load_trigger(trigger_path(entry)).target == entry.target
         # The manifest's carrier is the one the model was built with.
-        meta = {p.key: p.value for p in model.metadata_props}
         settings = json.loads(meta["efrap.attack.settings"])
         built = settings.get("carrier", "scheme")
         assert entry.carrier == built and built in CARRIERS
