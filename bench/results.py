@@ -3,6 +3,7 @@
 Usage:
     python bench/results.py [--iters N] [--names NAME ...] [--limit N]
     python bench/results.py --models A.onnx B.onnx ... [--iters N]     # held-out models
+    python bench/results.py --merge A.json B.json    # combine partial runs (e.g. --names halves)
 
 For each model, under the scheme its attack targets: the FP model, and the model
 quantized with `nearest`, `adaround` and `efrap` (each with its own defaults, the
@@ -171,7 +172,13 @@ def main() -> None:
                         help="rounding methods to run (nearest and efrap are always needed)")
     parser.add_argument("--json", default=None, help="default bench/results/{results,heldout}.json")
     parser.add_argument("--doc", default=str(ROOT / "docs/RESULTS.md"))
+    parser.add_argument("--merge", nargs="+", default=None,
+                        help="combine the JSON files of earlier partial runs (for example two "
+                             "--names halves run side by side) instead of measuring")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.json, Path(args.doc))
+        return
     section = "heldout" if args.models else "zoo"
     subjects = file_subjects(args.models) if args.models else zoo_subjects(args.names)
     with tempfile.TemporaryDirectory() as tmp:
@@ -187,11 +194,39 @@ def main() -> None:
     print(body)
     out = Path(args.json or ROOT / f"bench/results/{'heldout' if args.models else 'results'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": command, "results": results, "versions": versions(),
-                               "opt_level": "faithful", "provider": "CPUExecutionProvider"},
-                              indent=2) + "\n")
+    write_json(out, {"command": command, "section": section, "seed": args.seed,
+                     "limit": args.limit, "results": results})
     if args.limit is None:
         replace_section(Path(args.doc), section, body)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """The run's JSON, with versions and the runtime settings every figure used."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**payload, "versions": versions(), "opt_level": "faithful",
+                                "provider": "CPUExecutionProvider"}, indent=2) + "\n")
+
+
+def merge(paths: list[str], json_out: str | None, doc: Path) -> None:
+    """One table from partial runs of the same section, seed and versions, zoo order kept."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    keys = {(r.get("section"), r.get("seed"), r.get("limit"), json.dumps(r["versions"], sort_keys=True))
+            for r in runs}
+    if len(keys) != 1:
+        sys.exit("results.py --merge: the runs differ in section, seed, --limit or versions")
+    section, seed, limit, _ = keys.pop()
+    results = [row for r in runs for row in r["results"]]
+    if section == "zoo":
+        order = {e.name: i for i, e in enumerate(load_manifest())}
+        results.sort(key=lambda row: order.get(row["model"], len(order)))
+    command = " + ".join(f"`{r['command']}`" for r in runs).strip("`")
+    body = render(results, command, seed)
+    print(body)
+    out = Path(json_out or ROOT / f"bench/results/{'heldout' if section == 'heldout' else 'results'}.json")
+    write_json(out, {"command": command, "section": section, "seed": seed, "limit": limit,
+                     "results": results, "merged_from": [r["command"] for r in runs]})
+    if limit is None:
+        replace_section(doc, section, body)
 
 
 if __name__ == "__main__":
