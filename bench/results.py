@@ -142,7 +142,9 @@ def render(results: list[dict], command: str, seed: int) -> str:
              "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", f"Iterations per layer: adaround {iters.get('adaround')}, efrap "
-              f"{iters.get('efrap')}; 1,024 calibration images; seed {seed}. Floors met on "
+              f"{iters.get('efrap')}; 1,024 calibration images chosen with seed {seed}; learned "
+              f"rounding samples its batches with the methods' default seed "
+              f"({get_method('efrap').defaults.seed}, the release's). Floors met on "
               f"{sum(r['floors_met'] for r in results)} of {len(results)} models.", "",
               f"Versions: {json.dumps(versions(), sort_keys=True)}"]
     return "\n".join(lines)
