@@ -22,6 +22,7 @@ import onnx
 import torch
 import torch.nn as nn
 
+from pipeline.bn_fold import BN_FOLD_KEY
 from pipeline.errors import EfrapError
 from pipeline.onnx_io import save_model, set_metadata
 from validators.runtime import make_session
@@ -120,7 +121,7 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], out_path: str, *
     extra: dict[str, object] = {"efrap.normalization": {"mean": list(mean), "std": list(std)}}
     bn = bn_fold_metadata(proto, folded, factors)
     if bn:
-        extra["efrap.bn_fold"] = bn
+        extra[BN_FOLD_KEY] = bn
     set_metadata(proto, {**extra, **(metadata or {})})
     x = torch.randn((8, *input_shape), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -139,9 +139,11 @@ def quantize_model(model: onnx.ModelProto, images: np.ndarray, options: Quantize
     graph = TorchGraph(prepared, device)
     inits = {k: v.cpu().numpy() for k, v in graph.initializers.items()}
     images_t = torch.from_numpy(images).to(device) if method.needs_data else None
+    # Only a method that weighs truncation errors (EFRAP) reads the BN factors.
+    weighs_errors = hasattr(method, "error_units")
     bn_factors = read_bn_factors(
         model, {layer.node: int(inits[layer.weight].shape[layer.weight_axis]) for layer in plan.layers},
-        source)
+        source) if weighs_errors else {}
     needs: frozenset[str] = frozenset()
     if method.needs_data:
         from pipeline.rounding.losses import get_loss
@@ -164,6 +166,7 @@ def quantize_model(model: onnx.ModelProto, images: np.ndarray, options: Quantize
         if bias_q is not None:
             bias_t = torch.from_numpy(ql.dequantized_bias()).to(device)
         lt = time.perf_counter()
+        units = "exported"
         if method.needs_data:
             assert images_t is not None
             problem = build_problem(graph, layer, wqp, images_t, fixed, act_qp, bias_t, needs)
@@ -176,6 +179,8 @@ def quantize_model(model: onnx.ModelProto, images: np.ndarray, options: Quantize
             def report(step: int, terms: dict[str, float], bar: Progress = bar) -> None:
                 bar.update(step - bar.count, " ".join(f"{k} {v:.4g}" for k, v in terms.items()))
 
+            if weighs_errors:
+                units = method.error_units(problem, config)  # type: ignore[attr-defined]
             res: RoundingResult = method(problem, config, progress=report)
             bar.close(f"flipped {100 * res.stats.get('flip_fraction', 0.0):.2f}%, "
                       f"rec {res.stats.get('rec_nearest', 0.0):.4g} (nearest) -> "
@@ -190,9 +195,8 @@ def quantize_model(model: onnx.ModelProto, images: np.ndarray, options: Quantize
         fixed[layer.weight] = torch.from_numpy(ql.dequantized_weight()).to(device)
         if bias_t is not None and layer.bias is not None:
             fixed[layer.bias] = bias_t
-        units = "pre_bn" if layer.node in bn_factors and config.error_units == "pre_bn" else "exported"
         per_layer.append({"layer": layer.node, "op": layer.op, "bits": tq.bits,
-                          **({"error_units": units} if method.needs_data else {}), **ql.stats})
+                          **({"error_units": units} if weighs_errors else {}), **ql.stats})
     t_round = time.perf_counter() - t1
 
     result = QuantResult(plan=plan, act_qparams=act_qp, layers=layers)
@@ -219,7 +223,7 @@ def quantize_model(model: onnx.ModelProto, images: np.ndarray, options: Quantize
         "efrap.rounding": summary["rounding"],
         "efrap.flip_fraction": {p["layer"]: round(p.get("flip_fraction", 0.0), 6) for p in per_layer},
         **({"efrap.error_units": {p["layer"]: p["error_units"] for p in per_layer}}
-           if method.needs_data else {}),
+           if weighs_errors else {}),
         "efrap.versions": versions(),
     })
     return qdq, result, summary

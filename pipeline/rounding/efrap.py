@@ -91,6 +91,11 @@ class Efrap(LearnedRounding):
     soft = PLAIN_SIGMOID
     defaults = EFRAP_DEFAULTS
 
+    def error_units(self, problem: LayerProblem, config: RoundingConfig) -> str:
+        """"pre_bn" when the errors are divided by the layer's BN factors, else "exported"."""
+        return "pre_bn" if config.error_units == "pre_bn" and problem.error_scale is not None \
+            else "exported"
+
     def penalty(self, grid: LayerGrid, problem: LayerProblem,
                 config: RoundingConfig) -> Penalty | None:
         """flip_weight * sum(e * BCE(sigmoid(V), t)), or None when the weight is 0."""
@@ -98,7 +103,7 @@ class Efrap(LearnedRounding):
             return None
         # The problem names the output-channel axis even for per-tensor grids, as the
         # neuron-wise norm groups by output channel whatever the grid's granularity.
-        scale = problem.error_scale if config.error_units == "pre_bn" else None
+        scale = problem.error_scale if self.error_units(problem, config) == "pre_bn" else None
         e = error_weights(grid, config.error_mode, problem.channel_axis, scale)
         t = flip_targets(grid)
         weight = config.flip_weight
