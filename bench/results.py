@@ -194,12 +194,17 @@ def main() -> None:
         " --methods " + " ".join(methods) if set(methods) != set(METHODS) else "")
     body = render(results, command, args.seed)
     print(body)
-    out = Path(args.json or ROOT / f"bench/results/{'heldout' if args.models else 'results'}.json")
+    out = Path(args.json) if args.json else default_json(section)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, {"command": command, "section": section, "seed": args.seed,
                      "limit": args.limit, "results": results})
     if args.limit is None:
         replace_section(Path(args.doc), section, body)
+
+
+def default_json(section: str) -> Path:
+    """bench/results/results.json for the zoo, heldout.json for held-out models."""
+    return ROOT / f"bench/results/{'heldout' if section == 'heldout' else 'results'}.json"
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -224,7 +229,7 @@ def merge(paths: list[str], json_out: str | None, doc: Path) -> None:
     command = " + ".join(f"`{r['command']}`" for r in runs).strip("`")
     body = render(results, command, seed)
     print(body)
-    out = Path(json_out or ROOT / f"bench/results/{'heldout' if section == 'heldout' else 'results'}.json")
+    out = Path(json_out) if json_out else default_json(section)
     write_json(out, {"command": command, "section": section, "seed": seed, "limit": limit,
                      "results": results, "merged_from": [r["command"] for r in runs]})
     if limit is None:
