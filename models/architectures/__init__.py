@@ -7,10 +7,17 @@ from collections.abc import Callable
 import torch.nn as nn
 
 from models.architectures.alexnet import AlexNet
+from models.architectures.convnext import ConvNeXt
+from models.architectures.efficientnet import EfficientNetB0
 from models.architectures.mobilenet_v2 import MobileNetV2
+from models.architectures.mobilenet_v3 import MobileNetV3Small
+from models.architectures.regnet import RegNetY
 from models.architectures.resnet import ResNet18
+from models.architectures.shufflenet_v2 import ShuffleNetV2
 from models.architectures.small_cnn import SmallCNN
+from models.architectures.squeezenet import SqueezeNet
 from models.architectures.vgg import VGG16
+from models.architectures.vit import ViTTiny
 from pipeline.errors import EfrapError
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
@@ -19,6 +26,13 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "vgg16": VGG16,
     "mobilenet_v2": MobileNetV2,
     "alexnet": AlexNet,
+    "mobilenet_v3_small": MobileNetV3Small,
+    "efficientnet_b0": EfficientNetB0,
+    "shufflenet_v2": ShuffleNetV2,
+    "regnet": RegNetY,
+    "squeezenet": SqueezeNet,
+    "vit_tiny": ViTTiny,
+    "convnext_tiny": ConvNeXt,
 }
 
 
