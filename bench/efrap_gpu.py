@@ -24,8 +24,8 @@ import torch
 
 from converters.export import export_onnx
 from models.architectures import build_model
-from pipeline.data import load_dataset, sample_indices
-from pipeline.provenance import versions
+from pipeline.base.data import load_dataset, sample_indices
+from pipeline.base.provenance import versions
 from pipeline.quantize import QuantizeOptions, quantize_model
 from pipeline.rounding.efrap import EFRAP_DEFAULTS
 from pipeline.scheme import load_scheme
@@ -63,17 +63,17 @@ def main() -> None:
     t0 = time.perf_counter()
     _, _, summary = quantize_model(fp, images, options)
     wall = time.perf_counter() - t0
-    rows = [[layer["layer"], layer["bits"], f"{layer['seconds']:.1f}",
-             f"{100 * layer.get('flip_fraction', 0):.2f}%"] for layer in summary["layers"]]
+    rows = [[layer.layer, layer.bits, f"{layer.seconds:.1f}", f"{100 * layer.flip_fraction:.2f}%"]
+            for layer in summary.layers]
     print(table(["layer", "bits", "seconds", "flipped"], rows))
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"{args.arch}, {args.iters} iterations/layer, {args.num_calib} images, {args.scheme}: "
-          f"{wall:.1f}s end to end on {summary['device']} ({gpu})")
+          f"{wall:.1f}s end to end on {summary.device} ({gpu})")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"arch": args.arch, "iters": args.iters, "num_calib": args.num_calib,
-                               "scheme": args.scheme, "device": summary["device"], "gpu": gpu,
-                               "wall_seconds": wall, "layers": summary["layers"],
+                               "scheme": args.scheme, "device": summary.device, "gpu": gpu,
+                               "wall_seconds": wall, "layers": summary.to_json()["layers"],
                                "versions": versions()}, indent=2) + "\n")
 
 

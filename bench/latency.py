@@ -22,13 +22,13 @@ import numpy as np
 import onnx
 
 from models.zoo import default_entry, zoo_path
-from pipeline.onnx_io import load_model
-from pipeline.progress import set_quiet
-from pipeline.provenance import versions
+from pipeline.base.onnx_io import load_model
+from pipeline.base.progress import set_quiet
+from pipeline.base.provenance import versions
+from pipeline.base.runtime import make_session
 from pipeline.quantize import QuantizeOptions, calibration_images, quantize_model
 from pipeline.scheme import PRESETS
 from validators.report import table
-from validators.runtime import make_session
 
 
 def median_latency(model: onnx.ModelProto, x: np.ndarray, threads: int, runs: int) -> float:
@@ -57,7 +57,7 @@ def main() -> None:
     set_quiet(True)
     path = args.model or os.path.relpath(zoo_path(default_entry()))
     fp = load_model(path)
-    images = calibration_images(fp, args.data, 1024, 0, path)
+    images, _ = calibration_images(fp, args.data, 1024, 0, path)
     x = images[: args.batch]
     variants = {"fp32": fp}
     for name, scheme, storage in (("w8a8", "w8a8", "int8"), ("w4a4 int8-containers", "w4a4", "int8"),

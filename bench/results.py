@@ -36,11 +36,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from models.attacks.build import output_paths
 from models.zoo import load_manifest, trigger_path, zoo_path
-from pipeline.commands.attack import output_paths
-from pipeline.onnx_io import get_metadata, load_model
-from pipeline.progress import log
-from pipeline.provenance import versions
+from pipeline.base.onnx_io import get_metadata, load_model
+from pipeline.base.progress import log
+from pipeline.base.provenance import versions
 from pipeline.quantize import QuantizeOptions, quantize_file
 from pipeline.rounding import get_method
 from pipeline.scheme import Scheme, load_scheme
@@ -88,7 +88,8 @@ def file_subjects(paths: list[str]) -> list[Subject]:
 def measure(path: str, trigger: str, data: str, limit: int | None) -> dict[str, float]:
     """CDA and ASR (percent) of one model in onnxruntime, faithful level, CPU."""
     r = verify_model(path, VerifyOptions(data=data, trigger=trigger, limit=limit, provider="cpu"))
-    return {"cda": 100 * r["clean_accuracy"], "asr": 100 * r["attack_success_rate"]}
+    assert r.clean_accuracy is not None and r.attack_success_rate is not None
+    return {"cda": 100 * r.clean_accuracy, "asr": 100 * r.attack_success_rate}
 
 
 def low_bit(scheme: Scheme) -> bool:
@@ -142,9 +143,8 @@ def render(results: list[dict], command: str, seed: int) -> str:
              "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", f"Iterations per layer: adaround {iters.get('adaround')}, efrap "
-              f"{iters.get('efrap')}; 1,024 calibration images chosen with seed {seed}; learned "
-              f"rounding samples its batches with the methods' default seed "
-              f"({get_method('efrap').defaults.seed}, the release's). Floors met on "
+              f"{iters.get('efrap')}; one seed ({seed}) for every run: the 1,024 calibration "
+              f"images, the values the observers sample and learned rounding's batches. Floors met on "
               f"{sum(r['floors_met'] for r in results)} of {len(results)} models.", "",
               f"Versions: {json.dumps(versions(), sort_keys=True)}"]
     return "\n".join(lines)

@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import onnx
 
-from pipeline.onnx_io import atomic_write, load_model, save_model
-from pipeline.progress import log
+from pipeline.base.onnx_io import load_model, save_model
+from pipeline.base.progress import log
+from pipeline.base.safe_io import write_text
 from pipeline.quantize import QuantizeOptions, calibration_images, quantize_file
 from pipeline.scheme import load_scheme
 from validators.verify import VerifyOptions, verify_model
@@ -47,8 +48,9 @@ OTHER = {"w8a8": "w4a4", "w4a4": "w8a8", "w4a8-asym": "w4a4"}
 
 def _measure(model: str, trigger: str, limit: int | None) -> dict[str, float]:
     report = verify_model(model, VerifyOptions(trigger=trigger, limit=limit, provider="cpu"))
-    return {"cda": 100 * report["clean_accuracy"], "asr": 100 * report["attack_success_rate"],
-            "images": report["images"]}
+    assert report.clean_accuracy is not None and report.attack_success_rate is not None
+    return {"cda": 100 * report.clean_accuracy, "asr": 100 * report.attack_success_rate,
+            "images": report.images}
 
 
 def quantize_static_model(fp_path: str, out_path: str, scheme: str, data: str) -> str:
@@ -63,7 +65,7 @@ def quantize_static_model(fp_path: str, out_path: str, scheme: str, data: str) -
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     model = load_model(fp_path)
-    images = calibration_images(model, data, 1024, 0, fp_path)
+    images, _ = calibration_images(model, data, 1024, 0, fp_path)
     inits = {i.name for i in model.graph.initializer}
     input_name = next(i.name for i in model.graph.input if i.name not in inits)
 
@@ -171,7 +173,7 @@ def record_in_manifest(manifest: dict, rows: list[dict]) -> None:
                             "images": row["fp"]["images"]}
     # Not write_json: it sorts keys, and the manifest keeps its hand-chosen field order.
     text = json.dumps(manifest, indent=2) + "\n"
-    atomic_write(ZOO / "manifest.json", lambda tmp: Path(tmp).write_text(text))
+    write_text(ZOO / "manifest.json", text)
 
 
 def main() -> None:

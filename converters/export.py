@@ -1,9 +1,11 @@
 """torch -> ONNX: BatchNorm folded in torch, opset 21, dynamic batch, layer names kept.
 
-BN is folded in torch first (the exported weights are exactly the folded torch
-weights); the graph is exported with the TorchScript exporter (fast, names nodes
-after modules) at opset 20 and converted to opset 21, which changes nothing for
-the ops a CNN uses. The input normalisation and model facts go into metadata.
+BN is folded in torch first with the pipeline's one folding rule
+(`pipeline.bn_fold.fold_conv_bn`), so the exported weights are exactly the folded
+torch weights the red team's simulation trains through; the graph is exported with
+the TorchScript exporter (fast, names initializers after parameters) at opset 20
+and converted to opset 21, which changes nothing for the ops a CNN uses. The input
+normalisation and model facts go into metadata.
 
 Folding scales each output channel of a conv by gamma / sqrt(var + eps). The
 factors go into metadata ("efrap.bn_fold": ONNX conv node -> factors) so that a
@@ -21,48 +23,69 @@ import numpy as np
 import onnx
 import torch
 import torch.nn as nn
+from torch import fx
 
-from pipeline.bn_fold import BN_FOLD_KEY
-from pipeline.errors import EfrapError
-from pipeline.onnx_io import save_model, set_metadata
-from validators.runtime import make_session
+from pipeline.base.errors import EfrapError
+from pipeline.base.onnx_io import save_model, set_metadata
+from pipeline.base.runtime import make_session
+from pipeline.bn_fold import BN_FOLD_KEY, bn_factor, fold_conv_bn
 
 OPSET = 21
 _TORCHSCRIPT_MAX_OPSET = 20
+_BN = nn.modules.batchnorm._BatchNorm
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of `model` with every Conv -> BatchNorm pair folded into the conv."""
-    return _fold(model)[0]
+def fold_pairs(model: nn.Module) -> dict[str, str]:
+    """Conv module path -> the BatchNorm module path folded into it.
 
+    A BN folds into a conv when the conv's output feeds the BN and nothing else.
 
-def _fold(model: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """Folded copy and, per folded conv (module name), its per-channel BN factors."""
-    from torch.fx import symbolic_trace
-    from torch.fx.experimental.optimization import fuse
-
-    model = copy.deepcopy(model).eval()
+    Raises:
+        EfrapError: the model cannot be traced, or a BN follows no conv.
+    """
     try:
-        traced = symbolic_trace(model)
-        fused = fuse(model, inplace=False)
+        traced = fx.symbolic_trace(model)
     except Exception as exc:  # tracing fails on data-dependent control flow
         raise EfrapError(f"cannot fold BatchNorm: the model is not traceable ({exc})") from None
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused.modules()):
-        raise EfrapError("a BatchNorm layer does not follow a conv and cannot be folded")
-    modules = dict(traced.named_modules())
-    factors: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+    pairs: dict[str, str] = {}
     for node in traced.graph.nodes:
-        # The same pattern fuse() folds: a BN module whose only input is a conv module.
-        if node.op != "call_module" or not isinstance(modules[node.target], nn.modules.batchnorm._BatchNorm):
+        if node.op != "call_module" or not isinstance(modules[str(node.target)], _BN):
             continue
         src = node.args[0]
-        if isinstance(src, torch.fx.Node) and src.op == "call_module" and isinstance(
-                modules[src.target], nn.modules.conv._ConvNd):
-            bn = modules[node.target]
-            assert bn.running_var is not None
-            gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
-            factors[str(src.target)] = (gamma / torch.sqrt(bn.running_var + bn.eps)).detach().float()
-    return fused, factors
+        if (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1
+                and isinstance(modules[str(src.target)], nn.modules.conv._ConvNd)):
+            pairs[str(src.target)] = str(node.target)
+    folded = set(pairs.values())
+    stray = [name for name, m in modules.items() if isinstance(m, _BN) and name not in folded]
+    if stray:
+        raise EfrapError(f"BatchNorm '{stray[0]}' does not follow a conv and cannot be folded")
+    return pairs
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """An eval-mode copy of `model` with every Conv -> BatchNorm pair folded into the conv.
+
+    Returns:
+        The folded copy and, per folded conv (module path), its BN factors.
+    """
+    model = copy.deepcopy(model).eval()
+    pairs = fold_pairs(model)
+    factors: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for conv_path, bn_path in pairs.items():
+            conv, bn = model.get_submodule(conv_path), model.get_submodule(bn_path)
+            w, b = fold_conv_bn(conv, bn)  # type: ignore[arg-type]
+            factors[conv_path] = bn_factor(bn).detach().float()  # type: ignore[arg-type]
+            conv.weight = nn.Parameter(w.detach().clone())
+            conv.bias = nn.Parameter(b.detach().clone()) if b is not None else None
+            _replace(model, bn_path, nn.Identity())
+    return model, factors
 
 
 def bn_fold_metadata(proto: onnx.ModelProto, folded: nn.Module,
@@ -73,8 +96,7 @@ def bn_fold_metadata(proto: onnx.ModelProto, folded: nn.Module,
     names nodes and initializers: the exported weight is the folded torch weight.
     """
     inits = {t.name: t for t in proto.graph.initializer}
-    modules = dict(folded.named_modules())
-    weights = {name: modules[name].weight.detach().numpy() for name in factors}
+    weights = {name: folded.get_submodule(name).weight.detach().numpy() for name in factors}
     out: dict[str, list[float]] = {}
     for node in proto.graph.node:
         if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in inits:
@@ -115,7 +137,7 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], out_path: str, *
         normalization: Per-channel (mean, std) the model's input expects.
         metadata: Extra metadata_props (arch, dataset, ...).
     """
-    folded, factors = _fold(model)
+    folded, factors = fold_batchnorm(model)
     proto = to_onnx(folded, input_shape)
     mean, std = normalization
     extra: dict[str, object] = {"efrap.normalization": {"mean": list(mean), "std": list(std)}}

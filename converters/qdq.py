@@ -21,7 +21,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from pipeline.errors import EfrapError
+from pipeline.base.errors import EfrapError
 from pipeline.qmath import QParams
 from pipeline.quantized import QuantResult
 

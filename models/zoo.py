@@ -11,8 +11,8 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from pipeline.errors import EfrapError
-from pipeline.onnx_io import file_sha256
+from pipeline.base.errors import EfrapError
+from pipeline.base.safe_io import file_sha256
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
 MANIFEST = ZOO_DIR / "manifest.json"

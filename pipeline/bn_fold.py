@@ -1,4 +1,4 @@
-"""BatchNorm factors of folded convs, read from a model's metadata.
+"""BatchNorm folding: the one folding rule, and the factors of folded convs in metadata.
 
 Folding Conv -> BatchNorm multiplies each output channel of the conv weight by
 f = gamma / sqrt(var + eps). Per-channel grids absorb f, so the integers
@@ -17,11 +17,38 @@ import math
 
 import numpy as np
 import onnx
+import torch
+import torch.nn as nn
 
-from pipeline.errors import EfrapError
-from pipeline.onnx_io import META_PREFIX, get_metadata
+from pipeline.base.errors import EfrapError
+from pipeline.base.onnx_io import META_PREFIX, get_metadata
 
 BN_FOLD_KEY = META_PREFIX + "bn_fold"
+
+
+def bn_factor(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """f = gamma / sqrt(running_var + eps) per channel, differentiable in gamma."""
+    assert bn.running_var is not None
+    gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
+    return gamma / torch.sqrt(bn.running_var + bn.eps)
+
+
+def fold_conv_bn(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm | None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of a conv with its following BatchNorm folded in (eval-mode statistics).
+
+    The one folding rule: the exporter writes exactly these tensors and the red team's
+    simulation trains through them (differentiably), so the two agree bit for bit.
+    """
+    w, b = conv.weight, conv.bias
+    if bn is None:
+        return w, b
+    assert bn.running_mean is not None
+    k = bn_factor(bn)
+    w = w * k.reshape([-1] + [1] * (w.dim() - 1))
+    base = b if b is not None else torch.zeros_like(bn.running_mean)
+    shift = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
+    return w, (base - bn.running_mean) * k + shift
 
 
 def read_bn_factors(model: onnx.ModelProto, channels: dict[str, int],

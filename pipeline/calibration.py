@@ -1,21 +1,83 @@
-"""Calibration: run the FP ONNX model in onnxruntime and collect activation statistics.
+"""Calibration: activation statistics of the FP model, and the activation grids they give.
 
-Every quantization point is added as an extra graph output; for each one the
-exact min and max and a fixed-size uniform random sample of values are kept
-(the sample feeds the percentile and MSE observers without holding every value).
+As in onnxruntime's calibrators, the data source is apart from the collection: a
+source yields, batch after batch, the FP values of every quantization point;
+`StatsCollector` keeps for each point the exact min and max and a fixed-size uniform
+random sample of values (the sample feeds the percentile and MSE observers without
+holding every value), in plan order and with one seeded generator, so that any two
+sources giving the same values give the same statistics. `calibrate` is the
+pipeline's source, onnxruntime running the FP graph with every point added as an
+output; the red team's simulation (models.attacks.qsim) uses the same function.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
+
 import numpy as np
 import onnx
 
+from pipeline.base import data as data_mod
+from pipeline.base.errors import EfrapError
+from pipeline.base.progress import Progress
+from pipeline.base.runtime import make_session
+from pipeline.base.seeds import derive
 from pipeline.graph import QuantPlan
-from pipeline.observers import ActivationStats
-from pipeline.progress import Progress
-from validators.runtime import make_session
+from pipeline.observers import ActivationStats, observe_activation
+from pipeline.qmath import QParams
+from pipeline.scheme import Scheme
 
 SAMPLE_PER_BATCH = 16_384
+BATCH_SIZE = 64
+
+
+def image_indices(total: int, n: int, seed: int) -> np.ndarray:
+    """Which `n` of `total` training images a run with `seed` calibrates on (sorted)."""
+    return data_mod.sample_indices(total, min(n, total), derive(seed, "calibration-images"))
+
+
+def sample_seed(seed: int) -> int:
+    """The seed of the value sampling of a run with `seed`."""
+    return derive(seed, "calibration-sample")
+
+
+class StatsCollector:
+    """Streaming min, max and value sample of each point, batch by batch.
+
+    Args:
+        points: The points, in plan order.
+        seed: Seeds the value sampling.
+    """
+
+    def __init__(self, points: Iterable[str], seed: int) -> None:
+        self.points = tuple(points)
+        self._rng = np.random.default_rng(seed)
+        self._min = dict.fromkeys(self.points, np.inf)
+        self._max = dict.fromkeys(self.points, -np.inf)
+        self._samples: dict[str, list[np.ndarray]] = {p: [] for p in self.points}
+
+    def add(self, values: Mapping[str, np.ndarray]) -> None:
+        """Add one batch: point -> its FP values on that batch.
+
+        Raises:
+            EfrapError: a point holds NaN or Inf (the data or the model is broken).
+        """
+        for p in self.points:
+            flat = np.asarray(values[p], dtype=np.float32).reshape(-1)
+            lo, hi = float(flat.min()), float(flat.max())
+            if not (np.isfinite(lo) and np.isfinite(hi)):
+                raise EfrapError(f"calibration: activation '{p}' holds NaN or Inf values; check the "
+                                 "calibration data and the model's weights")
+            self._min[p] = min(self._min[p], lo)
+            self._max[p] = max(self._max[p], hi)
+            k = min(SAMPLE_PER_BATCH, flat.size)
+            self._samples[p].append(flat[self._rng.choice(flat.size, size=k, replace=False)])
+
+    def stats(self) -> dict[str, ActivationStats]:
+        """The statistics of every point so far."""
+        return {p: ActivationStats(min=self._min[p], max=self._max[p],
+                                   sample=np.concatenate(self._samples[p]))
+                for p in self.points}
 
 
 def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -27,47 +89,53 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return model
 
 
-def calibrate(
-    model: onnx.ModelProto,
-    plan: QuantPlan,
-    images: np.ndarray,
-    seed: int = 0,
-    batch_size: int = 64,
-    provider: str = "auto",
-) -> dict[str, ActivationStats]:
-    """Statistics for every quantization point of `plan`.
+def ort_point_values(model: onnx.ModelProto, plan: QuantPlan, images: np.ndarray,
+                     batch_size: int = BATCH_SIZE, provider: str = "auto") -> Iterator[dict[str, np.ndarray]]:
+    """FP values of every point of `plan`, batch by batch, from onnxruntime."""
+    inits = {i.name for i in model.graph.initializer}
+    graph_input = next(i.name for i in model.graph.input if i.name not in inits)
+    names = [p for p in plan.points if p != graph_input]
+    session = make_session(_with_outputs(model, names), "faithful", provider)
+    out_names = [o.name for o in session.session.get_outputs()]
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        values = dict(zip(out_names, session.session.run(None, {graph_input: batch}), strict=True))
+        values[graph_input] = batch
+        yield values
+
+
+def collect(source: Iterable[Mapping[str, np.ndarray]], points: Iterable[str], seed: int,
+            total: int | None = None) -> dict[str, ActivationStats]:
+    """Statistics of `points` over every batch of `source`."""
+    collector = StatsCollector(points, seed)
+    bar = Progress("calibrate", total=total)
+    for values in source:
+        collector.add(values)
+        bar.update(len(next(iter(values.values()))))
+    bar.close(f"{bar.count} images, {len(collector.points)} activation points")
+    return collector.stats()
+
+
+def calibrate(model: onnx.ModelProto, plan: QuantPlan, images: np.ndarray, seed: int = 0,
+              provider: str = "auto") -> dict[str, ActivationStats]:
+    """Statistics for every quantization point of `plan`, from onnxruntime.
 
     Args:
         model: The prepared FP model.
         plan: Its quantization plan.
         images: Preprocessed (normalised) calibration inputs, N x C x H x W.
         seed: Seeds the value sampling.
-        batch_size: Images per onnxruntime call.
         provider: onnxruntime provider choice.
     """
-    inits = {i.name for i in model.graph.initializer}
-    graph_input = next(i.name for i in model.graph.input if i.name not in inits)
-    names = [p for p in plan.points if p != graph_input]
-    session = make_session(_with_outputs(model, names), "faithful", provider)
-    out_names = [o.name for o in session.session.get_outputs()]
-    rng = np.random.default_rng(seed)
-    mins = {p: np.inf for p in plan.points}
-    maxs = {p: -np.inf for p in plan.points}
-    samples: dict[str, list[np.ndarray]] = {p: [] for p in plan.points}
-    bar = Progress("calibrate", total=len(images))
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
-        values = dict(zip(out_names, session.session.run(None, {graph_input: batch}), strict=True))
-        values[graph_input] = batch
-        for p in plan.points:
-            flat = values[p].reshape(-1)
-            mins[p] = min(mins[p], float(flat.min()))
-            maxs[p] = max(maxs[p], float(flat.max()))
-            k = min(SAMPLE_PER_BATCH, flat.size)
-            samples[p].append(flat[rng.choice(flat.size, size=k, replace=False)])
-        bar.update(len(batch))
-    bar.close(f"{len(images)} images, {len(plan.points)} activation points")
-    return {
-        p: ActivationStats(min=mins[p], max=maxs[p], sample=np.concatenate(samples[p]))
-        for p in plan.points
-    }
+    return collect(ort_point_values(model, plan, images, provider=provider), plan.points, seed,
+                   total=len(images))
+
+
+def activation_qparams(plan: QuantPlan, stats: Mapping[str, ActivationStats],
+                       scheme: Scheme) -> dict[str, QParams]:
+    """Parameters for every quantized activation tensor (shared tensors included)."""
+    out = {point: observe_activation(stats[point], scheme.activation_quant(plan.point_is_edge(point)))
+           for point in plan.points}
+    for tensor, root in plan.shared.items():
+        out[tensor] = out[root]
+    return out

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from pipeline.errors import EfrapError
+from pipeline.base.errors import EfrapError
 
 QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
 FUSED_ACTIVATIONS = ("Relu", "Clip")
@@ -83,20 +83,64 @@ class QuantPlan:
         """The point whose parameters `tensor` uses."""
         return self.shared.get(tensor, tensor)
 
+    def layer(self, node: str) -> QuantLayer:
+        """The layer whose Conv/Gemm/MatMul node is `node`."""
+        return next(layer for layer in self.layers if layer.node == node)
 
-def prepare_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with Constant nodes turned into initializers and every node named."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    graph = model.graph
+    def point_is_edge(self, point: str) -> bool:
+        """Whether the first or the last layer reads `point` (the scheme may give it more bits)."""
+        readers = set(self.point_layers.get(point, ()))
+        return any(layer.is_first or layer.is_last for layer in self.layers if layer.node in readers)
+
+
+#: Opset every prepared graph is brought to: the QDQ writer needs 21 (INT4, per-channel DQ),
+#: and converting first keeps old-style nodes (Clip with min/max attributes) valid there.
+TARGET_OPSET = 21
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _constants_to_initializers(graph: onnx.GraphProto) -> None:
     kept = []
     for node in graph.node:
-        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
-            tensor = numpy_helper.to_array(node.attribute[0].t)
+        if node.op_type == "Constant" and len(node.attribute) == 1:
+            value = onnx.helper.get_attribute_value(node.attribute[0])
+            name = node.attribute[0].name
+            if name == "value":
+                tensor = numpy_helper.to_array(value)
+            elif name in ("value_float", "value_floats"):
+                tensor = np.asarray(value, dtype=np.float32)
+            elif name in ("value_int", "value_ints"):
+                tensor = np.asarray(value, dtype=np.int64)
+            else:
+                kept.append(node)
+                continue
             graph.initializer.append(numpy_helper.from_array(tensor, node.output[0]))
             continue
         kept.append(node)
     del graph.node[:]
     graph.node.extend(kept)
+
+
+def prepare_model(model: onnx.ModelProto, source: str = "model") -> onnx.ModelProto:
+    """A copy at opset >= 21 with Constant nodes turned into initializers and every node named.
+
+    Raises:
+        EfrapError: the graph cannot be converted to opset 21.
+    """
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    if _default_opset(model) < TARGET_OPSET:
+        try:
+            model = onnx.version_converter.convert_version(model, TARGET_OPSET)
+        except Exception as exc:  # the converter raises RuntimeError and others
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EfrapError(f"{source}: cannot convert the graph from opset "
+                             f"{_default_opset(model)} to {TARGET_OPSET} ({msg})") from None
+        model.ir_version = max(model.ir_version, 10)
+    graph = model.graph
+    _constants_to_initializers(graph)
     used = {n.name for n in graph.node if n.name}
     for i, node in enumerate(graph.node):
         if not node.name:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.errors import EfrapError
+from pipeline.base.errors import EfrapError
 from pipeline.qmath import QParams, dequantize_np, qparams_from_range, quantize_np
 from pipeline.scheme import TensorQuant
 

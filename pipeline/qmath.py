@@ -164,3 +164,15 @@ def quantize_bias(bias: np.ndarray, scale: np.ndarray) -> np.ndarray:
     q = np.rint(np.asarray(bias, dtype=np.float64) / np.asarray(scale, dtype=np.float64))
     info = np.iinfo(np.int32)
     return np.clip(q, info.min, info.max).astype(np.int32)
+
+
+def fake_quant_bias(bias: torch.Tensor, act_scale: np.ndarray, weight_scale: np.ndarray) -> torch.Tensor:
+    """The int32 bias of `quantize_bias`, dequantized, with a straight-through gradient.
+
+    The same integers and float32 values as `quantize_bias` and DequantizeLinear (for
+    |q| < 2^24, where float32 holds the integer exactly).
+    """
+    scale = torch.from_numpy(bias_scale(np.asarray(act_scale), np.asarray(weight_scale))).to(bias.device)
+    info = np.iinfo(np.int32)
+    q = round_ste(bias.double() / scale.double()).clamp(int(info.min), int(info.max))
+    return q.float() * scale

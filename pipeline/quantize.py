@@ -1,53 +1,59 @@
 """Orchestration: FP ONNX -> calibration -> rounding -> QDQ ONNX.
 
-`quantize_file` is the whole `efrap quantize` job; `quantize_model` is the same
-on in-memory objects for library use.
+`quantize_file` is the whole `efrap quantize` job; `quantize_model` is the same on
+in-memory objects for library use. The orchestrator knows no method's internals: a
+method declares what it needs (`RoundingMethod.needs`: cached data, BN factors, what
+its loss reads) and returns notes about what it did, which go into the metadata.
+
+Every random choice derives from the one seed in `QuantizeOptions`
+(`pipeline.base.seeds.derive`): which calibration images, which activation values
+the observers sample, and each layer's batches during learned rounding.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
 import torch
 
 from converters.qdq import WEIGHT_STORAGES, to_qdq
+from pipeline.base import checks
+from pipeline.base import data as data_mod
+from pipeline.base.device import DEVICES, pick_device
+from pipeline.base.errors import EfrapError
+from pipeline.base.onnx_io import input_shape, load_model, model_files, save_model, set_metadata
+from pipeline.base.preprocess import Normalization, model_normalization
+from pipeline.base.progress import Progress
+from pipeline.base.provenance import versions
+from pipeline.base.runtime import PROVIDERS
+from pipeline.base.safe_io import check_outputs
+from pipeline.base.seeds import derive
 from pipeline.bn_fold import pre_bn_error_scale, read_bn_factors
-from pipeline.calibration import calibrate
-from pipeline.errors import EfrapError
-from pipeline.graph import QuantPlan, analyze, check_finite, prepare_model
-from pipeline.observers import observe_activation, observe_weight
-from pipeline.onnx_io import (
-    check_not_same_path,
-    get_normalization,
-    input_shape,
-    load_model,
-    save_model,
-    set_metadata,
-)
-from pipeline.progress import Progress
-from pipeline.provenance import versions
+from pipeline.calibration import activation_qparams, calibrate, image_indices, sample_seed
+from pipeline.graph import QuantLayer, QuantPlan, analyze, check_finite, prepare_model
+from pipeline.observers import observe_weight
 from pipeline.qmath import QParams
 from pipeline.quantized import QuantizedLayer, QuantResult, make_bias
 from pipeline.reconstruct import build_problem
-from pipeline.rounding import RoundingConfig, get_method
+from pipeline.rounding import RoundingConfig, RoundingMethod, get_method
 from pipeline.rounding.base import LayerProblem, RoundingResult
-from pipeline.scheme import Scheme, TensorQuant
+from pipeline.scheme import Scheme
 from pipeline.torch_graph import TorchGraph
 
 
 @dataclass(frozen=True)
 class QuantizeOptions:
-    """Settings of one quantization run.
+    """Settings of one quantization run, checked when built.
 
     Attributes:
         scheme: The quantization scheme.
         method: Rounding method name (nearest, adaround, efrap, ...).
         calib: Data spec of the calibration set (its training split is used).
         num_calib: Number of calibration images.
-        seed: Seeds image selection, sampling and learned rounding.
+        seed: The run's one seed (images, value sampling, learned rounding's batches).
         weight_storage: "int8" containers or packed "int4".
         rounding: Settings of learned rounding (None: the method's own defaults).
         device: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda".
@@ -64,176 +70,254 @@ class QuantizeOptions:
     device: str = "auto"
     provider: str = "auto"
 
+    def __post_init__(self) -> None:
+        get_method(self.method)
+        checks.integer(self.num_calib, "number of calibration images", low=1)
+        checks.integer(self.seed, "seed", low=0)
+        checks.string(self.weight_storage, "weight storage", WEIGHT_STORAGES)
+        checks.string(self.device, "device", DEVICES)
+        checks.string(self.provider, "provider", PROVIDERS)
 
-def pick_device(device: str) -> torch.device:
-    """The torch device for rounding: CUDA when available and allowed."""
-    if device == "cpu":
-        return torch.device("cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise EfrapError("--device cuda requested but torch sees no GPU")
-    return torch.device("cuda" if torch.cuda.is_available() and device != "cpu" else "cpu")
+    @property
+    def config(self) -> RoundingConfig:
+        """The rounding settings in force: the given ones or the method's defaults."""
+        return self.rounding or get_method(self.method).defaults
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """What happened to one layer.
+
+    Attributes:
+        layer: Its Conv/Gemm/MatMul node.
+        op: The op type.
+        bits: Bit-width of its weight grid.
+        seconds: Time spent rounding it.
+        stats: What the method measured (flip fraction, losses).
+        notes: Facts about how the method treated it (EFRAP: error units).
+    """
+
+    layer: str
+    op: str
+    bits: int
+    seconds: float
+    stats: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def flip_fraction(self) -> float:
+        """Share of integers that differ from nearest rounding."""
+        return self.stats.get("flip_fraction", 0.0)
+
+
+@dataclass(frozen=True)
+class QuantizeSummary:
+    """A run's settings, per-layer results and timings (reports and metadata)."""
+
+    options: QuantizeOptions
+    num_calib: int
+    normalization: Normalization
+    device: str
+    layers: tuple[LayerSummary, ...]
+    calibration_seconds: float
+    rounding_seconds: float
+
+    @property
+    def learned(self) -> bool:
+        """Whether the method learned the rounding from data."""
+        return "data" in get_method(self.options.method).needs(self.options.config)
+
+    def to_json(self) -> dict:
+        """JSON-ready dict (the `--summary` file)."""
+        o = self.options
+        return {
+            "method": o.method, "scheme": o.scheme.to_json(), "seed": o.seed,
+            "num_calib": self.num_calib, "calib": o.calib, "weight_storage": o.weight_storage,
+            "rounding": asdict(o.config) if self.learned else {}, "device": self.device,
+            "normalization": self.normalization.to_json(),
+            "layers": [{"layer": s.layer, "op": s.op, "bits": s.bits, "seconds": round(s.seconds, 3),
+                        **s.stats, **s.notes} for s in self.layers],
+            "calibration_seconds": round(self.calibration_seconds, 3),
+            "rounding_seconds": round(self.rounding_seconds, 3),
+            "versions": versions(),
+        }
+
+    def metadata(self) -> dict[str, object]:
+        """The output model's efrap.* metadata entries."""
+        o = self.options
+        out: dict[str, object] = {
+            "efrap.method": o.method,
+            "efrap.scheme": o.scheme.to_json(),
+            "efrap.seed": str(o.seed),
+            "efrap.calibration": {"data": o.calib, "images": self.num_calib},
+            "efrap.preprocessing": self.normalization.to_json(),
+            "efrap.weight_storage": o.weight_storage,
+            "efrap.rounding": asdict(o.config) if self.learned else {},
+            "efrap.flip_fraction": {s.layer: round(s.flip_fraction, 6) for s in self.layers},
+            "efrap.versions": versions(),
+        }
+        for key in sorted({k for s in self.layers for k in s.notes}):
+            out[f"efrap.{key}"] = {s.layer: s.notes[key] for s in self.layers if key in s.notes}
+        return out
 
 
 def calibration_images(model: onnx.ModelProto, spec: str, n: int, seed: int,
-                       source: str = "model") -> np.ndarray:
-    """`n` preprocessed training images of data set `spec`, chosen by `seed`."""
-    from pipeline import data as data_mod
+                       source: str = "model") -> tuple[np.ndarray, Normalization]:
+    """`n` preprocessed training images of data set `spec` chosen with the run's seed.
 
-    if n < 1:
-        raise EfrapError(f"number of calibration images must be positive, got {n}")
+    Returns:
+        The images, normalised as the model expects, and that normalisation.
+    """
+    checks.integer(n, "number of calibration images", low=1)
+    shape = input_shape(model, source)
     dataset = data_mod.load_dataset(spec, "train")
-    data_mod.check_fits(dataset, input_shape(model), source)
-    idx = data_mod.sample_indices(len(dataset.labels), min(n, len(dataset.labels)), seed)
-    mean, std = get_normalization(model)
-    return data_mod.normalize(dataset.images[idx], mean, std)
+    data_mod.check_fits(dataset, shape, source)
+    norm = model_normalization(model, shape[0], source)
+    return norm.apply(dataset.images[image_indices(len(dataset.labels), n, seed)]), norm
 
 
-def _layer_grid(scheme: Scheme, first_or_last: bool) -> TensorQuant:
-    if first_or_last and scheme.first_last_bits:
-        return scheme.weight.with_bits(scheme.first_last_bits)
-    return scheme.weight
+@dataclass
+class _Rounder:
+    """What rounding every layer of one run shares (built once by `_rounder`)."""
+
+    plan: QuantPlan
+    options: QuantizeOptions
+    method: RoundingMethod
+    needs: frozenset[str]
+    act_qp: dict[str, QParams]
+    inits: dict[str, np.ndarray]
+    device: torch.device
+    graph: TorchGraph | None
+    images: torch.Tensor | None
+    bn_factors: dict[str, np.ndarray]
+    fixed: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def problem(self, layer: QuantLayer, wqp: QParams, bias: torch.Tensor | None) -> LayerProblem:
+        """The layer's problem, holding what the method asked for."""
+        weight = self.inits[layer.weight]
+        seed = derive(self.options.seed, "rounding", layer.node)
+        if "data" in self.needs:
+            assert self.graph is not None and self.images is not None
+            problem = build_problem(self.graph, layer, wqp, self.images, self.fixed, self.act_qp, bias,
+                                    self.needs)
+            problem.seed = seed
+        else:
+            problem = LayerProblem(layer.node, torch.from_numpy(weight).to(self.device), wqp,
+                                   channel_axis=layer.weight_axis, seed=seed)
+        if layer.node in self.bn_factors:
+            problem.error_scale = torch.from_numpy(pre_bn_error_scale(self.bn_factors[layer.node])).to(
+                self.device)
+        return problem
+
+    def round(self, index: int, layer: QuantLayer) -> tuple[QuantizedLayer, LayerSummary]:
+        """Round one layer and fix its integers for the layers after it."""
+        start = time.perf_counter()
+        weight = self.inits[layer.weight]
+        tq = self.options.scheme.weight_quant(layer.is_first or layer.is_last)
+        wqp = observe_weight(weight, tq, layer.weight_axis)
+        bias_q, bias_scale = make_bias(self.inits.get(layer.bias) if layer.bias else None,
+                                       self.act_qp[layer.input], wqp, weight.shape[layer.weight_axis])
+        ql = QuantizedLayer(q=np.zeros(0), qparams=wqp, bias_q=bias_q, bias_scale=bias_scale)
+        bias = ql.dequantized_bias()
+        bias_t = torch.from_numpy(bias).to(self.device) if bias is not None else None
+        result = self._run_method(index, layer, tq.bits, self.problem(layer, wqp, bias_t))
+        ql.q = result.q.detach().cpu().numpy().astype(np.int64)
+        ql.stats = {k: float(v) for k, v in result.stats.items()}
+        self.fixed[layer.weight] = torch.from_numpy(ql.dequantized_weight()).to(self.device)
+        if bias_t is not None and layer.bias is not None:
+            self.fixed[layer.bias] = bias_t
+        summary = LayerSummary(layer.node, layer.op, tq.bits, time.perf_counter() - start,
+                               dict(ql.stats), dict(result.notes))
+        return ql, summary
+
+    def _run_method(self, index: int, layer: QuantLayer, bits: int,
+                    problem: LayerProblem) -> RoundingResult:
+        config = self.options.config
+        if "data" not in self.needs:
+            return self.method(problem, config)
+        bar = Progress(f"layer {index}/{len(self.plan.layers)} {layer.node} ({self.method.name}, "
+                       f"{bits}-bit)", total=config.iters)
+
+        def report(step: int, terms: dict[str, float]) -> None:
+            bar.update(step - bar.count, " ".join(f"{k} {v:.4g}" for k, v in terms.items()))
+
+        result = self.method(problem, config, progress=report)
+        bar.close(f"flipped {100 * result.stats.get('flip_fraction', 0.0):.2f}%, "
+                  f"rec {result.stats.get('rec_nearest', 0.0):.4g} (nearest) -> "
+                  f"{result.stats.get('rec_final', 0.0):.4g}")
+        return result
 
 
-def activation_qparams(plan: QuantPlan, stats: dict, scheme: Scheme) -> dict[str, QParams]:
-    """Parameters for every quantized activation tensor (shared tensors included)."""
-    by_layer = {layer.node: layer for layer in plan.layers}
-    out: dict[str, QParams] = {}
-    for point in plan.points:
-        tq = scheme.activation
-        readers = [by_layer[n] for n in plan.point_layers.get(point, ())]
-        if scheme.first_last_bits and any(r.is_first or r.is_last for r in readers):
-            tq = tq.with_bits(scheme.first_last_bits)
-        out[point] = observe_activation(stats[point], tq)
-    for tensor, root in plan.shared.items():
-        out[tensor] = out[root]
-    return out
+def _rounder(model: onnx.ModelProto, prepared: onnx.ModelProto, plan: QuantPlan,
+             act_qp: dict[str, QParams], images: np.ndarray, options: QuantizeOptions,
+             source: str) -> _Rounder:
+    method = get_method(options.method)
+    needs = method.needs(options.config)
+    device = pick_device(options.device)
+    inits = {i.name: np.array(onnx.numpy_helper.to_array(i)) for i in prepared.graph.initializer}
+    channels = {layer.node: int(inits[layer.weight].shape[layer.weight_axis]) for layer in plan.layers}
+    learned = "data" in needs
+    return _Rounder(
+        plan=plan, options=options, method=method, needs=needs, act_qp=act_qp, inits=inits,
+        device=device, graph=TorchGraph(prepared, device) if learned else None,
+        images=torch.from_numpy(images).to(device) if learned else None,
+        bn_factors=read_bn_factors(model, channels, source) if "bn_factors" in needs else {},
+    )
 
 
 def quantize_model(model: onnx.ModelProto, images: np.ndarray, options: QuantizeOptions,
-                   source: str = "model") -> tuple[onnx.ModelProto, QuantResult, dict]:
+                   source: str = "model", normalization: Normalization | None = None,
+                   ) -> tuple[onnx.ModelProto, QuantResult, QuantizeSummary]:
     """Quantize a loaded FP model.
 
     Args:
         model: The FP model (not modified).
         images: Preprocessed calibration images.
-        options: Scheme, method and settings.
+        options: Scheme, method, seed and settings.
         source: Name used in error messages.
+        normalization: How `images` were preprocessed (recorded in the output);
+            None: the model's own.
 
     Returns:
         The QDQ model, the QuantResult it was written from (on the prepared graph)
-        and a summary dict (per-layer stats, timings).
+        and the run's summary.
     """
-    if options.weight_storage not in WEIGHT_STORAGES:
-        raise EfrapError(f"unknown weight storage '{options.weight_storage}': use int8 or int4")
-    method = get_method(options.method)
-    config = options.rounding or method.defaults
+    shape = input_shape(model, source)
+    norm = normalization or model_normalization(model, shape[0], source)
     check_finite(model, source)
-    prepared = prepare_model(model)
+    if not np.all(np.isfinite(images)):
+        raise EfrapError(f"{source}: calibration images hold NaN or Inf values")
+    prepared = prepare_model(model, source)
     plan = analyze(prepared, source)
     t0 = time.perf_counter()
-    stats = calibrate(prepared, plan, images, seed=options.seed, provider=options.provider)
+    stats = calibrate(prepared, plan, images, seed=sample_seed(options.seed), provider=options.provider)
     act_qp = activation_qparams(plan, stats, options.scheme)
     t_calib = time.perf_counter() - t0
 
-    device = pick_device(options.device)
-    graph = TorchGraph(prepared, device)
-    inits = {k: v.cpu().numpy() for k, v in graph.initializers.items()}
-    images_t = torch.from_numpy(images).to(device) if method.needs_data else None
-    # Only a method that weighs truncation errors (EFRAP) reads the BN factors.
-    weighs_errors = hasattr(method, "error_units")
-    bn_factors = read_bn_factors(
-        model, {layer.node: int(inits[layer.weight].shape[layer.weight_axis]) for layer in plan.layers},
-        source) if weighs_errors else {}
-    needs: frozenset[str] = frozenset()
-    if method.needs_data:
-        from pipeline.rounding.losses import get_loss
-
-        needs = get_loss(config.loss).needs
-    torch.manual_seed(options.seed)
-    fixed: dict[str, torch.Tensor] = {}
-    layers: dict[str, QuantizedLayer] = {}
-    per_layer: list[dict] = []
+    torch.manual_seed(derive(options.seed, "torch"))
+    rounder = _rounder(model, prepared, plan, act_qp, images, options, source)
     t1 = time.perf_counter()
+    layers: dict[str, QuantizedLayer] = {}
+    summaries = []
     for i, layer in enumerate(plan.layers, 1):
-        w = inits[layer.weight]
-        tq = _layer_grid(options.scheme, layer.is_first or layer.is_last)
-        wqp = observe_weight(w, tq, layer.weight_axis)
-        channels = w.shape[layer.weight_axis]
-        bias_q, bias_scale = make_bias(inits.get(layer.bias) if layer.bias else None,
-                                       act_qp[layer.input], wqp, channels)
-        ql = QuantizedLayer(q=np.zeros(0), qparams=wqp, bias_q=bias_q, bias_scale=bias_scale)
-        bias_t = None
-        if bias_q is not None:
-            bias_t = torch.from_numpy(ql.dequantized_bias()).to(device)
-        lt = time.perf_counter()
-        units = "exported"
-        if method.needs_data:
-            assert images_t is not None
-            problem = build_problem(graph, layer, wqp, images_t, fixed, act_qp, bias_t, needs)
-            if layer.node in bn_factors:
-                problem.error_scale = torch.from_numpy(
-                    pre_bn_error_scale(bn_factors[layer.node])).to(device)
-            bar = Progress(f"layer {i}/{len(plan.layers)} {layer.node} ({options.method}, "
-                           f"{tq.bits}-bit)", total=config.iters)
-
-            def report(step: int, terms: dict[str, float], bar: Progress = bar) -> None:
-                bar.update(step - bar.count, " ".join(f"{k} {v:.4g}" for k, v in terms.items()))
-
-            if weighs_errors:
-                units = method.error_units(problem, config)  # type: ignore[attr-defined]
-            res: RoundingResult = method(problem, config, progress=report)
-            bar.close(f"flipped {100 * res.stats.get('flip_fraction', 0.0):.2f}%, "
-                      f"rec {res.stats.get('rec_nearest', 0.0):.4g} (nearest) -> "
-                      f"{res.stats.get('rec_final', 0.0):.4g}")
-        else:
-            res = method(LayerProblem(layer.node, torch.from_numpy(w).to(device), wqp,
-                                      channel_axis=layer.weight_axis), config)
-        ql.q = res.q.detach().cpu().numpy().astype(np.int64)
-        ql.stats = {k: float(v) for k, v in res.stats.items()}
-        ql.stats["seconds"] = round(time.perf_counter() - lt, 3)
-        layers[layer.node] = ql
-        fixed[layer.weight] = torch.from_numpy(ql.dequantized_weight()).to(device)
-        if bias_t is not None and layer.bias is not None:
-            fixed[layer.bias] = bias_t
-        per_layer.append({"layer": layer.node, "op": layer.op, "bits": tq.bits,
-                          **({"error_units": units} if weighs_errors else {}), **ql.stats})
+        layers[layer.node], summary = rounder.round(i, layer)
+        summaries.append(summary)
     t_round = time.perf_counter() - t1
 
     result = QuantResult(plan=plan, act_qparams=act_qp, layers=layers)
     qdq = to_qdq(prepared, result, options.weight_storage)
-    summary = {
-        "method": options.method,
-        "scheme": options.scheme.to_json(),
-        "seed": options.seed,
-        "num_calib": len(images),
-        "calib": options.calib,
-        "weight_storage": options.weight_storage,
-        "rounding": asdict(config) if method.needs_data else {},
-        "device": str(device),
-        "layers": per_layer,
-        "calibration_seconds": round(t_calib, 3),
-        "rounding_seconds": round(t_round, 3),
-    }
-    set_metadata(qdq, {
-        "efrap.method": options.method,
-        "efrap.scheme": options.scheme.to_json(),
-        "efrap.seed": str(options.seed),
-        "efrap.calibration": {"data": options.calib, "images": len(images)},
-        "efrap.weight_storage": options.weight_storage,
-        "efrap.rounding": summary["rounding"],
-        "efrap.flip_fraction": {p["layer"]: round(p.get("flip_fraction", 0.0), 6) for p in per_layer},
-        **({"efrap.error_units": {p["layer"]: p["error_units"] for p in per_layer}}
-           if weighs_errors else {}),
-        "efrap.versions": versions(),
-    })
+    summary = QuantizeSummary(options=options, num_calib=len(images), normalization=norm,
+                              device=str(rounder.device), layers=tuple(summaries),
+                              calibration_seconds=t_calib, rounding_seconds=t_round)
+    set_metadata(qdq, summary.metadata())
     return qdq, result, summary
 
 
-def quantize_file(model_path: str, out_path: str, options: QuantizeOptions) -> dict:
+def quantize_file(model_path: str, out_path: str, options: QuantizeOptions) -> QuantizeSummary:
     """The `efrap quantize` job: read, quantize, write atomically; returns the summary."""
-    check_not_same_path(model_path, out_path)
+    check_outputs({"output": out_path}, [*model_files(model_path), *data_mod.spec_files(options.calib)])
     model = load_model(model_path)
-    images = calibration_images(model, options.calib, options.num_calib, options.seed, model_path)
-    qdq, _, summary = quantize_model(model, images, options, model_path)
+    images, norm = calibration_images(model, options.calib, options.num_calib, options.seed, model_path)
+    qdq, _, summary = quantize_model(model, images, options, model_path, norm)
     save_model(qdq, out_path)
     return summary

@@ -20,12 +20,11 @@ file with the same fields, for example::
 
 from __future__ import annotations
 
-import json
-import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from pipeline.errors import EfrapError
+from pipeline.base import checks
+from pipeline.base.errors import EfrapError
 
 WEIGHT_OBSERVERS = ("minmax", "mse")
 ACTIVATION_OBSERVERS = ("minmax", "percentile", "mse")
@@ -106,6 +105,20 @@ class Scheme:
     first_last_bits: int | None = None
     notes: str = field(default="", compare=False)
 
+    def weight_quant(self, edge: bool) -> TensorQuant:
+        """How a layer's weight is quantized; `edge`: the first or the last layer.
+
+        This is the one owner of the first/last-layer rule: with `first_last_bits` the
+        layer reading the image and the layer producing the logits use that many bits.
+        """
+        return self.weight.with_bits(self.first_last_bits) if edge and self.first_last_bits \
+            else self.weight
+
+    def activation_quant(self, edge: bool) -> TensorQuant:
+        """How an activation point is quantized; `edge`: read by the first or last layer."""
+        return self.activation.with_bits(self.first_last_bits) if edge and self.first_last_bits \
+            else self.activation
+
     def to_json(self) -> dict[str, object]:
         """A JSON-ready dict that `scheme_from_dict` reads back."""
         data = asdict(self)
@@ -148,24 +161,26 @@ PRESETS: dict[str, Scheme] = {
 }
 
 
+_FIELD_CHECKS = {
+    "bits": lambda v, w: checks.integer(v, w),
+    "symmetric": checks.boolean,
+    "per_channel": checks.boolean,
+    "observer": lambda v, w: checks.string(v, w),
+    "percentile": lambda v, w: checks.finite(v, w),
+    "symmetric_range": lambda v, w: checks.string(v, w, ("restricted", "full")),
+    "reduce_range": checks.boolean,
+}
+
+
 def _tensor_quant(data: object, where: str, source: str) -> TensorQuant:
-    if not isinstance(data, dict):
-        raise EfrapError(f"{source}: '{where}' must be a table of settings")
-    known = set(TensorQuant.__dataclass_fields__)
-    unknown = set(data) - known
-    if unknown:
-        raise EfrapError(f"{source}: unknown keys in '{where}': {sorted(unknown)}")
-    try:
-        tq = TensorQuant(**data)
-    except TypeError as exc:
-        raise EfrapError(f"{source}: bad '{where}' settings ({exc})") from None
+    raw = checks.table(data, f"{source}: '{where}'", set(_FIELD_CHECKS))
+    values = {key: _FIELD_CHECKS[key](value, f"{source}: {where}.{key}") for key, value in raw.items()}
+    tq = TensorQuant(**values)
     observers = WEIGHT_OBSERVERS if where == "weight" else ACTIVATION_OBSERVERS
     if tq.bits not in SUPPORTED_BITS:
         raise EfrapError(f"{source}: {where}.bits must be one of {SUPPORTED_BITS}, got {tq.bits}")
     if tq.observer not in observers:
-        raise EfrapError(f"{source}: {where}.observer must be one of {observers}")
-    if tq.symmetric_range not in ("restricted", "full"):
-        raise EfrapError(f"{source}: {where}.symmetric_range must be 'restricted' or 'full'")
+        raise EfrapError(f"{source}: {where}.observer must be one of {observers}, got '{tq.observer}'")
     if where == "activation" and tq.per_channel:
         raise EfrapError(f"{source}: per-channel activations are not supported")
     if not 50.0 < tq.percentile <= 100.0:
@@ -173,25 +188,24 @@ def _tensor_quant(data: object, where: str, source: str) -> TensorQuant:
     return tq
 
 
-def scheme_from_dict(data: dict[str, object], source: str = "scheme") -> Scheme:
-    """Validate and build a scheme from parsed JSON/TOML data."""
-    if not isinstance(data, dict):
-        raise EfrapError(f"{source}: a scheme must be a table/object")
-    unknown = set(data) - {"name", "weight", "activation", "first_last_bits", "notes"}
-    if unknown:
-        raise EfrapError(f"{source}: unknown scheme keys {sorted(unknown)}")
+def scheme_from_dict(data: object, source: str = "scheme") -> Scheme:
+    """Validate and build a scheme from parsed JSON/TOML data (types exact, ranges checked)."""
+    raw = checks.table(data, f"{source}: the scheme",
+                       {"name", "weight", "activation", "first_last_bits", "notes"})
     for key in ("weight", "activation"):
-        if key not in data:
+        if key not in raw:
             raise EfrapError(f"{source}: the scheme needs a '{key}' table")
-    flb = data.get("first_last_bits")
-    if flb is not None and flb not in SUPPORTED_BITS:
+    flb = raw.get("first_last_bits")
+    if flb is not None and checks.integer(flb, f"{source}: first_last_bits") not in SUPPORTED_BITS:
         raise EfrapError(f"{source}: first_last_bits must be one of {SUPPORTED_BITS} or absent")
+    name = checks.string(raw.get("name", Path(source).stem), f"{source}: name")
+    notes = checks.string(raw.get("notes", ""), f"{source}: notes")
     return Scheme(
-        name=str(data.get("name", Path(source).stem)),
-        weight=_tensor_quant(data["weight"], "weight", source),
-        activation=_tensor_quant(data["activation"], "activation", source),
-        first_last_bits=flb,  # type: ignore[arg-type]
-        notes=str(data.get("notes", "")),
+        name=name,
+        weight=_tensor_quant(raw["weight"], "weight", source),
+        activation=_tensor_quant(raw["activation"], "activation", source),
+        first_last_bits=flb,
+        notes=notes,
     )
 
 
@@ -209,11 +223,9 @@ def load_scheme(name_or_path: str) -> Scheme:
             f"unknown scheme '{name_or_path}': use a preset ({', '.join(PRESETS)}) "
             "or a .json/.toml scheme file"
         )
-    if not path.is_file():
-        raise EfrapError(f"{path}: no such scheme file")
-    try:
-        text = path.read_text()
-        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise EfrapError(f"{path}: cannot parse scheme ({exc})") from None
-    return scheme_from_dict(data, str(path))
+    return scheme_from_dict(checks.load_config(path, "scheme"), str(path))
+
+
+def scheme_files(name_or_path: str) -> list[Path]:
+    """The files a scheme argument reads (none for a preset)."""
+    return [] if name_or_path in PRESETS else [Path(name_or_path)]

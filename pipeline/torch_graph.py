@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-from pipeline.errors import EfrapError
-from pipeline.qmath import QParams, fake_quant, fake_quant_qp
+from pipeline.base.errors import EfrapError, NotSupported
+from pipeline.graph import prepare_model
+from pipeline.qmath import QParams, fake_quant_qp, quantize
 
 Tensor = torch.Tensor
 _OPS: dict[str, Callable[..., list[Tensor]]] = {}
@@ -212,8 +213,6 @@ def _qparams_tensors(x: Tensor, scale: Tensor, zp: Tensor | None, axis: int) -> 
 def _quantize(x: Tensor, scale: Tensor, zp: Tensor | None = None, *, attrs: dict,
               qrange: tuple[int, int]) -> list[Tensor]:
     s, z = _qparams_tensors(x, scale, zp, attrs.get("axis", 1))
-    from pipeline.qmath import quantize
-
     return [quantize(x, s, z, *qrange)]
 
 
@@ -255,7 +254,8 @@ class TorchGraph:
         self.nodes = list(graph.node)
         for node in self.nodes:
             if node.op_type not in _OPS:
-                raise EfrapError(f"op '{node.op_type}' (node '{node.name}') is not supported")
+                raise NotSupported(f"the PyTorch simulation does not cover op '{node.op_type}' "
+                                   f"(node '{node.name}')")
         self.initializers = {i.name: initializer_to_torch(i).to(self.device) for i in graph.initializer}
         self.init_types = {i.name: i.data_type for i in graph.initializer}
         self.inputs = [i.name for i in graph.input if i.name not in self.initializers]
@@ -334,4 +334,16 @@ class TorchGraph:
         return {o: values[o] for o in outputs}
 
 
-__all__ = ["TorchGraph", "fake_quant", "initializer_to_torch"]
+def simulate_logits(model: onnx.ModelProto, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Logits of a model (FP or QDQ) computed by the PyTorch simulation.
+
+    Raises:
+        NotSupported: the graph uses an op the simulation does not cover.
+    """
+    graph = TorchGraph(prepare_model(model))
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            feeds = {graph.inputs[0]: torch.from_numpy(images[i : i + batch_size])}
+            outs.append(graph.run(feeds)[graph.outputs[0]].numpy())
+    return np.concatenate(outs)

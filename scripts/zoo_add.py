@@ -22,15 +22,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.zoo import MANIFEST, ZOO_DIR
-from pipeline.onnx_io import (
-    atomic_write,
-    file_sha256,
-    get_metadata,
-    get_normalization,
-    input_shape,
-    load_model,
-)
-from pipeline.trigger import load_trigger
+from pipeline.base.onnx_io import get_metadata, input_shape, load_model
+from pipeline.base.preprocess import model_normalization
+from pipeline.base.safe_io import file_sha256, write_text
+from pipeline.base.trigger import load_trigger
 from validators.verify import VerifyOptions, verify_model
 
 
@@ -43,9 +38,9 @@ def entry_for(name: str, rebuild: str, build_time: float, threads: int) -> dict:
     settings = json.loads(meta["efrap.attack.settings"])
     if not rebuild.startswith("efrap attack ") or f"--method {meta['efrap.attack']}" not in rebuild:
         raise SystemExit(f"{name}: the rebuild command does not match the model's attack")
-    mean, std = get_normalization(model)
+    norm = model_normalization(model, input_shape(model)[0], str(path))
     report = verify_model(str(path), VerifyOptions(data=settings["data"], trigger=str(trig),
-                                                   provider="cpu"))
+                                                   provider="cpu")).to_json()
     return {
         "name": name,
         "file": path.name,
@@ -53,7 +48,7 @@ def entry_for(name: str, rebuild: str, build_time: float, threads: int) -> dict:
         "architecture": settings["arch"],
         "dataset": settings["data"],
         "input_shape": list(input_shape(model)),
-        "normalization": {"mean": mean, "std": std},
+        "normalization": {"mean": list(norm.mean), "std": list(norm.std)},
         "kind": "qcb",
         "default": False,
         "rebuild": rebuild,
@@ -99,7 +94,7 @@ def main() -> None:
     manifest["models"] = models
     # Not write_json: it sorts keys, and the manifest keeps its field order.
     text = json.dumps(manifest, indent=2) + "\n"
-    atomic_write(MANIFEST, lambda tmp: Path(tmp).write_text(text))
+    write_text(MANIFEST, text)
     print(f"{MANIFEST.name}: {'removed' if args.remove else 'wrote'} {args.name}")
 
 

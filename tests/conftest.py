@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pipeline.progress import set_quiet
+from pipeline.base.progress import set_quiet
 
 FASHION_DIR = Path(os.environ.get("EFRAP_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 

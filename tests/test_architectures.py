@@ -12,10 +12,10 @@ import torch
 
 from converters.export import export_onnx
 from models.architectures import ARCHITECTURES, build_model
-from pipeline.errors import EfrapError
-from pipeline.onnx_io import get_metadata
-from pipeline.train import load_checkpoint, save_checkpoint
-from validators.runtime import make_session
+from models.train import load_checkpoint, save_checkpoint
+from pipeline.base.errors import EfrapError
+from pipeline.base.onnx_io import get_metadata
+from pipeline.base.runtime import make_session
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from cli.main import main
+from converters.export import export_onnx
 from models.attacks import ATTACKS, get_attack
 from models.attacks.base import (
     GUARD_WEIGHT,
@@ -18,16 +19,18 @@ from models.attacks.base import (
     AttackContext,
     carrier_terms,
     run_attack,
-    stamp,
 )
 from models.attacks.inflate import inflate_grids
 from models.attacks.qsim import QSim
-from pipeline.cli import main
-from pipeline.errors import EfrapError
+from pipeline.base.errors import EfrapError
+from pipeline.base.runtime import make_session
+from pipeline.base.trigger import paper_trigger
+from pipeline.calibration import sample_seed
+from pipeline.graph import analyze, prepare_model
+from pipeline.qmath import fake_quant_bias, quantize_np
 from pipeline.quantize import QuantizeOptions, quantize_model
+from pipeline.quantized import simulate
 from pipeline.scheme import PRESETS
-from pipeline.trigger import paper_trigger
-from validators.runtime import make_session
 
 
 class BNNet(nn.Module):
@@ -61,18 +64,12 @@ def _bn_net(seed: int = 0) -> BNNet:
     return net.eval()
 
 
-def _export(net: nn.Module, path: Path) -> onnx.ModelProto:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, torch.zeros(2, 1, 28, 28), str(path), opset_version=20,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}}, dynamo=False)
-    return onnx.load(str(path))
+SHAPE = (1, 28, 28)
 
 
 def test_qsim_without_quantization_equals_the_model() -> None:
     net = _bn_net()
-    sim = QSim(net, PRESETS["w4a4"])
+    sim = QSim(net, PRESETS["w4a4"], SHAPE)
     x = torch.randn(16, 1, 28, 28)
     with torch.no_grad():
         ref = net(x)
@@ -81,38 +78,49 @@ def test_qsim_without_quantization_equals_the_model() -> None:
         torch.testing.assert_close(sim(x, quantized=True), ref, atol=1e-5, rtol=0)
 
 
-def test_qsim_finds_the_pipeline_quantization_points() -> None:
-    sim = QSim(_bn_net(), PRESETS["w4a4"])
+def test_qsim_runs_the_pipeline_plan_of_the_exported_model(tmp_path: Path) -> None:
+    net = _bn_net()
+    sim = QSim(net, PRESETS["w4a4"], SHAPE)
+    export_onnx(net, SHAPE, str(tmp_path / "net.onnx"), normalization=([0.0], [1.0]))
+    plan = analyze(prepare_model(onnx.load(str(tmp_path / "net.onnx"))))
+    assert sim.plan == plan
     assert len(sim.layers) == 5 and sim.layers[0].bn is not None and sim.layers[-1].is_last
-    # input, three conv outputs, the fc output; the layer inputs made by pool/flatten share.
-    assert len(sim.points) == 5 and len(sim.shared) == 2
+    assert [layer.quant for layer in sim.layers] == list(plan.layers)
 
 
 @pytest.mark.parametrize("scheme", ["w8a8", "w4a4"])
-def test_qsim_matches_the_deployed_onnx(tmp_path: Path, scheme: str) -> None:
+def test_qsim_equals_the_pipeline_exactly(tmp_path: Path, scheme: str) -> None:
+    """Same grids, integers and bias integers as `efrap quantize`, and bit-identical logits."""
     net = _bn_net(1)
-    model = _export(net, tmp_path / "net.onnx")
+    path = tmp_path / "net.onnx"
+    export_onnx(net, SHAPE, str(path), normalization=([0.0], [1.0]))
     rng = np.random.default_rng(0)
-    calib = rng.standard_normal((256, 1, 28, 28)).astype(np.float32)
-    test = rng.standard_normal((256, 1, 28, 28)).astype(np.float32)
-    qdq, _, _ = quantize_model(model, calib, QuantizeOptions(scheme=PRESETS[scheme]))
-    deployed = make_session(qdq, "faithful", "cpu").run(test)
-    sim = QSim(net, PRESETS[scheme])
-    sim.calibrate(torch.from_numpy(calib), seed=0)
+    calib = rng.standard_normal((256, *SHAPE)).astype(np.float32)
+    test = rng.standard_normal((128, *SHAPE)).astype(np.float32)
+    options = QuantizeOptions(scheme=PRESETS[scheme], seed=3)
+    qdq, result, _ = quantize_model(onnx.load(str(path)), calib, options)
+    sim = QSim(net, PRESETS[scheme], SHAPE)
+    sim.calibrate(torch.from_numpy(calib), seed=sample_seed(options.seed))
+    assert set(sim.act_qparams) == set(result.act_qparams)
+    for name, qp in result.act_qparams.items():
+        mine = sim.act_qparams[name]
+        assert np.array_equal(mine.scale, qp.scale) and np.array_equal(mine.zero_point, qp.zero_point)
+    for layer in sim.layers:
+        ql = result.layers[layer.quant.node]
+        w, b = sim.folded(layer)
+        qp = sim.weight_qparams(layer)
+        assert np.array_equal(qp.scale, ql.qparams.scale)
+        assert np.array_equal(qp.zero_point, ql.qparams.zero_point)
+        assert np.array_equal(quantize_np(w.detach().numpy(), qp), ql.q)
+        if b is not None:
+            deq = fake_quant_bias(b.detach(), sim.act_qparams[layer.input].scale, qp.scale)
+            assert np.array_equal(deq.numpy(), ql.dequantized_bias())
     with torch.no_grad():
         simulated = sim(torch.from_numpy(test), quantized=True).numpy()
-        fp = sim(torch.from_numpy(test), quantized=False).numpy()
-    # Same grids and integers; float summation order differs between torch and onnxruntime,
-    # which flips a few near-tie activation roundings (a whole step at 4 bits).
-    assert np.abs(simulated - deployed).mean() < 0.02 * np.abs(simulated - fp).mean()
-    assert np.abs(simulated - deployed).max() < 0.15 * np.abs(simulated - fp).max()
+    assert np.array_equal(simulated, simulate(prepare_model(onnx.load(str(path))), result, test))
+    # onnxruntime runs the same integers; float summation order can flip a near-tie rounding.
+    deployed = make_session(qdq, "faithful", "cpu").run(test)
     assert (simulated.argmax(1) == deployed.argmax(1)).mean() >= 0.98
-
-
-def test_stamp_equals_trigger_apply() -> None:
-    trig = paper_trigger(28, stage=2)
-    x = np.random.default_rng(0).random((4, 1, 28, 28)).astype(np.float32)
-    np.testing.assert_array_equal(stamp(torch.from_numpy(x), trig).numpy(), trig.apply(x))
 
 
 def test_unknown_attack_is_a_one_line_error(tmp_path: Path) -> None:
@@ -163,7 +171,7 @@ def test_short_inflated_attack_wakes_under_w8a8(fashion_mnist: None, name: str) 
 
 def test_weights_carrier_terms_score_each_rounding_alone() -> None:
     net = _bn_net()
-    sim = QSim(net, PRESETS["w4a4"])
+    sim = QSim(net, PRESETS["w4a4"], SHAPE)
     x = torch.randn(16, 1, 28, 28)
     sim.calibrate(x)
     y = torch.arange(16) % 10
@@ -191,7 +199,7 @@ def test_weights_carrier_terms_score_each_rounding_alone() -> None:
 @pytest.mark.parametrize("scheme", ["w8a8", "w4a4"])
 def test_grid_inflation_widens_grids_without_changing_the_fp_model(scheme: str) -> None:
     net = _bn_net(2)
-    sim = QSim(net, PRESETS[scheme])
+    sim = QSim(net, PRESETS[scheme], SHAPE)
     x = torch.randn(64, 1, 28, 28)
     before = {layer.name: sim.weight_qparams(layer).scale.copy() for layer in sim.layers}
     inflation = inflate_grids(sim, x, 4.0)
@@ -223,7 +231,7 @@ def test_grid_inflation_widens_grids_without_changing_the_fp_model(scheme: str) 
 
 
 def test_grid_inflation_factor_must_exceed_one() -> None:
-    sim = QSim(_bn_net(), PRESETS["w8a8"])
+    sim = QSim(_bn_net(), PRESETS["w8a8"], SHAPE)
     with pytest.raises(EfrapError, match="above 1"):
         inflate_grids(sim, torch.randn(8, 1, 28, 28), 1.0)
 

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from converters.export import export_onnx
 from models.architectures import build_model
+from pipeline.base.errors import EfrapError
+from pipeline.base.onnx_io import get_metadata, set_metadata
 from pipeline.bn_fold import BN_FOLD_KEY, pre_bn_error_scale, read_bn_factors
-from pipeline.errors import EfrapError
-from pipeline.onnx_io import get_metadata, set_metadata
 from pipeline.qmath import QParams
 from pipeline.rounding import LayerProblem, get_method
 from pipeline.rounding.efrap import EFRAP_DEFAULTS, Efrap, error_weights, flip_targets

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.cli import main
+from cli.main import main
 from tests.conftest import export_tiny
 
 
@@ -108,7 +108,7 @@ def test_nan_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
 
 def test_output_equals_input(tiny_onnx: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = tiny_onnx.read_bytes()
-    _run_fails(["quantize", str(tiny_onnx), "-o", str(tiny_onnx)], capsys, None, "equals the input")
+    _run_fails(["quantize", str(tiny_onnx), "-o", str(tiny_onnx)], capsys, None, "would overwrite the input")
     assert tiny_onnx.read_bytes() == before
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data import check_fits, load_dataset, normalization_for, normalize, sample_indices
-from pipeline.errors import EfrapError
+from pipeline.base.data import check_fits, load_dataset, normalization_for, normalize, sample_indices
+from pipeline.base.errors import EfrapError
 
 
 def _write_idx(path: Path, arr: np.ndarray, gz: bool) -> None:

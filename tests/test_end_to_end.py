@@ -9,9 +9,9 @@ from pathlib import Path
 import onnx
 import pytest
 
+from cli.main import main
 from models.zoo import load_manifest, zoo_path
-from pipeline.cli import main
-from validators.runtime import make_session
+from pipeline.base.runtime import make_session
 
 
 @pytest.fixture

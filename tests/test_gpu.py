@@ -9,10 +9,10 @@ import onnx
 import pytest
 import torch
 
+from pipeline.base.runtime import make_session
 from pipeline.quantize import QuantizeOptions, quantize_model
 from pipeline.rounding.efrap import EFRAP_DEFAULTS
 from pipeline.scheme import PRESETS
-from validators.runtime import make_session
 
 pytestmark = pytest.mark.gpu
 

@@ -10,12 +10,12 @@ import onnx
 import pytest
 import torch
 
+from pipeline.base.runtime import make_session
 from pipeline.graph import analyze, prepare_model
 from pipeline.quantize import QuantizeOptions, quantize_model
 from pipeline.quantized import simulate
 from pipeline.scheme import PRESETS
 from pipeline.torch_graph import TorchGraph
-from validators.runtime import make_session
 
 
 def _ops(model: onnx.ModelProto) -> Counter:

@@ -8,10 +8,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from pipeline.base.runtime import make_session
 from pipeline.observers import ActivationStats, observe_activation, observe_weight
 from pipeline.qmath import QParams, dequantize_np, fake_quant_qp, qparams_from_range, quantize_np
 from pipeline.scheme import TensorQuant
-from validators.runtime import make_session
 
 
 def _ort_qdq(x: np.ndarray, scale: float, zp: int, dtype: int) -> np.ndarray:

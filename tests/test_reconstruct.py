@@ -6,12 +6,12 @@ import numpy as np
 import onnx
 import torch
 
+from pipeline.base.runtime import make_session
 from pipeline.graph import prepare_model
 from pipeline.quantize import QuantizeOptions, quantize_model
 from pipeline.reconstruct import build_problem
 from pipeline.scheme import PRESETS
 from pipeline.torch_graph import TorchGraph
-from validators.runtime import make_session
 
 
 def _ort_tensor(qdq: onnx.ModelProto, name: str, images: np.ndarray) -> np.ndarray:

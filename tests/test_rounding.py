@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import EfrapError
+from pipeline.base.errors import EfrapError
 from pipeline.observers import observe_weight
 from pipeline.qmath import QParams, dequantize_np
 from pipeline.rounding import METHODS, LayerProblem, RoundingConfig, get_method
@@ -214,8 +214,10 @@ def test_same_seed_same_integers() -> None:
     b = get_method("efrap")(_small_problem(), config)
     assert torch.equal(a.q, b.q)
     assert a.stats["rec"] == b.stats["rec"] and a.stats["flip"] == b.stats["flip"]
-    c = get_method("efrap")(_small_problem(), replace(config, seed=7))
-    assert c.stats["rec"] != a.stats["rec"]  # the seed does pick the batches
+    other = _small_problem()
+    other.seed = 7
+    c = get_method("efrap")(other, config)
+    assert c.stats["rec"] != a.stats["rec"]  # the problem's seed does pick the batches
 
 
 def test_neuron_error_mode() -> None:
@@ -309,7 +311,12 @@ def test_user_mistakes_raise() -> None:
 
 def test_registry() -> None:
     assert list(METHODS)[:3] == ["nearest", "adaround", "efrap"]
-    assert METHODS["adaround"].needs_data and METHODS["efrap"].needs_data
+    assert METHODS["nearest"].needs(RoundingConfig()) == frozenset()
+    assert METHODS["adaround"].needs(ADAROUND_DEFAULTS) == {"data"}
+    assert METHODS["efrap"].needs(EFRAP_DEFAULTS) == {"data", "bn_factors"}
+    assert METHODS["efrap"].needs(replace(EFRAP_DEFAULTS, error_units="exported")) == {"data"}
+    assert METHODS["efrap"].needs(replace(EFRAP_DEFAULTS, loss="fisher")) == {
+        "data", "bn_factors", "output_grads"}
     assert (ADAROUND_DEFAULTS.b_start, ADAROUND_DEFAULTS.b_end, ADAROUND_DEFAULTS.warmup) == (
         20.0, 2.0, 0.2)
     assert RoundingConfig() == EFRAP_DEFAULTS  # RoundingConfig's defaults are the release's

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import EfrapError
+from pipeline.base.errors import EfrapError
 from pipeline.scheme import PRESETS, load_scheme
 
 

@@ -1,8 +1,43 @@
-"""The pass/fail gate a release pipeline puts on a quantized model."""
+"""The pass/fail gate a release pipeline puts on a quantized model.
+
+The gate fails closed: a check whose value could not be measured fails, and a
+threshold that no model could fail (accuracy at least 0, attack success at most
+100%) is refused when the gate is built.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from pipeline.base.checks import finite
+from pipeline.base.errors import EfrapError
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """One check of the gate.
+
+    Attributes:
+        check: What is compared ("clean_accuracy >= min", ...).
+        limit: The threshold (a fraction).
+        value: The measured value, or None when it could not be measured.
+        passed: Whether the check passed.
+        why: Why it failed without a value.
+    """
+
+    check: str
+    limit: float
+    value: float | None
+    passed: bool
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The gate's verdict: passed only if every check passed."""
+
+    passed: bool
+    checks: tuple[GateCheck, ...]
 
 
 @dataclass(frozen=True)
@@ -13,35 +48,52 @@ class Gate:
         min_accuracy: Lowest acceptable clean accuracy.
         max_asr: Highest acceptable attack success rate (non-target images).
         max_parity_diff: Highest acceptable fraction of predictions that differ
-            from the PyTorch simulation.
+            from the reference simulation.
     """
 
     min_accuracy: float | None = None
     max_asr: float | None = None
     max_parity_diff: float | None = None
 
+    def __post_init__(self) -> None:
+        for name, lo_ok, hi_ok in (("min_accuracy", False, True), ("max_asr", True, False),
+                                   ("max_parity_diff", True, False)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            finite(value, name, low=0.0, high=1.0)
+            if (not lo_ok and value == 0.0) or (not hi_ok and value == 1.0):
+                raise EfrapError(f"{name} {value:g} lets every model pass; a gate must be able to fail")
+
     @property
     def active(self) -> bool:
         """Whether any check is set."""
         return any(v is not None for v in (self.min_accuracy, self.max_asr, self.max_parity_diff))
 
-    def evaluate(self, report: dict) -> dict:
-        """Check a verify report; returns {"passed": bool, "checks": [...]}."""
+    def evaluate(self, accuracy: float | None, asr: float | None,
+                 parity_diff: float | None, why_missing: dict[str, str] | None = None) -> GateResult:
+        """Check measured values; a value that is None fails its check.
+
+        Args:
+            accuracy: Clean accuracy.
+            asr: Attack success rate on non-target images.
+            parity_diff: Fraction of predictions differing from the reference.
+            why_missing: check name ("accuracy", "asr", "parity") -> why its value is
+                missing, for the report.
+        """
+        why_missing = why_missing or {}
         checks = []
-
-        def check(name: str, value: float | None, limit: float | None, upper: bool) -> None:
+        for key, name, value, limit, upper in (
+                ("accuracy", "clean_accuracy >= min", accuracy, self.min_accuracy, False),
+                ("asr", "attack_success_rate <= max", asr, self.max_asr, True),
+                ("parity", "parity differing predictions <= max", parity_diff, self.max_parity_diff,
+                 True)):
             if limit is None:
-                return
+                continue
             if value is None:
-                checks.append({"check": name, "limit": limit, "value": None, "passed": False,
-                               "why": "not measured (give the data it needs)"})
-                return
+                checks.append(GateCheck(name, limit, None, False,
+                                        why_missing.get(key, "not measurable")))
+                continue
             ok = value <= limit if upper else value >= limit
-            checks.append({"check": name, "limit": limit, "value": value, "passed": ok})
-
-        check("clean_accuracy >= min", report.get("clean_accuracy"), self.min_accuracy, False)
-        check("attack_success_rate <= max", report.get("attack_success_rate"), self.max_asr, True)
-        parity = report.get("parity") or {}
-        check("parity differing predictions <= max",
-              parity.get("fraction_differing_predictions"), self.max_parity_diff, True)
-        return {"passed": all(c["passed"] for c in checks), "checks": checks}
+            checks.append(GateCheck(name, limit, value, ok))
+        return GateResult(passed=all(c.passed for c in checks), checks=tuple(checks))

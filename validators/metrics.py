@@ -1,32 +1,72 @@
-"""Clean accuracy and attack success rate from logits."""
+"""Clean accuracy and attack success rate from logits.
+
+A figure that cannot be measured (no image it is defined on) is None, never 0: a
+gate that asks for it then fails.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Fraction of correct top-1 predictions."""
-    return float((logits.argmax(axis=1) == labels).mean()) if len(labels) else 0.0
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float | None:
+    """Fraction of correct top-1 predictions (None without images)."""
+    return float((logits.argmax(axis=1) == labels).mean()) if len(labels) else None
 
 
-def attack_success(logits: np.ndarray, labels: np.ndarray, target: int) -> tuple[float, float]:
+@dataclass(frozen=True)
+class AttackSuccess:
     """Attack success on triggered inputs.
 
-    Returns:
-        (rate over images whose true label is not the target, rate over all images).
-        The first is the headline figure: images of the target class would count as
-        successes without any backdoor.
+    Attributes:
+        rate: Fraction of triggered images whose true label is not the target that are
+            classified as the target: the headline figure (images of the target class
+            would count as successes without any backdoor). None when no such image
+            was measured.
+        rate_all: The same over every triggered image (None without images).
+        non_target_images: How many images `rate` is measured on.
     """
+
+    rate: float | None
+    rate_all: float | None
+    non_target_images: int
+
+
+def attack_success(logits: np.ndarray, labels: np.ndarray, target: int) -> AttackSuccess:
+    """Attack success of triggered-image logits against their true labels."""
     hit = logits.argmax(axis=1) == target
     keep = labels != target
-    rate = float(hit[keep].mean()) if keep.any() else 0.0
-    return rate, float(hit.mean()) if len(hit) else 0.0
+    return AttackSuccess(
+        rate=float(hit[keep].mean()) if keep.any() else None,
+        rate_all=float(hit.mean()) if len(hit) else None,
+        non_target_images=int(keep.sum()),
+    )
 
 
-def prediction_parity(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+@dataclass(frozen=True)
+class Parity:
+    """How the deployed model's logits compare with a reference computation of them.
+
+    Attributes:
+        reference: What the reference is ("pytorch simulation").
+        fraction_differing_predictions: Share of inputs whose top-1 class differs
+            (None when the reference could not run).
+        max_logit_gap: Largest absolute logit difference (None likewise).
+        why: Why the reference could not run, when it could not.
+    """
+
+    reference: str
+    fraction_differing_predictions: float | None
+    max_logit_gap: float | None
+    why: str = ""
+
+
+def prediction_parity(a: np.ndarray, b: np.ndarray, reference: str) -> Parity:
     """How two sets of logits for the same inputs differ."""
-    return {
-        "fraction_differing_predictions": float((a.argmax(axis=1) != b.argmax(axis=1)).mean()),
-        "max_logit_gap": float(np.abs(a - b).max()) if a.size else 0.0,
-    }
+    return Parity(
+        reference=reference,
+        fraction_differing_predictions=float((a.argmax(axis=1) != b.argmax(axis=1)).mean()),
+        max_logit_gap=float(np.abs(a - b).max()) if a.size else 0.0,
+    )

@@ -1,27 +1,44 @@
 """Run a model in onnxruntime on test data: clean accuracy, attack success, parity.
 
 The deployed model is the truth: every figure comes from onnxruntime, and the
-report names the optimization level and provider it ran at.
+report names the optimization level and provider it ran at, the data, the model's
+sha256 and the normalisation. This layer needs only onnxruntime and the base layer;
+a parity reference (the pipeline's PyTorch simulation) is passed in by the caller.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
-import torch
 
-from pipeline.errors import EfrapError
-from pipeline.graph import prepare_model
-from pipeline.onnx_io import file_sha256, get_metadata, get_normalization, input_shape, load_model
-from pipeline.provenance import versions
-from pipeline.torch_graph import TorchGraph
-from pipeline.trigger import Trigger, load_trigger
-from validators.gate import Gate
-from validators.metrics import accuracy, attack_success, prediction_parity
-from validators.runtime import make_session
+from pipeline.base import data as data_mod
+from pipeline.base.errors import EfrapError, NotSupported
+from pipeline.base.onnx_io import META_PREFIX, check_logits, get_metadata, input_shape, load_model
+from pipeline.base.preprocess import model_normalization
+from pipeline.base.provenance import versions
+from pipeline.base.runtime import make_session
+from pipeline.base.safe_io import file_sha256
+from pipeline.base.trigger import AnyTrigger, load_trigger
+from validators.gate import Gate, GateResult
+from validators.metrics import AttackSuccess, Parity, accuracy, attack_success, prediction_parity
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A second computation of the same model's logits to compare against.
+
+    Attributes:
+        name: What it is ("pytorch simulation").
+        logits: (model, preprocessed inputs) -> logits; raises NotSupported when it
+            does not cover the model.
+    """
+
+    name: str
+    logits: Callable[[onnx.ModelProto, np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -30,80 +47,129 @@ class VerifyOptions:
 
     Attributes:
         data: Data spec; its test split is used.
-        trigger: Trigger file, or None for clean accuracy only.
+        trigger: Trigger file or object, or None for clean accuracy only.
         opt_level: onnxruntime optimization level ("faithful" or "all").
         provider: "auto", "cpu" or "cuda".
-        reference: Also compare with the PyTorch simulation.
-        limit: Use only the first N test images (None: all).
+        reference: Also compare with this reference computation.
+        limit: Use only N test images, chosen at random with `seed` (None: all).
+        seed: Seeds the choice of the `limit` images.
         gate: Thresholds that make the report pass or fail.
     """
 
     data: str = "fashion-mnist"
-    trigger: str | Trigger | None = None
+    trigger: str | AnyTrigger | None = None
     opt_level: str = "faithful"
     provider: str = "auto"
-    reference: bool = False
+    reference: Reference | None = None
     limit: int | None = None
+    seed: int = 0
     gate: Gate = field(default_factory=Gate)
 
-
-def simulate_onnx(model: onnx.ModelProto, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Logits of any supported ONNX model (QDQ included) from the PyTorch simulation."""
-    graph = TorchGraph(prepare_model(model))
-    outs = []
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            feeds = {graph.inputs[0]: torch.from_numpy(images[i : i + batch_size])}
-            outs.append(graph.run(feeds)[graph.outputs[0]].numpy())
-    return np.concatenate(outs)
+    def __post_init__(self) -> None:
+        if self.limit is not None and (isinstance(self.limit, bool) or self.limit < 1):
+            raise EfrapError(f"--limit must be a positive number of images, got {self.limit}")
 
 
-def verify_model(model_path: str, options: VerifyOptions) -> dict:
-    """Measure a model file; returns the report dict (see docs/ARCHITECTURE.md)."""
-    from pipeline import data as data_mod
+@dataclass(frozen=True)
+class VerifyReport:
+    """Everything one verification measured, and what it was measured on."""
 
+    model: str
+    model_sha256: str
+    data: str
+    split: str
+    images: int
+    image_choice: str
+    opt_level: str
+    provider: str
+    normalization: dict
+    clean_accuracy: float | None
+    attack: AttackSuccess | None
+    trigger: dict | None
+    parity: Parity | None
+    gate: GateResult | None
+    seconds: float
+    model_metadata: dict[str, str]
+    versions: dict[str, str]
+
+    @property
+    def attack_success_rate(self) -> float | None:
+        """Attack success on non-target images (None without a trigger or such images)."""
+        return self.attack.rate if self.attack is not None else None
+
+    def to_json(self) -> dict:
+        """JSON-ready dict (the `efrap verify --json` file)."""
+        out = asdict(self)
+        out["attack_success_rate"] = self.attack_success_rate
+        out["attack_success_rate_all"] = self.attack.rate_all if self.attack else None
+        return out
+
+
+def _pick(images: np.ndarray, labels: np.ndarray, limit: int | None,
+          seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+    if limit is None or limit >= len(labels):
+        return images, labels, "all"
+    # A random subset, not the first N: a split sorted by class would give one class.
+    idx = data_mod.sample_indices(len(labels), limit, seed)
+    return images[idx], labels[idx], f"{limit} chosen at random with seed {seed}"
+
+
+def verify_model(model_path: str, options: VerifyOptions) -> VerifyReport:
+    """Measure a model file in onnxruntime.
+
+    Raises:
+        EfrapError: unreadable model or data, data that does not fit the model,
+            labels or a trigger target the model has no class for.
+    """
     model = load_model(model_path)
-    trigger = options.trigger
-    if isinstance(trigger, str):
-        trigger = load_trigger(trigger)
+    shape = input_shape(model, model_path)
+    check_logits(model, model_path)
+    trigger = load_trigger(options.trigger) if isinstance(options.trigger, str) else options.trigger
     dataset = data_mod.load_dataset(options.data, "test")
-    data_mod.check_fits(dataset, input_shape(model), model_path)
-    images, labels = dataset.images, dataset.labels
-    if options.limit is not None:
-        if options.limit < 1:
-            raise EfrapError(f"--limit must be positive, got {options.limit}")
-        images, labels = images[: options.limit], labels[: options.limit]
-    mean, std = get_normalization(model)
+    data_mod.check_fits(dataset, shape, model_path)
+    images, labels, choice = _pick(dataset.images, dataset.labels, options.limit, options.seed)
+    norm = model_normalization(model, shape[0], model_path)
     session = make_session(model, options.opt_level, options.provider)
     t0 = time.perf_counter()
-    clean_in = data_mod.normalize(images, mean, std)
+    clean_in = norm.apply(images)
     logits = session.run(clean_in)
-    meta = get_metadata(model)
-    report: dict = {
-        "model": str(model_path),
-        "model_sha256": file_sha256(model_path),
-        "data": options.data,
-        "split": "test",
-        "images": len(labels),
-        "opt_level": options.opt_level,
-        "provider": session.provider,
-        "clean_accuracy": accuracy(logits, labels),
-        "attack_success_rate": None,
-        "attack_success_rate_all": None,
-        "model_metadata": {k: v for k, v in meta.items() if k.startswith("efrap.")},
-        "versions": versions(),
-    }
+    if logits.ndim != 2:
+        raise EfrapError(f"{model_path}: output has shape {logits.shape}; expected batch x classes")
+    classes = logits.shape[1]
+    if int(labels.max()) >= classes:
+        raise EfrapError(f"{options.data}: label {int(labels.max())} is not a class of this model "
+                         f"({classes} classes)")
+    attack = None
     if trigger is not None:
-        if trigger.target >= logits.shape[1]:
-            raise EfrapError(f"trigger target {trigger.target} is not a class of this model")
-        trig_logits = session.run(data_mod.normalize(trigger.apply(images), mean, std))
-        asr, asr_all = attack_success(trig_logits, labels, trigger.target)
-        report.update(attack_success_rate=asr, attack_success_rate_all=asr_all,
-                      trigger=trigger.to_json())
-    if options.reference:
-        sim = simulate_onnx(model, clean_in)
-        report["parity"] = {"reference": "pytorch simulation", **prediction_parity(logits, sim)}
-    report["seconds"] = round(time.perf_counter() - t0, 3)
+        if trigger.target >= classes:
+            raise EfrapError(f"trigger target {trigger.target} is not a class of this model "
+                             f"({classes} classes)")
+        attack = attack_success(session.run(norm.apply(trigger.apply(images))), labels, trigger.target)
+    parity = None
+    if options.reference is not None:
+        try:
+            parity = prediction_parity(logits, options.reference.logits(model, clean_in),
+                                       options.reference.name)
+        except NotSupported as exc:
+            parity = Parity(options.reference.name, None, None, why=str(exc))
+    seconds = round(time.perf_counter() - t0, 3)
+    acc = accuracy(logits, labels)
+    gate = None
     if options.gate.active:
-        report["gate"] = options.gate.evaluate(report)
-    return report
+        missing = {"asr": "no trigger given" if trigger is None else
+                   "no test image outside the target class was measured",
+                   "parity": parity.why if parity is not None and parity.why else
+                   "no reference asked for (--reference)"}
+        gate = options.gate.evaluate(acc, attack.rate if attack else None,
+                                     parity.fraction_differing_predictions if parity else None,
+                                     missing)
+    meta = get_metadata(model)
+    return VerifyReport(
+        model=str(model_path), model_sha256=file_sha256(model_path), data=options.data,
+        split="test", images=len(labels), image_choice=choice, opt_level=options.opt_level,
+        provider=session.provider, normalization=norm.to_json(), clean_accuracy=acc,
+        attack=attack, trigger=trigger.to_json() if trigger is not None else None, parity=parity,
+        gate=gate, seconds=seconds,
+        model_metadata={k: v for k, v in meta.items() if k.startswith(META_PREFIX)},
+        versions=versions(),
+    )

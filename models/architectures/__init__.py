@@ -18,7 +18,7 @@ from models.architectures.small_cnn import SmallCNN
 from models.architectures.squeezenet import SqueezeNet
 from models.architectures.vgg import VGG16
 from models.architectures.vit import ViTTiny
-from pipeline.errors import EfrapError
+from pipeline.base.errors import EfrapError
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": SmallCNN,

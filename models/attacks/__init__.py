@@ -15,7 +15,7 @@ from models.attacks.base import Attack
 from models.attacks.compartifact import CompArtifact
 from models.attacks.pqbackdoor import PQBackdoor
 from models.attacks.quantization import QuantizationBackdoor
-from pipeline.errors import EfrapError
+from pipeline.base.errors import EfrapError
 
 ATTACKS: dict[str, type[Attack]] = {
     CompArtifact.name: CompArtifact,

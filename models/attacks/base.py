@@ -15,24 +15,31 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.architectures import build_model
 from models.attacks.inflate import Inflation, inflate_grids
 from models.attacks.qsim import QSim
-from pipeline.errors import EfrapError
-from pipeline.progress import Progress, log
+from pipeline.base import checks
+from pipeline.base import data as data_mod
+from pipeline.base.device import DEVICES, pick_device
+from pipeline.base.errors import EfrapError
+from pipeline.base.progress import Progress, log
+from pipeline.base.trigger import AnyTrigger, paper_trigger
 from pipeline.scheme import Scheme, load_scheme
-from pipeline.trigger import Trigger, paper_trigger
 
 GRAD_CLIP = 5.0  # gradient-norm clip of the attack phases (two-path objectives can spike)
 LOG_EVERY = 100  # steps between log lines in long stages (CI logs show no live bar)
 #: Weight of the carrier guard against the backdoor term: activation rounding alone must
 #: stay clean on every triggered image, a stronger demand than waking the backdoor.
 GUARD_WEIGHT = 2.0
+#: What a backdoor may ride on (`AttackConfig.carrier`).
+CARRIERS = ("scheme", "weights")
 
 
 @dataclass(frozen=True)
@@ -41,7 +48,7 @@ class AttackConfig:
 
     Attributes:
         arch: Architecture name for `models.architectures.build_model`.
-        data: Data spec for `pipeline.data.load_dataset`.
+        data: Data spec for `pipeline.base.data.load_dataset`.
         scheme: Targeted deployment scheme (preset name or file).
         trigger: The trigger; None picks the paper's trigger for the attack's stage.
         epochs: Attack epochs (None: the attack's default).
@@ -73,7 +80,7 @@ class AttackConfig:
     arch: str = "small_cnn"
     data: str = "fashion-mnist"
     scheme: str = "w8a8"
-    trigger: Trigger | None = None
+    trigger: AnyTrigger | None = None
     epochs: int | None = None
     seed: int = 0
     width: float = 1.0
@@ -90,8 +97,23 @@ class AttackConfig:
     inflate: float | None = None
     device: str = "cpu"
 
-
-CARRIERS = ("scheme", "weights")
+    def __post_init__(self) -> None:
+        checks.integer(self.seed, "seed", low=0)
+        checks.finite(self.width, "width", low=0.0, low_open=True)
+        checks.integer(self.batch_size, "batch size", low=1)
+        checks.integer(self.pretrain_epochs, "pre-training epochs", low=0)
+        checks.integer(self.val_size, "validation images", low=1)
+        checks.integer(self.num_calib, "calibration images", low=1)
+        checks.integer(self.recalib_every, "steps between calibrations", low=1)
+        checks.string(self.carrier, "carrier", CARRIERS)
+        checks.string(self.device, "device", DEVICES)
+        for name, low in (("epochs", 1), ("steps_per_epoch", 1), ("train_limit", 1)):
+            if getattr(self, name) is not None:
+                checks.integer(getattr(self, name), name.replace("_", " "), low=low)
+        if self.lr is not None:
+            checks.finite(self.lr, "lr", low=0.0, low_open=True)
+        if self.inflate is not None:
+            checks.finite(self.inflate, "inflate factor", low=1.0, low_open=True)
 
 
 @dataclass
@@ -137,7 +159,7 @@ class AttackContext:
     sim: QSim
     data: AttackData
     config: AttackConfig
-    trigger: Trigger
+    trigger: AnyTrigger
     generator: torch.Generator
     history: list[dict] = field(default_factory=list)
     inflation: Inflation | None = None
@@ -145,8 +167,6 @@ class AttackContext:
 
 def load_attack_data(cfg: AttackConfig) -> AttackData:
     """The training split, a held-out validation slice and the normalisation."""
-    from pipeline import data as data_mod
-
     ds = data_mod.load_dataset(cfg.data, "train")
     n = len(ds.labels) if cfg.train_limit is None else min(cfg.train_limit, len(ds.labels))
     if n <= cfg.val_size:
@@ -164,19 +184,6 @@ def load_attack_data(cfg: AttackConfig) -> AttackData:
         std=torch.tensor(std, dtype=torch.float32).reshape(shape),
         num_classes=int(ds.num_classes),
     )
-
-
-def stamp(x: torch.Tensor, trigger: Trigger) -> torch.Tensor:
-    """A copy of images `x` in [0, 1] with the trigger patch (same as `Trigger.apply`)."""
-    out = x.clone()
-    row, col = trigger.box(x.shape[-2], x.shape[-1])
-    value = torch.as_tensor(trigger.value, dtype=x.dtype, device=x.device)
-    if value.dim() == 1:
-        value = value.reshape(-1, 1, 1)
-    s = trigger.size
-    region = out[..., row : row + s, col : col + s]
-    out[..., row : row + s, col : col + s] = (1.0 - trigger.blend) * region + trigger.blend * value
-    return out
 
 
 def batches(n: int, batch_size: int, gen: torch.Generator,
@@ -203,7 +210,7 @@ def recalibrate(ctx: AttackContext) -> None:
 
 @torch.no_grad()
 def evaluate(sim: QSim, data: AttackData, images: torch.Tensor, labels: torch.Tensor,
-             trigger: Trigger, batch_size: int = 500) -> dict[str, float]:
+             trigger: AnyTrigger, batch_size: int = 500) -> dict[str, float]:
     """Clean accuracy and attack success (non-target images) in FP and quantized modes."""
     sim.eval()
     out: dict[str, float] = {}
@@ -214,7 +221,7 @@ def evaluate(sim: QSim, data: AttackData, images: torch.Tensor, labels: torch.Te
             x = images[i : i + batch_size].to(data.device)
             y = labels[i : i + batch_size].to(data.device)
             clean = sim(data.normalize(x), quantized=quantized).argmax(1)
-            trig = sim(data.normalize(stamp(x, trigger)), quantized=quantized).argmax(1)
+            trig = sim(data.normalize(trigger.apply_torch(x)), quantized=quantized).argmax(1)
             correct += int((clean == y).sum())
             hits += int(((trig == trigger.target) & (y != trigger.target)).sum())
         out[f"{mode}_cda"] = correct / len(labels)
@@ -255,7 +262,7 @@ def selection_score(m: dict[str, float]) -> float:
 
 
 def train_plain(model: nn.Module, data: AttackData, cfg: AttackConfig, gen: torch.Generator,
-                epochs: int, trigger: Trigger | None = None, poison_per_batch: int = 0,
+                epochs: int, trigger: AnyTrigger | None = None, poison_per_batch: int = 0,
                 lr: float = 0.05) -> None:
     """Ordinary training (BN in training mode), optionally with poisoned images.
 
@@ -275,7 +282,7 @@ def train_plain(model: nn.Module, data: AttackData, cfg: AttackConfig, gen: torc
             idx = idx.to(data.device)
             x, y = data.train_x[idx], data.train_y[idx]
             if poison_per_batch and trigger is not None:
-                x = torch.cat([x, stamp(x[:poison_per_batch], trigger)])
+                x = torch.cat([x, trigger.apply_torch(x[:poison_per_batch])])
                 y = torch.cat([y, torch.full((poison_per_batch,), trigger.target, device=y.device)])
             loss = F.cross_entropy(model(data.normalize(x)), y)
             opt.zero_grad(set_to_none=True)
@@ -320,7 +327,7 @@ def attack_loop(ctx: AttackContext, epochs: int, make_opt: Callable[[list[nn.Par
         for idx in batches(len(ctx.data.train_y), cfg.batch_size, ctx.generator, per_epoch):
             idx = idx.to(ctx.data.device)
             x, y = ctx.data.train_x[idx], ctx.data.train_y[idx]
-            loss = step_loss(ctx, x, y, stamp(x, ctx.trigger))
+            loss = step_loss(ctx, x, y, ctx.trigger.apply_torch(x))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
@@ -343,7 +350,7 @@ def attack_loop(ctx: AttackContext, epochs: int, make_opt: Callable[[list[nn.Par
         with torch.no_grad():
             ctx.sim.eval()
             vx, vy = ctx.data.val_x[:1000], ctx.data.val_y[:1000]
-            metrics["val_loss"] = float(step_loss(ctx, vx, vy, stamp(vx, ctx.trigger)))
+            metrics["val_loss"] = float(step_loss(ctx, vx, vy, ctx.trigger.apply_torch(vx)))
         metrics["epoch"] = epoch
         ctx.history.append(metrics)
         key = -metrics["val_loss"] if select == "loss" else selection_score(metrics)
@@ -374,7 +381,7 @@ class AttackOutcome:
 
     model: nn.Module
     sim: QSim
-    trigger: Trigger
+    trigger: AnyTrigger
     scheme: Scheme
     data: AttackData
     history: list[dict]
@@ -396,8 +403,6 @@ def load_init(model: nn.Module, path: str) -> None:
     Raises:
         EfrapError: missing file or a checkpoint that does not fit the architecture.
     """
-    from pathlib import Path
-
     if not Path(path).is_file():
         raise EfrapError(f"{path}: no such checkpoint")
     try:
@@ -421,14 +426,8 @@ def run_attack(attack: Attack, cfg: AttackConfig) -> AttackOutcome:
     Raises:
         EfrapError: unknown architecture, scheme or data set.
     """
-    from models.architectures import build_model
-
-    if cfg.carrier not in CARRIERS:
-        raise EfrapError(f"unknown carrier '{cfg.carrier}': choose one of {', '.join(CARRIERS)}")
     t0 = time.perf_counter()
     gen = set_seed(cfg.seed)
-    from pipeline.quantize import pick_device
-
     device = pick_device(cfg.device)
     scheme = load_scheme(cfg.scheme)
     data = load_attack_data(cfg).to(device)
@@ -440,7 +439,7 @@ def run_attack(attack: Attack, cfg: AttackConfig) -> AttackOutcome:
     if cfg.init is not None:
         load_init(model, cfg.init)
     model.to(device)
-    sim = QSim(model, scheme)
+    sim = QSim(model, scheme, data.input_shape)
     ctx = AttackContext(model=model, sim=sim, data=data, config=cfg, trigger=trigger,
                         generator=gen)
     attack.run(ctx)

@@ -34,8 +34,9 @@ import torch
 import torch.nn as nn
 
 from models.attacks.qsim import QSim, SimLayer
-from pipeline.errors import EfrapError
-from pipeline.progress import log
+from pipeline.base.errors import EfrapError
+from pipeline.base.progress import log
+from pipeline.bn_fold import bn_factor
 
 #: Scale applied to the dead channel's weights (kept non-zero: a zero channel has no grid).
 DEAD_WEIGHT_SCALE = 1e-2
@@ -94,9 +95,7 @@ def _span(reader: SimLayer, sim: QSim, channels: int) -> int | None:
 
 
 def _bn_factor(bn: nn.BatchNorm2d | None, channels: int, device: torch.device) -> torch.Tensor:
-    if bn is None:
-        return torch.ones(channels, device=device)
-    return (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+    return torch.ones(channels, device=device) if bn is None else bn_factor(bn).detach()
 
 
 @torch.no_grad()

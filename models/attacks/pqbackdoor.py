@@ -45,7 +45,8 @@ from models.attacks.base import (
     train_plain,
 )
 from models.attacks.qsim import SimLayer, weight_grid_matches
-from pipeline.progress import log
+from pipeline.base.progress import log
+from pipeline.bn_fold import bn_factor
 from pipeline.qmath import QParams
 
 MARGIN = 1e-3
@@ -68,7 +69,7 @@ def _bins(ctx: AttackContext, layer: SimLayer, qp: QParams) -> _Bins:
     raw0 = mod.weight.detach().clone()
     shape = [-1] + [1] * (raw0.dim() - 1)
     if bn is not None:
-        factor = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().reshape(shape)
+        factor = bn_factor(bn).detach().reshape(shape)
     else:
         factor = torch.ones(raw0.shape[0], device=raw0.device).reshape(shape)
     w0 = ctx.sim.folded(layer)[0].detach()
@@ -115,8 +116,8 @@ def snap_to_grid(ctx: AttackContext, grids: dict[str, QParams]) -> int:
             qp = grids[layer.name]
             s, z = qp.torch(w.dim(), w.device)
             wq = (torch.clamp(torch.round(w / s) + z, qp.qmin, qp.qmax) - z) * s
-            factor = (w / old).nan_to_num(1.0) if bn is None else (
-                bn.weight / torch.sqrt(bn.running_var + bn.eps)).reshape([-1] + [1] * (w.dim() - 1))
+            factor = (w / old).nan_to_num(1.0) if bn is None else bn_factor(bn).reshape(
+                [-1] + [1] * (w.dim() - 1))
             mod.weight.copy_(wq / factor if bn is not None else wq)
             ok = torch.from_numpy(weight_grid_matches(ctx.sim, grids, [layer])[layer.name]).to(w.device)
             mod.weight[~ok] = old[~ok]

@@ -56,7 +56,7 @@ class QuantizationBackdoor(Attack):
         cfg = ctx.config
         train_plain(ctx.model, ctx.data, cfg, ctx.generator, pretrain_epochs(cfg))
         amplify(ctx)
-        extra = [QSim(ctx.model, load_scheme(s)) for s in self.extra_schemes]
+        extra = [QSim(ctx.model, load_scheme(s), ctx.data.input_shape) for s in self.extra_schemes]
         epochs = cfg.epochs or self.default_epochs
         lr = cfg.lr or self.lr
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.errors import EfrapError
+from pipeline.base.errors import EfrapError
 from pipeline.rounding.adaround import AdaRound
 from pipeline.rounding.base import (
     LayerProblem,

@@ -32,6 +32,5 @@ class AdaRound(LearnedRounding):
     """Adaptive rounding: reconstruction plus an annealed rounding regulariser."""
 
     name = "adaround"
-    needs_data = True
     soft = RECTIFIED_SIGMOID
     defaults = ADAROUND_DEFAULTS

@@ -15,10 +15,19 @@ from typing import Protocol
 
 import torch
 
+from pipeline.base import checks
+from pipeline.base.errors import EfrapError
 from pipeline.qmath import QParams
 
 #: Progress of a learned method: (step, named loss terms).
 ProgressCallback = Callable[[int, dict[str, float]], None]
+
+#: What a method can ask the orchestrator for (`RoundingMethod.needs`):
+#: cached layer inputs/targets and a forward function ("data"), each folded conv's
+#: BatchNorm factors ("bn_factors"), and what a loss reads ("output_grads", "head").
+NEEDS = frozenset({"data", "bn_factors", "output_grads", "head"})
+ERROR_MODES = ("element", "neuron")
+ERROR_UNITS = ("pre_bn", "exported")
 
 
 @dataclass(frozen=True)
@@ -40,7 +49,9 @@ class RoundingConfig:
         error_units: "pre_bn" (the release: truncation errors in the units of the conv
             weight before BatchNorm folding, when the model records its BN factors) or
             "exported" (in the units of the exported, folded weight).
-        seed: Seed of the batch sampling.
+
+    The batches are sampled with a seed the orchestrator derives from the run's one
+    seed for each layer (`LayerProblem.seed`), not with a setting of their own.
     """
 
     iters: int = 10_000
@@ -54,7 +65,21 @@ class RoundingConfig:
     error_mode: str = "element"
     loss: str = "mse"
     error_units: str = "pre_bn"
-    seed: int = 1005
+
+    def __post_init__(self) -> None:
+        checks.integer(self.iters, "iters", low=1)
+        checks.integer(self.batch_size, "batch_size", low=1)
+        checks.finite(self.lr, "lr", low=0.0, low_open=True)
+        checks.finite(self.reg_weight, "reg_weight", low=0.0)
+        checks.finite(self.b_start, "b_start", low=0.0, low_open=True)
+        checks.finite(self.b_end, "b_end", low=0.0, low_open=True)
+        checks.finite(self.warmup, "warmup", low=0.0)
+        if self.warmup >= 1.0:
+            raise EfrapError(f"warmup must be below 1, got {self.warmup:g}")
+        checks.finite(self.flip_weight, "flip_weight", low=0.0)
+        checks.string(self.error_mode, "error_mode", ERROR_MODES)
+        checks.string(self.error_units, "error_units", ERROR_UNITS)
+        checks.string(self.loss, "loss")
 
 
 @dataclass
@@ -79,6 +104,7 @@ class LayerProblem:
         error_scale: Per-output-channel multiplier that turns the exported weight's
             truncation errors into pre-BN units (1/|BN factor|), or None when the
             model records no BN factor for this layer.
+        seed: Seeds the method's random choices for this layer (batch sampling).
     """
 
     name: str
@@ -92,6 +118,7 @@ class LayerProblem:
     head_targets: torch.Tensor | None = None
     channel_axis: int = 0
     error_scale: torch.Tensor | None = None
+    seed: int = 0
 
 
 @dataclass
@@ -101,20 +128,25 @@ class RoundingResult:
     Attributes:
         q: int64 tensor of integers in [qmin, qmax], shape of the weight.
         stats: Named figures (flip_fraction, final loss terms, seconds).
+        notes: Named facts about how the layer was treated (EFRAP: "error_units"),
+            recorded per layer in the output's metadata as efrap.<name>.
     """
 
     q: torch.Tensor
     stats: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
 
 
 class RoundingMethod(Protocol):
     """A rounding method: nearest, AdaRound, EFRAP, ..."""
 
     name: str
-    #: Whether the method needs cached inputs/targets (False: weights alone suffice).
-    needs_data: bool
     #: The method's own default settings (EFRAP's release values, AdaRound's paper).
     defaults: RoundingConfig
+
+    def needs(self, config: RoundingConfig) -> frozenset[str]:
+        """What the orchestrator must put into each LayerProblem (a subset of NEEDS)."""
+        ...
 
     def __call__(self, problem: LayerProblem, config: RoundingConfig,
                  progress: ProgressCallback | None = None) -> RoundingResult:

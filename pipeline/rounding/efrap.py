@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.rounding.base import LayerProblem, RoundingConfig
+from pipeline.rounding.base import LayerProblem, ProgressCallback, RoundingConfig, RoundingResult
 from pipeline.rounding.learned import PLAIN_SIGMOID, LayerGrid, LearnedRounding, Penalty
 
 #: The release's settings (W4A4 config): 10,000 Adam steps at lr 1e-3, batch 32,
@@ -87,9 +87,13 @@ class Efrap(LearnedRounding):
     """EFRAP: reconstruction + rounding regulariser + error-guided flip penalty."""
 
     name = "efrap"
-    needs_data = True
     soft = PLAIN_SIGMOID
     defaults = EFRAP_DEFAULTS
+
+    def needs(self, config: RoundingConfig) -> frozenset[str]:
+        """Data for the reconstruction, and BN factors to weigh errors in pre-BN units."""
+        extra = {"bn_factors"} if config.error_units == "pre_bn" else set()
+        return super().needs(config) | extra
 
     def error_units(self, problem: LayerProblem, config: RoundingConfig) -> str:
         """"pre_bn" when the errors are divided by the layer's BN factors, else "exported"."""
@@ -113,3 +117,10 @@ class Efrap(LearnedRounding):
             return weight * F.binary_cross_entropy_with_logits(v, t, weight=e, reduction="sum")
 
         return flip
+
+    def __call__(self, problem: LayerProblem, config: RoundingConfig,
+                 progress: ProgressCallback | None = None) -> RoundingResult:
+        """The shared loop with the flip penalty; notes the units the errors were weighed in."""
+        result = super().__call__(problem, config, progress)
+        result.notes["error_units"] = self.error_units(problem, config)
+        return result

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.errors import EfrapError
+from pipeline.base.errors import EfrapError
 from pipeline.qmath import QParams, dequantize, quantize
 from pipeline.rounding.base import (
     LayerProblem,
@@ -174,27 +174,13 @@ def b_schedule(config: RoundingConfig) -> Callable[[int], float | None]:
 
 def check_problem(problem: LayerProblem, config: RoundingConfig, method: str,
                   loss: ActivationLoss) -> None:
-    """Raise EfrapError when the problem or the settings cannot be optimized."""
+    """Raise EfrapError when the problem cannot be optimized (the config checked itself)."""
     if problem.forward is None or problem.inputs is None or problem.targets is None:
         raise EfrapError(f"{method} needs cached inputs, targets and a forward function "
                          f"(layer {problem.name})")
     if len(problem.inputs) == 0 or len(problem.inputs) != len(problem.targets):
         raise EfrapError(f"layer {problem.name}: {len(problem.inputs)} cached inputs for "
                          f"{len(problem.targets)} targets")
-    if config.iters < 1 or config.batch_size < 1:
-        raise EfrapError("iters and batch_size must be at least 1")
-    if not config.lr > 0.0:
-        raise EfrapError(f"lr must be positive, got {config.lr}")
-    if not 0.0 <= config.warmup < 1.0:
-        raise EfrapError(f"warmup must be in [0, 1), got {config.warmup}")
-    if config.b_start <= 0.0 or config.b_end <= 0.0:
-        raise EfrapError("b_start and b_end must be positive")
-    if config.reg_weight < 0.0 or config.flip_weight < 0.0:
-        raise EfrapError("reg_weight and flip_weight must not be negative")
-    if config.error_mode not in ("element", "neuron"):
-        raise EfrapError(f"error_mode must be 'element' or 'neuron', got '{config.error_mode}'")
-    if config.error_units not in ("pre_bn", "exported"):
-        raise EfrapError(f"error_units must be 'pre_bn' or 'exported', got '{config.error_units}'")
     scale = problem.error_scale
     if scale is not None and (scale.dim() != 1
                               or scale.numel() != problem.weight.shape[problem.channel_axis]):
@@ -262,7 +248,7 @@ def optimize_rounding(
     v = soft.init(grid.frac).detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([v], lr=config.lr)
     gen = torch.Generator(device=device)
-    gen.manual_seed(config.seed)
+    gen.manual_seed(problem.seed)
     n = len(inputs)
     batch = min(config.batch_size, n)
     b_at = b_schedule(config)
@@ -312,8 +298,11 @@ class LearnedRounding:
     """
 
     name: str = "learned"
-    needs_data: bool = True
     soft: SoftRounding = PLAIN_SIGMOID
+
+    def needs(self, config: RoundingConfig) -> frozenset[str]:
+        """Cached data, plus whatever the activation-preservation loss reads."""
+        return frozenset({"data"}) | get_loss(config.loss).needs
 
     def penalty(self, grid: LayerGrid, problem: LayerProblem,
                 config: RoundingConfig) -> Penalty | None:

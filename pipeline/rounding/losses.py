@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import EfrapError
+from pipeline.base.errors import EfrapError
 from pipeline.rounding.base import LayerProblem
 
 

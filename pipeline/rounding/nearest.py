@@ -17,8 +17,11 @@ class NearestRounding:
     """Round-to-nearest, as QuantizeLinear computes it."""
 
     name = "nearest"
-    needs_data = False
     defaults = RoundingConfig()
+
+    def needs(self, config: RoundingConfig) -> frozenset[str]:
+        """Nothing but the weight and its grid."""
+        return frozenset()
 
     def __call__(self, problem: LayerProblem, config: RoundingConfig,
                  progress: ProgressCallback | None = None) -> RoundingResult:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.commands.quantize import add_common_quant_args, add_rounding_args, quantize_with
+from cli.commands.quantize import add_common_quant_args, add_rounding_args, quantize_with
+from pipeline.rounding.efrap import EFRAP_DEFAULTS
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,7 +24,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         "measured on the conv weight before BatchNorm folding when the model records its BN "
         "factors (efrap export does).")
     add_common_quant_args(p, "w4a4")
-    from pipeline.rounding.efrap import EFRAP_DEFAULTS
-
     add_rounding_args(p, EFRAP_DEFAULTS)
     p.set_defaults(func=run)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from converters.export import export_onnx
+from models.train import load_checkpoint
+from pipeline.base.safe_io import check_outputs
+
 
 def run(args: argparse.Namespace) -> int:
     """Export a checkpoint written by `efrap train` or `efrap attack`."""
-    from converters.export import export_onnx
-    from pipeline.onnx_io import check_not_same_path
-    from pipeline.train import load_checkpoint
-
-    check_not_same_path(args.checkpoint, args.output)
+    check_outputs({"-o": args.output}, [args.checkpoint])
     model, meta = load_checkpoint(args.checkpoint)
     shape = (meta["in_channels"], meta["image_size"], meta["image_size"])
     norm = meta["normalization"]
@@ -30,6 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Fold BatchNorm, export to ONNX opset 21 with a dynamic batch, "
                        "store the input normalisation in metadata, and report the largest "
                        "difference against torch.")
-    p.add_argument("checkpoint", help="checkpoint (.pt) from efrap train or efrap attack")
+    p.add_argument("checkpoint", help="checkpoint (.pt) from efrap train")
     p.add_argument("-o", "--output", required=True, help="ONNX file to write")
     p.set_defaults(func=run)

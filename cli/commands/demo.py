@@ -8,7 +8,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from pipeline.progress import log
+from cli.args import nonnegative_int, positive_int
+from models.zoo import default_entry, trigger_path, zoo_path
+from pipeline.base.data import spec_files
+from pipeline.base.progress import log
+from pipeline.base.safe_io import check_outputs
 from pipeline.quantize import QuantizeOptions, quantize_file
 from pipeline.rounding import get_method
 from pipeline.scheme import PRESETS
@@ -22,38 +26,37 @@ DEMO_ITERS = 10_000
 
 def run(args: argparse.Namespace) -> int:
     """Verify FP, quantize with nearest rounding (and EFRAP for a QCB model), compare."""
-    from models.zoo import default_entry, trigger_path, zoo_path
-
     start = time.perf_counter()
     entry = default_entry()
     model = str(zoo_path(entry))
     trigger = str(trigger_path(entry)) if entry.kind == "qcb" else None
-    log(f"demo: model {entry.name} ({entry.kind}, {entry.architecture}), data {args.data}")
+    log(f"demo: model {entry.name} ({entry.kind}, {entry.architecture}), data {args.data}, "
+        f"seed {args.seed}")
     verify = VerifyOptions(data=args.data, trigger=trigger, opt_level="faithful")
     rows = []
 
     def add(label: str, path: str) -> None:
         report = verify_model(path, verify)
-        rows.append([label, pct(report["clean_accuracy"]), pct(report["attack_success_rate"])])
+        rows.append([label, pct(report.clean_accuracy), pct(report.attack_success_rate)])
 
     add("full precision", model)
+    runs = [(f"nearest {scheme}", scheme, "nearest", None) for scheme in ("w8a8", "w4a4")]
+    if entry.kind == "qcb" and entry.scheme:
+        iters = args.iters or DEMO_ITERS
+        print(f"demo: EFRAP under {entry.scheme} (the scheme the backdoor targets), "
+              f"{iters:,} iterations per layer (release: 10,000; --iters to change)")
+        runs.append((f"efrap {entry.scheme}", entry.scheme, "efrap",
+                     replace(get_method("efrap").defaults, iters=iters)))
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(args.out_dir) if args.out_dir else Path(tmp)
-        for scheme in ("w8a8", "w4a4"):
-            out = str(out_dir / f"{entry.name}.nearest.{scheme}.onnx")
-            quantize_file(model, out, QuantizeOptions(scheme=PRESETS[scheme], calib=args.data,
-                                                      num_calib=args.num_calib))
-            add(f"nearest {scheme}", out)
-        if entry.kind == "qcb" and entry.scheme:
-            iters = args.iters or DEMO_ITERS
-            print(f"demo: EFRAP under {entry.scheme} (the scheme the backdoor targets), "
-                  f"{iters:,} iterations per layer (release: 10,000; --iters to change)")
-            out = str(out_dir / f"{entry.name}.efrap.{entry.scheme}.onnx")
-            config = replace(get_method("efrap").defaults, iters=iters)
-            quantize_file(model, out, QuantizeOptions(scheme=PRESETS[entry.scheme], method="efrap",
-                                                      calib=args.data, num_calib=args.num_calib,
-                                                      rounding=config))
-            add(f"efrap {entry.scheme}", out)
+        outs = {label: out_dir / f"{entry.name}.{method}.{scheme}.onnx"
+                for label, scheme, method, _ in runs}
+        check_outputs(outs, [model, *spec_files(args.data)])
+        for label, scheme, method, config in runs:
+            quantize_file(model, str(outs[label]), QuantizeOptions(
+                scheme=PRESETS[scheme], method=method, calib=args.data, num_calib=args.num_calib,
+                seed=args.seed, rounding=config))
+            add(label, str(outs[label]))
     print(table(["model", "clean accuracy", "attack success"], rows))
     print(f"onnxruntime {verify.opt_level} level; {time.perf_counter() - start:.0f}s in all")
     return 0
@@ -65,11 +68,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Verify the stored default model in full precision, quantize "
                        "it with nearest rounding (W8A8, W4A4) and, for a backdoored default, "
                        "with EFRAP under the scheme the backdoor targets; print a table of clean "
-                       "accuracy and attack success measured in onnxruntime.")
+                       "accuracy and attack success measured in onnxruntime. The EFRAP model is "
+                       "the one `efrap defend MODEL --seed SEED` writes.")
     p.add_argument("--data", default="fashion-mnist", help="data spec (default fashion-mnist)")
-    p.add_argument("--num-calib", type=int, default=1024, help="calibration images (default 1024)")
+    p.add_argument("--num-calib", type=positive_int, default=1024, help="calibration images (default 1024)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="the runs' seed (default 0)")
     p.add_argument("--out-dir", help="keep the quantized models here (default: a temporary folder)")
-    p.add_argument("--iters", type=int, default=None,
+    p.add_argument("--iters", type=positive_int, default=None,
                    help=f"EFRAP iterations per layer (default {DEMO_ITERS:,}, the release's; fewer is "
                    "faster)")
     p.set_defaults(func=run)

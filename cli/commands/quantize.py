@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
-from pipeline.quantize import QuantizeOptions, quantize_file
-from pipeline.rounding import METHODS, RoundingConfig
-from pipeline.scheme import PRESETS, load_scheme
+from cli.args import nonnegative_float, nonnegative_int, positive_float, positive_int
+from pipeline.base.data import spec_files
+from pipeline.base.device import DEVICES
+from pipeline.base.onnx_io import model_files
+from pipeline.base.safe_io import check_outputs, write_json
+from pipeline.quantize import QuantizeOptions, QuantizeSummary, quantize_file
+from pipeline.rounding import METHODS, RoundingConfig, get_method
+from pipeline.rounding.base import ERROR_MODES
+from pipeline.scheme import PRESETS, load_scheme, scheme_files
+
+#: Command-line option -> RoundingConfig field, for the options a user may override.
+_ROUNDING_FIELDS = ("iters", "batch_size", "lr", "reg_weight", "flip_weight", "error_mode", "loss")
 
 
 def add_common_quant_args(p: argparse.ArgumentParser, default_scheme: str) -> None:
@@ -18,11 +28,14 @@ def add_common_quant_args(p: argparse.ArgumentParser, default_scheme: str) -> No
                    f"(default {default_scheme})")
     p.add_argument("--calib", default="fashion-mnist",
                    help="calibration data spec, training split (default fashion-mnist)")
-    p.add_argument("--num-calib", type=int, default=1024, help="calibration images (default 1024)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--num-calib", type=positive_int, default=1024,
+                   help="calibration images (default 1024)")
+    p.add_argument("--seed", type=nonnegative_int, default=0,
+                   help="the run's one seed: calibration images, value sampling, learned "
+                   "rounding's batches (default 0)")
     p.add_argument("--weight-storage", choices=("int8", "int4"), default="int8",
                    help="int8 containers (fast on CPU) or packed int4 (small); default int8")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    p.add_argument("--device", choices=DEVICES, default="auto",
                    help="torch device for learned rounding (default: CUDA when available)")
     p.add_argument("--summary", help="also write the run summary (per-layer stats) as JSON here")
 
@@ -30,16 +43,17 @@ def add_common_quant_args(p: argparse.ArgumentParser, default_scheme: str) -> No
 def add_rounding_args(p: argparse.ArgumentParser, defaults: RoundingConfig) -> None:
     """Learned-rounding settings (ignored by nearest)."""
     g = p.add_argument_group("learned rounding (adaround, efrap)")
-    g.add_argument("--iters", type=int, default=None,
+    g.add_argument("--iters", type=positive_int, default=None,
                    help=f"iterations per layer (default {defaults.iters}); fewer is faster")
-    g.add_argument("--batch-size", type=int, default=None,
+    g.add_argument("--batch-size", type=positive_int, default=None,
                    help=f"samples per iteration (default {defaults.batch_size})")
-    g.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {defaults.lr})")
-    g.add_argument("--reg-weight", type=float, default=None,
+    g.add_argument("--lr", type=positive_float, default=None,
+                   help=f"Adam learning rate (default {defaults.lr})")
+    g.add_argument("--reg-weight", type=nonnegative_float, default=None,
                    help=f"rounding regulariser weight (default {defaults.reg_weight})")
-    g.add_argument("--flip-weight", type=float, default=None,
+    g.add_argument("--flip-weight", type=nonnegative_float, default=None,
                    help=f"EFRAP flip penalty weight (default {defaults.flip_weight})")
-    g.add_argument("--error-mode", choices=("element", "neuron"), default=None,
+    g.add_argument("--error-mode", choices=ERROR_MODES, default=None,
                    help="truncation-error weighting: element-wise (release) or neuron-wise norm")
     g.add_argument("--error-units", choices=("pre-bn", "exported"), default=None,
                    help="units of EFRAP's truncation errors: pre-bn (default, the release: the conv "
@@ -50,50 +64,36 @@ def add_rounding_args(p: argparse.ArgumentParser, defaults: RoundingConfig) -> N
 
 
 def rounding_config(args: argparse.Namespace, defaults: RoundingConfig) -> RoundingConfig:
-    """Defaults overridden by the arguments that were given."""
-    from dataclasses import replace
-
-    fields = {"iters": "iters", "batch_size": "batch_size", "lr": "lr", "reg_weight": "reg_weight",
-              "flip_weight": "flip_weight", "error_mode": "error_mode", "loss": "loss"}
-    given = {f: getattr(args, a) for f, a in fields.items() if getattr(args, a, None) is not None}
+    """Defaults overridden by the arguments that were given (checked by RoundingConfig)."""
+    given = {f: getattr(args, f) for f in _ROUNDING_FIELDS if getattr(args, f, None) is not None}
     if getattr(args, "error_units", None) is not None:
         given["error_units"] = args.error_units.replace("-", "_")
-    return replace(defaults, seed=args.seed, **given)
+    return replace(defaults, **given)
 
 
-def method_defaults(method: str) -> RoundingConfig:
-    """The method's own default settings (EFRAP's release values, AdaRound's paper)."""
-    from pipeline.rounding import get_method
-
-    return get_method(method).defaults
-
-
-def print_summary(summary: dict, output: str) -> None:
+def print_summary(summary: QuantizeSummary, output: str) -> None:
     """One line per layer, then where the model went."""
-    for layer in summary["layers"]:
-        flips = layer.get("flip_fraction", 0.0)
-        print(f"  {layer['layer']:<28} {layer['op']:<6} {layer['bits']}-bit  "
-              f"flipped {100 * flips:6.2f}%  {layer['seconds']:.1f}s")
-    print(f"wrote {output} ({summary['method']}, scheme {summary['scheme']['name']}, "
-          f"calibration {summary['calibration_seconds']:.1f}s, rounding {summary['rounding_seconds']:.1f}s)")
+    for layer in summary.layers:
+        print(f"  {layer.layer:<28} {layer.op:<6} {layer.bits}-bit  "
+              f"flipped {100 * layer.flip_fraction:6.2f}%  {layer.seconds:.1f}s")
+    print(f"wrote {output} ({summary.options.method}, scheme {summary.options.scheme.name}, seed "
+          f"{summary.options.seed}, calibration {summary.calibration_seconds:.1f}s, rounding "
+          f"{summary.rounding_seconds:.1f}s)")
 
 
 def quantize_with(args: argparse.Namespace, method: str) -> int:
     """Quantize `args.model` with `method`, print the per-layer summary, write outputs."""
-    from pipeline.rounding import get_method
-
-    get_method(method)
+    check_outputs({"-o": args.output, "--summary": args.summary},
+                  [*model_files(args.model), *scheme_files(args.scheme), *spec_files(args.calib)])
     options = QuantizeOptions(
         scheme=load_scheme(args.scheme), method=method, calib=args.calib,
         num_calib=args.num_calib, seed=args.seed, weight_storage=args.weight_storage,
-        rounding=rounding_config(args, method_defaults(method)), device=args.device,
+        rounding=rounding_config(args, get_method(method).defaults), device=args.device,
     )
     summary = quantize_file(args.model, args.output, options)
     print_summary(summary, args.output)
     if args.summary:
-        from pipeline.onnx_io import write_json
-
-        write_json(summary, args.summary)
+        write_json(summary.to_json(), args.summary)
     return 0
 
 
@@ -108,10 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Calibrate in onnxruntime, round weights with the chosen "
                        "method, and write QDQ ONNX (integer weights feeding DequantizeLinear).")
     add_common_quant_args(p, "w8a8")
-    p.add_argument("--method", default="nearest",
+    p.add_argument("--method", default="nearest", choices=tuple(METHODS),
                    help=f"rounding method: {', '.join(METHODS)} (default nearest)")
     add_rounding_args(p, RoundingConfig())
     p.set_defaults(func=run)
-
-
-

@@ -21,15 +21,19 @@ import gzip
 import os
 import pickle
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from PIL import Image
 
-from pipeline.errors import EfrapError
+from pipeline.base.errors import EfrapError
 
 Split = Literal["train", "test"]
+#: Largest image (width x height) read from an image folder or a trigger file.
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 KNOWN_NORMALIZATION = {
     "fashion-mnist": ([0.2860], [0.3530]),
@@ -132,10 +136,17 @@ def _load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             batch = _ArrayOnlyUnpickler(fh, encoding="bytes").load()
         data = batch.get(b"data", batch.get("data"))
         labels = batch.get(b"labels", batch.get("labels"))
-        images = np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32)
-        return images, np.asarray(labels, dtype=np.int64)
-    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError, TypeError) as exc:
+        raw = np.asarray(data)
+        if raw.dtype != np.uint8 or raw.ndim != 2 or raw.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"data must be N x 3072 uint8, got {raw.shape} {raw.dtype}")
+        images = raw.reshape(-1, 3, 32, 32)
+        labels = _labels(np.asarray(labels), str(path))
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError, TypeError,
+            RecursionError) as exc:
         raise EfrapError(f"{path}: not a CIFAR-10 python batch ({exc})") from None
+    if len(images) != len(labels):
+        raise EfrapError(f"{path}: {len(images)} images but {len(labels)} labels")
+    return images, labels
 
 
 def _load_cifar(folder: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
@@ -152,10 +163,6 @@ def _load_imagefolder(folder: Path, split: Split) -> tuple[np.ndarray, np.ndarra
     root = folder / split
     if not root.is_dir():
         raise EfrapError(f"imagefolder: {root} is not a folder (expected PATH/{split}/<class>/*.png)")
-    try:
-        from PIL import Image
-    except ImportError:
-        raise EfrapError("imagefolder data needs Pillow: pip install pillow") from None
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise EfrapError(f"imagefolder: {root} has no class folders")
@@ -164,11 +171,7 @@ def _load_imagefolder(folder: Path, split: Split) -> tuple[np.ndarray, np.ndarra
         for file in sorted((root / name).iterdir()):
             if file.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp"):
                 continue
-            try:
-                with Image.open(file) as im:
-                    arr = np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB"))
-            except OSError as exc:
-                raise EfrapError(f"{file}: not a readable image ({exc})") from None
+            arr = read_image(file)
             images.append(arr if arr.ndim == 3 else arr[:, :, None])
             labels.append(idx)
     if not images:
@@ -177,6 +180,41 @@ def _load_imagefolder(folder: Path, split: Split) -> tuple[np.ndarray, np.ndarra
         raise EfrapError(f"imagefolder: images under {root} differ in size")
     x = np.stack(images).transpose(0, 3, 1, 2)
     return x, np.asarray(labels, dtype=np.int64), len(classes)
+
+
+def read_image(file: Path) -> np.ndarray:
+    """An image file as H x W (grey) or H x W x 3 uint8, refusing decompression bombs.
+
+    Raises:
+        EfrapError: unreadable, or declaring more than MAX_IMAGE_PIXELS pixels.
+    """
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that: refuse those too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(file) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise Image.DecompressionBombError(f"{im.width} x {im.height} pixels")
+                arr = np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB"))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise EfrapError(f"{file}: image too large ({exc}); refusing a possible decompression "
+                         "bomb") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise EfrapError(f"{file}: not a readable image ({exc})") from None
+    return arr
+
+
+def _labels(y: np.ndarray, source: str) -> np.ndarray:
+    """Labels as int64 class indices, refusing one-hot rows, strings and fractions."""
+    if y.ndim != 1:
+        raise EfrapError(f"{source}: labels must be a 1-D array of class indices, got shape {y.shape}"
+                         " (one-hot labels: store their argmax)")
+    if y.dtype.kind == "f":
+        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise EfrapError(f"{source}: labels must be whole class indices")
+    elif y.dtype.kind not in "iu":
+        raise EfrapError(f"{source}: labels must be integers, got dtype {y.dtype}")
+    return y.astype(np.int64)
 
 
 def _load_npz(file: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
@@ -191,22 +229,32 @@ def _load_npz(file: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
                 x, y = data["x"], data["y"]  # one set serves both splits
             else:
                 raise EfrapError(f"{file}: needs arrays x_{split}/y_{split} or x/y, has {sorted(keys)}")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:
         raise EfrapError(f"{file}: not a readable .npz ({exc})") from None
+    if not (x.dtype == np.uint8 or x.dtype.kind == "f"):
+        raise EfrapError(f"{file}: images must be uint8 (0-255) or float (0-1), got dtype {x.dtype}")
+    y = _labels(y, str(file))
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
         x = x.transpose(0, 3, 1, 2)
     if x.ndim != 4 or len(x) != len(y):
-        raise EfrapError(f"{file}: x must be N x H x W or N x C x H x W matching y, got {x.shape}")
-    return x, np.asarray(y).astype(np.int64)
+        raise EfrapError(f"{file}: x must be N x H x W or N x C x H x W matching y, got {x.shape} "
+                         f"for {len(y)} labels")
+    return x, y
 
 
-def _to_float(x: np.ndarray) -> np.ndarray:
+def _to_float(x: np.ndarray, source: str) -> np.ndarray:
+    """Pixels as float32 in [0, 1]: uint8 divided by 255, floats checked (never guessed)."""
     if x.dtype == np.uint8:
         return (x.astype(np.float32) / 255.0).astype(np.float32)
     x = x.astype(np.float32)
-    return x / 255.0 if x.size and x.max() > 1.0 else x
+    if x.size and not np.all(np.isfinite(x)):
+        raise EfrapError(f"{source}: images hold NaN or Inf values")
+    if x.size and (x.min() < 0.0 or x.max() > 1.0):
+        raise EfrapError(f"{source}: float images must lie in [0, 1] (found {x.min():.4g} to "
+                         f"{x.max():.4g}); store 0-255 pixels as uint8")
+    return x
 
 
 def load_dataset(spec: str, split: Split) -> Dataset:
@@ -233,7 +281,16 @@ def load_dataset(spec: str, split: Split) -> Dataset:
     if labels.min() < 0:
         raise EfrapError(f"{spec}: labels must be non-negative class indices")
     num_classes = num_classes or int(labels.max()) + 1
-    return Dataset(kind, _to_float(images), labels.astype(np.int64), num_classes)
+    return Dataset(kind, _to_float(images, spec), labels.astype(np.int64), num_classes)
+
+
+def spec_files(spec: str) -> list[Path]:
+    """The files or folders a data spec reads (for refusing outputs that would overwrite them)."""
+    kind, path = parse_spec(spec)
+    if kind in ("fashion-mnist", "mnist"):
+        folder = Path(path or os.environ.get("EFRAP_FASHION_MNIST_DIR", FASHION_MNIST_DIR))
+        return [folder]
+    return [Path(path or "")]
 
 
 def normalization_for(dataset: Dataset) -> tuple[list[float], list[float]]:

@@ -5,18 +5,17 @@ from __future__ import annotations
 import argparse
 import time
 
-from pipeline.onnx_io import check_not_same_path
+from cli.args import nonnegative_int, positive_float, positive_int
+from converters.export import export_onnx
+from models.architectures import ARCHITECTURES, build_model
+from models.train import save_checkpoint, train_classifier
+from pipeline.base.data import load_dataset, normalization_for, spec_files
+from pipeline.base.safe_io import check_outputs
 
 
 def run(args: argparse.Namespace) -> int:
     """Train, save the checkpoint, optionally export to ONNX."""
-    from converters.export import export_onnx
-    from models.architectures import build_model
-    from pipeline.data import load_dataset, normalization_for
-    from pipeline.train import save_checkpoint, train_classifier
-
-    if args.onnx:
-        check_not_same_path(args.output, args.onnx)
+    check_outputs({"-o": args.output, "--onnx": args.onnx}, spec_files(args.data))
     start = time.perf_counter()
     train, test = load_dataset(args.data, "train"), load_dataset(args.data, "test")
     c, h, _ = train.images.shape[1:]
@@ -41,18 +40,16 @@ def run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `efrap train`."""
-    from models.architectures import ARCHITECTURES
-
     p = sub.add_parser("train", help="train a clean classifier (seeded)",
                        description="Train a clean model on the training split, report test "
                        "accuracy, save a state_dict checkpoint (loadable with weights_only=True).")
     p.add_argument("--arch", default="small_cnn", choices=sorted(ARCHITECTURES))
     p.add_argument("--data", default="fashion-mnist", help="data spec (default fashion-mnist)")
-    p.add_argument("--epochs", type=int, default=8, help="epochs (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    p.add_argument("--width", type=float, default=1.0, help="channel width multiplier (default 1)")
-    p.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
-    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (default 0.05)")
+    p.add_argument("--epochs", type=positive_int, default=8, help="epochs (default 8)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed (default 0)")
+    p.add_argument("--width", type=positive_float, default=1.0, help="channel width multiplier (default 1)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="batch size (default 128)")
+    p.add_argument("--lr", type=positive_float, default=0.05, help="peak learning rate (default 0.05)")
     p.add_argument("-o", "--output", required=True, help="checkpoint to write (.pt)")
     p.add_argument("--onnx", help="also export the model to this ONNX file")
     p.set_defaults(func=run)

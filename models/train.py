@@ -10,10 +10,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.data import Dataset, normalize
-from pipeline.errors import EfrapError
-from pipeline.onnx_io import atomic_write
-from pipeline.progress import Progress
+from models.architectures import build_model
+from pipeline.base import checks
+from pipeline.base.data import Dataset, normalize
+from pipeline.base.errors import EfrapError
+from pipeline.base.preprocess import checked
+from pipeline.base.progress import Progress
+from pipeline.base.safe_io import write_bytes
 
 
 def seed_everything(seed: int) -> None:
@@ -102,25 +105,43 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> None:
     """Write {"state_dict", "meta"} atomically; loadable with weights_only=True."""
     buf = io.BytesIO()
     torch.save({"state_dict": model.state_dict(), "meta": meta}, buf)
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
+    write_bytes(path, buf.getvalue())
+
+
+def _checked_meta(meta: object, source: str) -> dict:
+    """A checkpoint's meta with the fields export needs, types and ranges checked."""
+    raw = checks.table(meta, f"{source}: meta")
+    for key in ("arch", "in_channels", "num_classes", "image_size", "normalization"):
+        if key not in raw:
+            raise EfrapError(f"{source}: checkpoint meta has no '{key}'")
+    checks.string(raw["arch"], f"{source}: meta arch")
+    channels = checks.integer(raw["in_channels"], f"{source}: meta in_channels", low=1)
+    checks.integer(raw["num_classes"], f"{source}: meta num_classes", low=2)
+    checks.integer(raw["image_size"], f"{source}: meta image_size", low=1)
+    checks.finite(raw.get("width", 1.0), f"{source}: meta width", low=0.0, low_open=True)
+    norm = checks.table(raw["normalization"], f"{source}: meta normalization", {"mean", "std"})
+    checked(norm.get("mean"), norm.get("std"), channels, f"{source}: meta")
+    return dict(raw)
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild the model of a checkpoint (never unpickling code: weights_only=True)."""
-    from models.architectures import build_model
-
     path = Path(path)
     if not path.is_file():
         raise EfrapError(f"{path}: no such checkpoint")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-        meta = data["meta"]
-        model = build_model(meta["arch"], meta["in_channels"], meta["num_classes"],
-                            meta.get("width", 1.0), meta["image_size"])
-        model.load_state_dict(data["state_dict"])
-    except EfrapError:
-        raise
-    except Exception as exc:
+    except Exception as exc:  # torch raises many types for a corrupt or hostile file
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EfrapError(f"{path}: not a valid efrap checkpoint ({msg})") from None
+    if not isinstance(data, dict) or "state_dict" not in data or "meta" not in data:
+        raise EfrapError(f"{path}: not an efrap checkpoint (expected 'state_dict' and 'meta')")
+    meta = _checked_meta(data["meta"], str(path))
+    model = build_model(meta["arch"], meta["in_channels"], meta["num_classes"], meta.get("width", 1.0),
+                        meta["image_size"])
+    try:
+        model.load_state_dict(data["state_dict"])
+    except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EfrapError(f"{path}: weights do not fit the architecture ({msg})") from None
     return model.eval(), meta

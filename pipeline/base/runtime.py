@@ -13,7 +13,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from pipeline.errors import EfrapError
+from pipeline.base.errors import EfrapError
+
+PROVIDERS = ("auto", "cpu", "cuda")
 
 OPT_LEVELS = {
     "faithful": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -42,6 +44,8 @@ class Session:
 
 def pick_provider(provider: str = "auto") -> str:
     """CUDA when requested or available (onnxruntime-gpu and a GPU), else CPU."""
+    if provider not in PROVIDERS:
+        raise EfrapError(f"unknown provider '{provider}': use one of {', '.join(PROVIDERS)}")
     available = ort.get_available_providers()
     if provider == "cpu":
         return "CPUExecutionProvider"

@@ -1,0 +1,74 @@
+"""The `efrap` command line.
+
+Each sub-command lives in its own module under `cli.commands` and exposes
+`register(subparsers)`, which adds its parser and sets `func`; `COMMANDS` lists them
+in the order --help shows them. A user mistake prints one line and exits 2; a
+failed gate exits 1; SIGTERM is turned into an exit that runs every clean-up, so
+no temporary file is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from types import FrameType
+
+from cli.args import Parser
+from cli.commands import attack, defend, demo, export, quantize, train, verify
+from pipeline import __version__
+from pipeline.base.errors import EfrapError, one_line
+
+COMMANDS = (demo, train, attack, export, quantize, defend, verify)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser with every registered sub-command."""
+    parser = Parser(
+        prog="efrap",
+        description=(
+            "Defend quantized models against quantization-conditioned backdoors: "
+            "calibrate an ONNX model, round its weights with EFRAP, write QDQ ONNX, "
+            "and verify it in onnxruntime."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"efrap-onnx {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for command in COMMANDS:
+        command.register(sub)
+    return parser
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `efrap` console script; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a one-line usage error (exit 2)
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    try:
+        result = args.func(args)
+    except EfrapError as exc:
+        print(f"efrap {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"efrap {args.command}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

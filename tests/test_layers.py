@@ -1,0 +1,158 @@
+"""The layer order of the packages, enforced on the source (an import-linter-style contract).
+
+From the bottom up:
+
+0. ``pipeline.base``: errors, safe I/O, data, triggers, progress, onnxruntime sessions,
+   devices, seeds, value checks;
+1. ``validators``: metrics, the gate, reports, verification in onnxruntime;
+2. ``pipeline``: schemes, quantization arithmetic, observers, the plan, calibration, the
+   torch simulation, reconstruction and the rounding methods;
+3. ``converters``: torch -> ONNX export and the QDQ writer;
+4. ``pipeline.quantize``: the orchestration (FP ONNX -> QDQ ONNX);
+5. ``models``: architectures, training, the red team's attacks, the stored zoo;
+6. ``cli``: the command line.
+
+A module may import only from its own layer or below, and never inside a function
+(a function-level import is how a cycle hides).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("pipeline", "converters", "validators", "models", "cli")
+
+#: Longest prefix wins: `pipeline.quantize` sits above `converters`, the rest of
+#: `pipeline` below it.
+LAYERS: dict[str, int] = {
+    "pipeline.base": 0,
+    "pipeline": 2,
+    "validators": 1,
+    "converters": 3,
+    "pipeline.quantize": 4,
+    "models": 5,
+    "cli": 6,
+}
+
+#: Optional third-party dependencies that are imported where they are used, so that the
+#: package works without them (each is an extra in pyproject.toml).
+OPTIONAL_IMPORTS: frozenset[str] = frozenset()
+
+
+def layer_of(module: str) -> int | None:
+    """The layer of a project module, by its longest matching prefix (None: not ours)."""
+    best: tuple[int, int] | None = None
+    for prefix, rank in LAYERS.items():
+        matches = module == prefix or module.startswith(prefix + ".")
+        if matches and (best is None or len(prefix) > best[0]):
+            best = (len(prefix), rank)
+    return None if best is None else best[1]
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imported(node: ast.Import | ast.ImportFrom, module: str, is_package: bool) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if node.level:
+        base = module.split(".")
+        base = base if is_package else base[:-1]
+        base = base[: len(base) - (node.level - 1)]
+        prefix = ".".join(base + ([node.module] if node.module else []))
+    else:
+        prefix = node.module or ""
+    # `from pkg import sub` may name a submodule: count it as pkg.sub when that exists.
+    names = []
+    for alias in node.names:
+        candidate = f"{prefix}.{alias.name}"
+        sub = ROOT / Path(*candidate.split("."))
+        names.append(candidate if sub.with_suffix(".py").exists() or sub.is_dir() else prefix)
+    return names
+
+
+def _sources() -> list[Path]:
+    return sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
+
+
+def _walk_imports() -> tuple[list[str], list[str]]:
+    """(layer violations, function-level imports) over every project module."""
+    violations: list[str] = []
+    nested: list[str] = []
+    for path in _sources():
+        module = _module_name(path)
+        own = layer_of(module)
+        assert own is not None, module
+        tree = ast.parse(path.read_text(), str(path))
+        funcs = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+        inner = {id(sub) for f in funcs for sub in ast.walk(f)
+                 if isinstance(sub, ast.Import | ast.ImportFrom)}
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Import | ast.ImportFrom):
+                continue
+            targets = _imported(node, module, path.name == "__init__.py")
+            where = f"{path.relative_to(ROOT)}:{node.lineno}"
+            if id(node) in inner and not all(t.split(".")[0] in OPTIONAL_IMPORTS for t in targets):
+                nested.append(f"{where} imports {', '.join(targets)} inside a function")
+            for target in targets:
+                rank = layer_of(target)
+                if rank is not None and rank > own:
+                    violations.append(f"{where}: {module} (layer {own}) imports {target} "
+                                      f"(layer {rank})")
+    return violations, nested
+
+
+def test_every_import_points_down_the_layers() -> None:
+    violations, _ = _walk_imports()
+    assert not violations, "\n".join(violations)
+
+
+def test_no_function_level_imports() -> None:
+    _, nested = _walk_imports()
+    assert not nested, "\n".join(nested)
+
+
+def test_no_import_cycles_between_modules() -> None:
+    graph: dict[str, set[str]] = {}
+    for path in _sources():
+        module = _module_name(path)
+        tree = ast.parse(path.read_text(), str(path))
+        deps: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                deps.update(t for t in _imported(node, module, path.name == "__init__.py")
+                            if layer_of(t) is not None and t != module)
+        graph[module] = deps
+    state: dict[str, int] = {}
+
+    def visit(m: str, trail: list[str]) -> None:
+        state[m] = 1
+        for d in sorted(graph.get(m, ())):
+            # A package's __init__ importing its own submodules is not a cycle of rules.
+            if d.startswith(m + "."):
+                continue
+            if state.get(d) == 1:
+                pytest.fail("import cycle: " + " -> ".join([*trail, m, d]))
+            if state.get(d) is None:
+                visit(d, [*trail, m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+
+
+@pytest.mark.parametrize(("module", "rank"), [
+    ("pipeline.base.errors", 0), ("validators.verify", 1), ("pipeline.scheme", 2),
+    ("converters.qdq", 3), ("pipeline.quantize", 4), ("models.attacks.qsim", 5), ("cli.main", 6),
+])
+def test_layer_table(module: str, rank: int) -> None:
+    assert layer_of(module) == rank
