@@ -73,6 +73,9 @@ def to_qdq(
         weight_storage: "int8" (containers) or "int4" (packed 4-bit where the grid
             has 4 bits).
 
+    A layer missing from `result.layers` keeps its float weight (the learned-rounding
+    driver samples layer inputs from such partly rounded graphs).
+
     Returns:
         A new ModelProto (opset 21); the input model is not modified.
     """
@@ -84,7 +87,9 @@ def to_qdq(
     to_four_bit: dict[str, type] = {}
 
     for layer in result.plan.layers:
-        ql = result.layers[layer.node]
+        ql = result.layers.get(layer.node)
+        if ql is None:
+            continue  # not rounded yet (a partial model for sampling): the weight stays float
         node = nodes[layer.node]
         qp = ql.qparams
         _check_range(ql.q, qp, f"layer {layer.node}")

@@ -1,16 +1,28 @@
-"""Reading an FP ONNX graph: which layers are quantized and where activations are.
+"""Reading a prepared FP ONNX graph: which layers are quantized and where activations are.
 
-Rules (the same ones the converter writes and the simulation runs):
+Any graph onnxruntime runs is accepted: the plan names what is quantized and every
+other op stays in float. The rules (the QDQ writer writes them, onnxruntime fuses
+them, the simulations run them) follow onnxruntime's QDQ conventions:
 
-1. A *layer* is a Conv, Gemm or MatMul node with a constant weight, plus a Relu or
-   Clip that is the only consumer of its output.
-2. The activation input of every layer is a quantization point.
-3. The output of every layer is a quantization point unless it is a graph output
-   (the logits stay float). With asymmetric activations onnxruntime drops the Relu
-   in front of such a Q and fuses DQ -> Conv -> Q into QLinearConv.
-4. A tensor produced from a quantization point by a range-preserving op (MaxPool,
-   Flatten, Reshape, Identity, Transpose) shares that point's parameters: its Q/DQ
-   is an exact identity, so no extra rounding happens.
+1. A *layer* is a Conv (grouped and depthwise included), a Gemm, or a MatMul whose
+   second input is a constant 2-D weight, plus a Relu or Clip that is the only
+   consumer of its output. Its weight gets integers and a DequantizeLinear; a
+   constant bias gets int32.
+2. Integer ops: onnxruntime runs Add and Concat of activations, and average pooling,
+   on integers (QLinearAdd, QLinearConcat, QLinearAveragePool) when each activation
+   input and the output have Q/DQ.
+3. Every activation input and output of a layer or an integer op is a quantization
+   point, unless it is a graph output (logits stay float). A tensor read by several
+   consumers (a residual branch) has one quantizer that all of them read.
+4. A tensor produced from a point by a range-preserving op (MaxPool, Flatten,
+   Reshape, Identity, Transpose, Squeeze, Unsqueeze) shares that point's
+   parameters: its Q/DQ is an exact identity, so no extra rounding happens.
+5. The first layers (no layer upstream) and the last layers (no layer downstream)
+   are the "edge" layers a scheme may give more bits.
+
+Layers can be kept in float by node name or op type (`exclude`, onnxruntime's
+`nodes_to_exclude`). A Conv or Gemm whose weight is not a constant cannot be
+quantized and is refused by name.
 """
 
 from __future__ import annotations
@@ -19,15 +31,14 @@ from collections import defaultdict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from pipeline.base.errors import EfrapError
 
 QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
 FUSED_ACTIVATIONS = ("Relu", "Clip")
 PASSTHROUGH_OPS = ("MaxPool", "Flatten", "Reshape", "Identity", "Transpose", "Squeeze", "Unsqueeze")
+INTEGER_OPS = ("Add", "Concat", "GlobalAveragePool", "AveragePool")
 
 
 @dataclass(frozen=True)
@@ -43,8 +54,8 @@ class QuantLayer:
         input: The activation tensor the layer reads.
         output: The layer's output tensor (after a fused Relu/Clip).
         nodes: Names of the nodes from the layer node to `output`.
-        is_first: Whether the layer reads a graph input.
-        is_last: Whether the layer's output is a graph output.
+        is_first: Whether no other layer is upstream of it.
+        is_last: Whether no other layer is downstream of it.
     """
 
     node: str
@@ -58,6 +69,11 @@ class QuantLayer:
     is_first: bool
     is_last: bool
 
+    @property
+    def edge(self) -> bool:
+        """Whether the layer is first or last (a scheme may give it more bits)."""
+        return self.is_first or self.is_last
+
 
 @dataclass(frozen=True)
 class QuantPlan:
@@ -68,12 +84,14 @@ class QuantPlan:
         points: Activation tensors with their own calibrated parameters, in order.
         shared: Tensor -> the point whose parameters it reuses (rule 4).
         point_layers: Point -> names of the layers that read it (directly or shared).
+        excluded: Layer-like nodes kept in float -> why.
     """
 
     layers: tuple[QuantLayer, ...]
     points: tuple[str, ...]
     shared: dict[str, str] = field(default_factory=dict)
     point_layers: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    excluded: dict[str, str] = field(default_factory=dict)
 
     def all_quantized_tensors(self) -> list[str]:
         """Points and shared tensors, i.e. every tensor that gets a Q/DQ pair."""
@@ -90,74 +108,7 @@ class QuantPlan:
     def point_is_edge(self, point: str) -> bool:
         """Whether the first or the last layer reads `point` (the scheme may give it more bits)."""
         readers = set(self.point_layers.get(point, ()))
-        return any(layer.is_first or layer.is_last for layer in self.layers if layer.node in readers)
-
-
-#: Opset every prepared graph is brought to: the QDQ writer needs 21 (INT4, per-channel DQ),
-#: and converting first keeps old-style nodes (Clip with min/max attributes) valid there.
-TARGET_OPSET = 21
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-def _constants_to_initializers(graph: onnx.GraphProto) -> None:
-    kept = []
-    for node in graph.node:
-        if node.op_type == "Constant" and len(node.attribute) == 1:
-            value = onnx.helper.get_attribute_value(node.attribute[0])
-            name = node.attribute[0].name
-            if name == "value":
-                tensor = numpy_helper.to_array(value)
-            elif name in ("value_float", "value_floats"):
-                tensor = np.asarray(value, dtype=np.float32)
-            elif name in ("value_int", "value_ints"):
-                tensor = np.asarray(value, dtype=np.int64)
-            else:
-                kept.append(node)
-                continue
-            graph.initializer.append(numpy_helper.from_array(tensor, node.output[0]))
-            continue
-        kept.append(node)
-    del graph.node[:]
-    graph.node.extend(kept)
-
-
-def prepare_model(model: onnx.ModelProto, source: str = "model") -> onnx.ModelProto:
-    """A copy at opset >= 21 with Constant nodes turned into initializers and every node named.
-
-    Raises:
-        EfrapError: the graph cannot be converted to opset 21.
-    """
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    if _default_opset(model) < TARGET_OPSET:
-        try:
-            model = onnx.version_converter.convert_version(model, TARGET_OPSET)
-        except Exception as exc:  # the converter raises RuntimeError and others
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise EfrapError(f"{source}: cannot convert the graph from opset "
-                             f"{_default_opset(model)} to {TARGET_OPSET} ({msg})") from None
-        model.ir_version = max(model.ir_version, 10)
-    graph = model.graph
-    _constants_to_initializers(graph)
-    used = {n.name for n in graph.node if n.name}
-    for i, node in enumerate(graph.node):
-        if not node.name:
-            name = f"{node.op_type}_{i}"
-            while name in used:
-                name += "_"
-            node.name = name
-            used.add(name)
-    return model
-
-
-def check_finite(model: onnx.ModelProto, source: str) -> None:
-    """Refuse weights that hold NaN or Inf."""
-    for init in model.graph.initializer:
-        arr = numpy_helper.to_array(init)
-        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-            raise EfrapError(f"{source}: initializer '{init.name}' holds NaN or Inf values")
+        return any(layer.edge for layer in self.layers if layer.node in readers)
 
 
 def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
@@ -168,105 +119,208 @@ def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
 
 
 def assign_points(
-    layer_io: Sequence[tuple[str, str]],
+    candidates: Sequence[str],
     outputs: Collection[str],
     upstream: Callable[[str], str | None],
 ) -> tuple[tuple[str, ...], dict[str, str]]:
-    """Rules 2-4 over any graph representation (ONNX here, torch.fx in the attacks' QSim).
+    """Rules 3-4: which candidate tensors get their own parameters and which share.
 
     Args:
-        layer_io: (input tensor, output tensor) of every layer, in topological order.
+        candidates: Tensors to quantize, in topological order (repeats ignored).
         outputs: Graph outputs (never quantized).
         upstream: The data input of a tensor's producer when that producer is a
             range-preserving op, else None.
 
     Returns:
         The points with their own parameters, in order, and tensor -> point for the
-        layer inputs/outputs that reuse a point's parameters.
+        candidates that reuse a point's parameters.
     """
-    candidates: list[str] = []
-    for pair in layer_io:
-        for t in pair:
-            if t not in candidates and t not in outputs:
-                candidates.append(t)
-    roots = set(candidates)
-    shared: dict[str, str] = {}
+    ordered: list[str] = []
     for t in candidates:
+        if t not in ordered and t not in outputs:
+            ordered.append(t)
+    roots = set(ordered)
+    shared: dict[str, str] = {}
+    for t in ordered:
         cur = upstream(t)
         while cur is not None:
             if cur in roots:
                 shared[t] = cur
                 break
             cur = upstream(cur)
-    return tuple(t for t in candidates if t not in shared), shared
+    return tuple(t for t in ordered if t not in shared), shared
 
 
-def analyze(model: onnx.ModelProto, source: str = "model") -> QuantPlan:
-    """Find the quantized layers and activation points of a prepared FP model.
+class _Graph:
+    """Producers, consumers and constants of a graph, read once."""
 
-    Raises:
-        EfrapError: the graph has no Conv/Gemm/MatMul with a constant weight.
-    """
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    graph_inputs = {i.name for i in graph.input if i.name not in inits}
-    graph_outputs = {o.name for o in graph.output}
-    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    producer: dict[str, onnx.NodeProto] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
-        for name in node.output:
-            producer[name] = node
+    def __init__(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        self.nodes = list(graph.node)
+        self.inits = {i.name: i for i in graph.initializer}
+        self.inputs = {i.name for i in graph.input if i.name not in self.inits}
+        self.outputs = {o.name for o in graph.output}
+        self.types = _elem_types(model)
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        self.producer: dict[str, onnx.NodeProto] = {}
+        for node in self.nodes:
+            for name in node.input:
+                self.consumers[name].append(node)
+            for name in node.output:
+                self.producer[name] = node
 
-    layers: list[QuantLayer] = []
-    for node in graph.node:
-        if node.op_type not in QUANTIZABLE_OPS or len(node.input) < 2:
+    def is_activation(self, name: str) -> bool:
+        """Whether a tensor is float data computed from the input (not a constant, not a shape)."""
+        return bool(name) and name not in self.inits and self.types.get(name, _FLOAT) == _FLOAT
+
+
+_FLOAT = onnx.TensorProto.FLOAT
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor shape inference can tell (shape arithmetic is int64)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # inference is a help here, not a requirement
+        inferred = model
+    graph = inferred.graph
+    out = {}
+    for value in [*graph.value_info, *graph.input, *graph.output]:
+        if value.type.tensor_type.elem_type:
+            out[value.name] = value.type.tensor_type.elem_type
+    return out
+
+
+def _layer_of(node: onnx.NodeProto, g: _Graph, source: str) -> tuple[int, str | None] | str:
+    """(weight axis, bias) when `node` is a quantizable layer, else why it stays float."""
+    if len(node.input) < 2 or not g.is_activation(node.input[0]):
+        return "its data input is a constant"
+    weight = node.input[1]
+    if weight not in g.inits:
+        if node.op_type == "MatMul":
+            return "it multiplies two activations"
+        producer = g.producer.get(weight)
+        if producer is not None and producer.op_type == "DequantizeLinear":
+            raise EfrapError(f"{source}: {node.op_type} '{node.name}' already reads a quantized weight; "
+                             "give the full-precision model")
+        raise EfrapError(f"{source}: {node.op_type} '{node.name}' has a weight that is not a constant "
+                         f"('{weight}'); it cannot be quantized")
+    dims = len(g.inits[weight].dims)
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if bias is not None and bias not in g.inits:
+        return "its bias is not a constant"
+    if node.op_type == "Conv":
+        return 0, bias
+    if node.op_type == "Gemm":
+        plain = _attr(node, "alpha", 1.0) == 1.0 and _attr(node, "beta", 1.0) == 1.0
+        if _attr(node, "transA", 0) or not plain or dims != 2:
+            return "it uses transA, alpha or beta"
+        if bias is not None and len(g.inits[bias].dims) != 1:
+            return "its bias is not one value per output"
+        return (0 if _attr(node, "transB", 0) else 1), bias
+    if dims != 2:
+        return "its weight is not 2-D"
+    return 1, None
+
+
+def _find_layers(g: _Graph, exclude: Collection[str], source: str) -> tuple[list[dict], dict[str, str]]:
+    found: list[dict] = []
+    excluded: dict[str, str] = {}
+    for node in g.nodes:
+        if node.op_type not in QUANTIZABLE_OPS:
             continue
-        weight = node.input[1]
-        if weight not in inits or node.input[0] in inits:
+        if node.name in exclude or node.op_type in exclude:
+            excluded[node.name] = "excluded on request"
             continue
-        dims = len(inits[weight].dims)
-        if node.op_type == "Conv":
-            axis = 0
-        elif node.op_type == "Gemm":
-            plain = _attr(node, "alpha", 1.0) == 1.0 and _attr(node, "beta", 1.0) == 1.0
-            if _attr(node, "transA", 0) or not plain:
-                raise EfrapError(f"{source}: Gemm '{node.name}' uses transA/alpha/beta; not supported")
-            axis = 0 if _attr(node, "transB", 0) else 1
-        else:
-            if dims != 2:
-                continue
-            axis = 1
-        bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
+        kind = _layer_of(node, g, source)
+        if isinstance(kind, str):
+            excluded[node.name] = kind
+            continue
+        axis, bias = kind
         out = node.output[0]
         nodes = [node.name]
-        nxt = consumers.get(out, [])
-        if len(nxt) == 1 and nxt[0].op_type in FUSED_ACTIVATIONS and out not in graph_outputs:
+        nxt = g.consumers.get(out, [])
+        if len(nxt) == 1 and nxt[0].op_type in FUSED_ACTIVATIONS and out not in g.outputs:
             out = nxt[0].output[0]
             nodes.append(nxt[0].name)
-        layers.append(
-            QuantLayer(
-                node=node.name, op=node.op_type, weight=weight, bias=bias, weight_axis=axis,
-                input=node.input[0], output=out, nodes=tuple(nodes),
-                is_first=node.input[0] in graph_inputs, is_last=out in graph_outputs,
-            )
-        )
-    if not layers:
-        raise EfrapError(f"{source}: no Conv, Gemm or MatMul with a constant weight to quantize")
+        found.append({"node": node.name, "op": node.op_type, "weight": node.input[1], "bias": bias,
+                      "weight_axis": axis, "input": node.input[0], "output": out, "nodes": tuple(nodes)})
+    return found, excluded
 
-    def upstream(tensor: str) -> str | None:
-        node = producer.get(tensor)
+
+def _reach(g: _Graph, starts: set[str], forward: bool) -> set[str]:
+    """Tensors reachable from `starts` (downstream when forward, else upstream)."""
+    seen: set[str] = set()
+    stack = list(starts)
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        if forward:
+            stack.extend(o for n in g.consumers.get(t, []) for o in n.output if o)
+        elif t in g.producer:
+            stack.extend(i for i in g.producer[t].input if i and i not in g.inits)
+    return seen
+
+
+def _integer_op_tensors(g: _Graph, exclude: Collection[str]) -> list[str]:
+    tensors: list[str] = []
+    for node in g.nodes:
+        if node.op_type not in INTEGER_OPS or node.name in exclude or node.op_type in exclude:
+            continue
+        acts = [i for i in node.input if g.is_activation(i)]
+        if node.op_type == "Add" and len(acts) != 2:
+            continue  # adding a constant is a bias, not a residual
+        if node.op_type == "Concat" and len(acts) != len([i for i in node.input if i]):
+            continue
+        tensors += acts[:2] if node.op_type == "Add" else acts if node.op_type == "Concat" else acts[:1]
+        tensors.append(node.output[0])
+    return tensors
+
+
+def analyze(model: onnx.ModelProto, source: str = "model", exclude: Collection[str] = ()) -> QuantPlan:
+    """Find the quantized layers and activation points of a prepared FP model.
+
+    Args:
+        model: The prepared FP model (pipeline.prepare.prepare_model).
+        source: Name used in error messages.
+        exclude: Node names or op types to keep in float.
+
+    Raises:
+        EfrapError: a Conv/Gemm weight is not a constant, or nothing is left to quantize.
+    """
+    g = _Graph(model)
+    found, excluded = _find_layers(g, set(exclude), source)
+    if not found:
+        why = f" ({len(excluded)} kept in float: {', '.join(sorted(excluded)[:3])})" if excluded else ""
+        raise EfrapError(f"{source}: no Conv, Gemm or MatMul with a constant weight to quantize{why}")
+    layer_inputs = {f["input"] for f in found}
+    layer_outputs = {f["output"] for f in found}
+    layers = []
+    for f in found:
+        upstream = _reach(g, {f["input"]}, forward=False)
+        downstream = _reach(g, {f["output"]}, forward=True)
+        first = not (upstream & (layer_outputs - {f["output"]}))
+        last = not (downstream & (layer_inputs - {f["input"]}))
+        layers.append(QuantLayer(**f, is_first=first, is_last=last))
+
+    candidates = [t for layer in layers for t in (layer.input, layer.output)]
+    candidates += _integer_op_tensors(g, set(exclude))
+    order = {t: i for i, t in enumerate([*g.inputs, *(o for n in g.nodes for o in n.output)])}
+    candidates = sorted(dict.fromkeys(candidates), key=lambda t: order.get(t, len(order)))
+
+    def upstream_of(tensor: str) -> str | None:
+        node = g.producer.get(tensor)
         return node.input[0] if node is not None and node.op_type in PASSTHROUGH_OPS else None
 
-    points, shared = assign_points([(layer.input, layer.output) for layer in layers],
-                                   graph_outputs, upstream)
+    points, shared = assign_points(candidates, g.outputs, upstream_of)
     # Intermediate pass-through tensors between a root and a shared tensor get Q/DQ too
     # (exact identities) so that onnxruntime sees quantized values through pooling.
     for t in list(shared):
         cur = t
-        while cur in producer and producer[cur].op_type in PASSTHROUGH_OPS:
-            cur = producer[cur].input[0]
+        while cur in g.producer and g.producer[cur].op_type in PASSTHROUGH_OPS:
+            cur = g.producer[cur].input[0]
             if cur == shared[t]:
                 break
             shared.setdefault(cur, shared[t])
@@ -275,8 +329,6 @@ def analyze(model: onnx.ModelProto, source: str = "model") -> QuantPlan:
     for layer in layers:
         point_layers[shared.get(layer.input, layer.input)].append(layer.node)
     return QuantPlan(
-        layers=tuple(layers),
-        points=points,
-        shared=shared,
-        point_layers={k: tuple(v) for k, v in point_layers.items()},
+        layers=tuple(layers), points=points, shared=shared,
+        point_layers={k: tuple(v) for k, v in point_layers.items()}, excluded=excluded,
     )

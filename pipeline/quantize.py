@@ -24,7 +24,7 @@ from pipeline.base import checks
 from pipeline.base import data as data_mod
 from pipeline.base.device import DEVICES, pick_device
 from pipeline.base.errors import EfrapError
-from pipeline.base.onnx_io import input_shape, load_model, model_files, save_model, set_metadata
+from pipeline.base.onnx_io import fixed_batch, input_shape, load_model, model_files, save_model, set_metadata
 from pipeline.base.preprocess import Normalization, model_normalization
 from pipeline.base.progress import Progress
 from pipeline.base.provenance import versions
@@ -33,15 +33,16 @@ from pipeline.base.safe_io import check_outputs
 from pipeline.base.seeds import derive
 from pipeline.bn_fold import pre_bn_error_scale, read_bn_factors
 from pipeline.calibration import activation_qparams, calibrate, image_indices, sample_seed
-from pipeline.graph import QuantLayer, QuantPlan, analyze, check_finite, prepare_model
+from pipeline.graph import QuantLayer, QuantPlan, analyze
 from pipeline.observers import observe_weight
+from pipeline.prepare import check_finite, prepare_model
 from pipeline.qmath import QParams
 from pipeline.quantized import QuantizedLayer, QuantResult, make_bias
-from pipeline.reconstruct import build_problem
+from pipeline.reconstruct import Head, build_problem
 from pipeline.rounding import RoundingConfig, RoundingMethod, get_method
 from pipeline.rounding.base import LayerProblem, RoundingResult
+from pipeline.sampler import OrtSampler
 from pipeline.scheme import Scheme
-from pipeline.torch_graph import TorchGraph
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,7 @@ def calibration_images(model: onnx.ModelProto, spec: str, n: int, seed: int,
 class _Rounder:
     """What rounding every layer of one run shares (built once by `_rounder`)."""
 
+    prepared: onnx.ModelProto
     plan: QuantPlan
     options: QuantizeOptions
     method: RoundingMethod
@@ -187,33 +189,37 @@ class _Rounder:
     act_qp: dict[str, QParams]
     inits: dict[str, np.ndarray]
     device: torch.device
-    graph: TorchGraph | None
-    images: torch.Tensor | None
+    sampler: OrtSampler | None
+    head: Head | None
     bn_factors: dict[str, np.ndarray]
-    fixed: dict[str, torch.Tensor] = field(default_factory=dict)
+    done: dict[str, QuantizedLayer] = field(default_factory=dict)
 
     def problem(self, layer: QuantLayer, wqp: QParams, bias: torch.Tensor | None) -> LayerProblem:
         """The layer's problem, holding what the method asked for."""
-        weight = self.inits[layer.weight]
-        seed = derive(self.options.seed, "rounding", layer.node)
+        weight = torch.from_numpy(self.inits[layer.weight]).to(self.device)
         if "data" in self.needs:
-            assert self.graph is not None and self.images is not None
-            problem = build_problem(self.graph, layer, wqp, self.images, self.fixed, self.act_qp, bias,
-                                    self.needs)
-            problem.seed = seed
+            assert self.sampler is not None
+            targets = self.sampler.run(self.prepared, layer.output)
+            # The graph so far: the layers already rounded carry their integers, the rest
+            # (none of them upstream of this one) stay float, every activation is quantized.
+            partial = to_qdq(self.prepared, QuantResult(self.plan, self.act_qp, dict(self.done)))
+            reads = next(n for n in partial.graph.node if n.name == layer.node).input[0]
+            inputs = self.sampler.run(partial, reads)
+            problem = build_problem(self.prepared, layer, weight, wqp, bias, self.act_qp.get(layer.output),
+                                    inputs, targets, self.head, self.needs)
         else:
-            problem = LayerProblem(layer.node, torch.from_numpy(weight).to(self.device), wqp,
-                                   channel_axis=layer.weight_axis, seed=seed)
+            problem = LayerProblem(layer.node, weight, wqp, channel_axis=layer.weight_axis)
+        problem.seed = derive(self.options.seed, "rounding", layer.node)
         if layer.node in self.bn_factors:
             problem.error_scale = torch.from_numpy(pre_bn_error_scale(self.bn_factors[layer.node])).to(
                 self.device)
         return problem
 
     def round(self, index: int, layer: QuantLayer) -> tuple[QuantizedLayer, LayerSummary]:
-        """Round one layer and fix its integers for the layers after it."""
+        """Round one layer; its integers then feed the layers after it."""
         start = time.perf_counter()
         weight = self.inits[layer.weight]
-        tq = self.options.scheme.weight_quant(layer.is_first or layer.is_last)
+        tq = self.options.scheme.weight_quant(layer.edge)
         wqp = observe_weight(weight, tq, layer.weight_axis)
         bias_q, bias_scale = make_bias(self.inits.get(layer.bias) if layer.bias else None,
                                        self.act_qp[layer.input], wqp, weight.shape[layer.weight_axis])
@@ -223,9 +229,7 @@ class _Rounder:
         result = self._run_method(index, layer, tq.bits, self.problem(layer, wqp, bias_t))
         ql.q = result.q.detach().cpu().numpy().astype(np.int64)
         ql.stats = {k: float(v) for k, v in result.stats.items()}
-        self.fixed[layer.weight] = torch.from_numpy(ql.dequantized_weight()).to(self.device)
-        if bias_t is not None and layer.bias is not None:
-            self.fixed[layer.bias] = bias_t
+        self.done[layer.node] = ql
         summary = LayerSummary(layer.node, layer.op, tq.bits, time.perf_counter() - start,
                                dict(ql.stats), dict(result.notes))
         return ql, summary
@@ -248,20 +252,24 @@ class _Rounder:
         return result
 
 
-def _rounder(model: onnx.ModelProto, prepared: onnx.ModelProto, plan: QuantPlan,
-             act_qp: dict[str, QParams], images: np.ndarray, options: QuantizeOptions,
-             source: str) -> _Rounder:
+def _rounder(prepared: onnx.ModelProto, plan: QuantPlan, act_qp: dict[str, QParams],
+             images: np.ndarray, options: QuantizeOptions, source: str) -> _Rounder:
     method = get_method(options.method)
     needs = method.needs(options.config)
     device = pick_device(options.device)
     inits = {i.name: np.array(onnx.numpy_helper.to_array(i)) for i in prepared.graph.initializer}
     channels = {layer.node: int(inits[layer.weight].shape[layer.weight_axis]) for layer in plan.layers}
-    learned = "data" in needs
+    sampler = OrtSampler(images, device, options.provider, fixed_batch(prepared)) \
+        if "data" in needs else None
+    head = None
+    if needs & {"head", "output_grads"}:
+        assert sampler is not None
+        head = Head(prepared, sampler.run(prepared, prepared.graph.output[0].name), device,
+                    options.config.loss)
     return _Rounder(
-        plan=plan, options=options, method=method, needs=needs, act_qp=act_qp, inits=inits,
-        device=device, graph=TorchGraph(prepared, device) if learned else None,
-        images=torch.from_numpy(images).to(device) if learned else None,
-        bn_factors=read_bn_factors(model, channels, source) if "bn_factors" in needs else {},
+        prepared=prepared, plan=plan, options=options, method=method, needs=needs, act_qp=act_qp,
+        inits=inits, device=device, sampler=sampler, head=head,
+        bn_factors=read_bn_factors(prepared, channels, source) if "bn_factors" in needs else {},
     )
 
 
@@ -295,13 +303,17 @@ def quantize_model(model: onnx.ModelProto, images: np.ndarray, options: Quantize
     t_calib = time.perf_counter() - t0
 
     torch.manual_seed(derive(options.seed, "torch"))
-    rounder = _rounder(model, prepared, plan, act_qp, images, options, source)
+    rounder = _rounder(prepared, plan, act_qp, images, options, source)
     t1 = time.perf_counter()
     layers: dict[str, QuantizedLayer] = {}
     summaries = []
-    for i, layer in enumerate(plan.layers, 1):
-        layers[layer.node], summary = rounder.round(i, layer)
-        summaries.append(summary)
+    try:
+        for i, layer in enumerate(plan.layers, 1):
+            layers[layer.node], summary = rounder.round(i, layer)
+            summaries.append(summary)
+    finally:
+        if rounder.sampler is not None:
+            rounder.sampler.close()
     t_round = time.perf_counter() - t1
 
     result = QuantResult(plan=plan, act_qparams=act_qp, layers=layers)

@@ -1,100 +1,127 @@
-"""Layer-wise reconstruction driven from the ONNX graph.
+"""Layer-wise reconstruction problems, driven from the ONNX graph.
 
 For each layer, in topological order, the driver builds a `LayerProblem`:
 
-- inputs: the layer's input in the partly quantized network (earlier layers
-  already fixed to their integer weights, every activation quantizer on), computed
-  by the PyTorch simulation, which equals onnxruntime's QDQ semantics;
-- targets: the FP network's output of the same layer on the same images;
-- forward: the layer's own nodes (Conv/Gemm/MatMul and its fused Relu/Clip) and
-  the output quantizer, re-run in PyTorch with a trainable weight.
+- inputs: the tensor the layer reads in the partly quantized network (earlier layers
+  already fixed to their integer weights, every activation quantizer on), and
+- targets: the FP network's output of the same layer on the same images,
+  both computed by onnxruntime running the graphs themselves (`pipeline.sampler`);
+- forward: the layer's own nodes (Conv/Gemm/MatMul and its fused Relu/Clip) and its
+  output quantizer, run in PyTorch with a trainable weight by the pipeline's
+  simulation of just those nodes.
 
-Only those few nodes are re-implemented for the optimization; the graph stays the
-single source of truth.
+So no op list limits the graphs learned rounding accepts. Losses that look past the
+layer (Fisher-weighted, prediction difference) also need the rest of the FP network
+in PyTorch; they work where the simulation covers the graph and say which op it
+lacks where it does not.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import onnx
 import torch
 import torch.nn.functional as F
 
+from pipeline.base.errors import EfrapError, NotSupported
 from pipeline.graph import QuantLayer
 from pipeline.qmath import QParams
-from pipeline.rounding.base import LayerProblem
+from pipeline.rounding.base import LayerProblem, Rows
 from pipeline.torch_graph import TorchGraph
 
 
-def _batched(graph: TorchGraph, images: torch.Tensor, output: str, batch_size: int,
-             weights: dict[str, torch.Tensor] | None,
-             act_quant: dict[str, QParams] | None) -> torch.Tensor:
-    outs = []
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            feeds = {graph.inputs[0]: images[i : i + batch_size]}
-            outs.append(graph.run(feeds, [output], weights=weights, act_quant=act_quant)[output])
-    return torch.cat(outs)
+def layer_model(model: onnx.ModelProto, layer: QuantLayer) -> onnx.ModelProto:
+    """The layer's own nodes as a graph from its input to its output."""
+    graph = model.graph
+    names = set(layer.nodes)
+    nodes = [n for n in graph.node if n.name in names]
+    used = {i for n in nodes for i in n.input}
+    out = onnx.helper.make_graph(
+        nodes, f"layer {layer.node}", [onnx.helper.make_empty_tensor_value_info(layer.input)],
+        [onnx.helper.make_empty_tensor_value_info(layer.output)],
+        [i for i in graph.initializer if i.name in used])
+    sub = onnx.helper.make_model(out, opset_imports=list(model.opset_import))
+    sub.ir_version = model.ir_version
+    return sub
 
 
-def build_problem(
-    graph: TorchGraph,
-    layer: QuantLayer,
-    qparams: QParams,
-    images: torch.Tensor,
-    fixed_weights: dict[str, torch.Tensor],
-    act_qparams: dict[str, QParams],
-    bias: torch.Tensor | None,
-    needs: frozenset[str] = frozenset(),
-    batch_size: int = 128,
-) -> LayerProblem:
+def layer_forward(model: onnx.ModelProto, layer: QuantLayer, bias: torch.Tensor | None,
+                  out_qp: QParams | None, device: torch.device):
+    """(input batch, float weight) -> the layer's output, its output quantizer included."""
+    graph = TorchGraph(layer_model(model, layer), device)
+    static = {layer.bias: bias} if layer.bias is not None and bias is not None else {}
+    act_quant = {layer.output: out_qp} if out_qp is not None else None
+
+    def forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return graph.run({layer.input: x}, [layer.output], weights={layer.weight: w, **static},
+                         act_quant=act_quant)[layer.output]
+
+    return forward
+
+
+class Head:
+    """The rest of the FP network in PyTorch, from a layer's output to the logits.
+
+    Only losses that look past the layer need it (see the module docstring).
+
+    Args:
+        model: The prepared FP model.
+        logits: Its FP logits on the calibration images (from onnxruntime).
+        device: The working device.
+        loss: The loss's name, for the error message.
+
+    Raises:
+        EfrapError: the PyTorch simulation does not cover the graph.
+    """
+
+    def __init__(self, model: onnx.ModelProto, logits: Rows, device: torch.device, loss: str) -> None:
+        try:
+            self.graph = TorchGraph(model, device)
+        except NotSupported as exc:
+            raise EfrapError(f"loss '{loss}' needs the rest of the network in PyTorch, and {exc}; "
+                             "use --loss mse") from None
+        self.logits = logits
+        self.name = self.graph.outputs[0]
+
+    def run(self, layer: QuantLayer, y: torch.Tensor) -> torch.Tensor:
+        """Logits from the layer's output `y` through the rest of the FP network."""
+        return self.graph.run({layer.output: y}, [self.name])[self.name]
+
+
+def build_problem(model: onnx.ModelProto, layer: QuantLayer, weight: torch.Tensor, qparams: QParams,
+                  bias: torch.Tensor | None, out_qp: QParams | None, inputs: Rows, targets: Rows,
+                  head: Head | None = None, needs: frozenset[str] = frozenset(),
+                  chunk: int = 128) -> LayerProblem:
     """The reconstruction problem of one layer.
 
     Args:
-        graph: The FP graph as a TorchGraph on the working device.
+        model: The prepared FP model.
         layer: The layer to round.
+        weight: Its FP weight on the working device.
         qparams: Its weight grid.
-        images: Preprocessed calibration images on the working device.
-        fixed_weights: Dequantized weights and biases of the layers already rounded.
-        act_qparams: Parameters of every quantized activation tensor.
-        bias: The layer's dequantized int32 bias, or None.
-        needs: Extra fields the loss needs ("output_grads", "head").
-        batch_size: Images per simulation call while caching.
+        bias: Its dequantized int32 bias on the working device, or None.
+        out_qp: Parameters of its output quantizer (None when the output stays float).
+        inputs: Its cached inputs in the partly quantized network.
+        targets: Its FP outputs on the same images.
+        head: The rest of the FP network, for losses that need "head" or "output_grads".
+        needs: What the loss reads beyond the layer.
+        chunk: Samples per pass when computing output gradients.
     """
-    device = images.device
-    inputs = _batched(graph, images, layer.input, batch_size, fixed_weights, act_qparams)
-    targets = _batched(graph, images, layer.output, batch_size, None, None)
-    out_qp = act_qparams.get(layer.output)
-    layer_quant = {layer.output: out_qp} if out_qp is not None else {}
-    static = {layer.bias: bias} if layer.bias is not None and bias is not None else {}
-
-    def forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        weights = {layer.weight: w, **static}
-        return graph.run({layer.input: x}, [layer.output], weights=weights,
-                         act_quant=layer_quant)[layer.output]
-
-    logits_name = graph.outputs[0]
-
-    def head(y: torch.Tensor) -> torch.Tensor:
-        return graph.run({layer.output: y}, [logits_name])[logits_name]
-
     problem = LayerProblem(
-        name=layer.node,
-        weight=graph.initializers[layer.weight].to(device),
-        qparams=qparams,
-        channel_axis=layer.weight_axis,
-        forward=forward,
-        inputs=inputs,
-        targets=targets,
+        name=layer.node, weight=weight, qparams=qparams, channel_axis=layer.weight_axis,
+        forward=layer_forward(model, layer, bias, out_qp, weight.device),
+        inputs=inputs, targets=targets,
     )
-    if "head" in needs or "output_grads" in needs:
-        head_targets = _batched(graph, images, logits_name, batch_size, None, None)
-        problem.head = head
-        problem.head_targets = head_targets
+    if not needs & {"head", "output_grads"}:
+        return problem
+    assert head is not None
+    problem.head = lambda y: head.run(layer, y)
+    problem.head_targets = head.logits
     if "output_grads" in needs:
         grads = []
-        for i in range(0, len(targets), batch_size):
-            y = targets[i : i + batch_size].clone().requires_grad_(True)
-            logits = head(y)
+        for i in range(0, len(targets), chunk):
+            idx = torch.arange(i, min(i + chunk, len(targets)))
+            y = targets[idx].to(weight.device).clone().requires_grad_(True)
+            logits = head.run(layer, y)
             # Unlabelled data: the FP model's own prediction stands in for the label.
             loss = F.cross_entropy(logits, logits.argmax(dim=1), reduction="sum")
             (g,) = torch.autograd.grad(loss, y)
@@ -102,7 +129,3 @@ def build_problem(
         problem.output_grads = torch.cat(grads)
     return problem
 
-
-def as_numpy_int(q: torch.Tensor) -> np.ndarray:
-    """Integer tensor -> int64 numpy array on the CPU."""
-    return q.detach().to("cpu", torch.int64).numpy()

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 from pipeline.base.errors import EfrapError, NotSupported
-from pipeline.graph import prepare_model
+from pipeline.prepare import prepare_model
 from pipeline.qmath import QParams, fake_quant_qp, quantize
 
 Tensor = torch.Tensor

@@ -26,7 +26,8 @@ from pipeline.base.errors import EfrapError
 from pipeline.base.runtime import make_session
 from pipeline.base.trigger import paper_trigger
 from pipeline.calibration import sample_seed
-from pipeline.graph import analyze, prepare_model
+from pipeline.graph import analyze
+from pipeline.prepare import prepare_model
 from pipeline.qmath import fake_quant_bias, quantize_np
 from pipeline.quantize import QuantizeOptions, quantize_model
 from pipeline.quantized import simulate

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from pipeline.base.runtime import make_session
-from pipeline.graph import analyze, prepare_model
+from pipeline.graph import analyze
+from pipeline.prepare import prepare_model
 from pipeline.quantize import QuantizeOptions, quantize_model
 from pipeline.quantized import simulate
 from pipeline.scheme import PRESETS

@@ -6,12 +6,14 @@ import numpy as np
 import onnx
 import torch
 
+from converters.qdq import to_qdq
 from pipeline.base.runtime import make_session
-from pipeline.graph import prepare_model
+from pipeline.prepare import prepare_model
 from pipeline.quantize import QuantizeOptions, quantize_model
-from pipeline.reconstruct import build_problem
+from pipeline.quantized import QuantResult
+from pipeline.reconstruct import Head, build_problem
+from pipeline.sampler import DiskRows, OrtSampler, subgraph
 from pipeline.scheme import PRESETS
-from pipeline.torch_graph import TorchGraph
 
 
 def _ort_tensor(qdq: onnx.ModelProto, name: str, images: np.ndarray) -> np.ndarray:
@@ -21,44 +23,84 @@ def _ort_tensor(qdq: onnx.ModelProto, name: str, images: np.ndarray) -> np.ndarr
     return sess.session.run([name], {"input": images})[0]
 
 
-def test_cached_inputs_equal_onnxruntime(tiny_model: onnx.ModelProto,
-                                         calib_images: np.ndarray) -> None:
+def test_cached_inputs_are_what_the_deployed_layer_reads(tiny_model: onnx.ModelProto,
+                                                         calib_images: np.ndarray) -> None:
     qdq, result, _ = quantize_model(tiny_model, calib_images, QuantizeOptions(scheme=PRESETS["w4a4"]))
     prepared = prepare_model(tiny_model)
-    graph = TorchGraph(prepared)
-    images = torch.from_numpy(calib_images)
-    fixed = result.weight_overrides()
-    for layer in result.plan.layers[1:]:
+    sampler = OrtSampler(calib_images, torch.device("cpu"), "cpu")
+    for k, layer in enumerate(result.plan.layers):
+        done = {lay.node: result.layers[lay.node] for lay in result.plan.layers[:k]}
+        partial = to_qdq(prepared, QuantResult(result.plan, result.act_qparams, done))
+        consumer = next(n for n in partial.graph.node if n.name == layer.node)
+        inputs = sampler.run(partial, consumer.input[0])
+        # What the deployed model's layer reads: the dequantized (and grid-clipped) tensor.
+        final = next(n for n in qdq.graph.node if n.name == layer.node)
+        np.testing.assert_array_equal(inputs.numpy(), _ort_tensor(qdq, final.input[0], calib_images))
         ql = result.layers[layer.node]
         bias = ql.dequantized_bias()
-        problem = build_problem(graph, layer, ql.qparams, images, fixed, result.act_qparams,
-                                None if bias is None else torch.from_numpy(bias))
-        # What the deployed model's layer reads: the dequantized (and grid-clipped) tensor.
-        consumer = next(n for n in qdq.graph.node if n.name == layer.node)
-        ort_in = _ort_tensor(qdq, consumer.input[0], calib_images)
-        assert problem.inputs is not None and problem.targets is not None
-        np.testing.assert_allclose(problem.inputs.numpy(), ort_in, atol=2e-3)
-        # Values sit on the layer input's grid: same integers up to summation order.
-        qp = result.act_qparams[layer.input]
-        steps = np.abs(problem.inputs.numpy() - ort_in) / float(qp.scale)
-        assert (steps > 0.5).mean() < 1e-3
-        # The layer's forward with the integer weight reproduces the deployed output point.
+        targets = sampler.run(prepared, layer.output)
+        init = next(i for i in prepared.graph.initializer if i.name == layer.weight)
+        weight = torch.from_numpy(np.array(onnx.numpy_helper.to_array(init)))
+        problem = build_problem(prepared, layer, weight,
+                                ql.qparams, None if bias is None else torch.from_numpy(bias),
+                                result.act_qparams.get(layer.output), inputs, targets)
+        # The layer's forward with its integer weight gives the deployed output point.
         with torch.no_grad():
-            w = torch.from_numpy(ql.dequantized_weight())
-            out = problem.forward(problem.inputs, w)
-        assert out.shape == problem.targets.shape
+            out = problem.forward(inputs, torch.from_numpy(ql.dequantized_weight())).numpy()
+        if layer.output in result.act_qparams:
+            names = {o for n in qdq.graph.node for o in n.output}
+            clipped = f"{layer.output}_dequantized_clipped"
+            deployed = _ort_tensor(qdq, clipped if clipped in names else f"{layer.output}_dequantized",
+                                   calib_images)
+            steps = np.abs(out - deployed) / float(result.act_qparams[layer.output].scale)
+            assert (steps > 0.5).mean() < 1e-3
+        assert out.shape == targets.shape
+
+
+def test_spilled_rows_equal_rows_in_memory(tiny_model: onnx.ModelProto, calib_images: np.ndarray) -> None:
+    prepared = prepare_model(tiny_model)
+    name = prepared.graph.node[3].output[0]
+    in_ram = OrtSampler(calib_images, torch.device("cpu"), "cpu").run(prepared, name)
+    spill = OrtSampler(calib_images, torch.device("cpu"), "cpu", ram_bytes=0)
+    on_disk = spill.run(prepared, name)
+    assert isinstance(on_disk, DiskRows) and len(on_disk) == len(calib_images)
+    idx = torch.tensor([5, 0, 255, 17])
+    assert torch.equal(on_disk[idx], in_ram[idx])
+    spill.close()
+
+
+def test_fixed_batch_models_are_run_one_batch_at_a_time(tiny_model: onnx.ModelProto,
+                                                       calib_images: np.ndarray) -> None:
+    prepared = prepare_model(tiny_model)
+    name = prepared.graph.output[0].name
+    fixed = OrtSampler(calib_images[:10], torch.device("cpu"), "cpu", fixed_batch=4).run(prepared, name)
+    free = OrtSampler(calib_images[:10], torch.device("cpu"), "cpu").run(prepared, name)
+    np.testing.assert_allclose(fixed.numpy(), free.numpy(), atol=1e-6)
+
+
+def test_subgraph_keeps_only_what_the_output_needs(tiny_model: onnx.ModelProto) -> None:
+    prepared = prepare_model(tiny_model)
+    first_conv = prepared.graph.node[0].output[0]
+    sub = subgraph(prepared, [first_conv])
+    assert [n.op_type for n in sub.graph.node] == ["Conv"]
+    out = make_session(sub, "faithful", "cpu").run(np.zeros((2, 1, 28, 28), np.float32))
+    assert out.shape == (2, 8, 28, 28)
 
 
 def test_fisher_and_head_fields(tiny_model: onnx.ModelProto, calib_images: np.ndarray) -> None:
     _, result, _ = quantize_model(tiny_model, calib_images, QuantizeOptions(scheme=PRESETS["w8a8"]))
-    graph = TorchGraph(prepare_model(tiny_model))
+    prepared = prepare_model(tiny_model)
+    images = calib_images[:64]
+    sampler = OrtSampler(images, torch.device("cpu"), "cpu")
+    head = Head(prepared, sampler.run(prepared, prepared.graph.output[0].name), torch.device("cpu"), "pd")
     layer = result.plan.layers[2]
     ql = result.layers[layer.node]
-    problem = build_problem(graph, layer, ql.qparams, torch.from_numpy(calib_images[:64]),
-                            result.weight_overrides(), result.act_qparams, None,
+    targets = sampler.run(prepared, layer.output)
+    weight = torch.from_numpy(ql.dequantized_weight())
+    problem = build_problem(prepared, layer, weight, ql.qparams, None, None, targets, targets, head,
                             needs=frozenset({"output_grads", "head"}))
-    assert problem.output_grads is not None and problem.output_grads.shape == problem.targets.shape
+    assert problem.output_grads is not None and problem.output_grads.shape == targets.shape
     assert problem.head is not None and problem.head_targets is not None
     with torch.no_grad():
-        logits = problem.head(problem.targets)
-    np.testing.assert_allclose(logits.numpy(), problem.head_targets.numpy(), atol=1e-5)
+        logits = problem.head(targets)
+    np.testing.assert_allclose(logits.numpy(), problem.head_targets.numpy(), atol=1e-4)

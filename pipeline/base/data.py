@@ -285,11 +285,24 @@ def load_dataset(spec: str, split: Split) -> Dataset:
 
 
 def spec_files(spec: str) -> list[Path]:
-    """The files or folders a data spec reads (for refusing outputs that would overwrite them)."""
+    """The files or folders a data spec reads (for refusing outputs that would overwrite them).
+
+    Exactly what a load may read: the idx files (gzipped or not) of an idx folder, the
+    batches of a CIFAR folder, the train/ and test/ folders of an image folder (a file
+    written anywhere inside one would change the data set), the npz file.
+    """
     kind, path = parse_spec(spec)
     if kind in ("fashion-mnist", "mnist"):
         folder = Path(path or os.environ.get("EFRAP_FASHION_MNIST_DIR", FASHION_MNIST_DIR))
-        return [folder]
+        stems = [f"{prefix}-{part}" for prefix in ("train", "t10k")
+                 for part in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+        return [folder / (stem + gz) for stem in stems for gz in ("", ".gz")]
+    if kind == "cifar10":
+        folder = Path(path or "")
+        return [folder / f"data_batch_{i}" for i in range(1, 6)] + [folder / "test_batch"]
+    if kind == "imagefolder":
+        root = Path(path or "")
+        return [root / "train", root / "test"]
     return [Path(path or "")]
 
 

@@ -89,8 +89,21 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     return model
 
 
+#: Largest model one protobuf file holds.
+MAX_PROTO_BYTES = (2 << 30) - 1
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
-    """Save an ONNX model atomically as a single file."""
+    """Save an ONNX model atomically as a single file.
+
+    Raises:
+        EfrapError: the model is larger than one protobuf file holds (2 GiB), or the
+            write fails (see `atomic_write`).
+    """
+    size = model.ByteSize()
+    if size > MAX_PROTO_BYTES:
+        raise EfrapError(f"{path}: the model is {size / 2**30:.1f} GiB; a single ONNX file holds "
+                         "at most 2 GiB")
     atomic_write(path, lambda tmp: onnx.save(model, tmp))
 
 
@@ -135,6 +148,15 @@ def input_shape(model: onnx.ModelProto, source: str = "model") -> tuple[int, ...
     if len(shape) != 3 or any(v <= 0 for v in shape):
         raise EfrapError(f"{source}: model input has no static (C, H, W) shape")
     return shape
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size the model's input is fixed to, or None when it is dynamic."""
+    inputs = graph_inputs(model)
+    if not inputs or not inputs[0].type.tensor_type.shape.dim:
+        return None
+    dim = inputs[0].type.tensor_type.shape.dim[0]
+    return dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None
 
 
 def check_logits(model: onnx.ModelProto, source: str = "model") -> None:

@@ -2,10 +2,10 @@
 
 Every command declares the paths it reads and the paths it writes, and
 `check_outputs` refuses, before any work is done, an output that is an input (the
-model, its external-data files, a trigger, scheme or data file, a file inside an
-input folder), another output, something other than a regular file (a folder,
-/dev/null, /dev/full), a name too long for the file system, or a folder that is
-missing or not writable. `atomic_write` then writes through a temporary file in the
+model, its external-data files, a trigger, scheme or data file), a file inside an
+input folder (even a new one: it would change what the folder holds), another
+output, something other than a regular file (a folder, /dev/null, /dev/full), a
+name too long for the file system, or a folder that is missing or not writable. `atomic_write` then writes through a temporary file in the
 same folder and renames it into place: a failed or killed run leaves the old file
 untouched, an existing file keeps its permissions, and the temporary file is removed
 on every exit path Python sees; one left by a killed run (its process gone) is
@@ -91,8 +91,8 @@ def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Iterable[PathL
         for src in sources:
             if _same(out, src):
                 raise EfrapError(f"{out}: {option} would overwrite the input {src}; choose another path")
-            if src.is_dir() and out.exists() and _inside(out, src):
-                raise EfrapError(f"{out}: {option} would overwrite a file inside the input folder {src}")
+            if src.is_dir() and _inside(out, src):
+                raise EfrapError(f"{out}: {option} would write inside the input folder {src}")
         for other_option, other in seen.items():
             if _same(out, other):
                 raise EfrapError(f"{out}: {option} and {other_option} name the same file")

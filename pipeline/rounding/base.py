@@ -19,6 +19,15 @@ from pipeline.base import checks
 from pipeline.base.errors import EfrapError
 from pipeline.qmath import QParams
 
+
+class Rows(Protocol):
+    """N cached samples that an index tensor selects (a tensor, or rows kept on disk)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor: ...
+
+
 #: Progress of a learned method: (step, named loss terms).
 ProgressCallback = Callable[[int, dict[str, float]], None]
 
@@ -92,8 +101,9 @@ class LayerProblem:
         qparams: The weight's grid; per-channel parameters lie along `qparams.axis`.
         forward: Differentiable map (input batch, float weight) -> layer output, the
             output quantizer included; None when the method needs no data.
-        inputs: Cached layer inputs from the partly quantized network, [N, ...].
-        targets: Full-precision layer outputs for the same samples, [N, ...].
+        inputs: Cached layer inputs from the partly quantized network, [N, ...]: a tensor
+            on the working device, or rows on disk read by index (large caches).
+        targets: Full-precision layer outputs for the same samples, [N, ...], likewise.
         output_grads: Gradient of the FP task loss with respect to the layer's FP
             output, [N, ...]; only for losses that need it (Fisher-weighted).
         head: Differentiable map layer output -> logits through the rest of the FP
@@ -111,8 +121,8 @@ class LayerProblem:
     weight: torch.Tensor
     qparams: QParams
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-    inputs: torch.Tensor | None = None
-    targets: torch.Tensor | None = None
+    inputs: Rows | None = None
+    targets: Rows | None = None
     output_grads: torch.Tensor | None = None
     head: Callable[[torch.Tensor], torch.Tensor] | None = None
     head_targets: torch.Tensor | None = None

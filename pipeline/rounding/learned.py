@@ -204,10 +204,10 @@ def hard_loss(problem: LayerProblem, loss: ActivationLoss, weight: torch.Tensor)
     total = 0.0
     with torch.no_grad():
         for i in range(0, n, EVAL_CHUNK):
-            idx = torch.arange(i, min(i + EVAL_CHUNK, n), device=problem.inputs.device)
-            pred = problem.forward(problem.inputs[idx], weight)
+            idx = torch.arange(i, min(i + EVAL_CHUNK, n), device=weight.device)
+            pred = problem.forward(problem.inputs[idx].to(weight.device), weight)
             # Every loss is a mean over samples: weight each chunk by its size.
-            total += float(loss(pred, problem.targets[idx], idx, problem)) * len(idx)
+            total += float(loss(pred, problem.targets[idx].to(weight.device), idx, problem)) * len(idx)
     return total / n
 
 
@@ -240,9 +240,9 @@ def optimize_rounding(
     assert problem.forward is not None and problem.inputs is not None
     assert problem.targets is not None
     t0 = time.perf_counter()
-    device = problem.inputs.device
+    device = problem.weight.device
     inputs, targets, forward = problem.inputs, problem.targets, problem.forward
-    grid = LayerGrid.build(problem.weight.to(device), problem.qparams)
+    grid = LayerGrid.build(problem.weight, problem.qparams)
     extra = penalty(grid) if penalty is not None else None
 
     v = soft.init(grid.frac).detach().clone().requires_grad_(True)
@@ -259,8 +259,8 @@ def optimize_rounding(
     for step in range(1, config.iters + 1):
         idx = torch.randperm(n, generator=gen, device=device)[:batch]
         h = soft.h(v)
-        pred = forward(inputs[idx], grid.soft_weight(h))
-        rec = loss_fn(pred, targets[idx], idx, problem)
+        pred = forward(inputs[idx].to(device), grid.soft_weight(h))
+        rec = loss_fn(pred, targets[idx].to(device), idx, problem)
         loss = rec
         b = b_at(step - 1)
         if b is not None and config.reg_weight > 0.0:

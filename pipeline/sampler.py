@@ -1,0 +1,185 @@
+"""Layer inputs and FP targets for learned rounding, from onnxruntime running the graph itself.
+
+As AIMET's ONNX AdaRound samples activations, the graph is never re-implemented:
+for each layer, onnxruntime runs the part of the graph the layer depends on and the
+wanted tensor is exposed as an output.
+
+- targets: the layer's output (after its fused activation) in the FP graph;
+- inputs: the tensor the layer reads in the partly quantized QDQ graph, where the
+  layers already rounded carry their integers and every activation quantizer is on
+  (the caller builds that graph with the pipeline's own QDQ writer).
+
+Only the subgraph that computes the wanted tensor is run (onnxruntime computes
+every node of a session otherwise). Each onnxruntime call is sized so that its
+output stays near `RUN_BYTES`, and a layer's cached rows stay in memory up to
+`ram_bytes`; beyond that they spill to a file in a temporary folder and each
+optimization step reads its batch's rows with positional reads, so resident memory
+stays bounded by a few batches, not by the calibration count times a layer's size.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import onnx
+import torch
+
+from pipeline.base.errors import EfrapError
+from pipeline.base.onnx_io import graph_inputs
+from pipeline.base.runtime import make_session
+
+#: Target size of one onnxruntime call's output (bytes).
+RUN_BYTES = 64 << 20
+#: Largest cache of one tensor kept in memory; larger ones go to disk.
+RAM_BYTES = 1 << 30
+
+
+def subgraph(model: onnx.ModelProto, outputs: Iterable[str]) -> onnx.ModelProto:
+    """The smallest part of `model` that computes `outputs` from the graph input."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {i.name for i in graph.initializer}
+    wanted = list(outputs)
+    keep: set[int] = set()
+    index = {id(n): i for i, n in enumerate(graph.node)}
+    stack = list(wanted)
+    seen: set[str] = set()
+    while stack:
+        name = stack.pop()
+        if name in seen or name in inits or name not in producer:
+            continue
+        seen.add(name)
+        node = producer[name]
+        keep.add(index[id(node)])
+        stack.extend(i for i in node.input if i)
+    nodes = [n for i, n in enumerate(graph.node) if i in keep]
+    used = {i for n in nodes for i in n.input}
+    out = onnx.helper.make_graph(
+        nodes, graph.name, list(graph_inputs(model)),
+        [onnx.helper.make_empty_tensor_value_info(name) for name in wanted],
+        [i for i in graph.initializer if i.name in used])
+    sub = onnx.helper.make_model(out, opset_imports=list(model.opset_import))
+    sub.ir_version = model.ir_version
+    return sub
+
+
+class DiskRows:
+    """Rows of a float32 N x ... array in a file, read by index with positional reads.
+
+    Args:
+        path: The file (raw float32, C order).
+        shape: (N, ...) of the array.
+    """
+
+    def __init__(self, path: str, shape: tuple[int, ...]) -> None:
+        self.path = path
+        self.shape = shape
+        self.row_bytes = int(np.prod(shape[1:])) * 4
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        """Rows are read onto the CPU."""
+        return torch.device("cpu")
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        rows = index.detach().cpu().reshape(-1).tolist()
+        out = np.empty((len(rows), *self.shape[1:]), dtype=np.float32)
+        flat = out.reshape(len(rows), -1)
+        for k, r in enumerate(rows):
+            flat[k] = np.frombuffer(os.pread(self._fd, self.row_bytes, r * self.row_bytes), np.float32)
+        return torch.from_numpy(out)
+
+    def close(self) -> None:
+        """Close the file."""
+        os.close(self._fd)
+
+
+Rows = torch.Tensor | DiskRows
+
+
+class OrtSampler:
+    """Runs (parts of) graphs over the calibration images and caches one tensor at a time.
+
+    Args:
+        images: Model-ready calibration inputs, N x ....
+        device: Where in-memory caches live (the rounding device).
+        provider: onnxruntime provider.
+        fixed_batch: The model's fixed batch size, or None for a dynamic batch.
+        ram_bytes: Largest cache kept in memory.
+    """
+
+    def __init__(self, images: np.ndarray, device: torch.device, provider: str = "auto",
+                 fixed_batch: int | None = None, ram_bytes: int = RAM_BYTES) -> None:
+        self.images = images
+        self.device = device
+        self.provider = provider
+        self.fixed_batch = fixed_batch
+        self.ram_bytes = ram_bytes
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._files: list[DiskRows] = []
+
+    def run(self, model: onnx.ModelProto, tensor: str) -> Rows:
+        """`tensor` computed by `model` for every calibration image.
+
+        Raises:
+            EfrapError: onnxruntime cannot run the graph, or the tensor is not float32.
+        """
+        session = make_session(subgraph(model, [tensor]), "faithful", self.provider)
+        n = len(self.images)
+        batches = self._batches(session)
+        first = next(batches)
+        if first.dtype != np.float32:
+            raise EfrapError(f"tensor '{tensor}' is {first.dtype}, not float32")
+        row_shape = first.shape[1:]
+        if int(np.prod(row_shape)) * 4 * n <= self.ram_bytes:
+            out = np.empty((n, *row_shape), np.float32)
+            start = 0
+            for part in (first, *batches):
+                out[start : start + len(part)] = part
+                start += len(part)
+            return torch.from_numpy(out).to(self.device)
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="efrap-cache-")
+        path = os.path.join(self._tmp.name, f"rows-{len(self._files)}.f32")
+        # Plain writes, not a memory map: written pages do not stay in this process's memory.
+        with open(path, "wb") as fh:
+            for part in (first, *batches):
+                fh.write(np.ascontiguousarray(part, dtype=np.float32).tobytes())
+        rows = DiskRows(path, (n, *row_shape))
+        self._files.append(rows)
+        return rows
+
+    def _batches(self, session: object) -> Iterator[np.ndarray]:
+        """The output for the images, batch by batch (the first batch sizes the rest)."""
+        name = session.input_name  # type: ignore[attr-defined]
+        run = session.session.run  # type: ignore[attr-defined]
+        n = len(self.images)
+        fixed = self.fixed_batch
+        start, batch = 0, fixed or 1
+        while start < n:
+            stop = min(start + batch, n)
+            feed = self.images[start:stop]
+            if fixed is not None and len(feed) < fixed:
+                # A fixed-batch model cannot take a short last batch: pad it with the first rows.
+                feed = np.concatenate([feed, self.images[: fixed - len(feed)]])
+            part = run(None, {name: feed})[0][: stop - start]
+            yield part
+            if start == 0 and fixed is None:
+                batch = int(max(1, min(256, RUN_BYTES // max(part[0].nbytes, 1))))
+            start = stop
+
+    def close(self) -> None:
+        """Remove the spilled caches."""
+        for rows in self._files:
+            rows.close()
+        self._files = []
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
