@@ -36,7 +36,18 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 def _constants_to_initializers(graph: onnx.GraphProto) -> None:
     kept = []
+    inits = {i.name for i in graph.initializer}
     for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in (
+                o.name for o in graph.output):
+            # Exporters share equal constants through Identity nodes: give each reader its own.
+            source = next(i for i in graph.initializer if i.name == node.input[0])
+            copy = onnx.TensorProto()
+            copy.CopyFrom(source)
+            copy.name = node.output[0]
+            graph.initializer.append(copy)
+            inits.add(copy.name)
+            continue
         if node.op_type == "Constant" and len(node.attribute) == 1:
             value = onnx.helper.get_attribute_value(node.attribute[0])
             name = node.attribute[0].name

@@ -40,9 +40,24 @@ def _op(name: str) -> Callable[[Callable[..., list[Tensor]]], Callable[..., list
     return deco
 
 
-def _pads(pads: list[int], spatial: int) -> tuple[list[int], bool]:
-    begin, end = pads[:spatial], pads[spatial:]
-    return begin + end, begin == end
+def _auto_pads(attrs: dict, x: Tensor, kernel: list[int]) -> list[int]:
+    """Explicit pads (begin..., end...) for a node's auto_pad setting on input `x`."""
+    mode = attrs.get("auto_pad", b"NOTSET")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    spatial = len(kernel)
+    if mode in ("NOTSET", ""):
+        return list(attrs.get("pads", [0] * 2 * spatial))
+    if mode == "VALID":
+        return [0] * 2 * spatial
+    strides = list(attrs.get("strides", [1] * spatial))
+    dilations = list(attrs.get("dilations", [1] * spatial))
+    begin, end = [], []
+    for size, k, st, d in zip(x.shape[2:], kernel, strides, dilations, strict=True):
+        total = max((-(-size // st) - 1) * st + (k - 1) * d + 1 - size, 0)
+        small, large = total // 2, total - total // 2
+        begin.append(large if mode == "SAME_LOWER" else small)
+        end.append(small if mode == "SAME_LOWER" else large)
+    return begin + end
 
 
 def _pad_input(x: Tensor, pads: list[int], spatial: int, value: float = 0.0) -> tuple[Tensor, list[int]]:
@@ -60,9 +75,7 @@ def _pad_input(x: Tensor, pads: list[int], spatial: int, value: float = 0.0) -> 
 @_op("Conv")
 def _conv(x: Tensor, w: Tensor, b: Tensor | None = None, *, attrs: dict) -> list[Tensor]:
     spatial = w.dim() - 2
-    if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-        raise EfrapError("Conv with auto_pad is not supported; export with explicit pads")
-    x, pad = _pad_input(x, list(attrs.get("pads", [])), spatial)
+    x, pad = _pad_input(x, _auto_pads(attrs, x, list(w.shape[2:])), spatial)
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
     return [conv(x, w, b, stride=attrs.get("strides", 1), padding=pad,
                  dilation=attrs.get("dilations", 1), groups=attrs.get("group", 1))]
@@ -85,7 +98,14 @@ def _matmul(a: Tensor, b: Tensor, *, attrs: dict) -> list[Tensor]:
     return [torch.matmul(a, b)]
 
 
-for _name, _fn in {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div}.items():
+def _div(a: Tensor, b: Tensor) -> Tensor:
+    # ONNX divides integers with truncation (shape arithmetic); torch.div would give floats.
+    if not (a.dtype.is_floating_point or b.dtype.is_floating_point):
+        return torch.div(a, b, rounding_mode="trunc")
+    return torch.div(a, b)
+
+
+for _name, _fn in {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": _div}.items():
     _OPS[_name] = lambda a, b, *, attrs, _fn=_fn: [_fn(a, b)]
 
 
@@ -112,7 +132,7 @@ def _softmax(x: Tensor, *, attrs: dict) -> list[Tensor]:
 @_op("MaxPool")
 def _maxpool(x: Tensor, *, attrs: dict) -> list[Tensor]:
     k = attrs["kernel_shape"]
-    x, pad = _pad_input(x, list(attrs.get("pads", [])), len(k), value=float("-inf"))
+    x, pad = _pad_input(x, _auto_pads(attrs, x, list(k)), len(k), value=float("-inf"))
     pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[len(k)]
     return [pool(x, k, stride=attrs.get("strides", k), padding=pad,
                  dilation=attrs.get("dilations", 1), ceil_mode=bool(attrs.get("ceil_mode", 0)))]
@@ -122,7 +142,7 @@ def _maxpool(x: Tensor, *, attrs: dict) -> list[Tensor]:
 def _avgpool(x: Tensor, *, attrs: dict) -> list[Tensor]:
     k = attrs["kernel_shape"]
     include = bool(attrs.get("count_include_pad", 0))
-    x, pad = _pad_input(x, list(attrs.get("pads", [])), len(k))
+    x, pad = _pad_input(x, _auto_pads(attrs, x, list(k)), len(k))
     pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[len(k)]
     return [pool(x, k, stride=attrs.get("strides", k), padding=pad,
                  ceil_mode=bool(attrs.get("ceil_mode", 0)), count_include_pad=include)]
@@ -200,6 +220,148 @@ def _bn(x: Tensor, g: Tensor, b: Tensor, mean: Tensor, var: Tensor, *, attrs: di
     return [F.batch_norm(x, mean, var, g, b, False, 0.0, attrs.get("epsilon", 1e-5))]
 
 
+_UNARY = {
+    "HardSwish": F.hardswish, "Tanh": torch.tanh, "Exp": torch.exp, "Log": torch.log,
+    "Sqrt": torch.sqrt, "Neg": torch.neg, "Abs": torch.abs, "Erf": torch.erf,
+    "Reciprocal": torch.reciprocal, "Floor": torch.floor, "Ceil": torch.ceil,
+}
+for _name, _fn in _UNARY.items():
+    _OPS[_name] = lambda x, *, attrs, _fn=_fn: [_fn(x)]
+_OPS["Pow"] = lambda a, b, *, attrs: [torch.pow(a, b)]
+_OPS["Max"] = lambda *xs, attrs: [torch.stack(torch.broadcast_tensors(*xs)).amax(0)]
+_OPS["Min"] = lambda *xs, attrs: [torch.stack(torch.broadcast_tensors(*xs)).amin(0)]
+_OPS["Equal"] = lambda a, b, *, attrs: [torch.eq(a, b)]
+_OPS["Where"] = lambda c, a, b, *, attrs: [torch.where(c.bool(), a, b)]
+
+
+@_op("HardSigmoid")
+def _hardsigmoid(x: Tensor, *, attrs: dict) -> list[Tensor]:
+    return [torch.clamp(attrs.get("alpha", 0.2) * x + attrs.get("beta", 0.5), 0.0, 1.0)]
+
+
+@_op("LeakyRelu")
+def _leaky(x: Tensor, *, attrs: dict) -> list[Tensor]:
+    return [F.leaky_relu(x, attrs.get("alpha", 0.01))]
+
+
+@_op("Gelu")
+def _gelu(x: Tensor, *, attrs: dict) -> list[Tensor]:
+    approx = attrs.get("approximate", b"none")
+    return [F.gelu(x, approximate=approx.decode() if isinstance(approx, bytes) else approx)]
+
+
+@_op("LayerNormalization")
+def _layernorm(x: Tensor, scale: Tensor, bias: Tensor | None = None, *, attrs: dict) -> list[Tensor]:
+    axis = attrs.get("axis", -1) % x.dim()
+    return [F.layer_norm(x, tuple(x.shape[axis:]), scale, bias, attrs.get("epsilon", 1e-5))]
+
+
+def _axes(x: Tensor, axes: Tensor | None, attrs: dict) -> list[int]:
+    listed = attrs.get("axes") if axes is None else [int(v) for v in axes.tolist()]
+    return list(range(x.dim())) if not listed else [a % x.dim() for a in listed]
+
+
+@_op("ReduceMean")
+def _reduce_mean(x: Tensor, axes: Tensor | None = None, *, attrs: dict) -> list[Tensor]:
+    return [x.mean(dim=_axes(x, axes, attrs), keepdim=bool(attrs.get("keepdims", 1)))]
+
+
+@_op("ReduceSum")
+def _reduce_sum(x: Tensor, axes: Tensor | None = None, *, attrs: dict) -> list[Tensor]:
+    return [x.sum(dim=_axes(x, axes, attrs), keepdim=bool(attrs.get("keepdims", 1)))]
+
+
+@_op("GlobalMaxPool")
+def _global_max(x: Tensor, *, attrs: dict) -> list[Tensor]:
+    return [x.amax(dim=tuple(range(2, x.dim())), keepdim=True)]
+
+
+@_op("Slice")
+def _slice(x: Tensor, starts: Tensor, ends: Tensor, axes: Tensor | None = None,
+           steps: Tensor | None = None, *, attrs: dict) -> list[Tensor]:
+    axes_l = list(range(len(starts))) if axes is None else [int(a) % x.dim() for a in axes.tolist()]
+    steps_l = [1] * len(axes_l) if steps is None else [int(v) for v in steps.tolist()]
+    index: list[slice] = [slice(None)] * x.dim()
+    for a, st, en, step in zip(axes_l, starts.tolist(), ends.tolist(), steps_l, strict=True):
+        if step < 0:
+            raise NotSupported("the PyTorch simulation does not cover Slice with negative steps")
+        size = x.shape[a]
+        st = max(0, min(size, st + size if st < 0 else st))
+        en = max(0, min(size, en + size if en < 0 else en))
+        index[a] = slice(st, en, step)
+    return [x[tuple(index)]]
+
+
+@_op("Split")
+def _split(x: Tensor, split: Tensor | None = None, *, attrs: dict) -> list[Tensor]:
+    axis = attrs.get("axis", 0) % x.dim()
+    if split is not None:
+        return list(torch.split(x, [int(v) for v in split.tolist()], dim=axis))
+    parts = attrs.get("num_outputs")
+    return list(torch.tensor_split(x, parts, dim=axis)) if parts else [x]
+
+
+_DTYPES = {
+    onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.INT64: torch.int64,
+    onnx.TensorProto.INT32: torch.int32, onnx.TensorProto.BOOL: torch.bool,
+    onnx.TensorProto.DOUBLE: torch.float64, onnx.TensorProto.UINT8: torch.uint8,
+    onnx.TensorProto.INT8: torch.int8,
+}
+
+
+@_op("Cast")
+def _cast(x: Tensor, *, attrs: dict) -> list[Tensor]:
+    to = attrs["to"]
+    if to not in _DTYPES:
+        raise NotSupported(f"the PyTorch simulation does not cover Cast to type {to}")
+    return [x.to(_DTYPES[to])]
+
+
+@_op("Expand")
+def _expand(x: Tensor, shape: Tensor, *, attrs: dict) -> list[Tensor]:
+    ones = torch.ones([int(v) for v in shape.tolist()], dtype=x.dtype, device=x.device)
+    return [x * ones if x.dtype.is_floating_point else (x + ones * 0)]
+
+
+@_op("ConstantOfShape")
+def _constant_of_shape(shape: Tensor, *, attrs: dict) -> list[Tensor]:
+    value = attrs.get("value")
+    fill = numpy_helper.to_array(value).reshape(-1)[0].item() if value is not None else 0.0
+    dtype = torch.float32 if isinstance(fill, float) else torch.int64
+    return [torch.full([int(v) for v in shape.tolist()], fill, dtype=dtype, device=shape.device)]
+
+
+@_op("Pad")
+def _pad(x: Tensor, pads: Tensor, value: Tensor | None = None, axes: Tensor | None = None, *,
+         attrs: dict) -> list[Tensor]:
+    mode = attrs.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    p = [int(v) for v in pads.tolist()]
+    dims = list(range(x.dim())) if axes is None else [int(a) % x.dim() for a in axes.tolist()]
+    half = len(p) // 2
+    full = [0] * (2 * x.dim())
+    for i, d in enumerate(dims):
+        full[d], full[x.dim() + d] = p[i], p[half + i]
+    torch_pads: list[int] = []
+    for d in reversed(range(x.dim())):
+        torch_pads += [full[d], full[x.dim() + d]]
+    if mode != "constant":
+        raise NotSupported(f"the PyTorch simulation does not cover Pad mode '{mode}'")
+    fill = 0.0 if value is None or value.numel() == 0 else float(value.reshape(-1)[0])
+    return [F.pad(x, torch_pads, value=fill)]
+
+
+@_op("Resize")
+def _resize(x: Tensor, roi: Tensor | None = None, scales: Tensor | None = None,
+            sizes: Tensor | None = None, *, attrs: dict) -> list[Tensor]:
+    mode = attrs.get("mode", b"nearest")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode != "nearest" or (scales is None or scales.numel() == 0):
+        raise NotSupported(f"the PyTorch simulation does not cover Resize mode '{mode}' with sizes")
+    factors = [float(v) for v in scales.tolist()[2:]]
+    return [F.interpolate(x, scale_factor=factors, mode="nearest")]
+
+
 def _qparams_tensors(x: Tensor, scale: Tensor, zp: Tensor | None, axis: int) -> tuple[Tensor, Tensor]:
     zp_t = torch.zeros_like(scale) if zp is None else zp.to(torch.float32)
     if scale.dim() == 1 and x.dim() > 1:
@@ -236,7 +398,8 @@ def initializer_to_torch(init: onnx.TensorProto) -> Tensor:
         arr = arr.astype(np.int64)
     elif arr.dtype.kind == "f":
         arr = arr.astype(np.float32)
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    # np.array keeps 0-d arrays 0-d (a scalar Gather index must drop its axis).
+    return torch.from_numpy(np.array(arr, order="C"))
 
 
 class TorchGraph:

@@ -44,8 +44,9 @@ from converters.export import fold_batchnorm, fold_pairs, to_onnx
 from pipeline.base.errors import EfrapError
 from pipeline.bn_fold import fold_conv_bn
 from pipeline.calibration import activation_qparams, calibrate
-from pipeline.graph import QuantLayer, analyze, prepare_model
+from pipeline.graph import QuantLayer, analyze
 from pipeline.observers import observe_weight
+from pipeline.prepare import prepare_model
 from pipeline.qmath import QParams, fake_quant_bias, fake_quant_qp
 from pipeline.scheme import Scheme, TensorQuant
 from pipeline.torch_graph import TorchGraph
