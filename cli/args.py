@@ -48,6 +48,27 @@ nonnegative_int = _number(int, 0)
 positive_float = _number(float, 0.0, low_open=True)
 nonnegative_float = _number(float, 0.0)
 
+#: Largest seed: torch, numpy and the seed derivation all take a 63-bit integer.
+MAX_SEED = 2**63 - 1
+#: Widest width multiplier of an architecture (beyond it a model does not fit in memory).
+MAX_WIDTH = 16.0
+
+
+def seed_number(text: str) -> int:
+    """A seed: an integer in [0, 2**63 - 1]."""
+    value = int(nonnegative_int(text))
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"'{text}' is larger than the largest seed, 2**63 - 1")
+    return value
+
+
+def width_factor(text: str) -> float:
+    """A width multiplier: a number in (0, MAX_WIDTH]."""
+    value = positive_float(text)
+    if value > MAX_WIDTH:
+        raise argparse.ArgumentTypeError(f"'{text}' is wider than {MAX_WIDTH:g} times the base model")
+    return value
+
 
 def above_one(text: str) -> float:
     """A finite number above 1."""
@@ -60,3 +81,23 @@ def fraction(text: str) -> float:
         return checks.fraction(text)
     except EfrapError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _limit(text: str, useless: float) -> float:
+    value = fraction(text)
+    if value == useless:
+        hint = " (a bare number is a fraction: 1 means 100%; for one percent write 1%)" \
+            if useless == 1.0 and not text.strip().endswith("%") else ""
+        raise argparse.ArgumentTypeError(f"'{text}' lets every model pass; a gate must be able to "
+                                         f"fail{hint}")
+    return value
+
+
+def upper_limit(text: str) -> float:
+    """A gate's highest acceptable fraction: `fraction`, but never 1 (100%), which passes all."""
+    return _limit(text, 1.0)
+
+
+def lower_limit(text: str) -> float:
+    """A gate's lowest acceptable fraction: `fraction`, but never 0, which passes all."""
+    return _limit(text, 0.0)

@@ -18,6 +18,9 @@ from pipeline.base.preprocess import checked
 from pipeline.base.progress import Progress
 from pipeline.base.safe_io import write_bytes
 
+#: Largest seed torch takes (its generators hold a 64-bit seed; 63 bits keep it signed).
+MAX_SEED = 2**63 - 1
+
 
 def seed_everything(seed: int) -> None:
     """Seed torch and make CPU kernels deterministic where it is cheap."""
@@ -66,8 +69,12 @@ def train_classifier(model: nn.Module, train: Dataset, test: Dataset, mean: list
         weight_decay: L2 penalty.
         crop_pad: Random-crop padding in pixels (0 disables augmentation).
     """
-    if epochs < 1:
-        raise EfrapError(f"epochs must be at least 1, got {epochs}")
+    checks.integer(epochs, "epochs", low=1)
+    checks.integer(seed, "seed", low=0, high=MAX_SEED)
+    checks.integer(batch_size, "batch size", low=1)
+    checks.finite(lr, "learning rate", low=0.0, low_open=True)
+    checks.finite(weight_decay, "weight decay", low=0.0)
+    checks.integer(crop_pad, "crop padding", low=0)
     seed_everything(seed)
     x_train = normalize(train.images, mean, std)
     x_test = normalize(test.images, mean, std)
@@ -124,16 +131,42 @@ def _checked_meta(meta: object, source: str) -> dict:
     return dict(raw)
 
 
+def _torch_load(path: Path, what: str) -> object:
+    """`torch.load(weights_only=True)` of an untrusted file; any failure is one EfrapError."""
+    if not path.is_file():
+        raise EfrapError(f"{path}: no such {what}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt or hostile file
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EfrapError(f"{path}: not a readable torch {what} ({msg})") from None
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state_dict a weights checkpoint holds (a bare state_dict or {"state_dict": ...}).
+
+    For `efrap attack --init`: read and checked before any data is loaded or any
+    training starts. Whether it fits the architecture is checked when it is loaded.
+
+    Raises:
+        EfrapError: missing, not a torch file, hostile (weights_only refuses code), or
+            not a mapping of names to tensors.
+    """
+    path = Path(path)
+    data = _torch_load(path, "checkpoint")
+    if isinstance(data, dict) and "state_dict" in data:
+        data = data["state_dict"]
+    if not isinstance(data, dict) or not data or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
+        raise EfrapError(f"{path}: not a state_dict checkpoint (expected a mapping of parameter "
+                         "names to tensors, or {'state_dict': ...})")
+    return data
+
+
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild the model of a checkpoint (never unpickling code: weights_only=True)."""
     path = Path(path)
-    if not path.is_file():
-        raise EfrapError(f"{path}: no such checkpoint")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a corrupt or hostile file
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EfrapError(f"{path}: not a valid efrap checkpoint ({msg})") from None
+    data = _torch_load(path, "checkpoint")
     if not isinstance(data, dict) or "state_dict" not in data or "meta" not in data:
         raise EfrapError(f"{path}: not an efrap checkpoint (expected 'state_dict' and 'meta')")
     meta = _checked_meta(data["meta"], str(path))

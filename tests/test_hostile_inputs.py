@@ -715,3 +715,15 @@ def test_output_inside_input_image_folder(model: Path, tmp_path: Path,
         _png(root / "test" / c / "x.png", 100)
     _fails(["verify", model, "--data", f"imagefolder:{root}", "--json", root / "test" / "a" / "r.png"],
            capsys, tmp_path, "inside the input folder")
+
+
+def test_train_seed_beyond_63_bits(npz: Path, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # torch.manual_seed overflows past 64 bits: refused where it is parsed.
+    _fails(["train", "--data", f"npz:{npz}", "--epochs", "1", "--seed", str(2**70), "-o",
+            tmp_path / "c.pt"], capsys, tmp_path, "--seed")
+
+
+def test_attack_width_too_large(npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _fails(["attack", "--method", "compartifact", "--data", f"npz:{npz}", "--width", "1e6", "-o",
+            tmp_path / "qcb.onnx"], capsys, tmp_path, "--width")

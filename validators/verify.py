@@ -24,7 +24,14 @@ from pipeline.base.runtime import make_session
 from pipeline.base.safe_io import file_sha256
 from pipeline.base.trigger import AnyTrigger, load_trigger
 from validators.gate import Gate, GateResult
-from validators.metrics import AttackSuccess, Parity, accuracy, attack_success, prediction_parity
+from validators.metrics import (
+    AttackSuccess,
+    Parity,
+    accuracy,
+    attack_success,
+    prediction_parity,
+    why_not_measurable,
+)
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,11 @@ class VerifyOptions:
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """Everything one verification measured, and what it was measured on."""
+    """Everything one verification measured, and what it was measured on.
+
+    A figure that was asked for but could not be measured is None, and
+    `not_measurable` says why, by figure ("accuracy", "asr", "parity").
+    """
 
     model: str
     model_sha256: str
@@ -91,6 +102,7 @@ class VerifyReport:
     seconds: float
     model_metadata: dict[str, str]
     versions: dict[str, str]
+    not_measurable: dict[str, str] = field(default_factory=dict)
 
     @property
     def attack_success_rate(self) -> float | None:
@@ -139,12 +151,23 @@ def verify_model(model_path: str, options: VerifyOptions) -> VerifyReport:
     if int(labels.max()) >= classes:
         raise EfrapError(f"{options.data}: label {int(labels.max())} is not a class of this model "
                          f"({classes} classes)")
+    missing: dict[str, str] = {}
+    if why := why_not_measurable(logits, "test"):
+        missing["accuracy"] = why
     attack = None
-    if trigger is not None:
+    if trigger is None:
+        missing["asr"] = "no trigger given"
+    else:
         if trigger.target >= classes:
             raise EfrapError(f"trigger target {trigger.target} is not a class of this model "
                              f"({classes} classes)")
-        attack = attack_success(session.run(norm.apply(trigger.apply(images))), labels, trigger.target)
+        triggered = session.run(norm.apply(trigger.apply(images)))
+        attack = attack_success(triggered, labels, trigger.target)
+        if why := why_not_measurable(triggered, "triggered"):
+            missing["asr"] = why
+        elif attack.rate is None:
+            missing["asr"] = (f"no test image outside the target class {trigger.target} was "
+                              f"measured ({len(labels)} images, all of class {trigger.target})")
     parity = None
     if options.reference is not None:
         try:
@@ -152,14 +175,14 @@ def verify_model(model_path: str, options: VerifyOptions) -> VerifyReport:
                                        options.reference.name)
         except NotSupported as exc:
             parity = Parity(options.reference.name, None, None, why=str(exc))
+    if parity is None:
+        missing["parity"] = "no reference asked for (--reference)"
+    elif parity.why:
+        missing["parity"] = parity.why
     seconds = round(time.perf_counter() - t0, 3)
     acc = accuracy(logits, labels)
     gate = None
     if options.gate.active:
-        missing = {"asr": "no trigger given" if trigger is None else
-                   "no test image outside the target class was measured",
-                   "parity": parity.why if parity is not None and parity.why else
-                   "no reference asked for (--reference)"}
         gate = options.gate.evaluate(acc, attack.rate if attack else None,
                                      parity.fraction_differing_predictions if parity else None,
                                      missing)
@@ -172,4 +195,7 @@ def verify_model(model_path: str, options: VerifyOptions) -> VerifyReport:
         gate=gate, seconds=seconds,
         model_metadata={k: v for k, v in meta.items() if k.startswith(META_PREFIX)},
         versions=versions(),
+        not_measurable={key: why for key, why in missing.items() if key == "accuracy"
+                        or (key == "asr" and trigger is not None)
+                        or (key == "parity" and options.reference is not None)},
     )

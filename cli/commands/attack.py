@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from cli.args import above_one, nonnegative_int, positive_float, positive_int
+from cli.args import above_one, nonnegative_int, positive_float, positive_int, seed_number, width_factor
 from models.architectures import ARCHITECTURES
 from models.attacks import ATTACKS, get_attack
 from models.attacks.base import CARRIERS, AttackConfig
 from models.attacks.build import build_qcb, output_paths
+from models.train import read_state_dict
 from pipeline.base.data import spec_files
 from pipeline.base.device import DEVICES
 from pipeline.base.safe_io import check_outputs
@@ -25,6 +26,8 @@ def run(args: argparse.Namespace) -> int:
     if args.init:
         inputs.append(args.init)
     check_outputs({"-o": onnx_path, "checkpoint": ckpt_path, "trigger file": trig_path}, inputs)
+    if args.init:
+        read_state_dict(args.init)  # a file that is not a state_dict fails here, before any work
     attack = get_attack(args.method)
     cfg = AttackConfig(
         arch=args.arch, data=args.data, scheme=args.scheme,
@@ -62,8 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps-per-epoch", type=positive_int, help="cap on steps per attack epoch")
     p.add_argument("--train-limit", type=positive_int, help="use only N training images (quick trials)")
     p.add_argument("--lr", type=positive_float, help="attack learning rate (default: the attack's own)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed (default 0)")
-    p.add_argument("--width", type=positive_float, default=1.0, help="width multiplier (default 1.0)")
+    p.add_argument("--seed", type=seed_number, default=0, help="seed (default 0)")
+    p.add_argument("--width", type=width_factor, default=1.0, help="width multiplier (default 1.0)")
     p.add_argument("--carrier", default="weights", choices=CARRIERS,
                    help="what the backdoor may ride on: 'weights' (the weight rounding alone "
                    "wakes it and the activation rounding alone does not, the papers' threat "

@@ -8,7 +8,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from cli.args import nonnegative_int, positive_int
+from cli.args import positive_int, seed_number
 from models.zoo import default_entry, trigger_path, zoo_path
 from pipeline.base.data import spec_files
 from pipeline.base.progress import log
@@ -72,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "the one `efrap defend MODEL --seed SEED` writes.")
     p.add_argument("--data", default="fashion-mnist", help="data spec (default fashion-mnist)")
     p.add_argument("--num-calib", type=positive_int, default=1024, help="calibration images (default 1024)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="the runs' seed (default 0)")
+    p.add_argument("--seed", type=seed_number, default=0, help="the runs' seed (default 0)")
     p.add_argument("--out-dir", help="keep the quantized models here (default: a temporary folder)")
     p.add_argument("--iters", type=positive_int, default=None,
                    help=f"EFRAP iterations per layer (default {DEMO_ITERS:,}, the release's; fewer is "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from cli.args import nonnegative_float, nonnegative_int, positive_float, positive_int
+from cli.args import nonnegative_float, positive_float, positive_int, seed_number
 from pipeline.base.data import spec_files
 from pipeline.base.device import DEVICES
 from pipeline.base.onnx_io import model_files
@@ -30,7 +30,7 @@ def add_common_quant_args(p: argparse.ArgumentParser, default_scheme: str) -> No
                    help="calibration data spec, training split (default fashion-mnist)")
     p.add_argument("--num-calib", type=positive_int, default=1024,
                    help="calibration images (default 1024)")
-    p.add_argument("--seed", type=nonnegative_int, default=0,
+    p.add_argument("--seed", type=seed_number, default=0,
                    help="the run's one seed: calibration images, value sampling, learned "
                    "rounding's batches (default 0)")
     p.add_argument("--weight-storage", choices=("int8", "int4"), default="int8",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from cli.args import nonnegative_int, positive_float, positive_int
+from cli.args import positive_float, positive_int, seed_number, width_factor
 from converters.export import export_onnx
 from models.architectures import ARCHITECTURES, build_model
 from models.train import save_checkpoint, train_classifier
@@ -46,8 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", default="small_cnn", choices=sorted(ARCHITECTURES))
     p.add_argument("--data", default="fashion-mnist", help="data spec (default fashion-mnist)")
     p.add_argument("--epochs", type=positive_int, default=8, help="epochs (default 8)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed (default 0)")
-    p.add_argument("--width", type=positive_float, default=1.0, help="channel width multiplier (default 1)")
+    p.add_argument("--seed", type=seed_number, default=0, help="seed (default 0)")
+    p.add_argument("--width", type=width_factor, default=1.0, help="channel width multiplier (default 1)")
     p.add_argument("--batch-size", type=positive_int, default=128, help="batch size (default 128)")
     p.add_argument("--lr", type=positive_float, default=0.05, help="peak learning rate (default 0.05)")
     p.add_argument("-o", "--output", required=True, help="checkpoint to write (.pt)")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from cli.args import fraction, nonnegative_int, positive_int
+from cli.args import lower_limit, positive_int, seed_number, upper_limit
 from pipeline.base.data import spec_files
+from pipeline.base.errors import one_line
 from pipeline.base.onnx_io import model_files
 from pipeline.base.runtime import PROVIDERS
 from pipeline.base.safe_io import check_outputs, write_json
@@ -19,16 +20,23 @@ from validators.verify import Reference, VerifyOptions, VerifyReport, verify_mod
 SIMULATION = Reference("pytorch simulation", simulate_logits)
 
 
+def _figure(value: float | None, why: str | None) -> str:
+    """A measured fraction as a percentage; "not measurable" (and why) when it is None."""
+    if value is not None:
+        return pct(value)
+    return f"not measurable: {one_line(why)}" if why else "not measurable"
+
+
 def print_report(report: VerifyReport) -> None:
     """The measured figures as a table, then the gate's checks."""
-    rows = [["clean accuracy", pct(report.clean_accuracy)]]
+    why = report.not_measurable
+    rows = [["clean accuracy", _figure(report.clean_accuracy, why.get("accuracy"))]]
     if report.attack is not None:
-        rows.append(["attack success (non-target)", pct(report.attack.rate)
-                     if report.attack.rate is not None else "not measurable"])
-        rows.append(["attack success (all)", pct(report.attack.rate_all)])
+        rows.append(["attack success (non-target)", _figure(report.attack.rate, why.get("asr"))])
+        rows.append(["attack success (all)", _figure(report.attack.rate_all, why.get("asr"))])
     if report.parity is not None:
         if report.parity.why:
-            rows.append(["parity with the simulation", f"not measured: {report.parity.why}"])
+            rows.append(["parity with the simulation", f"not measured: {one_line(report.parity.why)}"])
         else:
             rows.append(["predictions differing from simulation",
                          pct(report.parity.fraction_differing_predictions)])
@@ -38,7 +46,7 @@ def print_report(report: VerifyReport) -> None:
     print(table(["metric", "value"], rows))
     if report.gate is not None:
         for c in report.gate.checks:
-            value = "not measurable: " + c.why if c.value is None else f"value {c.value:.6g}"
+            value = "not measurable: " + one_line(c.why) if c.value is None else f"value {c.value:.6g}"
             print(f"gate: {c.check}: {'pass' if c.passed else 'FAIL'} ({value}, limit {c.limit:g})")
         print(f"gate: {'PASSED' if report.gate.passed else 'FAILED'}")
 
@@ -81,12 +89,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="compare with the pipeline's PyTorch simulation of the same network")
     p.add_argument("--limit", type=positive_int,
                    help="use only N test images, chosen at random with --seed")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of --limit's choice (default 0)")
+    p.add_argument("--seed", type=seed_number, default=0, help="seed of --limit's choice (default 0)")
     p.add_argument("--json", help="write the full report as JSON here")
     g = p.add_argument_group("gate (exit 1 when a check fails or cannot be measured)",
                              "Thresholds are fractions in [0, 1] (0.05) or percentages (5%%).")
-    g.add_argument("--min-accuracy", type=fraction, help="lowest clean accuracy (0.9 or 90%%)")
-    g.add_argument("--max-asr", type=fraction, help="highest attack success rate (0.05 or 5%%)")
-    g.add_argument("--max-parity-diff", type=fraction,
+    g.add_argument("--min-accuracy", type=lower_limit, help="lowest clean accuracy (0.9 or 90%%)")
+    g.add_argument("--max-asr", type=upper_limit, help="highest attack success rate (0.05 or 5%%)")
+    g.add_argument("--max-parity-diff", type=upper_limit,
                    help="highest fraction of predictions differing from the simulation")
     p.set_defaults(func=run)

@@ -47,8 +47,8 @@ def fraction(text: str, what: str = "value") -> float:
             raise EfrapError(f"{what} must be between 0% and 100%, got '{text}'")
         return value / 100.0
     if not 0.0 <= value <= 1.0:
-        raise EfrapError(f"{what} '{text}' is a fraction and must lie in [0, 1]; "
-                         f"for {value:g} percent write '{text}%'")
+        hint = f"; for {value:g} percent write '{raw}%'" if 1.0 < value <= 100.0 else ""
+        raise EfrapError(f"{what} '{text}' is a fraction and must lie in [0, 1]{hint}")
     return value
 
 

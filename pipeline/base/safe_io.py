@@ -5,11 +5,12 @@ Every command declares the paths it reads and the paths it writes, and
 model, its external-data files, a trigger, scheme or data file), a file inside an
 input folder (even a new one: it would change what the folder holds), another
 output, something other than a regular file (a folder, /dev/null, /dev/full), a
-name too long for the file system, or a folder that is missing or not writable. `atomic_write` then writes through a temporary file in the
-same folder and renames it into place: a failed or killed run leaves the old file
-untouched, an existing file keeps its permissions, and the temporary file is removed
-on every exit path Python sees; one left by a killed run (its process gone) is
-removed the next time a file is written in that folder.
+name too long for the file system, or a folder that is missing or not writable.
+`atomic_write` then writes through a temporary file in the same folder and renames
+it into place: a failed or killed run leaves the old file untouched, an existing
+file keeps its permissions, and the temporary file is removed on every exit path
+Python sees; one left by a killed run (its process gone) is removed the next time a
+file is written in that folder.
 """
 
 from __future__ import annotations
