@@ -19,6 +19,7 @@ import onnx
 
 from pipeline.base import data as data_mod
 from pipeline.base.errors import EfrapError
+from pipeline.base.onnx_io import fixed_batch
 from pipeline.base.progress import Progress
 from pipeline.base.runtime import make_session
 from pipeline.base.seeds import derive
@@ -29,6 +30,9 @@ from pipeline.scheme import Scheme
 
 SAMPLE_PER_BATCH = 16_384
 BATCH_SIZE = 64
+#: Largest size of the point values onnxruntime returns in one call (bytes): a large model
+#: calibrates in smaller batches, so memory does not grow with every activation x 64 images.
+RUN_BYTES = 256 << 20
 
 
 def image_indices(total: int, n: int, seed: int) -> np.ndarray:
@@ -97,11 +101,25 @@ def ort_point_values(model: onnx.ModelProto, plan: QuantPlan, images: np.ndarray
     names = [p for p in plan.points if p != graph_input]
     session = make_session(_with_outputs(model, names), "faithful", provider)
     out_names = [o.name for o in session.session.get_outputs()]
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
-        values = dict(zip(out_names, session.session.run(None, {graph_input: batch}), strict=True))
+    fixed = fixed_batch(model)
+
+    def run(batch: np.ndarray) -> dict[str, np.ndarray]:
+        feed = batch
+        if fixed is not None and len(batch) != fixed:
+            # A fixed-batch model takes exactly `fixed` images: pad with the batch's first rows.
+            feed = np.concatenate([batch, np.repeat(batch[:1], fixed - len(batch), axis=0)])
+        values = {k: v[: len(batch)] for k, v in
+                  zip(out_names, session.session.run(None, {graph_input: feed}), strict=True)}
         values[graph_input] = batch
-        yield values
+        return values
+
+    if fixed is not None:
+        batch_size = fixed
+    elif len(images):
+        per_image = sum(v[:1].nbytes for v in run(images[:1]).values())
+        batch_size = int(max(1, min(batch_size, RUN_BYTES // max(per_image, 1))))
+    for start in range(0, len(images), batch_size):
+        yield run(images[start : start + batch_size])
 
 
 def collect(source: Iterable[Mapping[str, np.ndarray]], points: Iterable[str], seed: int,

@@ -8,9 +8,10 @@ them, the simulations run them) follow onnxruntime's QDQ conventions:
    second input is a constant 2-D weight, plus a Relu or Clip that is the only
    consumer of its output. Its weight gets integers and a DequantizeLinear; a
    constant bias gets int32.
-2. Integer ops: onnxruntime runs Add and Concat of activations, and average pooling,
-   on integers (QLinearAdd, QLinearConcat, QLinearAveragePool) when each activation
-   input and the output have Q/DQ.
+2. Integer ops: onnxruntime runs Add, Mul, MatMul and Concat of activations, and
+   average pooling, on integers (QLinearAdd, QLinearMul, QLinearMatMul, QLinearConcat,
+   QLinearAveragePool) when each activation input and the output have Q/DQ; a Relu or
+   Clip that is the only consumer of such an op is fused, as for layers.
 3. Every activation input and output of a layer or an integer op is a quantization
    point, unless it is a graph output (logits stay float). A tensor read by several
    consumers (a residual branch) has one quantizer that all of them read.
@@ -38,7 +39,7 @@ from pipeline.base.errors import EfrapError
 QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
 FUSED_ACTIVATIONS = ("Relu", "Clip")
 PASSTHROUGH_OPS = ("MaxPool", "Flatten", "Reshape", "Identity", "Transpose", "Squeeze", "Unsqueeze")
-INTEGER_OPS = ("Add", "Concat", "GlobalAveragePool", "AveragePool")
+INTEGER_OPS = ("Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool")
 
 
 @dataclass(frozen=True)
@@ -267,15 +268,19 @@ def _reach(g: _Graph, starts: set[str], forward: bool) -> set[str]:
 def _integer_op_tensors(g: _Graph, exclude: Collection[str]) -> list[str]:
     tensors: list[str] = []
     for node in g.nodes:
-        if node.op_type not in INTEGER_OPS or node.name in exclude or node.op_type in exclude:
+        if node.op_type not in (*INTEGER_OPS, "MatMul") or node.name in exclude or node.op_type in exclude:
             continue
         acts = [i for i in node.input if g.is_activation(i)]
-        if node.op_type == "Add" and len(acts) != 2:
-            continue  # adding a constant is a bias, not a residual
+        if node.op_type in ("Add", "Mul", "MatMul") and len(acts) != 2:
+            continue  # a constant operand is a bias, a scale or a weight (a layer), not an activation
         if node.op_type == "Concat" and len(acts) != len([i for i in node.input if i]):
             continue
-        tensors += acts[:2] if node.op_type == "Add" else acts if node.op_type == "Concat" else acts[:1]
-        tensors.append(node.output[0])
+        tensors += acts if node.op_type in ("Add", "Mul", "MatMul", "Concat") else acts[:1]
+        out = node.output[0]
+        nxt = g.consumers.get(out, [])
+        if len(nxt) == 1 and nxt[0].op_type in FUSED_ACTIVATIONS and out not in g.outputs:
+            out = nxt[0].output[0]  # as for layers: onnxruntime drops the Relu in front of the Q
+        tensors.append(out)
     return tensors
 
 
