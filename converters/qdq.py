@@ -113,6 +113,21 @@ def to_qdq(
                                        inputs=[b_q, b_s, b_z], outputs=[b_deq], attrs={"axis": 0}))
             node.inputs[2] = b_deq
 
+    for name, const in result.constants.items():
+        qp = const.qparams
+        _check_range(const.q, qp, f"constant {name}")
+        values = tensors[name]
+        q = gs.Constant(f"{name}_quantized", np.ascontiguousarray(const.q.astype(_container(qp))))
+        scale = gs.Constant(f"{name}_scale", np.asarray(qp.scale, np.float32).reshape(()))
+        zp = gs.Constant(f"{name}_zero_point", np.asarray(qp.zero_point).astype(_container(qp)).reshape(()))
+        deq = gs.Variable(f"{name}_dequantized", dtype=np.float32, shape=list(const.q.shape))
+        graph.nodes.append(gs.Node("DequantizeLinear", name=f"{name}_dq", inputs=[q, scale, zp],
+                                   outputs=[deq]))
+        for consumer in list(values.outputs):
+            for i, inp in enumerate(consumer.inputs):
+                if inp is values:
+                    consumer.inputs[i] = deq
+
     for name in result.plan.all_quantized_tensors():
         qp = result.act_qparams[name]
         var = tensors[name]

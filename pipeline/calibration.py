@@ -13,6 +13,7 @@ output; the red team's simulation (models.attacks.qsim) uses the same function.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -147,6 +148,17 @@ def calibrate(model: onnx.ModelProto, plan: QuantPlan, images: np.ndarray, seed:
     """
     return collect(ort_point_values(model, plan, images, provider=provider), plan.points, seed,
                    total=len(images))
+
+
+def constant_qparams(model: onnx.ModelProto, plan: QuantPlan, scheme: Scheme) -> dict[str, QParams]:
+    """Per-tensor grids of the constant operands of integer ops, from their own min and max."""
+    inits = {i.name: i for i in model.graph.initializer}
+    out = {}
+    for name in plan.constants:
+        values = onnx.numpy_helper.to_array(inits[name]).astype(np.float32).reshape(-1)
+        stats = ActivationStats(min=float(values.min()), max=float(values.max()), sample=values)
+        out[name] = observe_activation(stats, replace(scheme.activation_quant(False), observer="minmax"))
+    return out
 
 
 def activation_qparams(plan: QuantPlan, stats: Mapping[str, ActivationStats],

@@ -86,6 +86,9 @@ class QuantPlan:
         shared: Tensor -> the point whose parameters it reuses (rule 4).
         point_layers: Point -> names of the layers that read it (directly or shared).
         excluded: Layer-like nodes kept in float -> why.
+        constants: Constant operands of integer Add/Mul ops (a bias or a scale after a
+            layer), quantized per tensor like an activation so that onnxruntime runs
+            the op on integers (QLinearAdd, QLinearMul), as its quantize_static does.
     """
 
     layers: tuple[QuantLayer, ...]
@@ -93,6 +96,7 @@ class QuantPlan:
     shared: dict[str, str] = field(default_factory=dict)
     point_layers: dict[str, tuple[str, ...]] = field(default_factory=dict)
     excluded: dict[str, str] = field(default_factory=dict)
+    constants: tuple[str, ...] = ()
 
     def all_quantized_tensors(self) -> list[str]:
         """Points and shared tensors, i.e. every tensor that gets a Q/DQ pair."""
@@ -265,15 +269,36 @@ def _reach(g: _Graph, starts: set[str], forward: bool) -> set[str]:
     return seen
 
 
-def _integer_op_tensors(g: _Graph, exclude: Collection[str]) -> list[str]:
+def _integer_op_tensors(g: _Graph, exclude: Collection[str],
+                        region: set[str]) -> tuple[list[str], list[str]]:
+    """Activation tensors and constant operands of the integer ops (rule 2).
+
+    `region` starts as the layers' outputs and grows with each integer op's output:
+    an Add or Mul with one constant operand (a bias or a scale) is an integer op only
+    right after a quantized op, so float regions (a LayerNorm written out as Sub, Pow,
+    ReduceMean, Add(eps), ...) stay float.
+    """
     tensors: list[str] = []
+    constants: list[str] = []
+    uses = defaultdict(int)
+    for node in g.nodes:
+        for name in node.input:
+            uses[name] += 1
     for node in g.nodes:
         if node.op_type not in (*INTEGER_OPS, "MatMul") or node.name in exclude or node.op_type in exclude:
             continue
         acts = [i for i in node.input if g.is_activation(i)]
-        if node.op_type in ("Add", "Mul", "MatMul") and len(acts) != 2:
-            continue  # a constant operand is a bias, a scale or a weight (a layer), not an activation
-        if node.op_type == "Concat" and len(acts) != len([i for i in node.input if i]):
+        if node.op_type in ("Add", "Mul"):
+            consts = [i for i in node.input if i in g.inits]
+            scalar_like = len(consts) == 1 and uses[consts[0]] == 1 and len(acts) == 1 and (
+                acts[0] in region) and g.inits[consts[0]].data_type == _FLOAT
+            if len(acts) != 2 and not scalar_like:
+                continue
+            if scalar_like:
+                constants.append(consts[0])
+        elif node.op_type == "MatMul" and len(acts) != 2:
+            continue  # a constant weight makes it a layer
+        elif node.op_type == "Concat" and len(acts) != len([i for i in node.input if i]):
             continue
         tensors += acts if node.op_type in ("Add", "Mul", "MatMul", "Concat") else acts[:1]
         out = node.output[0]
@@ -281,7 +306,8 @@ def _integer_op_tensors(g: _Graph, exclude: Collection[str]) -> list[str]:
         if len(nxt) == 1 and nxt[0].op_type in FUSED_ACTIVATIONS and out not in g.outputs:
             out = nxt[0].output[0]  # as for layers: onnxruntime drops the Relu in front of the Q
         tensors.append(out)
-    return tensors
+        region.add(out)
+    return tensors, constants
 
 
 def analyze(model: onnx.ModelProto, source: str = "model", exclude: Collection[str] = ()) -> QuantPlan:
@@ -311,7 +337,8 @@ def analyze(model: onnx.ModelProto, source: str = "model", exclude: Collection[s
         layers.append(QuantLayer(**f, is_first=first, is_last=last))
 
     candidates = [t for layer in layers for t in (layer.input, layer.output)]
-    candidates += _integer_op_tensors(g, set(exclude))
+    op_tensors, constants = _integer_op_tensors(g, set(exclude), {layer.output for layer in layers})
+    candidates += op_tensors
     order = {t: i for i, t in enumerate([*g.inputs, *(o for n in g.nodes for o in n.output)])}
     candidates = sorted(dict.fromkeys(candidates), key=lambda t: order.get(t, len(order)))
 
@@ -336,4 +363,5 @@ def analyze(model: onnx.ModelProto, source: str = "model", exclude: Collection[s
     return QuantPlan(
         layers=tuple(layers), points=points, shared=shared,
         point_layers={k: tuple(v) for k, v in point_layers.items()}, excluded=excluded,
+        constants=tuple(constants),
     )

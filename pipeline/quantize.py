@@ -37,7 +37,7 @@ from pipeline.graph import QuantLayer, QuantPlan, analyze
 from pipeline.observers import observe_weight
 from pipeline.prepare import check_finite, prepare_model
 from pipeline.qmath import QParams
-from pipeline.quantized import QuantizedLayer, QuantResult, make_bias
+from pipeline.quantized import QuantizedConstant, QuantizedLayer, QuantResult, make_bias, quantized_constants
 from pipeline.reconstruct import Head, build_problem
 from pipeline.rounding import RoundingConfig, RoundingMethod, get_method
 from pipeline.rounding.base import LayerProblem, RoundingResult
@@ -192,6 +192,7 @@ class _Rounder:
     sampler: OrtSampler | None
     head: Head | None
     bn_factors: dict[str, np.ndarray]
+    constants: dict[str, QuantizedConstant]
     done: dict[str, QuantizedLayer] = field(default_factory=dict)
 
     def problem(self, layer: QuantLayer, wqp: QParams, bias: torch.Tensor | None) -> LayerProblem:
@@ -202,7 +203,8 @@ class _Rounder:
             targets = self.sampler.run(self.prepared, layer.output)
             # The graph so far: the layers already rounded carry their integers, the rest
             # (none of them upstream of this one) stay float, every activation is quantized.
-            partial = to_qdq(self.prepared, QuantResult(self.plan, self.act_qp, dict(self.done)))
+            partial = to_qdq(self.prepared, QuantResult(self.plan, self.act_qp, dict(self.done),
+                                                        self.constants))
             reads = next(n for n in partial.graph.node if n.name == layer.node).input[0]
             inputs = self.sampler.run(partial, reads)
             problem = build_problem(self.prepared, layer, weight, wqp, bias, self.act_qp.get(layer.output),
@@ -253,7 +255,8 @@ class _Rounder:
 
 
 def _rounder(prepared: onnx.ModelProto, plan: QuantPlan, act_qp: dict[str, QParams],
-             images: np.ndarray, options: QuantizeOptions, source: str) -> _Rounder:
+             constants: dict[str, QuantizedConstant], images: np.ndarray, options: QuantizeOptions,
+             source: str) -> _Rounder:
     method = get_method(options.method)
     needs = method.needs(options.config)
     device = pick_device(options.device)
@@ -270,6 +273,7 @@ def _rounder(prepared: onnx.ModelProto, plan: QuantPlan, act_qp: dict[str, QPara
         prepared=prepared, plan=plan, options=options, method=method, needs=needs, act_qp=act_qp,
         inits=inits, device=device, sampler=sampler, head=head,
         bn_factors=read_bn_factors(prepared, channels, source) if "bn_factors" in needs else {},
+        constants=constants,
     )
 
 
@@ -300,10 +304,11 @@ def quantize_model(model: onnx.ModelProto, images: np.ndarray, options: Quantize
     t0 = time.perf_counter()
     stats = calibrate(prepared, plan, images, seed=sample_seed(options.seed), provider=options.provider)
     act_qp = activation_qparams(plan, stats, options.scheme)
+    constants = quantized_constants(prepared, plan, options.scheme)
     t_calib = time.perf_counter() - t0
 
     torch.manual_seed(derive(options.seed, "torch"))
-    rounder = _rounder(prepared, plan, act_qp, images, options, source)
+    rounder = _rounder(prepared, plan, act_qp, constants, images, options, source)
     t1 = time.perf_counter()
     layers: dict[str, QuantizedLayer] = {}
     summaries = []
@@ -316,7 +321,7 @@ def quantize_model(model: onnx.ModelProto, images: np.ndarray, options: Quantize
             rounder.sampler.close()
     t_round = time.perf_counter() - t1
 
-    result = QuantResult(plan=plan, act_qparams=act_qp, layers=layers)
+    result = QuantResult(plan=plan, act_qparams=act_qp, layers=layers, constants=constants)
     qdq = to_qdq(prepared, result, options.weight_storage)
     summary = QuantizeSummary(options=options, num_calib=len(images), normalization=norm,
                               device=str(rounder.device), layers=tuple(summaries),

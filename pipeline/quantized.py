@@ -8,8 +8,10 @@ import numpy as np
 import onnx
 import torch
 
+from pipeline.calibration import constant_qparams
 from pipeline.graph import QuantPlan
-from pipeline.qmath import QParams, bias_scale, dequantize_np, quantize_bias
+from pipeline.qmath import QParams, bias_scale, dequantize_np, quantize_bias, quantize_np
+from pipeline.scheme import Scheme
 from pipeline.torch_graph import TorchGraph
 
 
@@ -52,6 +54,23 @@ def make_bias(bias: np.ndarray | None, act_qp: QParams, weight_qp: QParams,
     return quantize_bias(bias, scale), scale
 
 
+@dataclass(frozen=True)
+class QuantizedConstant:
+    """A constant operand of an integer op, quantized per tensor (see QuantPlan.constants)."""
+
+    q: np.ndarray
+    qparams: QParams
+
+    @classmethod
+    def of(cls, values: np.ndarray, qparams: QParams) -> QuantizedConstant:
+        """Round `values` to nearest on `qparams`' grid."""
+        return cls(quantize_np(values, qparams), qparams)
+
+    def dequantized(self) -> np.ndarray:
+        """float32 values exactly as DequantizeLinear produces them."""
+        return dequantize_np(self.q, self.qparams)
+
+
 @dataclass
 class QuantResult:
     """A fully quantized network on top of its FP graph.
@@ -61,11 +80,13 @@ class QuantResult:
         act_qparams: Every quantized activation tensor -> its parameters (shared
             tensors carry their point's parameters).
         layers: Layer node name -> its quantized weight.
+        constants: Constant operand -> its integers and grid.
     """
 
     plan: QuantPlan
     act_qparams: dict[str, QParams]
     layers: dict[str, QuantizedLayer]
+    constants: dict[str, QuantizedConstant] = field(default_factory=dict)
 
     def weight_overrides(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Initializer overrides (dequantized weights and biases) for TorchGraph."""
@@ -78,7 +99,17 @@ class QuantResult:
             bias = ql.dequantized_bias()
             if layer.bias is not None and bias is not None:
                 out[layer.bias] = torch.from_numpy(bias).to(device)
+        for name, const in self.constants.items():
+            out[name] = torch.from_numpy(const.dequantized()).to(device)
         return out
+
+
+def quantized_constants(model: onnx.ModelProto, plan: QuantPlan,
+                        scheme: Scheme) -> dict[str, QuantizedConstant]:
+    """The plan's constant operands, rounded to nearest on their per-tensor grids."""
+    inits = {i.name: i for i in model.graph.initializer}
+    return {name: QuantizedConstant.of(onnx.numpy_helper.to_array(inits[name]).astype(np.float32), qp)
+            for name, qp in constant_qparams(model, plan, scheme).items()}
 
 
 def simulate(model: onnx.ModelProto, result: QuantResult, images: np.ndarray,

@@ -48,6 +48,7 @@ from pipeline.graph import QuantLayer, analyze
 from pipeline.observers import observe_weight
 from pipeline.prepare import prepare_model
 from pipeline.qmath import QParams, fake_quant_bias, fake_quant_qp
+from pipeline.quantized import quantized_constants
 from pipeline.scheme import Scheme, TensorQuant
 from pipeline.torch_graph import TorchGraph
 
@@ -144,6 +145,10 @@ class QSim(nn.Module):
         self._mods = dict(model.named_modules())
         self.act_qparams: dict[str, QParams] = {}
         self.frozen_weight_qparams: dict[str, QParams] = {}
+        # Constant operands of integer ops (biases and scales after a layer) round with the
+        # activations; they do not depend on the weights, so once is enough.
+        self._constants = {name: torch.from_numpy(c.dequantized()).to(device)
+                           for name, c in quantized_constants(self.prepared, self.plan, scheme).items()}
 
     @property
     def points(self) -> tuple[str, ...]:
@@ -211,7 +216,7 @@ class QSim(nn.Module):
             out[layer.quant.weight] = w
             if layer.quant.bias is not None and b is not None:
                 out[layer.quant.bias] = b
-        return out
+        return {**out, **self._constants} if round_acts else out
 
     # ------------------------------------------------------------------ running
     def forward(self, x: torch.Tensor, quantized: bool | None = None) -> torch.Tensor:
