@@ -14,6 +14,7 @@ from typing import NoReturn
 
 from pipeline.base import checks
 from pipeline.base.errors import EfrapError, one_line
+from pipeline.base.preprocess import CHANNEL_ORDERS, LAYOUTS, from_table
 
 
 class Parser(argparse.ArgumentParser):
@@ -101,3 +102,68 @@ def upper_limit(text: str) -> float:
 def lower_limit(text: str) -> float:
     """A gate's lowest acceptable fraction: `fraction`, but never 0, which passes all."""
     return _limit(text, 0.0)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of numbers") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"'{text}' must list finite numbers")
+    return values
+
+
+def _size(text: str) -> list[int]:
+    parts = text.lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not HEIGHTxWIDTH (e.g. 48x192)") from None
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not HEIGHTxWIDTH (e.g. 48x192)")
+    return values
+
+
+def add_preprocess_args(p: argparse.ArgumentParser) -> None:
+    """Options for models that record no preprocessing (they override what the model records)."""
+    g = p.add_argument_group(
+        "preprocessing", "How images in [0, 1] become the model's input: resize, scale, channel "
+        "order, (x - mean) / std, layout. Default: what the model's metadata records; a model "
+        "without any gets mean 0, std 1 and a warning.")
+    g.add_argument("--preprocess", metavar="FILE",
+                   help="a TOML/JSON file with these settings (a [preprocess] table or top-level keys: "
+                   "mean, std, input_scale, channel_order, layout, resize); options below override it")
+    g.add_argument("--mean", type=_floats, help="per-channel mean, comma-separated (e.g. 0.485,0.456,0.406)")
+    g.add_argument("--std", type=_floats, help="per-channel std, comma-separated")
+    g.add_argument("--input-scale", type=positive_float,
+                   help="multiply [0, 1] pixels by this first (255 for models that take 0-255)")
+    g.add_argument("--channel-order", choices=CHANNEL_ORDERS, help="rgb or bgr")
+    g.add_argument("--layout", choices=LAYOUTS, help="the input's layout (default: from its shape)")
+    g.add_argument("--resize", type=_size, metavar="HxW", help="resize images to HEIGHTxWIDTH first")
+
+
+def preprocess_options(args: argparse.Namespace) -> dict | None:
+    """Checked preprocessing fields from --preprocess FILE and the options (None: none given)."""
+    table: dict = {}
+    if args.preprocess:
+        data = checks.load_config(args.preprocess, "preprocess")
+        if isinstance(data, dict) and "preprocess" in data:
+            data = data["preprocess"]
+        table.update(from_table(data, args.preprocess))
+    given = {"mean": args.mean, "std": args.std, "input_scale": args.input_scale,
+             "channel_order": args.channel_order, "layout": args.layout, "resize": args.resize}
+    table.update(from_table({k: v for k, v in given.items() if v is not None}, "command line"))
+    return table or None
+
+
+def add_exclude_arg(p: argparse.ArgumentParser) -> None:
+    """--exclude: layers kept in float, by node name or op type (onnxruntime's nodes_to_exclude)."""
+    p.add_argument("--exclude", action="append", default=[], metavar="NAME_OR_OP",
+                   help="keep this node (by name) or every node of this op type in float; repeat or "
+                   "separate with commas (e.g. --exclude /features.0/Conv --exclude Gemm)")
+
+
+def exclusions(args: argparse.Namespace) -> tuple[str, ...]:
+    """The --exclude values, split on commas."""
+    return tuple(v for item in args.exclude for v in item.split(",") if v)

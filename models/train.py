@@ -14,7 +14,7 @@ from models.architectures import build_model
 from pipeline.base import checks
 from pipeline.base.data import Dataset, normalize
 from pipeline.base.errors import EfrapError
-from pipeline.base.preprocess import checked
+from pipeline.base.preprocess import Preprocess, checked, from_table
 from pipeline.base.progress import Progress
 from pipeline.base.safe_io import write_bytes
 
@@ -127,7 +127,8 @@ def _checked_meta(meta: object, source: str) -> dict:
     checks.integer(raw["image_size"], f"{source}: meta image_size", low=1)
     checks.finite(raw.get("width", 1.0), f"{source}: meta width", low=0.0, low_open=True)
     norm = checks.table(raw["normalization"], f"{source}: meta normalization", {"mean", "std"})
-    checked(norm.get("mean"), norm.get("std"), channels, f"{source}: meta")
+    fields = from_table({"mean": norm.get("mean"), "std": norm.get("std")}, f"{source}: meta")
+    checked(Preprocess(fields["mean"], fields["std"]), channels, f"{source}: meta")
     return dict(raw)
 
 

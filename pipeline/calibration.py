@@ -164,7 +164,8 @@ def constant_qparams(model: onnx.ModelProto, plan: QuantPlan, scheme: Scheme) ->
 def activation_qparams(plan: QuantPlan, stats: Mapping[str, ActivationStats],
                        scheme: Scheme) -> dict[str, QParams]:
     """Parameters for every quantized activation tensor (shared tensors included)."""
-    out = {point: observe_activation(stats[point], scheme.activation_quant(plan.point_is_edge(point)))
+    out = {point: observe_activation(stats[point], scheme.activation_quant(
+               plan.point_is_edge(point), plan.point_layers.get(point, ())))
            for point in plan.points}
     for tensor, root in plan.shared.items():
         out[tensor] = out[root]

@@ -24,8 +24,8 @@ from pipeline.base import checks
 from pipeline.base import data as data_mod
 from pipeline.base.device import DEVICES, pick_device
 from pipeline.base.errors import EfrapError
-from pipeline.base.onnx_io import fixed_batch, input_shape, load_model, model_files, save_model, set_metadata
-from pipeline.base.preprocess import Normalization, model_normalization
+from pipeline.base.onnx_io import fixed_batch, image_input, load_model, model_files, save_model, set_metadata
+from pipeline.base.preprocess import Preprocess, ready, resolve
 from pipeline.base.progress import Progress
 from pipeline.base.provenance import versions
 from pipeline.base.runtime import PROVIDERS
@@ -59,6 +59,9 @@ class QuantizeOptions:
         rounding: Settings of learned rounding (None: the method's own defaults).
         device: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda".
         provider: onnxruntime provider for calibration.
+        preprocess: Checked preprocessing fields given by the user
+            (pipeline.base.preprocess.from_table); None: what the model records.
+        exclude: Node names or op types to keep in float (onnxruntime's nodes_to_exclude).
     """
 
     scheme: Scheme
@@ -70,6 +73,8 @@ class QuantizeOptions:
     rounding: RoundingConfig | None = None
     device: str = "auto"
     provider: str = "auto"
+    preprocess: dict | None = None
+    exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         get_method(self.method)
@@ -117,7 +122,7 @@ class QuantizeSummary:
 
     options: QuantizeOptions
     num_calib: int
-    normalization: Normalization
+    preprocess: Preprocess
     device: str
     layers: tuple[LayerSummary, ...]
     calibration_seconds: float
@@ -135,7 +140,7 @@ class QuantizeSummary:
             "method": o.method, "scheme": o.scheme.to_json(), "seed": o.seed,
             "num_calib": self.num_calib, "calib": o.calib, "weight_storage": o.weight_storage,
             "rounding": asdict(o.config) if self.learned else {}, "device": self.device,
-            "normalization": self.normalization.to_json(),
+            "preprocessing": self.preprocess.to_json(), "exclude": list(o.exclude),
             "layers": [{"layer": s.layer, "op": s.op, "bits": s.bits, "seconds": round(s.seconds, 3),
                         **s.stats, **s.notes} for s in self.layers],
             "calibration_seconds": round(self.calibration_seconds, 3),
@@ -151,7 +156,7 @@ class QuantizeSummary:
             "efrap.scheme": o.scheme.to_json(),
             "efrap.seed": str(o.seed),
             "efrap.calibration": {"data": o.calib, "images": self.num_calib},
-            "efrap.preprocessing": self.normalization.to_json(),
+            "efrap.preprocessing": self.preprocess.to_json(),
             "efrap.weight_storage": o.weight_storage,
             "efrap.rounding": asdict(o.config) if self.learned else {},
             "efrap.flip_fraction": {s.layer: round(s.flip_fraction, 6) for s in self.layers},
@@ -162,19 +167,57 @@ class QuantizeSummary:
         return out
 
 
-def calibration_images(model: onnx.ModelProto, spec: str, n: int, seed: int,
-                       source: str = "model") -> tuple[np.ndarray, Normalization]:
-    """`n` preprocessed training images of data set `spec` chosen with the run's seed.
+def calibration_images(model: onnx.ModelProto, spec: str, n: int, seed: int, source: str = "model",
+                       preprocess: dict | None = None) -> tuple[np.ndarray, Preprocess]:
+    """`n` model-ready calibration inputs from data set `spec`, chosen with the run's seed.
+
+    An npz keyed by the model's input name is taken as it is (modelopt's convention);
+    any other data set's training split is preprocessed as the model expects.
 
     Returns:
-        The images, normalised as the model expects, and that normalisation.
+        The inputs and the preprocessing they went through (origin "data" for ready arrays).
     """
     checks.integer(n, "number of calibration images", low=1)
-    shape = input_shape(model, source)
+    image = image_input(model, source)
+    ready_arrays = data_mod.model_inputs(spec, image.name)
+    if ready_arrays is not None:
+        if ready_arrays.ndim != 4 or any(want is not None and want != got for want, got in
+                                         zip(image.shape[1:], ready_arrays.shape[1:], strict=True)):
+            raise EfrapError(f"{spec}: array '{image.name}' has shape {ready_arrays.shape[1:]}, the "
+                             f"model's input {image.shape[1:]}")
+        pre = ready(resolve(model, image, preprocess, source, announce=False))
+        return ready_arrays[image_indices(len(ready_arrays), n, seed)], pre
     dataset = data_mod.load_dataset(spec, "train")
-    data_mod.check_fits(dataset, shape, source)
-    norm = model_normalization(model, shape[0], source)
-    return norm.apply(dataset.images[image_indices(len(dataset.labels), n, seed)]), norm
+    pre = resolve(model, image, preprocess, source)
+    data_mod.check_fits(dataset, pre.nchw_shape(image), source)
+    return pre.apply(dataset.images[image_indices(len(dataset.labels), n, seed)]), pre
+
+
+def calibration_array(data: object, input_name: str) -> np.ndarray:
+    """Model-ready calibration inputs from what a library caller has.
+
+    Args:
+        data: An array (N x ...); an onnxruntime `CalibrationDataReader` (anything with
+            `get_next()` returning {input name: batch} until None); or any iterable of
+            batches or of such dicts.
+        input_name: The model's input name (the key of dict batches).
+
+    Raises:
+        EfrapError: no batches, or batches that are not float arrays of one shape.
+    """
+    if isinstance(data, np.ndarray):
+        batches = [data]
+    else:
+        if hasattr(data, "get_next"):
+            data = iter(lambda: data.get_next(), None)  # type: ignore[attr-defined]
+        batches = [b[input_name] if isinstance(b, dict) else b for b in data]  # type: ignore[union-attr]
+    if not batches:
+        raise EfrapError("calibration data: no batches")
+    try:
+        out = np.concatenate([np.asarray(b, dtype=np.float32) for b in batches])
+    except ValueError as exc:
+        raise EfrapError(f"calibration data: batches do not stack ({exc})") from None
+    return out
 
 
 @dataclass
@@ -221,7 +264,7 @@ class _Rounder:
         """Round one layer; its integers then feed the layers after it."""
         start = time.perf_counter()
         weight = self.inits[layer.weight]
-        tq = self.options.scheme.weight_quant(layer.edge)
+        tq = self.options.scheme.weight_quant(layer.edge, layer.node)
         wqp = observe_weight(weight, tq, layer.weight_axis)
         bias_q, bias_scale = make_bias(self.inits.get(layer.bias) if layer.bias else None,
                                        self.act_qp[layer.input], wqp, weight.shape[layer.weight_axis])
@@ -277,30 +320,32 @@ def _rounder(prepared: onnx.ModelProto, plan: QuantPlan, act_qp: dict[str, QPara
     )
 
 
-def quantize_model(model: onnx.ModelProto, images: np.ndarray, options: QuantizeOptions,
-                   source: str = "model", normalization: Normalization | None = None,
+def quantize_model(model: onnx.ModelProto, images: object, options: QuantizeOptions,
+                   source: str = "model", preprocess: Preprocess | None = None,
                    ) -> tuple[onnx.ModelProto, QuantResult, QuantizeSummary]:
     """Quantize a loaded FP model.
 
     Args:
         model: The FP model (not modified).
-        images: Preprocessed calibration images.
+        images: Model-ready calibration inputs: an array, a CalibrationDataReader or an
+            iterable of batches (see `calibration_array`).
         options: Scheme, method, seed and settings.
         source: Name used in error messages.
-        normalization: How `images` were preprocessed (recorded in the output);
-            None: the model's own.
+        preprocess: How `images` were preprocessed (recorded in the output); None: the
+            model's own (or the options'), as `calibration_images` resolves it.
 
     Returns:
         The QDQ model, the QuantResult it was written from (on the prepared graph)
         and the run's summary.
     """
-    shape = input_shape(model, source)
-    norm = normalization or model_normalization(model, shape[0], source)
+    image = image_input(model, source)
+    images = calibration_array(images, image.name)
+    norm = preprocess or resolve(model, image, options.preprocess, source, announce=False)
     check_finite(model, source)
     if not np.all(np.isfinite(images)):
         raise EfrapError(f"{source}: calibration images hold NaN or Inf values")
     prepared = prepare_model(model, source)
-    plan = analyze(prepared, source)
+    plan = analyze(prepared, source, options.exclude)
     t0 = time.perf_counter()
     stats = calibrate(prepared, plan, images, seed=sample_seed(options.seed), provider=options.provider)
     act_qp = activation_qparams(plan, stats, options.scheme)
@@ -323,7 +368,7 @@ def quantize_model(model: onnx.ModelProto, images: np.ndarray, options: Quantize
 
     result = QuantResult(plan=plan, act_qparams=act_qp, layers=layers, constants=constants)
     qdq = to_qdq(prepared, result, options.weight_storage)
-    summary = QuantizeSummary(options=options, num_calib=len(images), normalization=norm,
+    summary = QuantizeSummary(options=options, num_calib=len(images), preprocess=norm,
                               device=str(rounder.device), layers=tuple(summaries),
                               calibration_seconds=t_calib, rounding_seconds=t_round)
     set_metadata(qdq, summary.metadata())
@@ -334,7 +379,8 @@ def quantize_file(model_path: str, out_path: str, options: QuantizeOptions) -> Q
     """The `efrap quantize` job: read, quantize, write atomically; returns the summary."""
     check_outputs({"output": out_path}, [*model_files(model_path), *data_mod.spec_files(options.calib)])
     model = load_model(model_path)
-    images, norm = calibration_images(model, options.calib, options.num_calib, options.seed, model_path)
-    qdq, _, summary = quantize_model(model, images, options, model_path, norm)
+    images, pre = calibration_images(model, options.calib, options.num_calib, options.seed, model_path,
+                                     options.preprocess)
+    qdq, _, summary = quantize_model(model, images, options, model_path, pre)
     save_model(qdq, out_path)
     return summary

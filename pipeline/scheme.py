@@ -97,6 +97,8 @@ class Scheme:
         first_last_bits: If set, the first layer (reading the image) and the last
             (producing the logits) use this many bits for their weights and their
             input activations.
+        layers: Per-layer bits by node name ({"weight_bits": 8, "activation_bits": 8}),
+            over everything else; activation bits apply to the point the layer reads.
     """
 
     name: str
@@ -104,18 +106,30 @@ class Scheme:
     activation: TensorQuant
     first_last_bits: int | None = None
     notes: str = field(default="", compare=False)
+    layers: dict[str, dict[str, int]] = field(default_factory=dict)
 
-    def weight_quant(self, edge: bool) -> TensorQuant:
+    def weight_quant(self, edge: bool, node: str = "") -> TensorQuant:
         """How a layer's weight is quantized; `edge`: the first or the last layer.
 
-        This is the one owner of the first/last-layer rule: with `first_last_bits` the
-        layer reading the image and the layer producing the logits use that many bits.
+        This is the one owner of the bit rules: a layer's own bits in `layers`, else
+        `first_last_bits` for the layer reading the image and the layer producing the
+        logits, else the scheme's.
         """
+        own = self.layers.get(node, {}).get("weight_bits")
+        if own is not None:
+            return self.weight.with_bits(own)
         return self.weight.with_bits(self.first_last_bits) if edge and self.first_last_bits \
             else self.weight
 
-    def activation_quant(self, edge: bool) -> TensorQuant:
-        """How an activation point is quantized; `edge`: read by the first or last layer."""
+    def activation_quant(self, edge: bool, readers: tuple[str, ...] = ()) -> TensorQuant:
+        """How an activation point is quantized; `edge`: read by the first or last layer.
+
+        A point read by layers with their own activation bits takes the most of them.
+        """
+        own = [self.layers[r]["activation_bits"] for r in readers
+               if "activation_bits" in self.layers.get(r, {})]
+        if own:
+            return self.activation.with_bits(max(own))
         return self.activation.with_bits(self.first_last_bits) if edge and self.first_last_bits \
             else self.activation
 
@@ -191,7 +205,7 @@ def _tensor_quant(data: object, where: str, source: str) -> TensorQuant:
 def scheme_from_dict(data: object, source: str = "scheme") -> Scheme:
     """Validate and build a scheme from parsed JSON/TOML data (types exact, ranges checked)."""
     raw = checks.table(data, f"{source}: the scheme",
-                       {"name", "weight", "activation", "first_last_bits", "notes"})
+                       {"name", "weight", "activation", "first_last_bits", "notes", "layers"})
     for key in ("weight", "activation"):
         if key not in raw:
             raise EfrapError(f"{source}: the scheme needs a '{key}' table")
@@ -200,12 +214,20 @@ def scheme_from_dict(data: object, source: str = "scheme") -> Scheme:
         raise EfrapError(f"{source}: first_last_bits must be one of {SUPPORTED_BITS} or absent")
     name = checks.string(raw.get("name", Path(source).stem), f"{source}: name")
     notes = checks.string(raw.get("notes", ""), f"{source}: notes")
+    layers = {}
+    for node, bits in checks.table(raw.get("layers", {}), f"{source}: layers").items():
+        table = checks.table(bits, f"{source}: layers.{node}", {"weight_bits", "activation_bits"})
+        layers[str(node)] = {key: checks.integer(value, f"{source}: layers.{node}.{key}")
+                             for key, value in table.items()}
+        if any(v not in SUPPORTED_BITS for v in layers[str(node)].values()):
+            raise EfrapError(f"{source}: layers.{node} bits must be one of {SUPPORTED_BITS}")
     return Scheme(
         name=name,
         weight=_tensor_quant(raw["weight"], "weight", source),
         activation=_tensor_quant(raw["activation"], "activation", source),
         first_last_bits=flb,
         notes=notes,
+        layers=layers,
     )
 
 

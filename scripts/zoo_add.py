@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.zoo import MANIFEST, ZOO_DIR
-from pipeline.base.onnx_io import get_metadata, input_shape, load_model
-from pipeline.base.preprocess import model_normalization
+from pipeline.base.onnx_io import get_metadata, image_input, input_shape, load_model
+from pipeline.base.preprocess import resolve
 from pipeline.base.safe_io import file_sha256, write_text
 from pipeline.base.trigger import load_trigger
 from validators.verify import VerifyOptions, verify_model
@@ -38,7 +38,7 @@ def entry_for(name: str, rebuild: str, build_time: float, threads: int) -> dict:
     settings = json.loads(meta["efrap.attack.settings"])
     if not rebuild.startswith("efrap attack ") or f"--method {meta['efrap.attack']}" not in rebuild:
         raise SystemExit(f"{name}: the rebuild command does not match the model's attack")
-    norm = model_normalization(model, input_shape(model)[0], str(path))
+    norm = resolve(model, image_input(model, str(path)), source=str(path))
     report = verify_model(str(path), VerifyOptions(data=settings["data"], trigger=str(trig),
                                                    provider="cpu")).to_json()
     return {

@@ -9,8 +9,8 @@ import pytest
 
 from models.attacks.base import CARRIERS
 from models.zoo import default_entry, load_manifest, trigger_path, verify_sha, zoo_path
-from pipeline.base.onnx_io import input_shape, load_model
-from pipeline.base.preprocess import model_normalization
+from pipeline.base.onnx_io import image_input, input_shape, load_model
+from pipeline.base.preprocess import resolve
 from pipeline.base.runtime import make_session
 from pipeline.base.trigger import load_trigger
 from pipeline.scheme import PRESETS
@@ -32,7 +32,7 @@ def test_stored_model(entry) -> None:
     assert entry.kind in ("clean", "qcb") and entry.rebuild.startswith("efrap ")
     model = load_model(path)
     assert input_shape(model) == tuple(entry.input_shape)
-    norm = model_normalization(model, entry.input_shape[0])
+    norm = resolve(model, image_input(model))
     assert list(norm.mean) == entry.normalization["mean"] and norm.origin == "metadata"
     logits = make_session(model, "faithful", "cpu").run(np.zeros((2, *entry.input_shape), np.float32))
     assert logits.shape == (2, 10) and np.isfinite(logits).all()

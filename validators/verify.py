@@ -17,8 +17,8 @@ import onnx
 
 from pipeline.base import data as data_mod
 from pipeline.base.errors import EfrapError, NotSupported
-from pipeline.base.onnx_io import META_PREFIX, check_logits, get_metadata, input_shape, load_model
-from pipeline.base.preprocess import model_normalization
+from pipeline.base.onnx_io import META_PREFIX, check_logits, get_metadata, image_input, load_model
+from pipeline.base.preprocess import resolve
 from pipeline.base.provenance import versions
 from pipeline.base.runtime import make_session
 from pipeline.base.safe_io import file_sha256
@@ -61,6 +61,8 @@ class VerifyOptions:
         limit: Use only N test images, chosen at random with `seed` (None: all).
         seed: Seeds the choice of the `limit` images.
         gate: Thresholds that make the report pass or fail.
+        preprocess: Checked preprocessing fields given by the user
+            (pipeline.base.preprocess.from_table); None: what the model records.
     """
 
     data: str = "fashion-mnist"
@@ -71,6 +73,7 @@ class VerifyOptions:
     limit: int | None = None
     seed: int = 0
     gate: Gate = field(default_factory=Gate)
+    preprocess: dict | None = None
 
     def __post_init__(self) -> None:
         if self.limit is not None and (isinstance(self.limit, bool) or self.limit < 1):
@@ -93,7 +96,7 @@ class VerifyReport:
     image_choice: str
     opt_level: str
     provider: str
-    normalization: dict
+    preprocessing: dict
     clean_accuracy: float | None
     attack: AttackSuccess | None
     trigger: dict | None
@@ -134,13 +137,13 @@ def verify_model(model_path: str, options: VerifyOptions) -> VerifyReport:
             labels or a trigger target the model has no class for.
     """
     model = load_model(model_path)
-    shape = input_shape(model, model_path)
+    image = image_input(model, model_path)
     check_logits(model, model_path)
     trigger = load_trigger(options.trigger) if isinstance(options.trigger, str) else options.trigger
     dataset = data_mod.load_dataset(options.data, "test")
-    data_mod.check_fits(dataset, shape, model_path)
+    norm = resolve(model, image, options.preprocess, model_path)
+    data_mod.check_fits(dataset, norm.nchw_shape(image), model_path)
     images, labels, choice = _pick(dataset.images, dataset.labels, options.limit, options.seed)
-    norm = model_normalization(model, shape[0], model_path)
     session = make_session(model, options.opt_level, options.provider)
     t0 = time.perf_counter()
     clean_in = norm.apply(images)
@@ -190,7 +193,7 @@ def verify_model(model_path: str, options: VerifyOptions) -> VerifyReport:
     return VerifyReport(
         model=str(model_path), model_sha256=file_sha256(model_path), data=options.data,
         split="test", images=len(labels), image_choice=choice, opt_level=options.opt_level,
-        provider=session.provider, normalization=norm.to_json(), clean_accuracy=acc,
+        provider=session.provider, preprocessing=norm.to_json(), clean_accuracy=acc,
         attack=attack, trigger=trigger.to_json() if trigger is not None else None, parity=parity,
         gate=gate, seconds=seconds,
         model_metadata={k: v for k, v in meta.items() if k.startswith(META_PREFIX)},

@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from cli.args import nonnegative_float, positive_float, positive_int, seed_number
+from cli.args import (
+    add_exclude_arg,
+    add_preprocess_args,
+    exclusions,
+    nonnegative_float,
+    positive_float,
+    positive_int,
+    preprocess_options,
+    seed_number,
+)
 from pipeline.base.data import spec_files
 from pipeline.base.device import DEVICES
 from pipeline.base.onnx_io import model_files
@@ -38,6 +47,8 @@ def add_common_quant_args(p: argparse.ArgumentParser, default_scheme: str) -> No
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="torch device for learned rounding (default: CUDA when available)")
     p.add_argument("--summary", help="also write the run summary (per-layer stats) as JSON here")
+    add_exclude_arg(p)
+    add_preprocess_args(p)
 
 
 def add_rounding_args(p: argparse.ArgumentParser, defaults: RoundingConfig) -> None:
@@ -84,11 +95,13 @@ def print_summary(summary: QuantizeSummary, output: str) -> None:
 def quantize_with(args: argparse.Namespace, method: str) -> int:
     """Quantize `args.model` with `method`, print the per-layer summary, write outputs."""
     check_outputs({"-o": args.output, "--summary": args.summary},
-                  [*model_files(args.model), *scheme_files(args.scheme), *spec_files(args.calib)])
+                  [*model_files(args.model), *scheme_files(args.scheme), *spec_files(args.calib),
+                   *([args.preprocess] if args.preprocess else [])])
     options = QuantizeOptions(
         scheme=load_scheme(args.scheme), method=method, calib=args.calib,
         num_calib=args.num_calib, seed=args.seed, weight_storage=args.weight_storage,
         rounding=rounding_config(args, get_method(method).defaults), device=args.device,
+        preprocess=preprocess_options(args), exclude=exclusions(args),
     )
     summary = quantize_file(args.model, args.output, options)
     print_summary(summary, args.output)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from cli.args import lower_limit, positive_int, seed_number, upper_limit
+from cli.args import (
+    add_preprocess_args,
+    lower_limit,
+    positive_int,
+    preprocess_options,
+    seed_number,
+    upper_limit,
+)
 from pipeline.base.data import spec_files
 from pipeline.base.errors import one_line
 from pipeline.base.onnx_io import model_files
@@ -53,7 +60,8 @@ def print_report(report: VerifyReport) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Verify one model; exit 1 when a gate is set and fails."""
-    inputs = [*model_files(args.model), *spec_files(args.data)]
+    inputs = [*model_files(args.model), *spec_files(args.data),
+              *([args.preprocess] if args.preprocess else [])]
     if args.trigger:
         inputs += trigger_files(args.trigger)
     check_outputs({"--json": args.json}, inputs)
@@ -62,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         reference=SIMULATION if args.reference else None, limit=args.limit, seed=args.seed,
         gate=Gate(min_accuracy=args.min_accuracy, max_asr=args.max_asr,
                   max_parity_diff=args.max_parity_diff),
+        preprocess=preprocess_options(args),
     )
     report = verify_model(args.model, options)
     print_report(report)
@@ -97,4 +106,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-asr", type=upper_limit, help="highest attack success rate (0.05 or 5%%)")
     g.add_argument("--max-parity-diff", type=upper_limit,
                    help="highest fraction of predictions differing from the simulation")
+    add_preprocess_args(p)
     p.set_defaults(func=run)

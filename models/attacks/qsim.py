@@ -176,7 +176,7 @@ class QSim(nn.Module):
 
     def weight_tq(self, layer: SimLayer) -> TensorQuant:
         """The layer's weight grid settings (the scheme's first/last-layer rule)."""
-        return self.scheme.weight_quant(layer.is_first or layer.is_last)
+        return self.scheme.weight_quant(layer.quant.edge, layer.quant.node)
 
     def folded(self, layer: SimLayer) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer's BN-folded float (weight, bias), differentiable."""

@@ -204,6 +204,34 @@ def read_image(file: Path) -> np.ndarray:
     return arr
 
 
+def model_inputs(spec: str, input_name: str) -> np.ndarray | None:
+    """Calibration arrays ready for the model: an npz keyed by the model's input name.
+
+    NVIDIA modelopt's convention: `npz:FILE` holding an array named like the model's
+    input is fed as it is (already preprocessed, in the model's layout). Returns None
+    for any other spec or an npz without that key.
+
+    Raises:
+        EfrapError: the array is not float32-convertible or holds NaN or Inf.
+    """
+    kind, path = parse_spec(spec)
+    if kind != "npz" or path is None or not Path(path).is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if input_name not in data.files:
+                return None
+            x = data[input_name]
+    except (OSError, ValueError, EOFError) as exc:
+        raise EfrapError(f"{path}: not a readable .npz ({exc})") from None
+    if x.dtype.kind != "f":
+        raise EfrapError(f"{path}: array '{input_name}' must be float, got dtype {x.dtype}")
+    x = x.astype(np.float32)
+    if x.size == 0 or not np.all(np.isfinite(x)):
+        raise EfrapError(f"{path}: array '{input_name}' is empty or holds NaN or Inf values")
+    return x
+
+
 def _labels(y: np.ndarray, source: str) -> np.ndarray:
     """Labels as int64 class indices, refusing one-hot rows, strings and fractions."""
     if y.ndim != 1:
@@ -325,12 +353,15 @@ def normalize(images: np.ndarray, mean: list[float], std: list[float]) -> np.nda
     return ((images - m) / s).astype(np.float32)
 
 
-def check_fits(dataset: Dataset, input_shape: tuple[int, ...], source: str) -> None:
-    """Refuse data whose C x H x W differs from the model's input."""
+def check_fits(dataset: Dataset, input_shape: tuple[int | None, ...], source: str) -> None:
+    """Refuse data whose C x H x W differs from the model's input (None: any size)."""
     shape = tuple(dataset.images.shape[1:])
-    if shape != tuple(input_shape):
-        raise EfrapError(f"{source}: the model expects inputs of shape {tuple(input_shape)} "
-                         f"(C, H, W) but data set {dataset.name} has {shape}")
+    if len(shape) != len(input_shape) or any(
+            want is not None and want != got for want, got in zip(input_shape, shape, strict=True)):
+        expected = tuple("any" if v is None else v for v in input_shape)
+        raise EfrapError(f"{source}: the model expects inputs of shape {expected} "
+                         f"(C, H, W) but data set {dataset.name} has {shape}; give --resize for "
+                         "another image size")
 
 
 def sample_indices(n_total: int, n: int, seed: int) -> np.ndarray:

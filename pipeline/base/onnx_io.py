@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -128,30 +129,75 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in inits]
 
 
-def input_shape(model: onnx.ModelProto, source: str = "model") -> tuple[int, ...]:
-    """The (C, H, W) shape of the model's single float image input (batch dimension dropped).
+@dataclass(frozen=True)
+class ImageInput:
+    """A model's single image input.
+
+    Attributes:
+        name: The input's name.
+        shape: Its four dimensions, batch first; None where a dimension is dynamic.
+    """
+
+    name: str
+    shape: tuple[int | None, ...]
+
+    @property
+    def batch(self) -> int | None:
+        """The fixed batch size, or None for a dynamic batch."""
+        return self.shape[0]
+
+    def layout_guess(self) -> str:
+        """"nhwc" when the last dimension looks like channels and the second does not."""
+        _, a, _, c = self.shape
+        channel_like = (1, 3, 4)
+        return "nhwc" if c in channel_like and a not in channel_like else "nchw"
+
+    def chw(self, layout: str) -> tuple[int | None, int | None, int | None]:
+        """(C, H, W) of one image in `layout` ("nchw" or "nhwc")."""
+        _, a, b, c = self.shape
+        return (c, a, b) if layout == "nhwc" else (a, b, c)
+
+
+def image_input(model: onnx.ModelProto, source: str = "model") -> ImageInput:
+    """The model's single float32, rank-4 image input.
 
     Raises:
-        EfrapError: more than one data input, an input that is not float32, or one
-            without a static C x H x W shape.
+        EfrapError: more than one data input (the node that reads the second is named),
+            an input that is not float32, or not rank 4.
     """
     inputs = graph_inputs(model)
     if len(inputs) != 1:
-        raise EfrapError(f"{source}: model has {len(inputs)} data inputs; exactly one image input "
-                         "is supported")
+        names = {i.name for i in inputs[1:]}
+        reader = next((n.name for n in model.graph.node if names & set(n.input)), "?")
+        raise EfrapError(f"{source}: model has {len(inputs)} data inputs (node '{reader}' reads "
+                         f"'{sorted(names)[0]}'); exactly one image input is supported")
     tensor = inputs[0].type.tensor_type
     if tensor.elem_type not in _FLOAT_INPUTS:
         name = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type) if tensor.elem_type else "unknown"
         raise EfrapError(f"{source}: input '{inputs[0].name}' has element type {name}; an image "
                          "input must be float32")
-    shape = tuple(d.dim_value for d in tensor.shape.dim[1:])
-    if len(shape) != 3 or any(v <= 0 for v in shape):
+    dims = tensor.shape.dim
+    if len(dims) != 4:
+        raise EfrapError(f"{source}: input '{inputs[0].name}' has rank {len(dims)}; an image input is "
+                         "N x C x H x W or N x H x W x C")
+    shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims)
+    return ImageInput(inputs[0].name, shape)
+
+
+def input_shape(model: onnx.ModelProto, source: str = "model") -> tuple[int, ...]:
+    """The static (C, H, W) of an NCHW image input (the models this project exports).
+
+    Raises:
+        EfrapError: as `image_input`, or a dimension that is not static.
+    """
+    c, h, w = image_input(model, source).chw("nchw")
+    if c is None or h is None or w is None:
         raise EfrapError(f"{source}: model input has no static (C, H, W) shape")
-    return shape
+    return c, h, w
 
 
 def fixed_batch(model: onnx.ModelProto) -> int | None:
-    """The batch size the model's input is fixed to, or None when it is dynamic."""
+    """The batch size the model's first input is fixed to, or None when it is dynamic."""
     inputs = graph_inputs(model)
     if not inputs or not inputs[0].type.tensor_type.shape.dim:
         return None
