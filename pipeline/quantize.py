@@ -208,9 +208,9 @@ def calibration_array(data: object, input_name: str) -> np.ndarray:
     if isinstance(data, np.ndarray):
         batches = [data]
     else:
-        if hasattr(data, "get_next"):
-            data = iter(lambda: data.get_next(), None)  # type: ignore[attr-defined]
-        batches = [b[input_name] if isinstance(b, dict) else b for b in data]  # type: ignore[union-attr]
+        reader = data
+        source = iter(reader.get_next, None) if hasattr(reader, "get_next") else reader
+        batches = [b[input_name] if isinstance(b, dict) else b for b in source]  # type: ignore[union-attr]
     if not batches:
         raise EfrapError("calibration data: no batches")
     try:
