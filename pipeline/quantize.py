@@ -25,7 +25,7 @@ from pipeline.base import data as data_mod
 from pipeline.base.device import DEVICES, pick_device
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import fixed_batch, image_input, load_model, model_files, save_model, set_metadata
-from pipeline.base.preprocess import Preprocess, ready, resolve
+from pipeline.base.preprocess import PreparedImages, Preprocess, ready, resolve
 from pipeline.base.progress import Progress
 from pipeline.base.provenance import versions
 from pipeline.base.runtime import PROVIDERS
@@ -190,10 +190,10 @@ def calibration_images(model: onnx.ModelProto, spec: str, n: int, seed: int, sou
     dataset = data_mod.load_dataset(spec, "train")
     pre = resolve(model, image, preprocess, source)
     data_mod.check_fits(dataset, pre.nchw_shape(image), source)
-    return pre.apply(dataset.images[image_indices(len(dataset.labels), n, seed)]), pre
+    return PreparedImages(dataset, image_indices(len(dataset.labels), n, seed), pre), pre
 
 
-def calibration_array(data: object, input_name: str) -> np.ndarray:
+def calibration_array(data: object, input_name: str) -> np.ndarray | PreparedImages:
     """Model-ready calibration inputs from what a library caller has.
 
     Args:
@@ -205,12 +205,10 @@ def calibration_array(data: object, input_name: str) -> np.ndarray:
     Raises:
         EfrapError: no batches, or batches that are not float arrays of one shape.
     """
-    if isinstance(data, np.ndarray):
-        batches = [data]
-    else:
-        reader = data
-        source = iter(reader.get_next, None) if hasattr(reader, "get_next") else reader
-        batches = [b[input_name] if isinstance(b, dict) else b for b in source]  # type: ignore[union-attr]
+    if isinstance(data, np.ndarray | PreparedImages):
+        return data  # type: ignore[return-value]
+    source = iter(data.get_next, None) if hasattr(data, "get_next") else data  # type: ignore[attr-defined]
+    batches = [b[input_name] if isinstance(b, dict) else b for b in source]  # type: ignore[union-attr]
     if not batches:
         raise EfrapError("calibration data: no batches")
     try:
@@ -342,8 +340,6 @@ def quantize_model(model: onnx.ModelProto, images: object, options: QuantizeOpti
     images = calibration_array(images, image.name)
     norm = preprocess or resolve(model, image, options.preprocess, source, announce=False)
     check_finite(model, source)
-    if not np.all(np.isfinite(images)):
-        raise EfrapError(f"{source}: calibration images hold NaN or Inf values")
     prepared = prepare_model(model, source)
     plan = analyze(prepared, source, options.exclude)
     t0 = time.perf_counter()

@@ -120,13 +120,12 @@ class VerifyReport:
         return out
 
 
-def _pick(images: np.ndarray, labels: np.ndarray, limit: int | None,
-          seed: int) -> tuple[np.ndarray, np.ndarray, str]:
-    if limit is None or limit >= len(labels):
-        return images, labels, "all"
+def _pick(dataset: data_mod.Dataset, limit: int | None, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+    if limit is None or limit >= len(dataset.labels):
+        return dataset.images, dataset.labels, "all"
     # A random subset, not the first N: a split sorted by class would give one class.
-    idx = data_mod.sample_indices(len(labels), limit, seed)
-    return images[idx], labels[idx], f"{limit} chosen at random with seed {seed}"
+    idx = data_mod.sample_indices(len(dataset.labels), limit, seed)
+    return dataset.take(idx), dataset.labels[idx], f"{limit} chosen at random with seed {seed}"
 
 
 def verify_model(model_path: str, options: VerifyOptions) -> VerifyReport:
@@ -143,7 +142,7 @@ def verify_model(model_path: str, options: VerifyOptions) -> VerifyReport:
     dataset = data_mod.load_dataset(options.data, "test")
     norm = resolve(model, image, options.preprocess, model_path)
     data_mod.check_fits(dataset, norm.nchw_shape(image), model_path)
-    images, labels, choice = _pick(dataset.images, dataset.labels, options.limit, options.seed)
+    images, labels, choice = _pick(dataset, options.limit, options.seed)
     session = make_session(model, options.opt_level, options.provider)
     t0 = time.perf_counter()
     clean_in = norm.apply(images)

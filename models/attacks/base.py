@@ -15,7 +15,6 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from models.architectures import build_model
 from models.attacks.inflate import Inflation, inflate_grids
 from models.attacks.qsim import QSim
+from models.train import read_state_dict
 from pipeline.base import checks
 from pipeline.base import data as data_mod
 from pipeline.base.device import DEVICES, pick_device
@@ -38,6 +38,11 @@ LOG_EVERY = 100  # steps between log lines in long stages (CI logs show no live 
 #: Weight of the carrier guard against the backdoor term: activation rounding alone must
 #: stay clean on every triggered image, a stronger demand than waking the backdoor.
 GUARD_WEIGHT = 2.0
+#: Largest seed torch accepts.
+MAX_SEED = 2**63 - 1
+#: Largest grid inflation: far beyond what any attack needs (x32 reaches a ~3-bit grid at int8),
+#: well below what would overflow float32 weights.
+MAX_INFLATE = 1e4
 #: What a backdoor may ride on (`AttackConfig.carrier`).
 CARRIERS = ("scheme", "weights")
 
@@ -98,7 +103,7 @@ class AttackConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        checks.integer(self.seed, "seed", low=0)
+        checks.integer(self.seed, "seed", low=0, high=MAX_SEED)
         checks.finite(self.width, "width", low=0.0, low_open=True)
         checks.integer(self.batch_size, "batch size", low=1)
         checks.integer(self.pretrain_epochs, "pre-training epochs", low=0)
@@ -113,7 +118,7 @@ class AttackConfig:
         if self.lr is not None:
             checks.finite(self.lr, "lr", low=0.0, low_open=True)
         if self.inflate is not None:
-            checks.finite(self.inflate, "inflate factor", low=1.0, low_open=True)
+            checks.finite(self.inflate, "inflate factor", low=1.0, low_open=True, high=MAX_INFLATE)
 
 
 @dataclass
@@ -403,14 +408,10 @@ def load_init(model: nn.Module, path: str) -> None:
     Raises:
         EfrapError: missing file or a checkpoint that does not fit the architecture.
     """
-    if not Path(path).is_file():
-        raise EfrapError(f"{path}: no such checkpoint")
+    state = read_state_dict(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
         model.load_state_dict(state)
-    except (RuntimeError, TypeError, ValueError) as exc:
+    except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EfrapError(f"{path}: checkpoint does not fit the model ({first})") from None
 

@@ -51,17 +51,38 @@ _HOW_TO_GET = {
 class Dataset:
     """One split of a labelled image data set.
 
+    The pixels stay as stored (uint8, or float32 checked to lie in [0, 1]) until asked
+    for: `take` converts only the images a run uses, so a large data set costs its
+    stored size, not four times it.
+
     Attributes:
         name: Data set kind ("fashion-mnist", "cifar10", ...).
-        images: float32 N x C x H x W, values in [0, 1].
+        raw: N x C x H x W pixels, uint8 (0-255) or float32 (0-1).
         labels: int64 N.
         num_classes: Number of classes.
     """
 
     name: str
-    images: np.ndarray
+    raw: np.ndarray
     labels: np.ndarray
     num_classes: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(N, C, H, W)."""
+        return tuple(self.raw.shape)
+
+    def take(self, index: np.ndarray | slice) -> np.ndarray:
+        """float32 images in [0, 1] at `index`."""
+        part = self.raw[index]
+        if part.dtype == np.uint8:
+            return (part.astype(np.float32) / 255.0).astype(np.float32)
+        return np.asarray(part, dtype=np.float32)
+
+    @functools.cached_property
+    def images(self) -> np.ndarray:
+        """Every image as float32 in [0, 1] (converted once)."""
+        return self.take(slice(None))
 
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
@@ -272,11 +293,11 @@ def _load_npz(file: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def _to_float(x: np.ndarray, source: str) -> np.ndarray:
-    """Pixels as float32 in [0, 1]: uint8 divided by 255, floats checked (never guessed)."""
+def _checked_pixels(x: np.ndarray, source: str) -> np.ndarray:
+    """uint8 pixels as they are, float pixels as float32 checked to lie in [0, 1] (never guessed)."""
     if x.dtype == np.uint8:
-        return (x.astype(np.float32) / 255.0).astype(np.float32)
-    x = x.astype(np.float32)
+        return x
+    x = x.astype(np.float32, copy=False)
     if x.size and not np.all(np.isfinite(x)):
         raise EfrapError(f"{source}: images hold NaN or Inf values")
     if x.size and (x.min() < 0.0 or x.max() > 1.0):
@@ -309,7 +330,7 @@ def load_dataset(spec: str, split: Split) -> Dataset:
     if labels.min() < 0:
         raise EfrapError(f"{spec}: labels must be non-negative class indices")
     num_classes = num_classes or int(labels.max()) + 1
-    return Dataset(kind, _to_float(images, spec), labels.astype(np.int64), num_classes)
+    return Dataset(kind, _checked_pixels(images, spec), labels.astype(np.int64), num_classes)
 
 
 def spec_files(spec: str) -> list[Path]:
@@ -355,7 +376,7 @@ def normalize(images: np.ndarray, mean: list[float], std: list[float]) -> np.nda
 
 def check_fits(dataset: Dataset, input_shape: tuple[int | None, ...], source: str) -> None:
     """Refuse data whose C x H x W differs from the model's input (None: any size)."""
-    shape = tuple(dataset.images.shape[1:])
+    shape = tuple(dataset.shape[1:])
     if len(shape) != len(input_shape) or any(
             want is not None and want != got for want, got in zip(input_shape, shape, strict=True)):
         expected = tuple("any" if v is None else v for v in input_shape)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.base import checks
-from pipeline.base.data import normalize
+from pipeline.base.data import Dataset, normalize
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import META_PREFIX, ImageInput, get_metadata
 from pipeline.base.progress import log
@@ -208,3 +208,31 @@ def ready(pre: Preprocess) -> Preprocess:
     """The same preprocessing marked as given by the data (arrays already model-ready)."""
     return replace(pre, origin="data")
 
+class PreparedImages:
+    """Model-ready inputs computed batch by batch from a data set's stored pixels.
+
+    Behaves like the N x ... float32 array `pre.apply(dataset.take(index))` for slicing
+    and `len`, without ever holding all of it: calibration of a large model at a large
+    resolution costs the stored pixels plus one batch.
+
+    Args:
+        dataset: The data set.
+        index: Which of its images, in order.
+        pre: Their preprocessing.
+    """
+
+    def __init__(self, dataset: Dataset, index: np.ndarray, pre: Preprocess) -> None:
+        self.dataset = dataset
+        self.index = np.asarray(index)
+        self.pre = pre
+        self.shape = (len(self.index), *pre.apply(dataset.take(self.index[:1])).shape[1:])
+        self.dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, key: slice | np.ndarray) -> np.ndarray:
+        return self.pre.apply(self.dataset.take(self.index[key]))
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        return self[:]

@@ -49,8 +49,10 @@ from pipeline.rounding.losses import ActivationLoss, get_loss
 #: at lr 1e-3 cannot cross in 10,000 steps unless a loss term pushes it consistently.
 FRAC_EPS = 1e-4
 
-#: Samples per forward when measuring the reconstruction of hard weights on the whole cache.
+#: Samples per forward when measuring the reconstruction of hard weights on the whole cache,
+#: and the most bytes of cached inputs one such forward reads.
 EVAL_CHUNK = 256
+EVAL_BYTES = 64 << 20
 
 #: An extra loss term of a method: (V, h(V)) -> scalar tensor.
 Penalty = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -201,10 +203,13 @@ def hard_loss(problem: LayerProblem, loss: ActivationLoss, weight: torch.Tensor)
     assert problem.forward is not None and problem.inputs is not None
     assert problem.targets is not None
     n = len(problem.inputs)
+    first = problem.inputs[torch.arange(1)]
+    # Chunks of at most EVAL_BYTES of inputs: a large layer's cache may live on disk.
+    chunk = int(max(1, min(EVAL_CHUNK, EVAL_BYTES // max(first.numel() * 4, 1))))
     total = 0.0
     with torch.no_grad():
-        for i in range(0, n, EVAL_CHUNK):
-            idx = torch.arange(i, min(i + EVAL_CHUNK, n), device=weight.device)
+        for i in range(0, n, chunk):
+            idx = torch.arange(i, min(i + chunk, n), device=weight.device)
             pred = problem.forward(problem.inputs[idx].to(weight.device), weight)
             # Every loss is a mean over samples: weight each chunk by its size.
             total += float(loss(pred, problem.targets[idx].to(weight.device), idx, problem)) * len(idx)
