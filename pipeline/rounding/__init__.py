@@ -11,12 +11,14 @@ from pipeline.rounding.base import (
     RoundingResult,
 )
 from pipeline.rounding.efrap import Efrap
+from pipeline.rounding.lac import Lac
 from pipeline.rounding.nearest import NearestRounding
 
 METHODS: dict[str, RoundingMethod] = {
     "nearest": NearestRounding(),
     "adaround": AdaRound(),
     "efrap": Efrap(),
+    "lac": Lac(),
 }
 
 
