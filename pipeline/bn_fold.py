@@ -77,7 +77,7 @@ def read_bn_factors(model: onnx.ModelProto, channels: dict[str, int],
     out: dict[str, np.ndarray] = {}
     for node, values in spec.items():
         if node not in channels:
-            raise EfrapError(f"{bad} names '{node}', which is not a quantizable layer")
+            raise EfrapError(f"{bad} names '{node}', which is not a conv with a constant weight")
         if not isinstance(values, list) or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                 for v in values):

@@ -29,7 +29,9 @@ from pipeline.observers import ActivationStats, observe_activation
 from pipeline.qmath import QParams
 from pipeline.scheme import Scheme
 
-SAMPLE_PER_BATCH = 16_384
+#: Values kept per point over the whole calibration set (1 MiB each): a fixed budget, so a
+#: large model calibrated in many small batches keeps no more than a small one in 16.
+SAMPLE_TOTAL = 262_144
 BATCH_SIZE = 64
 #: Largest size of the point values onnxruntime returns in one call (bytes): a large model
 #: calibrates in smaller batches, so memory does not grow with every activation x 64 images.
@@ -49,13 +51,18 @@ def sample_seed(seed: int) -> int:
 class StatsCollector:
     """Streaming min, max and value sample of each point, batch by batch.
 
+    Each batch of b images contributes SAMPLE_TOTAL * b / total values per point (16,384
+    for 64 of 1,024 images), so the sample's size does not depend on the batch size.
+
     Args:
         points: The points, in plan order.
         seed: Seeds the value sampling.
+        total: Images the source will give in all.
     """
 
-    def __init__(self, points: Iterable[str], seed: int) -> None:
+    def __init__(self, points: Iterable[str], seed: int, total: int) -> None:
         self.points = tuple(points)
+        self.total = max(int(total), 1)
         self._rng = np.random.default_rng(seed)
         self._min = dict.fromkeys(self.points, np.inf)
         self._max = dict.fromkeys(self.points, -np.inf)
@@ -67,6 +74,8 @@ class StatsCollector:
         Raises:
             EfrapError: a point holds NaN or Inf (the data or the model is broken).
         """
+        batch = len(next(iter(values.values())))
+        per_batch = max(1, round(SAMPLE_TOTAL * batch / self.total))
         for p in self.points:
             flat = np.asarray(values[p], dtype=np.float32).reshape(-1)
             lo, hi = float(flat.min()), float(flat.max())
@@ -75,7 +84,7 @@ class StatsCollector:
                                  "calibration data and the model's weights")
             self._min[p] = min(self._min[p], lo)
             self._max[p] = max(self._max[p], hi)
-            k = min(SAMPLE_PER_BATCH, flat.size)
+            k = min(per_batch, flat.size)
             self._samples[p].append(flat[self._rng.choice(flat.size, size=k, replace=False)])
 
     def stats(self) -> dict[str, ActivationStats]:
@@ -124,9 +133,9 @@ def ort_point_values(model: onnx.ModelProto, plan: QuantPlan, images: np.ndarray
 
 
 def collect(source: Iterable[Mapping[str, np.ndarray]], points: Iterable[str], seed: int,
-            total: int | None = None) -> dict[str, ActivationStats]:
-    """Statistics of `points` over every batch of `source`."""
-    collector = StatsCollector(points, seed)
+            total: int) -> dict[str, ActivationStats]:
+    """Statistics of `points` over every batch of `source` (`total` images in all)."""
+    collector = StatsCollector(points, seed, total)
     bar = Progress("calibrate", total=total)
     for values in source:
         collector.add(values)

@@ -302,7 +302,9 @@ def _rounder(prepared: onnx.ModelProto, plan: QuantPlan, act_qp: dict[str, QPara
     needs = method.needs(options.config)
     device = pick_device(options.device)
     inits = {i.name: np.array(onnx.numpy_helper.to_array(i)) for i in prepared.graph.initializer}
-    channels = {layer.node: int(inits[layer.weight].shape[layer.weight_axis]) for layer in plan.layers}
+    # Every conv with a constant weight may carry BN factors, including those kept in float.
+    channels = {n.name: int(inits[n.input[1]].shape[0]) for n in prepared.graph.node
+                if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits}
     sampler = OrtSampler(images, device, options.provider, fixed_batch(prepared)) \
         if "data" in needs else None
     head = None

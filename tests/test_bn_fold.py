@@ -129,7 +129,7 @@ def test_zero_factor_gives_zero_scale() -> None:
 @pytest.mark.parametrize(("entry", "message"), [
     ("{", "is not valid JSON"),
     ("[1, 2]", "must map conv node names"),
-    ('{"/nope/Conv": [1.0]}', "names '/nope/Conv', which is not a quantizable layer"),
+    ('{"/nope/Conv": [1.0]}', "names '/nope/Conv', which is not a conv with a constant weight"),
     ('{"c": [1.0, NaN]}', "for 'c' is not a list of finite numbers"),
     ('{"c": [1.0, "x"]}', "for 'c' is not a list of finite numbers"),
     ('{"c": [1.0]}', "for 'c' has 1 factors for 2 output channels"),

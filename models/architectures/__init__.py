@@ -12,7 +12,7 @@ from models.architectures.efficientnet import EfficientNetB0
 from models.architectures.mobilenet_v2 import MobileNetV2
 from models.architectures.mobilenet_v3 import MobileNetV3Small
 from models.architectures.regnet import RegNetY
-from models.architectures.resnet import ResNet18
+from models.architectures.resnet import ResNet18, ResNet50
 from models.architectures.shufflenet_v2 import ShuffleNetV2
 from models.architectures.small_cnn import SmallCNN
 from models.architectures.squeezenet import SqueezeNet
@@ -23,6 +23,7 @@ from pipeline.base.errors import EfrapError
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": SmallCNN,
     "resnet18": ResNet18,
+    "resnet50": ResNet50,
     "vgg16": VGG16,
     "mobilenet_v2": MobileNetV2,
     "alexnet": AlexNet,
