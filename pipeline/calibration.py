@@ -35,7 +35,7 @@ SAMPLE_TOTAL = 262_144
 BATCH_SIZE = 64
 #: Largest size of the point values onnxruntime returns in one call (bytes): a large model
 #: calibrates in smaller batches, so memory does not grow with every activation x 64 images.
-RUN_BYTES = 256 << 20
+RUN_BYTES = 128 << 20
 
 
 def image_indices(total: int, n: int, seed: int) -> np.ndarray:
@@ -94,13 +94,21 @@ class StatsCollector:
                 for p in self.points}
 
 
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
+    """`model` serialized with `names` added as outputs (the model is left as it was).
+
+    Adding the outputs for the serialization only, instead of copying the proto, saves a
+    copy of every weight of a large model.
+    """
     existing = {o.name for o in model.graph.output}
-    for name in names:
-        if name not in existing:
-            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    return model
+    added = [n for n in dict.fromkeys(names) if n not in existing]
+    for name in added:
+        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    try:
+        return model.SerializeToString()
+    finally:
+        for _ in added:
+            model.graph.output.pop()
 
 
 def ort_point_values(model: onnx.ModelProto, plan: QuantPlan, images: np.ndarray,

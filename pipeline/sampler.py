@@ -34,7 +34,7 @@ from pipeline.base.runtime import make_session
 #: Target size of one onnxruntime call's output (bytes).
 RUN_BYTES = 64 << 20
 #: Largest cache of one tensor kept in memory; larger ones go to disk.
-RAM_BYTES = 1 << 30
+RAM_BYTES = 512 << 20
 
 
 def subgraph(model: onnx.ModelProto, outputs: Iterable[str]) -> onnx.ModelProto:
