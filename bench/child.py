@@ -1,8 +1,10 @@
 """Run `efrap` (or any Python entry point) as a child process and measure it.
 
-Wall time, exit code, the child's own peak resident memory (from wait4's rusage,
-not RUSAGE_CHILDREN's running maximum) and its last output line (the one-line
-error of a failed run).
+Wall time, exit code, the child's own peak resident memory and its last output line
+(the one-line error of a failed run). The peak is the child's VmHWM from
+/proc/PID/status, read while it runs: rusage's ru_maxrss of a forked child starts at
+the parent's size (a parent holding torch and data would inflate every figure),
+while VmHWM belongs to the program the child executes.
 """
 
 from __future__ import annotations
@@ -46,16 +48,30 @@ def run_child(argv: list[str], log: Path, threads: int = 1, timeout: float | Non
         proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=fh,
                                 stderr=subprocess.STDOUT)
         deadline = None if timeout is None else t0 + timeout
+        peak_kib = 0
         while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            peak_kib = max(peak_kib, _high_water_kib(proc.pid))
+            pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
             if deadline is not None and time.perf_counter() > deadline:
                 proc.kill()
-                _, status, usage = os.wait4(proc.pid, 0)
+                _, status, _ = os.wait4(proc.pid, 0)
                 break
-            time.sleep(0.2)
+            time.sleep(0.1)
     proc.returncode = os.waitstatus_to_exitcode(status)
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    return ChildRun(proc.returncode, round(time.perf_counter() - t0, 1), round(usage.ru_maxrss / 1024),
+    return ChildRun(proc.returncode, round(time.perf_counter() - t0, 1), round(peak_kib / 1024),
                     lines[-1] if lines else "")
+
+
+def _high_water_kib(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM, KiB); 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0

@@ -1,11 +1,14 @@
-"""onnxruntime CPU latency of the FP32 model against its W8A8 QDQ model, and file sizes.
+"""onnxruntime CPU latency of the FP32 model against its QDQ models, and file sizes.
 
 Usage: python bench/latency.py [--model FP.onnx] [--batch 64] [--threads 2] [--runs 50]
            [--json bench/results/latency.json]
 
-Quantizes the model with nearest W8A8 (int8 containers) and W4A4 (int8 containers and
-packed int4), loads each at optimization level `all` (what a deployment gets) and
-prints the median latency of a batch, the ratio to FP32, and the file sizes.
+Quantizes the model with nearest W8A8 (int8 containers), W8A8 with the first layer kept
+in float (`--exclude`: a conv with one input channel gains nothing from integer
+kernels), and W4A4 (int8 containers and packed int4); loads each at optimization level
+`all` (what a deployment gets) and prints the median latency of a batch, the ratio to
+FP32, and the file sizes. The variants are timed in interleaved rounds, so a busy
+moment of the machine falls on all of them alike.
 """
 
 from __future__ import annotations
@@ -26,22 +29,27 @@ from pipeline.base.onnx_io import load_model
 from pipeline.base.progress import set_quiet
 from pipeline.base.provenance import versions
 from pipeline.base.runtime import make_session
+from pipeline.graph import analyze
+from pipeline.prepare import prepare_model
 from pipeline.quantize import QuantizeOptions, calibration_images, quantize_model
 from pipeline.scheme import PRESETS
 from validators.report import table
 
 
-def median_latency(model: onnx.ModelProto, x: np.ndarray, threads: int, runs: int) -> float:
-    """Median seconds per batch at opt level all, after warm-up."""
-    sess = make_session(model, "all", "cpu", threads=threads)
-    for _ in range(5):
-        sess.session.run(None, {sess.input_name: x})
-    times = []
+def median_latencies(models: dict[str, onnx.ModelProto], x: np.ndarray, threads: int,
+                     runs: int) -> dict[str, float]:
+    """Median seconds per batch of each model at opt level all, timed in interleaved rounds."""
+    sessions = {name: make_session(m, "all", "cpu", threads=threads) for name, m in models.items()}
+    for sess in sessions.values():
+        for _ in range(5):
+            sess.session.run(None, {sess.input_name: x})
+    times: dict[str, list[float]] = {name: [] for name in sessions}
     for _ in range(runs):
-        t = time.perf_counter()
-        sess.session.run(None, {sess.input_name: x})
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for name, sess in sessions.items():
+            t = time.perf_counter()
+            sess.session.run(None, {sess.input_name: x})
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def main() -> None:
@@ -59,11 +67,14 @@ def main() -> None:
     fp = load_model(path)
     images, _ = calibration_images(fp, args.data, 1024, 0, path)
     x = images[: args.batch]
+    first = analyze(prepare_model(fp)).layers[0].node
     variants = {"fp32": fp}
-    for name, scheme, storage in (("w8a8", "w8a8", "int8"), ("w4a4 int8-containers", "w4a4", "int8"),
-                                  ("w4a4 packed-int4", "w4a4", "int4")):
+    for name, scheme, storage, exclude in (
+            ("w8a8", "w8a8", "int8", ()), ("w8a8, first layer float", "w8a8", "int8", (first,)),
+            ("w4a4 int8-containers", "w4a4", "int8", ()), ("w4a4 packed-int4", "w4a4", "int4", ())):
         variants[name], _, _ = quantize_model(
-            fp, images, QuantizeOptions(scheme=PRESETS[scheme], weight_storage=storage))
+            fp, images, QuantizeOptions(scheme=PRESETS[scheme], weight_storage=storage, exclude=exclude))
+    latencies = median_latencies(variants, np.asarray(x), args.threads, args.runs)
     rows, results = [], {}
     base = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,12 +82,13 @@ def main() -> None:
             file = Path(tmp) / "m.onnx"
             onnx.save(model, str(file))
             size = file.stat().st_size
-            lat = median_latency(model, x, args.threads, args.runs)
+            lat = latencies[name]
             base = base or (lat, size)
             results[name] = {"latency_ms": lat * 1e3, "latency_ratio": lat / base[0],
                              "bytes": size, "size_ratio": size / base[1]}
             rows.append([name, f"{lat * 1e3:.2f}", f"{lat / base[0]:.2f}", size, f"{size / base[1]:.3f}"])
-    print(f"model {path}, batch {args.batch}, {args.threads} threads, opt level all, CPU provider")
+    print(f"model {path}, batch {args.batch}, {args.threads} threads, opt level all, CPU provider, "
+          f"median of {args.runs} interleaved rounds; first layer {first}")
     print(table(["variant", "median ms", "ratio", "bytes", "size ratio"], rows))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)

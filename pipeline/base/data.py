@@ -229,8 +229,9 @@ def model_inputs(spec: str, input_name: str) -> np.ndarray | None:
     """Calibration arrays ready for the model: an npz keyed by the model's input name.
 
     NVIDIA modelopt's convention: `npz:FILE` holding an array named like the model's
-    input is fed as it is (already preprocessed, in the model's layout). Returns None
-    for any other spec or an npz without that key.
+    input, and no labels, is fed as it is (already preprocessed, in the model's
+    layout). Returns None for any other spec, an npz without that key, or a labelled
+    data set (x/y arrays: a model whose input is called "x" still reads them as images).
 
     Raises:
         EfrapError: the array is not float32-convertible or holds NaN or Inf.
@@ -240,7 +241,8 @@ def model_inputs(spec: str, input_name: str) -> np.ndarray | None:
         return None
     try:
         with np.load(path, allow_pickle=False) as data:
-            if input_name not in data.files:
+            labelled = {"y", "y_train", "y_test"} & set(data.files)
+            if input_name not in data.files or labelled:
                 return None
             x = data[input_name]
     except (OSError, ValueError, EOFError) as exc:

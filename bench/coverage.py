@@ -1,0 +1,342 @@
+"""Coverage: every corpus model through every method, against onnxruntime's quantize_static.
+
+The corpus (bench/corpus_models.py, in a cache folder, never in git): nine
+architectures trained briefly on 3-channel 32x32 Fashion-MNIST and exported by both
+torch exporters (the TorchScript files carry `efrap.normalization`, the dynamo files
+carry nothing and get their preprocessing from options), and the rapidocr models that
+nobody here wrote, with rendered text as data.
+
+For each model, each step runs as its own `efrap quantize` child process (wall time
+and peak resident memory from the child's rusage, the one-line error of a failure):
+nearest W8A8 and w4a8, AdaRound and EFRAP (w4a8, short iterations), and onnxruntime's
+quantize_static (QDQ, per-channel, MinMax, uint8 activations, int8 weights) on the same
+model-ready calibration inputs. Every output is then loaded at optimization level
+`all` and compared with the FP model on held-out inputs: top-1 agreement (classifiers)
+and relative output error. Latency: FP32, our W8A8 and quantize_static's W8A8 at level
+`all`, interleaved in one run.
+
+Usage:
+    python bench/corpus_models.py          # build the corpus first
+    python bench/coverage.py [--only NAME ...] [--iters N] [--num-calib N] [--skip-latency]
+Writes docs/COVERAGE.md and bench/results/coverage.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.child import ChildRun, run_child
+from bench.corpus_data import FMNIST32_MEAN, FMNIST32_STD, fmnist32, text_lines, text_pages
+from bench.corpus_models import default_cache, load_manifest, rapidocr_models
+from cli.args import preprocess_options
+from cli.main import build_parser
+from pipeline.base.onnx_io import image_input, load_model
+from pipeline.base.provenance import versions
+from pipeline.base.runtime import make_session
+from pipeline.quantize import calibration_images
+from validators.report import table
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs/COVERAGE.md"
+#: Options that give the rapidocr models their preprocessing (bench/corpus_models.py
+#: RAPIDOCR_PREPROCESS: BGR, x / 255, (x - 0.5) / 0.5).
+PADDLE = ["--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5", "--channel-order", "bgr"]
+FMNIST = ["--mean", ",".join(str(v) for v in FMNIST32_MEAN), "--std", ",".join(str(v) for v in FMNIST32_STD)]
+
+
+@dataclass
+class Subject:
+    """One corpus model with its data and options."""
+
+    name: str
+    path: Path
+    calib: str
+    test: Path
+    options: list[str]
+    classifier: bool = True
+    notes: dict = field(default_factory=dict)
+
+
+def _npz(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
+    if not path.exists():
+        np.savez(path, x=x, y=y)
+    return path
+
+
+def subjects(cache: Path, num_test: int) -> list[Subject]:
+    """The corpus entries of the cache's manifest, then the rapidocr models."""
+    data = cache / "data"
+    data.mkdir(exist_ok=True)
+    xtr, ytr = fmnist32("train", 4096, seed=11)
+    xte, yte = fmnist32("test", num_test, seed=12)
+    to_u8 = lambda x: np.rint(x * 255).astype(np.uint8)  # noqa: E731  (exact: pixels were k/255)
+    train = _npz(data / "fmnist32_train.npz", to_u8(xtr), ytr)
+    test = _npz(data / "fmnist32_test.npz", to_u8(xte), yte)
+    out = []
+    for entry in load_manifest(cache).get("models", []):
+        options = [] if entry["exporter"] == "torchscript" else FMNIST
+        out.append(Subject(f"{entry['name']}.{entry['exporter']}", cache / entry["file"], f"npz:{train}",
+                           test, options, notes={"torch_accuracy": entry.get("test_accuracy")}))
+    ocr = rapidocr_models(cache)
+    lines_x, lines_y = text_lines(1024 + num_test, seed=21)
+    lines_train = _npz(data / "lines_train.npz", lines_x[:1024], lines_y[:1024])
+    lines_test = _npz(data / "lines_test.npz", lines_x[1024:], lines_y[1024:])
+    out.append(Subject("rapidocr_cls", ocr["rapidocr_cls"], f"npz:{lines_train}", lines_test, PADDLE))
+    pages = text_pages(160, seed=22)
+    pages_train = _npz(data / "pages_train.npz", pages[:128], np.zeros(128, np.int64))
+    pages_test = _npz(data / "pages_test.npz", pages[128:], np.zeros(32, np.int64))
+    out.append(Subject("rapidocr_det", ocr["rapidocr_det"], f"npz:{pages_train}", pages_test, PADDLE,
+                       classifier=False))
+    return out
+
+
+STEPS = {
+    "nearest w8a8": ["--scheme", "w8a8"],
+    "nearest w4a8": ["--scheme", "w4a8"],
+    "adaround w4a8": ["--scheme", "w4a8", "--method", "adaround"],
+    "efrap w4a8": ["--scheme", "w4a8", "--method", "efrap"],
+}
+
+
+def qs_worker(model: str, out: str, calib: str, num: int, options: str) -> None:
+    """Child entry point: onnxruntime quantize_static on the pipeline's calibration inputs."""
+    args = build_parser().parse_args(["quantize", model, "-o", out, *json.loads(options)])
+    fp = load_model(model)
+    images, _ = calibration_images(fp, calib, num, 0, model, preprocess_options(args))
+    name = image_input(fp).name
+    batch = fp.graph.input[0].type.tensor_type.shape.dim[0].dim_value or 32
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.starts = iter(range(0, len(images), batch))
+
+        def get_next(self) -> dict | None:
+            start = next(self.starts, None)
+            return None if start is None else {name: np.asarray(images[start : start + batch])}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = str(Path(tmp) / "pre.onnx")
+        quant_pre_process(model, pre)
+        quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+
+
+def _inputs(subject: Subject, model: onnx.ModelProto) -> np.ndarray:
+    """Model-ready held-out inputs, preprocessed as the pipeline preprocesses them."""
+    args = build_parser().parse_args(["quantize", str(subject.path), "-o", "x", *subject.options])
+    n = len(np.load(subject.test)["y"])
+    images, _ = calibration_images(model, f"npz:{subject.test}", n, 0, str(subject.path),
+                                   preprocess_options(args))
+    return np.asarray(images[:])
+
+
+def _run(path: Path, x: np.ndarray, batch: int | None) -> np.ndarray:
+    session = make_session(onnx.load(str(path)), "all", "cpu")
+    step = batch or 64
+    parts = []
+    for i in range(0, len(x), step):
+        feed = x[i : i + step]
+        if batch is not None and len(feed) < batch:  # a fixed batch: pad the last one
+            feed = np.concatenate([feed, np.repeat(feed[:1], batch - len(feed), axis=0)])
+        parts.append(session.session.run(None, {session.input_name: feed})[0][: len(x[i : i + step])])
+    return np.concatenate(parts)
+
+
+def compare(fp: np.ndarray, q: np.ndarray, classifier: bool) -> dict:
+    """Top-1 agreement (classifiers) and relative mean absolute output error."""
+    out = {"rel_error": float(np.abs(q - fp).mean() / max(np.abs(fp).mean(), 1e-12))}
+    if classifier:
+        top = q.reshape(len(q), -1).argmax(1) == fp.reshape(len(fp), -1).argmax(1)
+        out["agreement"] = float(top.mean())
+    return out
+
+
+def measure(subject: Subject, work: Path, iters: int, num_calib: int) -> dict:
+    """Every step of one subject, and the comparison of every output with FP."""
+    model = load_model(subject.path)
+    batch = model.graph.input[0].type.tensor_type.shape.dim[0].dim_value or None
+    row: dict = {"name": subject.name, "file": subject.path.name,
+                 "size_mib": round(subject.path.stat().st_size / 2**20, 2),
+                 "ops": dict(collections.Counter(n.op_type for n in model.graph.node)),
+                 "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+                 "batch": batch or "dynamic", "steps": {}, **subject.notes}
+    x = _inputs(subject, model)
+    fp = _run(subject.path, x, batch)
+    calib = ["--calib", subject.calib, "--num-calib", str(num_calib)]
+    for label, extra in STEPS.items():
+        out = work / f"{subject.name}.{label.replace(' ', '_')}.onnx"
+        more = ["--iters", str(iters)] if "--method" in extra else []
+        child = run_child(["-m", "cli.main", "quantize", str(subject.path), "-o", str(out), *calib, *extra,
+                           *more, *subject.options], work / f"{out.stem}.log", timeout=7200)
+        row["steps"][label] = _outcome(child, out, fp, x, batch, subject.classifier)
+    out = work / f"{subject.name}.quantize_static.onnx"
+    child = run_child([str(Path(__file__)), "--qs-worker", str(subject.path), str(out), subject.calib,
+                       str(num_calib), json.dumps(subject.options)], work / f"{out.stem}.log", timeout=7200)
+    row["steps"]["quantize_static w8a8"] = _outcome(child, out, fp, x, batch, subject.classifier)
+    return row
+
+
+def _outcome(child: ChildRun, out: Path, fp: np.ndarray, x: np.ndarray, batch: int | None,
+             classifier: bool) -> dict:
+    result = {**child.to_json(), "file": out.name}
+    if child.exit != 0 or not out.exists():
+        return {**result, "error": child.last_line}
+    try:
+        result.update(compare(fp, _run(out, x, batch), classifier),
+                      size_mib=round(out.stat().st_size / 2**20, 2))
+    except Exception as exc:  # a model that onnxruntime refuses at level `all` is a finding
+        result["error"] = f"does not run at opt level all: {str(exc).splitlines()[0]}"
+    return result
+
+
+def latency(row: dict, work: Path, x: np.ndarray, batch: int, rounds: int = 20) -> dict:
+    """Median ms of FP32, our W8A8 and quantize_static's W8A8 at level `all`, interleaved."""
+    files = {"fp32": Path(row["path"]), "ours": work / row["steps"]["nearest w8a8"]["file"],
+             "quantize_static": work / row["steps"]["quantize_static w8a8"]["file"]}
+    sessions = {k: make_session(onnx.load(str(p)), "all", "cpu", threads=2) for k, p in files.items()
+                if p.exists()}
+    feed = x[:batch]
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(3):
+        for s in sessions.values():
+            s.session.run(None, {s.input_name: feed})
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            t = time.perf_counter()
+            s.session.run(None, {s.input_name: feed})
+            times[k].append(time.perf_counter() - t)
+    return {k: round(1000 * statistics.median(v), 3) for k, v in times.items()}
+
+
+def render(rows: list[dict], settings: dict) -> str:
+    """docs/COVERAGE.md."""
+    def pct(step: dict, key: str = "agreement") -> str:
+        if "error" in step:
+            return "FAILED"
+        return f"{100 * step[key]:.1f}" if key in step else "n/a"
+
+    head = ["model", "batch", "MiB", "nearest w8a8", "quantize_static", "nearest w4a8", "adaround w4a8",
+            "efrap w4a8", "latency ours/qs (x FP32)"]
+    lines = ["# Coverage: the corpus through every method", "",
+             "Generated by `python bench/coverage.py` (after `python bench/corpus_models.py`). Every figure "
+             "comes from onnxruntime at optimization level `all`, CPU provider. Agreement: top-1 agreement "
+             "with the FP model on held-out inputs (percent); the detector, whose output is a probability "
+             "map, is judged by relative output error. quantize_static: onnxruntime's own QDQ, per-channel, "
+             "MinMax, u8/s8, on the same calibration inputs.", "",
+             f"Settings: {json.dumps(settings, sort_keys=True)}", "",
+             "## Agreement with FP (percent) and latency", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        s = r["steps"]
+        lat = r.get("latency", {})
+        ratio = (f"{lat['ours'] / lat['fp32']:.2f} / {lat['quantize_static'] / lat['fp32']:.2f}"
+                 if {"ours", "quantize_static", "fp32"} <= set(lat) else "n/a")
+        cells = [r["name"], str(r["batch"]), f"{r['size_mib']:.2f}"]
+        for label in ("nearest w8a8", "quantize_static w8a8", "nearest w4a8", "adaround w4a8", "efrap w4a8"):
+            step = s.get(label, {"error": "not run"})
+            cells.append(pct(step) if r.get("classifier", True) else
+                         ("FAILED" if "error" in step else f"err {step['rel_error']:.3f}"))
+        cells.append(ratio)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Time and peak memory of each step (child process)", "",
+              "| model | step | seconds | peak MiB | output MiB | relative output error |",
+              "|---|---|---|---|---|---|"]
+    for r in rows:
+        for label, step in r["steps"].items():
+            err = f"{step['rel_error']:.4f}" if "rel_error" in step else "-"
+            size = f"{step['size_mib']:.2f}" if "size_mib" in step else "-"
+            lines.append(f"| {r['name']} | {label} | {step['seconds']:.1f} | {step['peak_mib']:,} | "
+                         f"{size} | {err} |")
+    failures = [(r["name"], label, step["error"]) for r in rows for label, step in r["steps"].items()
+                if "error" in step]
+    lines += ["", "## Failures", ""]
+    lines += [f"- {name}, {label}: `{err}`" for name, label, err in failures] or ["None."]
+    lines += ["", "## Op types of each model", ""]
+    lines += [f"- {r['name']} (opset {r['opset']}): " + ", ".join(f"{k} {v}" for k, v in
+                                                                 sorted(r["ops"].items())) for r in rows]
+    lines += ["", f"Versions: {json.dumps(versions(), sort_keys=True)}", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Measure the corpus, write the JSON and docs/COVERAGE.md."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=None)
+    parser.add_argument("--only", nargs="*", help="only these subjects (e.g. resnet18.dynamo rapidocr_cls)")
+    parser.add_argument("--iters", type=int, default=100, help="learned rounding's iterations per layer")
+    parser.add_argument("--num-calib", type=int, default=512)
+    parser.add_argument("--num-test", type=int, default=1000)
+    parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="re-measure only the latencies of the models in the JSON (on a quiet machine)")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench/results/coverage.json")
+    parser.add_argument("--qs-worker", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.qs_worker:
+        model, out, calib, num, options = args.qs_worker
+        qs_worker(model, out, calib, int(num), options)
+        return
+    cache = args.cache or default_cache()
+    work = cache / "coverage"
+    work.mkdir(parents=True, exist_ok=True)
+    previous = {r["name"]: r for r in json.loads(args.json.read_text())["rows"]} if args.json.exists() else {}
+    settings = {"iters": args.iters, "num_calib": args.num_calib, "num_test": args.num_test,
+                "latency": "batch 16 (detector 1), 2 threads, median of 20 interleaved runs"}
+    if args.latency_only:
+        for subject in subjects(cache, args.num_test):
+            row = previous.get(subject.name)
+            if row is None or (args.only and subject.name not in args.only):
+                continue
+            x = _inputs(subject, load_model(subject.path))
+            row["latency"] = latency(row, work, x, 16 if subject.classifier else 1)
+            print(f"coverage: {subject.name} latency {row['latency']}", flush=True)
+        rows = list(previous.values())
+        args.json.write_text(json.dumps({"settings": settings, "rows": rows, "versions": versions()},
+                                        indent=2) + "\n")
+        DOC.write_text(render(rows, settings))
+        return
+    rows = []
+    for subject in subjects(cache, args.num_test):
+        if args.only and subject.name not in args.only:
+            if subject.name in previous:
+                rows.append(previous[subject.name])
+            continue
+        print(f"coverage: {subject.name}", flush=True)
+        row = measure(subject, work, args.iters, args.num_calib)
+        row.update(path=str(subject.path), classifier=subject.classifier)
+        if not args.skip_latency:
+            x = _inputs(subject, load_model(subject.path))
+            row["latency"] = latency(row, work, x, 16 if subject.classifier else 1)
+        rows.append(row)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"settings": settings, "rows": rows, "versions": versions()},
+                                        indent=2) + "\n")
+        DOC.write_text(render(rows, settings))
+    print(table(["model", "steps failed"], [[r["name"], sum("error" in s for s in r["steps"].values())]
+                                            for r in rows]))
+
+
+if __name__ == "__main__":
+    main()
