@@ -43,6 +43,17 @@ def image_indices(total: int, n: int, seed: int) -> np.ndarray:
     return data_mod.sample_indices(total, min(n, total), derive(seed, "calibration-images"))
 
 
+def holdout_indices(total: int, num_calib: int, n: int, seed: int) -> np.ndarray:
+    """`n` training images a run with `seed` did not calibrate on (for checking the result)."""
+    taken = np.zeros(total, bool)
+    taken[image_indices(total, num_calib, seed)] = True
+    free = np.flatnonzero(~taken)
+    if len(free) == 0:
+        raise EfrapError(f"no image is left for a held-out check: all {total} were used for calibration")
+    pick = data_mod.sample_indices(len(free), min(n, len(free)), derive(seed, "holdout-images"))
+    return free[pick]
+
+
 def sample_seed(seed: int) -> int:
     """The seed of the value sampling of a run with `seed`."""
     return derive(seed, "calibration-sample")

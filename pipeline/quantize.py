@@ -13,6 +13,7 @@ the observers sample, and each layer's batches during learned rounding.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -32,7 +33,7 @@ from pipeline.base.runtime import PROVIDERS
 from pipeline.base.safe_io import check_outputs
 from pipeline.base.seeds import derive
 from pipeline.bn_fold import pre_bn_error_scale, read_bn_factors
-from pipeline.calibration import activation_qparams, calibrate, image_indices, sample_seed
+from pipeline.calibration import activation_qparams, calibrate, holdout_indices, image_indices, sample_seed
 from pipeline.graph import QuantLayer, QuantPlan, analyze
 from pipeline.observers import observe_weight
 from pipeline.prepare import check_finite, prepare_model
@@ -43,6 +44,7 @@ from pipeline.rounding import RoundingConfig, RoundingMethod, get_method
 from pipeline.rounding.base import LayerProblem, RoundingResult
 from pipeline.sampler import OrtSampler
 from pipeline.scheme import Scheme
+from validators.guard import GuardLimits, GuardReport, check_defense
 
 
 @dataclass(frozen=True)
@@ -167,8 +169,30 @@ class QuantizeSummary:
         return out
 
 
+Inputs = np.ndarray | PreparedImages
+
+
+def _data_images(model: onnx.ModelProto, spec: str, choose: Callable[[int], np.ndarray], source: str,
+                 preprocess: dict | None) -> tuple[Inputs, np.ndarray | None, Preprocess]:
+    """Model-ready inputs of data set `spec` at the indices `choose(total)`, with their labels."""
+    image = image_input(model, source)
+    ready_arrays = data_mod.model_inputs(spec, image.name)
+    if ready_arrays is not None:
+        if ready_arrays.ndim != 4 or any(want is not None and want != got for want, got in
+                                         zip(image.shape[1:], ready_arrays.shape[1:], strict=True)):
+            raise EfrapError(f"{spec}: array '{image.name}' has shape {ready_arrays.shape[1:]}, the "
+                             f"model's input {image.shape[1:]}")
+        pre = ready(resolve(model, image, preprocess, source, announce=False))
+        return ready_arrays[choose(len(ready_arrays))], None, pre
+    dataset = data_mod.load_dataset(spec, "train")
+    pre = resolve(model, image, preprocess, source)
+    data_mod.check_fits(dataset, pre.nchw_shape(image), source)
+    idx = choose(len(dataset.labels))
+    return PreparedImages(dataset, idx, pre), dataset.labels[idx], pre
+
+
 def calibration_images(model: onnx.ModelProto, spec: str, n: int, seed: int, source: str = "model",
-                       preprocess: dict | None = None) -> tuple[np.ndarray, Preprocess]:
+                       preprocess: dict | None = None) -> tuple[np.ndarray | PreparedImages, Preprocess]:
     """`n` model-ready calibration inputs from data set `spec`, chosen with the run's seed.
 
     An npz keyed by the model's input name is taken as it is (modelopt's convention);
@@ -178,19 +202,19 @@ def calibration_images(model: onnx.ModelProto, spec: str, n: int, seed: int, sou
         The inputs and the preprocessing they went through (origin "data" for ready arrays).
     """
     checks.integer(n, "number of calibration images", low=1)
-    image = image_input(model, source)
-    ready_arrays = data_mod.model_inputs(spec, image.name)
-    if ready_arrays is not None:
-        if ready_arrays.ndim != 4 or any(want is not None and want != got for want, got in
-                                         zip(image.shape[1:], ready_arrays.shape[1:], strict=True)):
-            raise EfrapError(f"{spec}: array '{image.name}' has shape {ready_arrays.shape[1:]}, the "
-                             f"model's input {image.shape[1:]}")
-        pre = ready(resolve(model, image, preprocess, source, announce=False))
-        return ready_arrays[image_indices(len(ready_arrays), n, seed)], pre
-    dataset = data_mod.load_dataset(spec, "train")
-    pre = resolve(model, image, preprocess, source)
-    data_mod.check_fits(dataset, pre.nchw_shape(image), source)
-    return PreparedImages(dataset, image_indices(len(dataset.labels), n, seed), pre), pre
+    images, _, pre = _data_images(model, spec, lambda total: image_indices(total, n, seed), source,
+                                  preprocess)
+    return images, pre
+
+
+def holdout_images(model: onnx.ModelProto, spec: str, num_calib: int, n: int, seed: int,
+                   source: str = "model", preprocess: dict | None = None
+                   ) -> tuple[np.ndarray | PreparedImages, np.ndarray | None]:
+    """`n` model-ready training images of `spec` that calibration did not use, and their labels."""
+    checks.integer(n, "number of held-out images", low=1)
+    images, labels, _ = _data_images(model, spec, lambda total: holdout_indices(total, num_calib, n, seed),
+                                     source, preprocess)
+    return images, labels
 
 
 def calibration_array(data: object, input_name: str) -> np.ndarray | PreparedImages:
@@ -373,12 +397,45 @@ def quantize_model(model: onnx.ModelProto, images: object, options: QuantizeOpti
     return qdq, result, summary
 
 
-def quantize_file(model_path: str, out_path: str, options: QuantizeOptions) -> QuantizeSummary:
-    """The `efrap quantize` job: read, quantize, write atomically; returns the summary."""
+@dataclass(frozen=True)
+class GuardOptions:
+    """The defended model's own check (validators.guard), on held-out training images.
+
+    Attributes:
+        limits: The budget (max agreement drop, min accuracy).
+        images: Held-out images (never the calibration images).
+        opt_level: onnxruntime optimization level of the check.
+    """
+
+    limits: GuardLimits = field(default_factory=GuardLimits)
+    images: int = 1000
+    opt_level: str = "faithful"
+
+    def __post_init__(self) -> None:
+        checks.integer(self.images, "held-out images", low=1)
+
+
+def quantize_file(model_path: str, out_path: str, options: QuantizeOptions,
+                  guard: GuardOptions | None = None) -> tuple[QuantizeSummary, GuardReport | None]:
+    """The `efrap quantize` / `efrap defend` job: read, quantize, check, write atomically.
+
+    With `guard`, the output is compared with the FP model on held-out images and the
+    result goes into its `efrap.guard` metadata; the output is written either way.
+
+    Returns:
+        The summary, and the guard's report (None without `guard`).
+    """
     check_outputs({"output": out_path}, [*model_files(model_path), *data_mod.spec_files(options.calib)])
     model = load_model(model_path)
     images, pre = calibration_images(model, options.calib, options.num_calib, options.seed, model_path,
                                      options.preprocess)
     qdq, _, summary = quantize_model(model, images, options, model_path, pre)
+    report = None
+    if guard is not None:
+        inputs, labels = holdout_images(model, options.calib, options.num_calib, guard.images, options.seed,
+                                        model_path, options.preprocess)
+        report = check_defense(model, qdq, inputs, labels, guard.limits, guard.opt_level, options.provider,
+                               fixed_batch(model))
+        set_metadata(qdq, {"efrap.guard": report.to_json()})
     save_model(qdq, out_path)
-    return summary
+    return summary, report

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 
+from cli.args import lower_limit, positive_int, upper_limit
 from cli.commands.quantize import add_common_quant_args, add_rounding_args, quantize_with
+from pipeline.quantize import GuardOptions
 from pipeline.rounding.efrap import EFRAP_DEFAULTS
+from validators.guard import GuardLimits
 
 
 def run(args: argparse.Namespace) -> int:
-    """Quantize with EFRAP."""
-    return quantize_with(args, "efrap")
+    """Quantize with EFRAP and check the result against FP on held-out images."""
+    guard = GuardOptions(GuardLimits(max_agreement_drop=args.max_agreement_drop,
+                                     min_accuracy=args.min_accuracy), args.holdout, args.check_opt_level)
+    return quantize_with(args, "efrap", guard)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,4 +30,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "factors (efrap export does).")
     add_common_quant_args(p, "w4a4")
     add_rounding_args(p, EFRAP_DEFAULTS)
+    g = p.add_argument_group(
+        "check (exit 1 when the defended model breaks its budget; it is still written, and its "
+        "metadata and --summary say why)",
+        "The defended and the FP model run in onnxruntime on held-out training images that "
+        "calibration did not use; thresholds are fractions (0.01) or percentages (1%%).")
+    g.add_argument("--holdout", type=positive_int, default=1000, help="held-out images (default 1000)")
+    g.add_argument("--max-agreement-drop", type=upper_limit,
+                   help="largest share of held-out images whose prediction may differ from FP's")
+    g.add_argument("--min-accuracy", type=lower_limit,
+                   help="lowest clean accuracy on the held-out images (needs labelled data)")
+    g.add_argument("--check-opt-level", choices=("faithful", "all"), default="faithful",
+                   help="onnxruntime optimization level of the check (default faithful)")
     p.set_defaults(func=run)

@@ -19,10 +19,11 @@ from pipeline.base.data import spec_files
 from pipeline.base.device import DEVICES
 from pipeline.base.onnx_io import model_files
 from pipeline.base.safe_io import check_outputs, write_json
-from pipeline.quantize import QuantizeOptions, QuantizeSummary, quantize_file
+from pipeline.quantize import GuardOptions, QuantizeOptions, QuantizeSummary, quantize_file
 from pipeline.rounding import METHODS, RoundingConfig, get_method
 from pipeline.rounding.base import ERROR_MODES
 from pipeline.scheme import PRESETS, load_scheme, scheme_files
+from validators.guard import GuardReport
 
 #: Command-line option -> RoundingConfig field, for the options a user may override.
 _ROUNDING_FIELDS = ("iters", "batch_size", "lr", "reg_weight", "flip_weight", "error_mode", "loss")
@@ -92,8 +93,24 @@ def print_summary(summary: QuantizeSummary, output: str) -> None:
           f"{summary.rounding_seconds:.1f}s)")
 
 
-def quantize_with(args: argparse.Namespace, method: str) -> int:
-    """Quantize `args.model` with `method`, print the per-layer summary, write outputs."""
+def print_guard(report: GuardReport) -> None:
+    """The defended model's check against FP, one line, and why it failed."""
+    acc = (f", clean accuracy {100 * report.accuracy:.2f}% (FP {100 * report.fp_accuracy:.2f}%)"
+           if report.accuracy is not None and report.fp_accuracy is not None else "")
+    print(f"check: agreement with FP {100 * report.agreement:.2f}% on {report.images} held-out images{acc} "
+          f"(onnxruntime {report.provider}, opt level {report.opt_level}): "
+          f"{'PASSED' if report.passed else 'FAILED'}")
+    for why in report.why:
+        print(f"check: {why}")
+
+
+def quantize_with(args: argparse.Namespace, method: str, guard: GuardOptions | None = None) -> int:
+    """Quantize `args.model` with `method`, print the per-layer summary, write outputs.
+
+    Returns:
+        0, or 1 when `guard` is given and the defended model broke its budget (the
+        model and the summary are written either way, and say why).
+    """
     check_outputs({"-o": args.output, "--summary": args.summary},
                   [*model_files(args.model), *scheme_files(args.scheme), *spec_files(args.calib),
                    *([args.preprocess] if args.preprocess else [])])
@@ -103,11 +120,13 @@ def quantize_with(args: argparse.Namespace, method: str) -> int:
         rounding=rounding_config(args, get_method(method).defaults), device=args.device,
         preprocess=preprocess_options(args), exclude=exclusions(args),
     )
-    summary = quantize_file(args.model, args.output, options)
+    summary, report = quantize_file(args.model, args.output, options, guard)
     print_summary(summary, args.output)
+    if report is not None:
+        print_guard(report)
     if args.summary:
-        write_json(summary.to_json(), args.summary)
-    return 0
+        write_json({**summary.to_json(), **({"guard": report.to_json()} if report else {})}, args.summary)
+    return 1 if report is not None and not report.passed else 0
 
 
 def run(args: argparse.Namespace) -> int:
