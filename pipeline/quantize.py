@@ -297,9 +297,20 @@ class _Rounder:
         ql.q = result.q.detach().cpu().numpy().astype(np.int64)
         ql.stats = {k: float(v) for k, v in result.stats.items()}
         self.done[layer.node] = ql
+        if result.output_scale is not None:
+            self._set_output_scale(layer, result.output_scale)
         summary = LayerSummary(layer.node, layer.op, tq.bits, time.perf_counter() - start,
                                dict(ql.stats), dict(result.notes))
         return ql, summary
+
+    def _set_output_scale(self, layer: QuantLayer, scale: float) -> None:
+        """Use a learned output step size from now on: in later layers' inputs and biases,
+        and in the written model (every tensor that shares the point's grid)."""
+        old = self.act_qp[layer.output]
+        new = QParams(scale=np.asarray(scale, np.float32).reshape(np.shape(old.scale)),
+                      zero_point=old.zero_point, qmin=old.qmin, qmax=old.qmax, axis=old.axis)
+        for tensor in [t for t in self.act_qp if self.plan.root(t) == layer.output]:
+            self.act_qp[tensor] = new
 
     def _run_method(self, index: int, layer: QuantLayer, bits: int,
                     problem: LayerProblem) -> RoundingResult:

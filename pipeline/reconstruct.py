@@ -18,13 +18,16 @@ lacks where it does not.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
 
 from pipeline.base.errors import EfrapError, NotSupported
 from pipeline.graph import QuantLayer
-from pipeline.qmath import QParams
+from pipeline.qmath import QParams, fake_quant
 from pipeline.rounding.base import LayerProblem, Rows
 from pipeline.torch_graph import TorchGraph
 
@@ -45,15 +48,25 @@ def layer_model(model: onnx.ModelProto, layer: QuantLayer) -> onnx.ModelProto:
 
 
 def layer_forward(model: onnx.ModelProto, layer: QuantLayer, bias: torch.Tensor | None,
-                  out_qp: QParams | None, device: torch.device):
-    """(input batch, float weight) -> the layer's output, its output quantizer included."""
+                  out_qp: QParams | None, device: torch.device
+                  ) -> Callable[..., torch.Tensor]:
+    """(input batch, float weight[, output step size]) -> the layer's output, quantized.
+
+    The output quantizer uses its calibrated grid, or the given step size (a tensor, so
+    that a method can learn it) with the calibrated zero point.
+    """
     graph = TorchGraph(layer_model(model, layer), device)
     static = {layer.bias: bias} if layer.bias is not None and bias is not None else {}
     act_quant = {layer.output: out_qp} if out_qp is not None else None
 
-    def forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return graph.run({layer.input: x}, [layer.output], weights={layer.weight: w, **static},
-                         act_quant=act_quant)[layer.output]
+    def forward(x: torch.Tensor, w: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+        weights = {layer.weight: w, **static}
+        if out_scale is None or out_qp is None:
+            return graph.run({layer.input: x}, [layer.output], weights=weights,
+                             act_quant=act_quant)[layer.output]
+        y = graph.run({layer.input: x}, [layer.output], weights=weights)[layer.output]
+        zero = torch.as_tensor(np.float32(np.asarray(out_qp.zero_point).reshape(())), device=y.device)
+        return fake_quant(y, out_scale, zero, out_qp.qmin, out_qp.qmax)
 
     return forward
 
@@ -109,7 +122,7 @@ def build_problem(model: onnx.ModelProto, layer: QuantLayer, weight: torch.Tenso
     problem = LayerProblem(
         name=layer.node, weight=weight, qparams=qparams, channel_axis=layer.weight_axis,
         forward=layer_forward(model, layer, bias, out_qp, weight.device),
-        inputs=inputs, targets=targets,
+        inputs=inputs, targets=targets, output_qparams=out_qp,
     )
     if not needs & {"head", "output_grads"}:
         return problem

@@ -21,12 +21,13 @@ from pipeline.base.onnx_io import model_files
 from pipeline.base.safe_io import check_outputs, write_json
 from pipeline.quantize import GuardOptions, QuantizeOptions, QuantizeSummary, quantize_file
 from pipeline.rounding import METHODS, RoundingConfig, get_method
-from pipeline.rounding.base import ERROR_MODES
+from pipeline.rounding.base import ERROR_MODES, FLIP_BALANCES
 from pipeline.scheme import PRESETS, load_scheme, scheme_files
 from validators.guard import GuardReport
 
 #: Command-line option -> RoundingConfig field, for the options a user may override.
-_ROUNDING_FIELDS = ("iters", "batch_size", "lr", "reg_weight", "flip_weight", "error_mode", "loss")
+_ROUNDING_FIELDS = ("iters", "batch_size", "lr", "reg_weight", "flip_weight", "error_mode", "loss",
+                    "flip_balance", "act_lr")
 
 
 def add_common_quant_args(p: argparse.ArgumentParser, default_scheme: str) -> None:
@@ -73,6 +74,13 @@ def add_rounding_args(p: argparse.ArgumentParser, defaults: RoundingConfig) -> N
                         "or exported (the folded weight)")
     g.add_argument("--loss", default=None,
                    help=f"activation-preservation loss (default {defaults.loss})")
+    g.add_argument("--flip-balance", choices=FLIP_BALANCES, default=None,
+                   help="EFRAP's flip penalty against the reconstruction: release (a sum in weight "
+                   "units) or relative (in units of the layer's reconstruction at nearest rounding; "
+                   f"default {defaults.flip_balance})")
+    g.add_argument("--act-lr", type=nonnegative_float, default=None,
+                   help="learn each layer's output activation step size at this rate (the release's "
+                   f"scale_lr 4e-5, cosine decay); 0 keeps the calibrated one (default {defaults.act_lr:g})")
 
 
 def rounding_config(args: argparse.Namespace, defaults: RoundingConfig) -> RoundingConfig:

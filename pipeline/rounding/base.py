@@ -37,6 +37,7 @@ ProgressCallback = Callable[[int, dict[str, float]], None]
 NEEDS = frozenset({"data", "bn_factors", "output_grads", "head"})
 ERROR_MODES = ("element", "neuron")
 ERROR_UNITS = ("pre_bn", "exported")
+FLIP_BALANCES = ("release", "relative")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,14 @@ class RoundingConfig:
         error_units: "pre_bn" (the release: truncation errors in the units of the conv
             weight before BatchNorm folding, when the model records its BN factors) or
             "exported" (in the units of the exported, folded weight).
+        flip_balance: How EFRAP's flip penalty is weighed against the reconstruction:
+            "release" (flip_weight * sum of e * BCE, in weight units: its balance moves
+            with the network's weight and activation scales and the layer's size) or
+            "relative" (flip_weight * R0 * the e-weighted mean BCE, R0 the layer's
+            reconstruction loss at nearest rounding: the same balance at any scale).
+        act_lr: Learning rate of the layer's output activation step size, learned with
+            the rounding (Adam, cosine decay to 0, as the release's scale_lr); 0 keeps
+            the calibrated step size.
 
     The batches are sampled with a seed the orchestrator derives from the run's one
     seed for each layer (`LayerProblem.seed`), not with a setting of their own.
@@ -74,6 +83,8 @@ class RoundingConfig:
     error_mode: str = "element"
     loss: str = "mse"
     error_units: str = "pre_bn"
+    flip_balance: str = "release"
+    act_lr: float = 0.0
 
     def __post_init__(self) -> None:
         checks.integer(self.iters, "iters", low=1)
@@ -89,6 +100,8 @@ class RoundingConfig:
         checks.string(self.error_mode, "error_mode", ERROR_MODES)
         checks.string(self.error_units, "error_units", ERROR_UNITS)
         checks.string(self.loss, "loss")
+        checks.string(self.flip_balance, "flip_balance", FLIP_BALANCES)
+        checks.finite(self.act_lr, "act_lr", low=0.0)
 
 
 @dataclass
@@ -99,8 +112,9 @@ class LayerProblem:
         name: Layer (node) name, for progress and reports.
         weight: float32 full-precision weight as exported (BN folded).
         qparams: The weight's grid; per-channel parameters lie along `qparams.axis`.
-        forward: Differentiable map (input batch, float weight) -> layer output, the
-            output quantizer included; None when the method needs no data.
+        forward: Differentiable map (input batch, float weight[, output step size]) ->
+            layer output, the output quantizer included (with the given step size when
+            one is passed); None when the method needs no data.
         inputs: Cached layer inputs from the partly quantized network, [N, ...]: a tensor
             on the working device, or rows on disk read by index (large caches).
         targets: Full-precision layer outputs for the same samples, [N, ...], likewise.
@@ -115,6 +129,8 @@ class LayerProblem:
             truncation errors into pre-BN units (1/|BN factor|), or None when the
             model records no BN factor for this layer.
         seed: Seeds the method's random choices for this layer (batch sampling).
+        output_qparams: The grid of the layer's output quantizer (None when the output
+            stays float), for methods that learn its step size.
     """
 
     name: str
@@ -129,6 +145,7 @@ class LayerProblem:
     channel_axis: int = 0
     error_scale: torch.Tensor | None = None
     seed: int = 0
+    output_qparams: QParams | None = None
 
 
 @dataclass
@@ -140,11 +157,13 @@ class RoundingResult:
         stats: Named figures (flip_fraction, final loss terms, seconds).
         notes: Named facts about how the layer was treated (EFRAP: "error_units"),
             recorded per layer in the output's metadata as efrap.<name>.
+        output_scale: A learned step size for the layer's output quantizer, or None.
     """
 
     q: torch.Tensor
     stats: dict[str, float] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
+    output_scale: float | None = None
 
 
 class RoundingMethod(Protocol):

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.rounding.base import LayerProblem, ProgressCallback, RoundingConfig, RoundingResult
-from pipeline.rounding.learned import PLAIN_SIGMOID, LayerGrid, LearnedRounding, Penalty
+from pipeline.rounding.learned import PLAIN_SIGMOID, LayerGrid, LearnedRounding, Penalty, hard_loss
+from pipeline.rounding.losses import get_loss
 
 #: The release's settings (W4A4 config): 10,000 Adam steps at lr 1e-3, batch 32,
 #: regulariser 0.01 with b = 2 from the first step, flip penalty weight 1, element-wise
@@ -111,6 +112,12 @@ class Efrap(LearnedRounding):
         e = error_weights(grid, config.error_mode, problem.channel_axis, scale)
         t = flip_targets(grid)
         weight = config.flip_weight
+        if config.flip_balance == "relative":
+            # Measured in units of the layer's own reconstruction loss at nearest rounding,
+            # over an e-weighted mean instead of a sum: no weight, activation or layer-size
+            # scale moves the balance.
+            r0 = hard_loss(problem, get_loss(config.loss), grid.dequantize(grid.nearest))
+            weight = config.flip_weight * r0 / max(float(e.sum()), 1e-30)
 
         def flip(v: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
             # h = sigmoid(V): BCE on the logits is the same loss without log(0) at h = 0 or 1.

@@ -28,10 +28,12 @@ release, b = 2) the schedule is constant.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pipeline.base.errors import EfrapError
@@ -198,8 +200,9 @@ def check_problem(problem: LayerProblem, config: RoundingConfig, method: str,
                              f"(layer {problem.name})")
 
 
-def hard_loss(problem: LayerProblem, loss: ActivationLoss, weight: torch.Tensor) -> float:
-    """Mean of the activation loss of a fixed weight over the whole cache."""
+def hard_loss(problem: LayerProblem, loss: ActivationLoss, weight: torch.Tensor,
+              out_scale: torch.Tensor | None = None) -> float:
+    """Mean of the activation loss of a fixed weight (and output step size) over the whole cache."""
     assert problem.forward is not None and problem.inputs is not None
     assert problem.targets is not None
     n = len(problem.inputs)
@@ -210,7 +213,8 @@ def hard_loss(problem: LayerProblem, loss: ActivationLoss, weight: torch.Tensor)
     with torch.no_grad():
         for i in range(0, n, chunk):
             idx = torch.arange(i, min(i + chunk, n), device=weight.device)
-            pred = problem.forward(problem.inputs[idx].to(weight.device), weight)
+            x = problem.inputs[idx].to(weight.device)
+            pred = problem.forward(x, weight) if out_scale is None else problem.forward(x, weight, out_scale)
             # Every loss is a mean over samples: weight each chunk by its size.
             total += float(loss(pred, problem.targets[idx].to(weight.device), idx, problem)) * len(idx)
     return total / n
@@ -252,6 +256,7 @@ def optimize_rounding(
 
     v = soft.init(grid.frac).detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([v], lr=config.lr)
+    step_size = OutputStepSize.start(problem, config)
     gen = torch.Generator(device=device)
     gen.manual_seed(problem.seed)
     n = len(inputs)
@@ -264,7 +269,9 @@ def optimize_rounding(
     for step in range(1, config.iters + 1):
         idx = torch.randperm(n, generator=gen, device=device)[:batch]
         h = soft.h(v)
-        pred = forward(inputs[idx].to(device), grid.soft_weight(h))
+        x = inputs[idx].to(device)
+        pred = forward(x, grid.soft_weight(h)) if step_size is None else forward(
+            x, grid.soft_weight(h), step_size.scale)
         rec = loss_fn(pred, targets[idx].to(device), idx, problem)
         loss = rec
         b = b_at(step - 1)
@@ -275,8 +282,12 @@ def optimize_rounding(
             flip_term = extra(v, h)
             loss = loss + flip_term
         opt.zero_grad(set_to_none=True)
+        if step_size is not None:
+            step_size.zero_grad()
         loss.backward()
         opt.step()
+        if step_size is not None:
+            step_size.step(step, config.iters)
         if progress is not None and (step % every == 0 or step == config.iters):
             progress(step, {"rec": rec.item(), "round": round_term.item(),
                             "flip": flip_term.item()})
@@ -284,16 +295,60 @@ def optimize_rounding(
     with torch.no_grad():
         q = grid.hard(v >= 0)
         flip_fraction = (q != grid.nearest).to(torch.float32).mean().item()
+    learned = step_size.final() if step_size is not None else None
     stats = {
         "flip_fraction": flip_fraction,
         "rec": rec.item(),
         "round": round_term.item(),
         "flip": flip_term.item(),
         "rec_nearest": hard_loss(problem, loss_fn, grid.dequantize(grid.nearest)),
-        "rec_final": hard_loss(problem, loss_fn, grid.dequantize(q)),
+        "rec_final": hard_loss(problem, loss_fn, grid.dequantize(q), learned),
     }
+    if step_size is not None:
+        stats["output_scale_ratio"] = float(learned) / float(step_size.initial)
     stats["seconds"] = time.perf_counter() - t0
-    return RoundingResult(q=q, stats=stats)
+    return RoundingResult(q=q, stats=stats,
+                          output_scale=float(learned) if learned is not None else None)
+
+
+class OutputStepSize:
+    """The layer's output step size, learned with the rounding (the release's scale_lr).
+
+    The release learns each reconstructed block's output activation step size with its
+    own Adam (lr 4e-5) and a cosine decay to 0 over the iterations; the gradient reaches
+    it through the straight-through fake quantization (LSQ's estimator). The zero point
+    stays as calibrated.
+    """
+
+    def __init__(self, initial: float, lr: float, device: torch.device) -> None:
+        self.initial = torch.tensor(initial, dtype=torch.float32, device=device)
+        self.scale = self.initial.clone().requires_grad_(True)
+        self.lr = lr
+        self.opt = torch.optim.Adam([self.scale], lr=lr)
+
+    @classmethod
+    def start(cls, problem: LayerProblem, config: RoundingConfig) -> OutputStepSize | None:
+        """A learned step size when the config asks and the layer has a per-tensor output grid."""
+        qp = problem.output_qparams
+        if config.act_lr <= 0.0 or qp is None or np.asarray(qp.scale).size != 1:
+            return None
+        return cls(float(np.asarray(qp.scale).reshape(())), config.act_lr, problem.weight.device)
+
+    def zero_grad(self) -> None:
+        """Clear the step size's gradient."""
+        self.opt.zero_grad(set_to_none=True)
+
+    def step(self, step: int, iters: int) -> None:
+        """One Adam step at the cosine-decayed learning rate; the size stays positive."""
+        for group in self.opt.param_groups:
+            group["lr"] = 0.5 * self.lr * (1.0 + math.cos(math.pi * step / iters))
+        self.opt.step()
+        with torch.no_grad():
+            self.scale.clamp_(min=1e-8)
+
+    def final(self) -> torch.Tensor:
+        """The learned step size, rounded to float32 as the model stores it."""
+        return self.scale.detach().to(torch.float32)
 
 
 class LearnedRounding:
