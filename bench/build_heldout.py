@@ -1,0 +1,111 @@
+"""Build the held-out models of bench/heldout.toml into a cache folder (never git).
+
+Usage: python bench/build_heldout.py [--cache DIR] [--only NAME ...] [--threads N]
+
+Each entry is built by an `efrap attack` (QCB and poisoned models) or `efrap train`
+(clean models) child process; trigger files are written first into the cache. A model
+whose file exists is skipped, so a killed build resumes. `manifest.json` in the cache
+lists every model with its command, trigger, sha256 and build time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.child import run_child
+from pipeline.base.safe_io import file_sha256, write_json
+from pipeline.base.trigger import PatchTrigger, blended, checkerboard, save_trigger
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = ROOT / "bench/heldout.toml"
+#: Fashion-MNIST images: one channel, 28 x 28.
+SHAPE = (1, 28, 28)
+
+
+def default_cache() -> Path:
+    """~/.cache/efrap-onnx/heldout, or $EFRAP_HELDOUT_CACHE."""
+    return Path(os.environ.get("EFRAP_HELDOUT_CACHE", Path.home() / ".cache/efrap-onnx/heldout"))
+
+
+def write_trigger(spec: dict, path: Path) -> Path:
+    """The entry's trigger file (patch JSON, or a pattern trigger with its npz)."""
+    spec = dict(spec)
+    kind = spec.pop("kind")
+    channels, height, width = SHAPE
+    if kind == "patch":
+        trigger = PatchTrigger(**spec)
+    elif kind == "checkerboard":
+        trigger = checkerboard(spec.pop("size", None), height, width, channels, **spec)
+    elif kind == "blended":
+        rng = np.random.default_rng(spec.pop("pattern_seed"))
+        trigger = blended(rng.random((channels, height, width)).astype(np.float32), **spec)
+    else:
+        raise SystemExit(f"{SPEC}: unknown trigger kind '{kind}'")
+    save_trigger(trigger, path)
+    return path
+
+
+def command(kind: str, entry: dict, cache: Path) -> list[str]:
+    """The `efrap` arguments that build one entry."""
+    out = cache / f"{entry['name']}.onnx"
+    if kind == "clean":
+        return ["train", "--arch", entry["arch"], "--width", str(entry["width"]),
+                "--seed", str(entry["seed"]), "--epochs", str(entry["epochs"]),
+                "-o", str(out.with_suffix(".pt")), "--onnx", str(out)]
+    trig = write_trigger(entry["trigger"], cache / f"{entry['name']}.spec-trigger.json")
+    argv = ["attack", "--method", entry["attack"], "--arch", entry["arch"], "--width", str(entry["width"]),
+            "--scheme", entry["scheme"], "--seed", str(entry["seed"]), "--epochs", str(entry["epochs"]),
+            "--trigger", str(trig), "-o", str(out)]
+    if "steps_per_epoch" in entry:
+        argv += ["--steps-per-epoch", str(entry["steps_per_epoch"])]
+    if "inflate" in entry:
+        argv += ["--inflate", str(entry["inflate"])]
+    argv += [str(a) for a in entry.get("extra", [])]
+    return argv
+
+
+def main() -> None:
+    """Build what is missing and update the manifest."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=None)
+    parser.add_argument("--only", nargs="*")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    cache = args.cache or default_cache()
+    cache.mkdir(parents=True, exist_ok=True)
+    spec = tomllib.loads(SPEC.read_text())
+    manifest_path = cache / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"models": {}}
+    for kind in ("qcb", "badnets", "clean"):
+        for entry in spec.get(kind, []):
+            name = entry["name"]
+            out = cache / f"{name}.onnx"
+            if (args.only and name not in args.only) or (out.exists() and name in manifest["models"]):
+                continue
+            argv = command(kind, entry, cache)
+            print(f"build_heldout: {name}: efrap {' '.join(argv)}", flush=True)
+            run = run_child(["-m", "cli.main", *argv], cache / f"{name}.log", args.threads)
+            if run.exit != 0:
+                print(f"build_heldout: {name} failed: {run.last_line}", flush=True)
+                continue
+            trigger = cache / f"{name}.trigger.json"
+            manifest["models"][name] = {
+                "kind": kind, "command": "efrap " + " ".join(argv), "file": out.name,
+                "sha256": file_sha256(out),
+                "trigger": trigger.name if trigger.exists() else None, "seconds": run.seconds,
+                "threads": args.threads, "entry": entry}
+            write_json(manifest, manifest_path)
+            print(f"build_heldout: {name} built in {run.seconds:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
