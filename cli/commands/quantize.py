@@ -21,13 +21,13 @@ from pipeline.base.onnx_io import model_files
 from pipeline.base.safe_io import check_outputs, write_json
 from pipeline.quantize import GuardOptions, QuantizeOptions, QuantizeSummary, quantize_file
 from pipeline.rounding import METHODS, RoundingConfig, get_method
-from pipeline.rounding.base import ERROR_MODES, FLIP_BALANCES
+from pipeline.rounding.base import ERROR_MODES
 from pipeline.scheme import PRESETS, load_scheme, scheme_files
 from validators.guard import GuardReport
 
 #: Command-line option -> RoundingConfig field, for the options a user may override.
 _ROUNDING_FIELDS = ("iters", "batch_size", "lr", "reg_weight", "flip_weight", "error_mode", "loss",
-                    "flip_balance", "act_lr")
+                    "act_lr", "rec_guard")
 
 
 def add_common_quant_args(p: argparse.ArgumentParser, default_scheme: str) -> None:
@@ -68,16 +68,16 @@ def add_rounding_args(p: argparse.ArgumentParser, defaults: RoundingConfig) -> N
                    help=f"EFRAP flip penalty weight (default {defaults.flip_weight})")
     g.add_argument("--error-mode", choices=ERROR_MODES, default=None,
                    help="truncation-error weighting: element-wise (release) or neuron-wise norm")
-    g.add_argument("--error-units", choices=("pre-bn", "exported"), default=None,
-                   help="units of EFRAP's truncation errors: pre-bn (default, the release: the conv "
-                        "weight before BatchNorm folding, when the model records its BN factors) "
-                        "or exported (the folded weight)")
+    g.add_argument("--error-units", choices=("pre-bn", "exported", "steps"), default=None,
+                   help="units of EFRAP's truncation errors: pre-bn (the release: the conv weight "
+                        "before BatchNorm folding, when the model records its BN factors), exported "
+                        "(the folded weight) or steps (grid steps: the same at any weight scale)")
     g.add_argument("--loss", default=None,
                    help=f"activation-preservation loss (default {defaults.loss})")
-    g.add_argument("--flip-balance", choices=FLIP_BALANCES, default=None,
-                   help="EFRAP's flip penalty against the reconstruction: release (a sum in weight "
-                   "units) or relative (in units of the layer's reconstruction at nearest rounding; "
-                   f"default {defaults.flip_balance})")
+    g.add_argument("--rec-guard", type=nonnegative_float, default=None,
+                   help="EFRAP's per-layer guard: round a layer again with half the flip weight "
+                   "(up to 3 times) while its reconstruction loss exceeds this many times nearest "
+                   f"rounding's; 0 is off (default {defaults.rec_guard:g})")
     g.add_argument("--act-lr", type=nonnegative_float, default=None,
                    help="learn each layer's output activation step size at this rate (the release's "
                    f"scale_lr 4e-5, cosine decay); 0 keeps the calibrated one (default {defaults.act_lr:g})")

@@ -36,8 +36,7 @@ ProgressCallback = Callable[[int, dict[str, float]], None]
 #: BatchNorm factors ("bn_factors"), and what a loss reads ("output_grads", "head").
 NEEDS = frozenset({"data", "bn_factors", "output_grads", "head"})
 ERROR_MODES = ("element", "neuron")
-ERROR_UNITS = ("pre_bn", "exported")
-FLIP_BALANCES = ("release", "relative")
+ERROR_UNITS = ("pre_bn", "exported", "steps")
 
 
 @dataclass(frozen=True)
@@ -57,13 +56,13 @@ class RoundingConfig:
             "neuron" (the paper's text: the output channel's error norm).
         loss: Name of the activation-preservation loss (see pipeline.rounding.losses).
         error_units: "pre_bn" (the release: truncation errors in the units of the conv
-            weight before BatchNorm folding, when the model records its BN factors) or
-            "exported" (in the units of the exported, folded weight).
-        flip_balance: How EFRAP's flip penalty is weighed against the reconstruction:
-            "release" (flip_weight * sum of e * BCE, in weight units: its balance moves
-            with the network's weight and activation scales and the layer's size) or
-            "relative" (flip_weight * R0 * the e-weighted mean BCE, R0 the layer's
-            reconstruction loss at nearest rounding: the same balance at any scale).
+            weight before BatchNorm folding, when the model records its BN factors),
+            "exported" (in the units of the exported, folded weight) or "steps" (in grid
+            steps, |W/s - nearest| in [0, 0.5]: the same whatever the weight's scale, the
+            grid's width or whether BatchNorm was folded).
+        rec_guard: EFRAP's per-layer guard: when the final integers' reconstruction
+            loss exceeds rec_guard times nearest rounding's, the layer is rounded again
+            with half the flip weight (at most GUARD_RETRIES times); 0 turns it off.
         act_lr: Learning rate of the layer's output activation step size, learned with
             the rounding (Adam, cosine decay to 0, as the release's scale_lr); 0 keeps
             the calibrated step size.
@@ -83,8 +82,8 @@ class RoundingConfig:
     error_mode: str = "element"
     loss: str = "mse"
     error_units: str = "pre_bn"
-    flip_balance: str = "release"
     act_lr: float = 0.0
+    rec_guard: float = 0.0
 
     def __post_init__(self) -> None:
         checks.integer(self.iters, "iters", low=1)
@@ -100,8 +99,10 @@ class RoundingConfig:
         checks.string(self.error_mode, "error_mode", ERROR_MODES)
         checks.string(self.error_units, "error_units", ERROR_UNITS)
         checks.string(self.loss, "loss")
-        checks.string(self.flip_balance, "flip_balance", FLIP_BALANCES)
         checks.finite(self.act_lr, "act_lr", low=0.0)
+        checks.finite(self.rec_guard, "rec_guard", low=0.0)
+        if 0.0 < self.rec_guard < 1.0:
+            raise EfrapError(f"rec_guard must be 0 (off) or at least 1, got {self.rec_guard:g}")
 
 
 @dataclass

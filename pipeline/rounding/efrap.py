@@ -29,12 +29,13 @@ paper's text ("neuron-wise truncation error norms"), not the release.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
 from pipeline.rounding.base import LayerProblem, ProgressCallback, RoundingConfig, RoundingResult
-from pipeline.rounding.learned import PLAIN_SIGMOID, LayerGrid, LearnedRounding, Penalty, hard_loss
-from pipeline.rounding.losses import get_loss
+from pipeline.rounding.learned import PLAIN_SIGMOID, LayerGrid, LearnedRounding, Penalty
 
 #: The release's settings (W4A4 config): 10,000 Adam steps at lr 1e-3, batch 32,
 #: regulariser 0.01 with b = 2 from the first step, flip penalty weight 1, element-wise
@@ -62,7 +63,7 @@ def flip_targets(grid: LayerGrid) -> torch.Tensor:
 
 
 def error_weights(grid: LayerGrid, mode: str, channel_axis: int,
-                  channel_scale: torch.Tensor | None = None) -> torch.Tensor:
+                  channel_scale: torch.Tensor | None = None, steps: bool = False) -> torch.Tensor:
     """Per-weight flip weights e: own truncation error ("element") or channel norm ("neuron").
 
     Args:
@@ -70,8 +71,9 @@ def error_weights(grid: LayerGrid, mode: str, channel_axis: int,
         mode: "element" or "neuron".
         channel_axis: Output-channel axis of the weight.
         channel_scale: Optional per-output-channel multiplier of the errors (pre-BN units).
+        steps: Measure the errors in grid steps (divided by the scale) instead.
     """
-    err = grid.truncation_error()
+    err = grid.truncation_error() / grid.scale if steps else grid.truncation_error()
     if channel_scale is not None:
         shape = [1] * err.dim()
         shape[channel_axis] = -1
@@ -82,6 +84,10 @@ def error_weights(grid: LayerGrid, mode: str, channel_axis: int,
     if not dims:
         return err
     return torch.linalg.vector_norm(err, dim=dims, keepdim=True).expand_as(err).contiguous()
+
+
+#: Retries of the per-layer guard (each halves the flip weight).
+GUARD_RETRIES = 3
 
 
 class Efrap(LearnedRounding):
@@ -97,7 +103,9 @@ class Efrap(LearnedRounding):
         return super().needs(config) | extra
 
     def error_units(self, problem: LayerProblem, config: RoundingConfig) -> str:
-        """"pre_bn" when the errors are divided by the layer's BN factors, else "exported"."""
+        """"steps" as asked; "pre_bn" when the layer has BN factors to divide by; else "exported"."""
+        if config.error_units == "steps":
+            return "steps"
         return "pre_bn" if config.error_units == "pre_bn" and problem.error_scale is not None \
             else "exported"
 
@@ -108,16 +116,11 @@ class Efrap(LearnedRounding):
             return None
         # The problem names the output-channel axis even for per-tensor grids, as the
         # neuron-wise norm groups by output channel whatever the grid's granularity.
-        scale = problem.error_scale if self.error_units(problem, config) == "pre_bn" else None
-        e = error_weights(grid, config.error_mode, problem.channel_axis, scale)
+        units = self.error_units(problem, config)
+        scale = problem.error_scale if units == "pre_bn" else None
+        e = error_weights(grid, config.error_mode, problem.channel_axis, scale, steps=units == "steps")
         t = flip_targets(grid)
         weight = config.flip_weight
-        if config.flip_balance == "relative":
-            # Measured in units of the layer's own reconstruction loss at nearest rounding,
-            # over an e-weighted mean instead of a sum: no weight, activation or layer-size
-            # scale moves the balance.
-            r0 = hard_loss(problem, get_loss(config.loss), grid.dequantize(grid.nearest))
-            weight = config.flip_weight * r0 / max(float(e.sum()), 1e-30)
 
         def flip(v: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
             # h = sigmoid(V): BCE on the logits is the same loss without log(0) at h = 0 or 1.
@@ -127,7 +130,22 @@ class Efrap(LearnedRounding):
 
     def __call__(self, problem: LayerProblem, config: RoundingConfig,
                  progress: ProgressCallback | None = None) -> RoundingResult:
-        """The shared loop with the flip penalty; notes the units the errors were weighed in."""
+        """The shared loop with the flip penalty, under the per-layer guard when one is set.
+
+        The guard (config.rec_guard = kappa >= 1): when the final integers reconstruct the
+        layer's FP output worse than kappa times nearest rounding does, the flips cost
+        more accuracy than the layer can give, and the layer is rounded again with half
+        the flip weight, at most GUARD_RETRIES times; the last try stands.
+        """
+        weight = config.flip_weight
+        halvings = 0
         result = super().__call__(problem, config, progress)
+        while (config.rec_guard > 0.0 and halvings < GUARD_RETRIES and weight > 0.0
+               and result.stats["rec_final"] > config.rec_guard * result.stats["rec_nearest"]):
+            halvings += 1
+            weight /= 2.0
+            result = super().__call__(problem, replace(config, flip_weight=weight), progress)
         result.notes["error_units"] = self.error_units(problem, config)
+        if config.rec_guard > 0.0:
+            result.stats["guard_halvings"] = float(halvings)
         return result
