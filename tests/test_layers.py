@@ -34,13 +34,14 @@ LAYERS: dict[str, int] = {
     "validators": 1,
     "converters": 3,
     "pipeline.quantize": 4,
+    "pipeline.batch": 4,
     "models": 5,
     "cli": 6,
 }
 
 #: Optional third-party dependencies that are imported where they are used, so that the
 #: package works without them (each is an extra in pyproject.toml).
-OPTIONAL_IMPORTS: frozenset[str] = frozenset()
+OPTIONAL_IMPORTS: frozenset[str] = frozenset({"ray"})
 
 
 def layer_of(module: str) -> int | None:

@@ -1,0 +1,343 @@
+"""The batch manifest: which models to defend, with what settings, read as untrusted data.
+
+A manifest is a TOML (or JSON) file: a ``[defaults]`` table that every model inherits
+and a list of ``[[model]]`` tables that may override any default::
+
+    [defaults]
+    data = "fashion-mnist"        # verification data (test split); calibration too unless `calib`
+    scheme = "w4a4"               # preset or a .toml/.json scheme file
+    method = "efrap"              # efrap is `efrap defend`; nearest, adaround, lac are `efrap quantize`
+    [defaults.rounding]
+    iters = 200
+    [defaults.gate]
+    max_asr = "5%"
+
+    [[model]]
+    name = "compartifact_w4a4"
+    path = "models/zoo/fmnist_compartifact_w4a4.onnx"
+    trigger = "models/zoo/fmnist_compartifact_w4a4.trigger.json"
+
+    [[model]]
+    path = "~/.cache/efrap-onnx/corpus/mobilenet_v3_small.dynamo.onnx"
+    calib = "npz:~/.cache/efrap-onnx/corpus/data/fmnist32_train.npz"
+    data = "npz:~/.cache/efrap-onnx/corpus/data/fmnist32_test.npz"
+    method = "nearest"
+    scheme = "w8a8"
+    [model.preprocess]
+    mean = [0.219, 0.219, 0.219]
+    std = [0.3318, 0.3318, 0.3318]
+
+Every value is checked once, here, with its exact type (an integer is never 8.0, a
+boolean never "true"); unknown keys are refused; relative paths (models, triggers,
+data specs, scheme files) are relative to the manifest's folder and ``~`` is the home
+folder. Errors are one line naming the file and the field. Files a model reads (its
+ONNX file, trigger, data) are not opened here: a missing one fails that model alone
+when the batch runs, and the others go on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from converters.qdq import WEIGHT_STORAGES
+from pipeline.base import checks
+from pipeline.base.data import parse_spec
+from pipeline.base.device import DEVICES
+from pipeline.base.errors import EfrapError
+from pipeline.base.preprocess import from_table
+from pipeline.base.runtime import PROVIDERS
+from pipeline.base.safe_io import file_sha256
+from pipeline.base.trigger import trigger_files
+from pipeline.quantize import GuardOptions, QuantizeOptions
+from pipeline.rounding import METHODS, RoundingConfig, get_method
+from pipeline.scheme import PRESETS, load_scheme
+from validators.gate import Gate
+from validators.guard import GuardLimits
+
+#: Version of the settings that make a result's key; a change here recomputes old results.
+SETTINGS_FORMAT = 1
+#: Most models one manifest may list.
+MAX_MODELS = 10_000
+#: Largest seed (torch, numpy and the seed derivation all take a 63-bit integer).
+MAX_SEED = 2**63 - 1
+#: A model's name is its output folder's name: portable, no path separators, no leading dot.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+OPT_LEVELS = ("faithful", "all")
+#: Keys of [defaults] and of each [[model]]; `name`, `path` and `trigger` belong to a model only.
+SETTING_KEYS = frozenset({"data", "calib", "scheme", "method", "num_calib", "seed", "weight_storage",
+                          "device", "provider", "exclude", "holdout", "limit", "opt_level", "verify_fp",
+                          "scan", "scan_budget", "rounding", "preprocess", "gate"})
+MODEL_KEYS = SETTING_KEYS | {"name", "path", "trigger"}
+GATE_KEYS = frozenset({"max_agreement_drop", "min_accuracy", "max_asr"})
+_ROUNDING_FIELDS = {f.name: f.type for f in fields(RoundingConfig)}
+
+
+@dataclass(frozen=True)
+class ModelJob:
+    """One model of the batch and everything its run needs (checked when the manifest is read).
+
+    Attributes:
+        name: Unique name; the model's output folder under --out.
+        path: The FP ONNX model (absolute).
+        trigger: Trigger JSON (absolute), or None: attack success is then not measured.
+        options: Quantization settings (scheme, method, rounding, calibration, ...).
+        guard: The defended model's check against FP on held-out training images.
+        data: Verification data spec (test split).
+        limit: Test images used by verification (None: all).
+        opt_level: onnxruntime optimization level of verification and the check.
+        gate: Thresholds on the verified output (clean accuracy, attack success).
+        verify_fp: Also verify the FP model (its clean accuracy and attack success).
+        scan: Run the trigger-free scan where it exists in this tree.
+        scan_budget: Seconds the scan may take (None: the scan's own default).
+        scheme_spec: The scheme as the manifest names it (a preset or a file).
+    """
+
+    name: str
+    path: str
+    trigger: str | None
+    options: QuantizeOptions
+    guard: GuardOptions
+    data: str
+    limit: int | None = None
+    opt_level: str = "faithful"
+    gate: Gate = field(default_factory=Gate)
+    verify_fp: bool = True
+    scan: bool = True
+    scan_budget: float | None = None
+    scheme_spec: str = "w4a4"
+
+    @property
+    def step(self) -> str:
+        """The quantization step's name: `defend` for EFRAP, else `quantize`."""
+        return "defend" if self.options.method == "efrap" else "quantize"
+
+    @property
+    def learned(self) -> bool:
+        """Whether the method learns the rounding from data (torch work; a GPU helps)."""
+        return "data" in get_method(self.options.method).needs(self.options.config)
+
+    def settings(self, scan_available: bool) -> dict[str, Any]:
+        """Everything that decides this model's result, as canonical JSON-ready data.
+
+        The model file enters the key by its sha256 (`result_key`), the trigger by the
+        sha256 of its files; data sets by their spec (the files are not hashed).
+        """
+        o = self.options
+        return {
+            "format": SETTINGS_FORMAT,
+            "steps": [*(["scan"] if self.scan and scan_available else []), self.step, "verify"],
+            "method": o.method, "scheme": o.scheme.to_json(), "calib": o.calib, "num_calib": o.num_calib,
+            "seed": o.seed, "weight_storage": o.weight_storage,
+            "rounding": asdict(o.config) if self.learned else {},
+            "device": o.device, "provider": o.provider,
+            "preprocess": {k: list(v) if isinstance(v, tuple) else v
+                           for k, v in (o.preprocess or {}).items()},
+            "exclude": list(o.exclude), "holdout": self.guard.images,
+            "max_agreement_drop": self.guard.limits.max_agreement_drop,
+            "data": self.data, "limit": self.limit, "opt_level": self.opt_level,
+            "gate": {"min_accuracy": self.gate.min_accuracy, "max_asr": self.gate.max_asr},
+            "verify_fp": self.verify_fp,
+            "scan_budget": self.scan_budget if self.scan and scan_available else None,
+            "trigger": None if self.trigger is None else
+            {p.name: file_sha256(p) for p in trigger_files(self.trigger)},
+        }
+
+
+def canonical_json(data: object) -> str:
+    """The one text of `data` that its key hashes (sorted keys, no spaces)."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def result_key(model_sha256: str, settings: dict[str, Any]) -> str:
+    """The key a stored result is found by: sha256 over the model's sha256 and its settings."""
+    text = canonical_json({"model_sha256": model_sha256, "settings": settings})
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A checked manifest.
+
+    Attributes:
+        source: The manifest file.
+        jobs: Its models, in the manifest's order.
+    """
+
+    source: str
+    jobs: tuple[ModelJob, ...]
+
+
+def _path(value: str, base: Path) -> str:
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else base / path)
+
+
+def _spec(value: str, base: Path, what: str) -> str:
+    """A data spec with its path made absolute (checked by parse_spec)."""
+    try:
+        kind, path = parse_spec(value)
+    except EfrapError as exc:
+        raise EfrapError(f"{what}: {exc}") from None
+    return kind if path is None else f"{kind}:{_path(path, base)}"
+
+
+def _threshold(value: object, what: str) -> float:
+    """A fraction as a number in [0, 1] or a string ("0.05", "5%")."""
+    if isinstance(value, str):
+        return checks.fraction(value, what)
+    return checks.finite(value, what, low=0.0, high=1.0)  # type: ignore[arg-type]
+
+
+def _rounding(raw: object, what: str) -> dict[str, Any]:
+    table = checks.table(raw, what, set(_ROUNDING_FIELDS))
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        kind = _ROUNDING_FIELDS[key]
+        if kind == "int":
+            out[key] = checks.integer(value, f"{what}.{key}")
+        elif kind == "float":
+            # 1 and 1.0 are one setting: stored as a float, so both give one key.
+            out[key] = checks.finite(value, f"{what}.{key}")  # type: ignore[arg-type]
+        else:
+            out[key] = checks.string(value, f"{what}.{key}")
+    return out
+
+
+def _settings(raw: object, where: str, base: Path, known: frozenset[str]) -> dict[str, Any]:
+    """The checked values of one table ([defaults] or a [[model]]), as given."""
+    table = checks.table(raw, where, set(known))
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        what = f"{where}.{key}"
+        if key in ("name", "path", "trigger", "scheme"):
+            text = checks.string(value, what)
+            if not text:
+                raise EfrapError(f"{what} must not be empty")
+            out[key] = text if key in ("name", "scheme") else _path(text, base)
+        elif key in ("data", "calib"):
+            out[key] = _spec(checks.string(value, what), base, what)
+        elif key == "method":
+            out[key] = checks.string(value, what, tuple(METHODS))
+        elif key in ("num_calib", "holdout", "limit"):
+            out[key] = checks.integer(value, what, low=1)
+        elif key == "seed":
+            out[key] = checks.integer(value, what, low=0, high=MAX_SEED)
+        elif key == "weight_storage":
+            out[key] = checks.string(value, what, WEIGHT_STORAGES)
+        elif key == "device":
+            out[key] = checks.string(value, what, DEVICES)
+        elif key == "provider":
+            out[key] = checks.string(value, what, PROVIDERS)
+        elif key == "opt_level":
+            out[key] = checks.string(value, what, OPT_LEVELS)
+        elif key in ("verify_fp", "scan"):
+            out[key] = checks.boolean(value, what)
+        elif key == "scan_budget":
+            out[key] = checks.finite(value, what, low=0.0, low_open=True)  # type: ignore[arg-type]
+        elif key == "exclude":
+            if not isinstance(value, list):
+                raise EfrapError(f"{what} must be a list of node names or op types")
+            out[key] = tuple(checks.string(v, f"{what}[{i}]") for i, v in enumerate(value))
+        elif key == "rounding":
+            out[key] = _rounding(value, what)
+        elif key == "preprocess":
+            out[key] = from_table(value, where)
+        else:  # gate
+            gate = checks.table(value, what, set(GATE_KEYS))
+            out[key] = {k: _threshold(v, f"{what}.{k}") for k, v in gate.items()}
+    return out
+
+
+def _merged(defaults: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """The model's settings over the defaults; sub-tables merge key by key."""
+    out = dict(defaults)
+    for key, value in own.items():
+        out[key] = {**defaults.get(key, {}), **value} if key in ("rounding", "preprocess", "gate") \
+            else value
+    return out
+
+
+def _scheme(spec: str, base: Path, what: str) -> tuple[str, Any]:
+    if spec in PRESETS:
+        return spec, PRESETS[spec]
+    path = _path(spec, base)
+    try:
+        return spec, load_scheme(path)
+    except EfrapError as exc:
+        raise EfrapError(f"{what}: {exc}") from None
+
+
+def _job(values: dict[str, Any], where: str, base: Path) -> ModelJob:
+    if "path" not in values:
+        raise EfrapError(f"{where}: needs a 'path' (the FP ONNX model)")
+    name = values.get("name", Path(values["path"]).stem)
+    if not NAME_PATTERN.fullmatch(name):
+        raise EfrapError(f"{where}.name '{name}' must be 1-100 letters, digits, '.', '_' or '-' and "
+                         "start with a letter or digit (it names the model's output folder)")
+    method = values.get("method", "efrap")
+    defaults = get_method(method).defaults
+    scheme_spec, scheme = _scheme(values.get("scheme", "w4a4"), base, f"{where}.scheme")
+    data = values.get("data", "fashion-mnist")
+    gate = values.get("gate", {})
+    try:
+        # The checks of these classes name the field; the prefix names the model.
+        rounding = replace(defaults, **{k: float(v) if _ROUNDING_FIELDS[k] == "float" else v
+                                        for k, v in values.get("rounding", {}).items()})
+        options = QuantizeOptions(
+            scheme=scheme, method=method, calib=values.get("calib", data),
+            num_calib=values.get("num_calib", 1024), seed=values.get("seed", 0),
+            weight_storage=values.get("weight_storage", "int8"), rounding=rounding,
+            device=values.get("device", "auto"), provider=values.get("provider", "auto"),
+            preprocess=values.get("preprocess") or None, exclude=values.get("exclude", ()))
+        guard = GuardOptions(GuardLimits(max_agreement_drop=gate.get("max_agreement_drop")),
+                             values.get("holdout", 1000), values.get("opt_level", "faithful"))
+        verify_gate = Gate(min_accuracy=gate.get("min_accuracy"), max_asr=gate.get("max_asr"))
+    except EfrapError as exc:
+        raise EfrapError(f"{where}: {exc}") from None
+    return ModelJob(name=name, path=values["path"], trigger=values.get("trigger"), options=options,
+                    guard=guard, data=data, limit=values.get("limit"),
+                    opt_level=values.get("opt_level", "faithful"), gate=verify_gate,
+                    verify_fp=values.get("verify_fp", True), scan=values.get("scan", True),
+                    scan_budget=values.get("scan_budget"),
+                    scheme_spec=scheme_spec)
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and check a manifest (see the module docstring).
+
+    Raises:
+        EfrapError: one line naming the file and the field: unreadable file, unknown
+            keys, wrong types, values out of range, duplicate names, an unreadable
+            scheme file.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in (".toml", ".json"):
+        raise EfrapError(f"{path}: a manifest is a .toml or .json file")
+    data = checks.load_config(path, "manifest")
+    source = str(path)
+    base = path.resolve().parent
+    top = checks.table(data, f"{source}: the manifest", {"defaults", "model"})
+    defaults = _settings(top.get("defaults", {}), f"{source}: defaults", base, SETTING_KEYS)
+    models = top.get("model")
+    if not isinstance(models, list) or not models:
+        raise EfrapError(f"{source}: lists no models (add [[model]] tables with a 'path')")
+    if len(models) > MAX_MODELS:
+        raise EfrapError(f"{source}: lists {len(models)} models; at most {MAX_MODELS} are accepted")
+    jobs: list[ModelJob] = []
+    seen: dict[str, str] = {}
+    for i, raw in enumerate(models):
+        where = f"{source}: model[{i}]"
+        own = _settings(raw, where, base, MODEL_KEYS)
+        job = _job(_merged(defaults, own), where, base)
+        # Output folders must differ on case-insensitive file systems too.
+        if job.name.lower() in seen:
+            raise EfrapError(f"{where}.name '{job.name}' is already the name of {seen[job.name.lower()]}; "
+                             "give each model its own name")
+        seen[job.name.lower()] = f"model[{i}]"
+        jobs.append(job)
+    return Manifest(source=source, jobs=tuple(jobs))
