@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnxruntime as ort
+import torch
 
 from pipeline.base.errors import EfrapError
 
@@ -53,14 +54,32 @@ def pick_provider(provider: str = "auto") -> str:
         if "CUDAExecutionProvider" not in available:
             raise EfrapError("CUDA provider requested but onnxruntime-gpu with a GPU is not available")
         return "CUDAExecutionProvider"
-    return "CUDAExecutionProvider" if "CUDAExecutionProvider" in available else "CPUExecutionProvider"
+    # onnxruntime-gpu lists CUDA whether or not a GPU is visible (a Ray task given none):
+    # auto takes it only when torch sees a device too.
+    cuda = "CUDAExecutionProvider" in available and torch.cuda.is_available()
+    return "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
+
+
+_default_threads = 0
+
+
+def set_default_threads(threads: int) -> None:
+    """Intra-op threads of every session made without its own count (0: onnxruntime's default).
+
+    Processes that run side by side (efrap batch --jobs) each take their share of the
+    cores instead of one thread per core each.
+    """
+    global _default_threads
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise EfrapError(f"threads must be a non-negative integer, got {threads!r}")
+    _default_threads = threads
 
 
 def make_session(
     model: onnx.ModelProto | bytes | str,
     opt_level: str = "faithful",
     provider: str = "auto",
-    threads: int = 0,
+    threads: int | None = None,
     optimized_path: str | None = None,
 ) -> Session:
     """Create a session.
@@ -69,14 +88,14 @@ def make_session(
         model: A ModelProto, serialized bytes or a file path.
         opt_level: "faithful" (no optimization), "basic" or "all".
         provider: "auto", "cpu" or "cuda".
-        threads: Intra-op threads (0: onnxruntime's default).
+        threads: Intra-op threads (None: `set_default_threads`'s, 0: onnxruntime's default).
         optimized_path: If set, onnxruntime writes the optimized graph there.
     """
     if opt_level not in OPT_LEVELS:
         raise EfrapError(f"unknown optimization level '{opt_level}': use {', '.join(OPT_LEVELS)}")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = OPT_LEVELS[opt_level]
-    opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = _default_threads if threads is None else threads
     opts.log_severity_level = 3
     if optimized_path:
         opts.optimized_model_filepath = optimized_path

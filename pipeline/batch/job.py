@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import inspect
 import os
 import socket
 import sys
@@ -35,7 +34,7 @@ from pipeline.base.errors import EfrapError, one_line
 from pipeline.base.onnx_io import model_files
 from pipeline.base.progress import log
 from pipeline.base.provenance import versions
-from pipeline.base.runtime import make_session
+from pipeline.base.runtime import set_default_threads
 from pipeline.base.safe_io import json_ready, write_json
 from pipeline.batch.manifest import ModelJob
 from pipeline.quantize import quantize_file
@@ -74,14 +73,7 @@ def limit_threads(threads: int) -> None:
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise EfrapError(f"threads must be a positive integer, got {threads!r}")
     torch.set_num_threads(threads)
-    # Stopgap: the pipeline makes every onnxruntime session through runtime.make_session without
-    # a thread count (0: one per core), and make_session has no process-wide setting yet. Its
-    # default is set here, in the batch's own worker process (a spawned child or a Ray task),
-    # which runs nothing but batch jobs.
-    names = list(inspect.signature(make_session).parameters)
-    defaults = list(make_session.__defaults__ or ())
-    defaults[names.index("threads") - (len(names) - len(defaults))] = threads
-    make_session.__defaults__ = tuple(defaults)
+    set_default_threads(threads)
 
 
 @contextlib.contextmanager
