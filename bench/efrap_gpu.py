@@ -27,7 +27,7 @@ from models.architectures import build_model
 from pipeline.base.data import load_dataset, sample_indices
 from pipeline.base.provenance import versions
 from pipeline.quantize import QuantizeOptions, quantize_model
-from pipeline.rounding.efrap import EFRAP_DEFAULTS
+from pipeline.rounding.efrap import EFRAP_RELEASE
 from pipeline.scheme import load_scheme
 from validators.report import table
 
@@ -59,7 +59,7 @@ def main() -> None:
         fp = onnx.load(path)
     options = QuantizeOptions(scheme=load_scheme(args.scheme), method="efrap", device=args.device,
                               num_calib=args.num_calib,
-                              rounding=replace(EFRAP_DEFAULTS, iters=args.iters))
+                              rounding=replace(EFRAP_RELEASE, iters=args.iters))
     t0 = time.perf_counter()
     _, _, summary = quantize_model(fp, images, options)
     wall = time.perf_counter() - t0

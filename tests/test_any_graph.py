@@ -27,7 +27,7 @@ from pipeline.base.runtime import make_session
 from pipeline.graph import analyze
 from pipeline.prepare import prepare_model
 from pipeline.quantize import QuantizeOptions, quantize_model
-from pipeline.rounding.efrap import EFRAP_DEFAULTS
+from pipeline.rounding.efrap import EFRAP_RELEASE
 from pipeline.scheme import PRESETS, scheme_from_dict
 
 SIZE = 16
@@ -137,8 +137,8 @@ def _check(fp: onnx.ModelProto, shape: tuple[int, ...], method: str = "nearest",
     batch = fp.graph.input[0].type.tensor_type.shape.dim[0].dim_value or None
     calib = rng.standard_normal((64, *shape)).astype(np.float32)
     test = rng.standard_normal((32, *shape)).astype(np.float32)
-    rounding = None if method == "nearest" else EFRAP_DEFAULTS.__class__(
-        **{**EFRAP_DEFAULTS.__dict__, "iters": 20, "batch_size": 8})
+    rounding = None if method == "nearest" else EFRAP_RELEASE.__class__(
+        **{**EFRAP_RELEASE.__dict__, "iters": 20, "batch_size": 8})
     qdq, result, summary = quantize_model(fp, calib, QuantizeOptions(
         scheme=PRESETS[scheme], method=method, rounding=rounding))
     onnx.checker.check_model(qdq)

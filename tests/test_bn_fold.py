@@ -20,7 +20,7 @@ from pipeline.base.onnx_io import get_metadata, set_metadata
 from pipeline.bn_fold import BN_FOLD_KEY, pre_bn_error_scale, read_bn_factors
 from pipeline.qmath import QParams
 from pipeline.rounding import LayerProblem, get_method
-from pipeline.rounding.efrap import EFRAP_DEFAULTS, Efrap, error_weights, flip_targets
+from pipeline.rounding.efrap import EFRAP_RELEASE, Efrap, error_weights, flip_targets
 from pipeline.rounding.learned import LayerGrid
 
 
@@ -102,9 +102,9 @@ def test_efrap_penalty_uses_the_scale_only_in_pre_bn_units() -> None:
     grid = LayerGrid.build(_problem(None).weight, _problem(None).qparams)
     v = torch.logit(grid.frac.clamp(1e-4, 1 - 1e-4))
     h = torch.sigmoid(v)
-    plain = Efrap().penalty(grid, _problem(None), EFRAP_DEFAULTS)
-    scaled = Efrap().penalty(grid, _problem(scale), EFRAP_DEFAULTS)
-    ignored = Efrap().penalty(grid, _problem(scale), replace(EFRAP_DEFAULTS, error_units="exported"))
+    plain = Efrap().penalty(grid, _problem(None), EFRAP_RELEASE)
+    scaled = Efrap().penalty(grid, _problem(scale), EFRAP_RELEASE)
+    ignored = Efrap().penalty(grid, _problem(scale), replace(EFRAP_RELEASE, error_units="exported"))
     assert plain is not None and scaled is not None and ignored is not None
     bce = F.binary_cross_entropy_with_logits(v, flip_targets(grid), reduction="none")
     e = grid.truncation_error()
@@ -114,7 +114,7 @@ def test_efrap_penalty_uses_the_scale_only_in_pre_bn_units() -> None:
 
 
 def test_efrap_rejects_a_scale_of_the_wrong_length() -> None:
-    config = replace(EFRAP_DEFAULTS, iters=1)
+    config = replace(EFRAP_RELEASE, iters=1)
     with pytest.raises(EfrapError, match="error_scale has 3 values for 4 output channels"):
         get_method("efrap")(_problem(torch.ones(3)), config)
     with pytest.raises(EfrapError, match="error_units"):

@@ -75,8 +75,8 @@ def test_defend_writes_metadata_matches_simulation_and_is_deterministic(
         clean_model: Path, tmp_path: Path) -> None:
     outs = [tmp_path / "d1.onnx", tmp_path / "d2.onnx"]
     for out in outs:
-        assert main(["defend", str(clean_model), "--iters", "60", "--num-calib", "128",
-                     "-o", str(out)]) == 0
+        assert main(["defend", str(clean_model), "--preset", "release", "--iters", "60",
+                     "--num-calib", "128", "--holdout", "200", "-o", str(out)]) == 0
     assert outs[0].read_bytes() == outs[1].read_bytes()
     meta = {p.key: p.value for p in onnx.load(str(outs[0])).metadata_props}
     assert meta["efrap.method"] == "efrap"
@@ -90,3 +90,12 @@ def test_defend_writes_metadata_matches_simulation_and_is_deterministic(
     assert sorted(v for k, v in units.items() if "Gemm" in k) == ["exported", "exported"]
     report = _verify(outs[0], tmp_path, "--reference", "--limit", "2000")
     assert report["parity"]["fraction_differing_predictions"] <= 0.002
+    guard = json.loads(meta["efrap.guard"])
+    assert guard["images"] == 200 and guard["passed"] and guard["agreement"] > 0.9
+    # The default preset measures every layer's errors in grid steps.
+    default = tmp_path / "default.onnx"
+    assert main(["defend", str(clean_model), "--iters", "20", "--num-calib", "128", "--holdout", "100",
+                 "-o", str(default)]) == 0
+    meta = {p.key: p.value for p in onnx.load(str(default)).metadata_props}
+    assert set(json.loads(meta["efrap.error_units"]).values()) == {"steps"}
+    assert json.loads(meta["efrap.rounding"])["flip_weight"] == 0.02

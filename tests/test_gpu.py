@@ -11,7 +11,7 @@ import torch
 
 from pipeline.base.runtime import make_session
 from pipeline.quantize import QuantizeOptions, quantize_model
-from pipeline.rounding.efrap import EFRAP_DEFAULTS
+from pipeline.rounding.efrap import EFRAP_RELEASE
 from pipeline.scheme import PRESETS
 
 pytestmark = pytest.mark.gpu
@@ -21,7 +21,7 @@ def test_efrap_runs_on_cuda_and_writes_valid_qdq(tiny_model: onnx.ModelProto,
                                                  calib_images: np.ndarray) -> None:
     assert torch.cuda.is_available(), "the gpu marker needs a CUDA GPU"
     options = QuantizeOptions(scheme=PRESETS["w4a4"], method="efrap", device="cuda",
-                              rounding=replace(EFRAP_DEFAULTS, iters=300))
+                              rounding=replace(EFRAP_RELEASE, iters=300))
     qdq, _, summary = quantize_model(tiny_model, calib_images, options)
     assert summary["device"].startswith("cuda")
     onnx.checker.check_model(qdq)

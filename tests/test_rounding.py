@@ -15,7 +15,7 @@ from pipeline.observers import observe_weight
 from pipeline.qmath import QParams, dequantize_np
 from pipeline.rounding import METHODS, LayerProblem, RoundingConfig, get_method
 from pipeline.rounding.adaround import ADAROUND_DEFAULTS
-from pipeline.rounding.efrap import EFRAP_DEFAULTS, error_weights, flip_targets
+from pipeline.rounding.efrap import EFRAP_DEFAULT, EFRAP_RELEASE, error_weights, flip_targets
 from pipeline.rounding.learned import (
     PLAIN_SIGMOID,
     RECTIFIED_SIGMOID,
@@ -135,7 +135,7 @@ def test_flip_penalty_alone_flips_erroneous_weights_and_keeps_exact_ones() -> No
 
     x = torch.randn(64, 8, generator=gen)
     problem = LayerProblem("fc", w, qp, linear_frozen, x, linear(x, w))
-    config = quick(EFRAP_DEFAULTS, iters=100, lr=0.05, reg_weight=0.0)
+    config = quick(EFRAP_RELEASE, iters=100, lr=0.05, reg_weight=0.0)
     result = get_method("efrap")(problem, config)
     nearest = nearest_q(w, qp)
     assert torch.equal(result.q[exact], nearest[exact])
@@ -153,7 +153,7 @@ def test_efrap_full_loss_lowers_reconstruction() -> None:
     # has shrunk them by 20%, an error the rounding of this layer can partly undo.
     inputs = 0.8 * x
     start = sse(linear(inputs, w), targets)  # the soft weight at step 0 is the float weight
-    config = quick(EFRAP_DEFAULTS, iters=300, lr=1e-2)
+    config = quick(EFRAP_RELEASE, iters=300, lr=1e-2)
     full = get_method("efrap")(LayerProblem("fc", w, qp, linear, inputs, targets), config)
     blind = get_method("efrap")(LayerProblem("fc", w, qp, linear_frozen, inputs, targets), config)
     assert full.stats["flip_fraction"] > 0.05  # the flip penalty did act
@@ -193,7 +193,7 @@ def test_integers_in_range_and_one_step_from_nearest(method: str, tq: TensorQuan
     x = torch.randn(64, 16, generator=gen)
     problem = LayerProblem("fc", w, qp, forward, x, forward(x, w))  # type: ignore[arg-type]
     # A large learning rate moves many weights far from their start.
-    result = get_method(method)(problem, quick(EFRAP_DEFAULTS, iters=60, lr=0.2, warmup=0.2))
+    result = get_method(method)(problem, quick(EFRAP_RELEASE, iters=60, lr=0.2, warmup=0.2))
     q = result.q
     assert q.dtype == torch.int64 and q.shape == w.shape
     assert int(q.min()) >= qp.qmin and int(q.max()) <= qp.qmax
@@ -209,7 +209,7 @@ def _small_problem(seed: int = 3) -> LayerProblem:
 
 
 def test_same_seed_same_integers() -> None:
-    config = quick(EFRAP_DEFAULTS, iters=80, lr=0.02, batch_size=8)
+    config = quick(EFRAP_RELEASE, iters=80, lr=0.02, batch_size=8)
     a = get_method("efrap")(_small_problem(), config)
     b = get_method("efrap")(_small_problem(), config)
     assert torch.equal(a.q, b.q)
@@ -226,14 +226,14 @@ def test_neuron_error_mode() -> None:
     e = error_weights(grid, "neuron", 0)
     norms = torch.linalg.vector_norm(grid.truncation_error().flatten(1), dim=1)
     torch.testing.assert_close(e, norms.view(-1, 1, 1, 1).expand_as(e))
-    result = get_method("efrap")(problem, quick(EFRAP_DEFAULTS, iters=40, lr=0.02,
+    result = get_method("efrap")(problem, quick(EFRAP_RELEASE, iters=40, lr=0.02,
                                                 error_mode="neuron"))
     assert int((result.q - nearest_q(problem.weight, problem.qparams)).abs().max()) <= 1
 
 
 def test_progress_reports_every_percent() -> None:
     calls: list[tuple[int, dict[str, float]]] = []
-    get_method("efrap")(_small_problem(), quick(EFRAP_DEFAULTS, iters=150, batch_size=8),
+    get_method("efrap")(_small_problem(), quick(EFRAP_RELEASE, iters=150, batch_size=8),
                         progress=lambda step, terms: calls.append((step, terms)))
     assert len(calls) == 150 and calls[0][0] == 1 and calls[-1][0] == 150
     assert set(calls[-1][1]) == {"rec", "round", "flip"}
@@ -246,7 +246,7 @@ def test_b_schedule() -> None:
     assert b_at(21) == pytest.approx(20.0, rel=0.02)
     assert b_at(100) == pytest.approx(2.0)
     assert b_at(60) == pytest.approx(2.0 + 18.0 * (1 - (60 - 20.2) / 79.8))
-    constant = b_schedule(EFRAP_DEFAULTS)
+    constant = b_schedule(EFRAP_RELEASE)
     assert constant(0) == 2.0 and constant(9_999) == 2.0
 
 
@@ -278,7 +278,7 @@ def test_every_loss_runs(name: str) -> None:
     mse = float(get_loss("mse")(target + 0.1, target, idx, problem))
     assert mse > 0.0
     assert float(loss(target + 0.1, target, idx, problem)) >= mse * (1 - 1e-6)
-    result = get_method("efrap")(problem, quick(EFRAP_DEFAULTS, iters=10, batch_size=8, loss=name))
+    result = get_method("efrap")(problem, quick(EFRAP_RELEASE, iters=10, batch_size=8, loss=name))
     assert np.isfinite(result.stats["rec_final"]) and np.isfinite(result.stats["rec"])
 
 
@@ -301,9 +301,9 @@ def test_user_mistakes_raise() -> None:
         get_loss("l1")
     problem = _small_problem()
     with pytest.raises(EfrapError, match="needs the layer's output_grads"):
-        get_method("efrap")(problem, quick(EFRAP_DEFAULTS, iters=1, loss="fisher"))
+        get_method("efrap")(problem, quick(EFRAP_RELEASE, iters=1, loss="fisher"))
     with pytest.raises(EfrapError, match="error_mode"):
-        get_method("efrap")(problem, quick(EFRAP_DEFAULTS, iters=1, error_mode="layer"))
+        get_method("efrap")(problem, quick(EFRAP_RELEASE, iters=1, error_mode="layer"))
     bare = LayerProblem("conv", problem.weight, problem.qparams)
     with pytest.raises(EfrapError, match="adaround needs cached inputs"):
         get_method("adaround")(bare, ADAROUND_DEFAULTS)
@@ -313,10 +313,13 @@ def test_registry() -> None:
     assert list(METHODS)[:3] == ["nearest", "adaround", "efrap"]
     assert METHODS["nearest"].needs(RoundingConfig()) == frozenset()
     assert METHODS["adaround"].needs(ADAROUND_DEFAULTS) == {"data"}
-    assert METHODS["efrap"].needs(EFRAP_DEFAULTS) == {"data", "bn_factors"}
-    assert METHODS["efrap"].needs(replace(EFRAP_DEFAULTS, error_units="exported")) == {"data"}
-    assert METHODS["efrap"].needs(replace(EFRAP_DEFAULTS, loss="fisher")) == {
+    assert METHODS["efrap"].needs(EFRAP_RELEASE) == {"data", "bn_factors"}
+    assert METHODS["efrap"].needs(replace(EFRAP_RELEASE, error_units="exported")) == {"data"}
+    assert METHODS["efrap"].needs(replace(EFRAP_RELEASE, loss="fisher")) == {
         "data", "bn_factors", "output_grads"}
     assert (ADAROUND_DEFAULTS.b_start, ADAROUND_DEFAULTS.b_end, ADAROUND_DEFAULTS.warmup) == (
         20.0, 2.0, 0.2)
-    assert RoundingConfig() == EFRAP_DEFAULTS  # RoundingConfig's defaults are the release's
+    # RoundingConfig's defaults are the release's, but for the output step sizes it learns.
+    assert replace(RoundingConfig(), act_lr=4e-5) == EFRAP_RELEASE
+    assert replace(EFRAP_RELEASE, error_units="steps", flip_weight=0.02, act_lr=0.0) == EFRAP_DEFAULT
+    assert METHODS["efrap"].defaults == EFRAP_DEFAULT

@@ -112,8 +112,10 @@ def print_guard(report: GuardReport) -> None:
         print(f"check: {why}")
 
 
-def quantize_with(args: argparse.Namespace, method: str, guard: GuardOptions | None = None) -> int:
-    """Quantize `args.model` with `method`, print the per-layer summary, write outputs.
+def quantize_with(args: argparse.Namespace, method: str, guard: GuardOptions | None = None,
+                  defaults: RoundingConfig | None = None) -> int:
+    """Quantize `args.model` with `method` (settings: `defaults` or the method's, overridden by
+    the options given), print the per-layer summary, write outputs.
 
     Returns:
         0, or 1 when `guard` is given and the defended model broke its budget (the
@@ -125,7 +127,7 @@ def quantize_with(args: argparse.Namespace, method: str, guard: GuardOptions | N
     options = QuantizeOptions(
         scheme=load_scheme(args.scheme), method=method, calib=args.calib,
         num_calib=args.num_calib, seed=args.seed, weight_storage=args.weight_storage,
-        rounding=rounding_config(args, get_method(method).defaults), device=args.device,
+        rounding=rounding_config(args, defaults or get_method(method).defaults), device=args.device,
         preprocess=preprocess_options(args), exclude=exclusions(args),
     )
     summary, report = quantize_file(args.model, args.output, options, guard)

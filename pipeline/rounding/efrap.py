@@ -37,10 +37,11 @@ import torch.nn.functional as F
 from pipeline.rounding.base import LayerProblem, ProgressCallback, RoundingConfig, RoundingResult
 from pipeline.rounding.learned import PLAIN_SIGMOID, LayerGrid, LearnedRounding, Penalty
 
-#: The release's settings (W4A4 config): 10,000 Adam steps at lr 1e-3, batch 32,
-#: regulariser 0.01 with b = 2 from the first step, flip penalty weight 1, element-wise
-#: errors, channel-summed MSE reconstruction.
-EFRAP_DEFAULTS = RoundingConfig(
+#: The release's settings (W4A4 config), the `release` preset: 10,000 Adam steps at lr
+#: 1e-3, batch 32, regulariser 0.01 with b = 2 from the first step, flip penalty weight 1,
+#: element-wise errors in the conv weight's pre-BN units, channel-summed MSE reconstruction,
+#: and each layer's output activation step size learned at scale_lr 4e-5 (cosine decay).
+EFRAP_RELEASE = RoundingConfig(
     iters=10_000,
     batch_size=32,
     lr=1e-3,
@@ -52,7 +53,19 @@ EFRAP_DEFAULTS = RoundingConfig(
     error_mode="element",
     loss="mse",
     error_units="pre_bn",
+    act_lr=4e-5,
 )
+
+#: The project's default defense, the `default` preset (docs/DEFENSE.md): the release's
+#: algorithm with each weight's truncation error measured in grid steps (|W/s - nearest|,
+#: in [0, 0.5]) and a flip weight of 0.02, the step size of the release's ordinary 4-bit
+#: layers, so the flip pressure the release puts on ordinary grids stays, and no longer
+#: grows with the grid's coarseness (an inflated or pinned grid) or the weight's scale.
+#: The output step sizes stay as calibrated.
+EFRAP_DEFAULT = replace(EFRAP_RELEASE, error_units="steps", flip_weight=0.02, act_lr=0.0)
+
+#: Named EFRAP settings (`efrap defend --preset`).
+EFRAP_PRESETS: dict[str, RoundingConfig] = {"default": EFRAP_DEFAULT, "release": EFRAP_RELEASE}
 
 
 def flip_targets(grid: LayerGrid) -> torch.Tensor:
@@ -95,7 +108,7 @@ class Efrap(LearnedRounding):
 
     name = "efrap"
     soft = PLAIN_SIGMOID
-    defaults = EFRAP_DEFAULTS
+    defaults = EFRAP_DEFAULT
 
     def needs(self, config: RoundingConfig) -> frozenset[str]:
         """Data for the reconstruction, and BN factors to weigh errors in pre-BN units."""
