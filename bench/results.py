@@ -1,27 +1,26 @@
-"""Defense results on QCB models, measured in onnxruntime; writes a table into docs/RESULTS.md.
+"""Defense results on QCB models, measured in onnxruntime; writes tables into docs/RESULTS.md.
 
 Usage:
-    python bench/results.py [--iters N] [--names NAME ...] [--limit N]
-    python bench/results.py --models A.onnx B.onnx ... [--iters N]     # held-out models
+    python bench/results.py [--iters N] [--names NAME ...] [--methods M ...] [--limit N]
+    python bench/results.py --models A.onnx B.onnx ... [--section NAME]   # held-out models
     python bench/results.py --merge A.json B.json    # combine partial runs (e.g. --names halves)
 
 For each model, under the scheme its attack targets: the FP model, and the model
-quantized with `nearest`, `adaround` and `efrap` (each with its own defaults, the
-release's 10,000 iterations per layer unless --iters), all verified with the model's
-trigger at optimization level `faithful` on the CPU provider. CDA is clean accuracy,
-ASR attack success over test images whose label is not the target, both in percent.
-Floors checked: EFRAP ASR at most 5% and CDA within 2 points of FP.
+quantized with each method at its own settings (the release's 10,000 iterations per layer
+unless --iters): `nearest`; `adaround` (reconstruction alone); `lac` (learned continuous
+offsets); EFRAP's `release` preset; EFRAP's `default` preset (the project's rule,
+docs/DEFENSE.md). All verified with the model's trigger at optimization level `faithful`
+on the CPU provider. CDA is clean accuracy, ASR attack success over test images whose
+label is not the target, both in percent. The default defense is checked against the
+floors (ASR at most 5%, CDA within 2 points of FP) and the goals (2% and 1 point); the
+winner of a row is the method with the highest CDA among those that meet the ASR goal,
+else the one with the lowest ASR.
 
 Zoo entries (the default) fill the table between the `results:zoo` markers of
 docs/RESULTS.md and bench/results/results.json; models given with --models (built by
 `efrap attack`, trigger beside them as NAME.trigger.json, scheme from their metadata)
-fill the `results:heldout` table and bench/results/heldout.json. Text outside the
-markers is kept.
-
-Carrier check (4-bit schemes): nearest rounding with only the weights at the scheme's
-bit-width (activations at 8 bits) and with only the activations at it (weights at 8
-bits) shows whether a backdoor rides on weight rounding, which weight-rounding
-defenses (AdaRound, EFRAP) can change, or on activation rounding, which they cannot.
+fill the `results:heldout` table (or --section's) and bench/results/heldout.json. Text
+outside the markers is kept.
 """
 
 from __future__ import annotations
@@ -42,15 +41,25 @@ from pipeline.base.onnx_io import get_metadata, load_model
 from pipeline.base.progress import log
 from pipeline.base.provenance import versions
 from pipeline.quantize import QuantizeOptions, quantize_file
-from pipeline.rounding import get_method
-from pipeline.scheme import Scheme, load_scheme
+from pipeline.rounding import RoundingConfig
+from pipeline.rounding.adaround import ADAROUND_DEFAULTS
+from pipeline.rounding.efrap import EFRAP_DEFAULT, EFRAP_RELEASE
+from pipeline.rounding.lac import LAC_DEFAULTS
+from pipeline.scheme import load_scheme
 from validators.verify import VerifyOptions, verify_model
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("nearest", "adaround", "efrap")
-HEADERS = ["model", "scheme", "carrier", "FP CDA/ASR", "nearest CDA/ASR", "adaround CDA/ASR",
-           "efrap CDA/ASR", "floors", "nearest, low-bit weights only",
-           "nearest, low-bit activations only"]
+#: Column label -> (rounding method, its settings; None: the method's own).
+METHODS: dict[str, tuple[str, RoundingConfig | None]] = {
+    "nearest": ("nearest", None),
+    "adaround": ("adaround", ADAROUND_DEFAULTS),
+    "lac": ("lac", LAC_DEFAULTS),
+    "release": ("efrap", EFRAP_RELEASE),
+    "default": ("efrap", EFRAP_DEFAULT),
+}
+DEFENSES = ("adaround", "lac", "release", "default")
+HEADERS = ["model", "scheme", "FP CDA/ASR", "nearest CDA/ASR", "adaround CDA/ASR", "lac CDA/ASR",
+           "efrap release CDA/ASR", "efrap default CDA/ASR", "default: floors / goals", "winner"]
 
 
 @dataclass(frozen=True)
@@ -92,60 +101,66 @@ def measure(path: str, trigger: str, data: str, limit: int | None) -> dict[str, 
     return {"cda": 100 * r.clean_accuracy, "asr": 100 * r.attack_success_rate}
 
 
-def low_bit(scheme: Scheme) -> bool:
-    """Whether the scheme rounds weights or activations below 8 bits."""
-    return scheme.weight.bits < 8 or scheme.activation.bits < 8
-
-
 def measure_subject(s: Subject, iters: int | None, seed: int, limit: int | None, tmp: str,
-                    methods: tuple[str, ...] = METHODS) -> dict:
-    """Every method (and the carrier check) on one model."""
+                    methods: tuple[str, ...] = tuple(METHODS)) -> dict:
+    """Every method on one model."""
     scheme = load_scheme(s.scheme)
     row: dict = {"model": s.name, "scheme": s.scheme, "carrier": s.carrier,
                  "fp": measure(s.path, s.trigger, s.data, limit)}
-    for method in methods:
-        config = get_method(method).defaults
-        if iters is not None:
+    for label in methods:
+        method, config = METHODS[label]
+        if config is not None and iters is not None:
             config = replace(config, iters=iters)
-        out = str(Path(tmp) / f"{s.name}.{method}.onnx")
+        out = str(Path(tmp) / f"{s.name}.{label}.onnx")
         t0 = time.perf_counter()
         quantize_file(s.path, out, QuantizeOptions(scheme=scheme, method=method, calib=s.data,
                                                    seed=seed, rounding=config))
-        row[method] = measure(out, s.trigger, s.data, limit)
-        row[method]["seconds"] = round(time.perf_counter() - t0, 1)
-        if method != "nearest":
-            row[method]["iters"] = config.iters
-        log(f"{s.name} {method}: CDA {row[method]['cda']:.2f} ASR {row[method]['asr']:.2f}")
-    if low_bit(scheme):
-        variants = {"weights_only": replace(scheme, activation=scheme.activation.with_bits(8)),
-                    "activations_only": replace(scheme, weight=scheme.weight.with_bits(8))}
-        for label, variant in variants.items():
-            out = str(Path(tmp) / f"{s.name}.{label}.onnx")
-            quantize_file(s.path, out, QuantizeOptions(scheme=variant, calib=s.data, seed=seed))
-            row[label] = measure(out, s.trigger, s.data, limit)
-    e = row["efrap"]
-    row["floors_met"] = e["asr"] <= 5.0 and row["fp"]["cda"] - e["cda"] <= 2.0
+        row[label] = measure(out, s.trigger, s.data, limit)
+        row[label]["seconds"] = round(time.perf_counter() - t0, 1)
+        if config is not None:
+            row[label]["iters"] = config.iters
+        log(f"{s.name} {label}: CDA {row[label]['cda']:.2f} ASR {row[label]['asr']:.2f}")
     return row
 
 
-def pair(m: dict | None, missing: str = "n/a (8-bit)") -> str:
+def checks_of(row: dict) -> tuple[str, str]:
+    """('met'/'MISSED' floors / goals of the default defense, the row's winner)."""
+    fp, d = row["fp"], row.get("default")
+    verdict = "not run"
+    if d:
+        floors = d["asr"] <= 5.0 and fp["cda"] - d["cda"] <= 2.0
+        goals = d["asr"] <= 2.0 and fp["cda"] - d["cda"] <= 1.0
+        verdict = f"{'met' if floors else 'MISSED'} / {'met' if goals else 'missed'}"
+    ran = [m for m in DEFENSES if m in row]
+    good = [m for m in ran if row[m]["asr"] <= 2.0]
+    winner = (max(good, key=lambda m: row[m]["cda"]) if good
+              else min(ran, key=lambda m: row[m]["asr"]) if ran else "-")
+    return verdict, winner
+
+
+def pair(m: dict | None, missing: str = "not run") -> str:
     """'CDA / ASR' of a measurement, or `missing`."""
     return f"{m['cda']:.2f} / {m['asr']:.2f}" if m else missing
 
 
 def render(results: list[dict], command: str, seed: int) -> str:
     """The Markdown table with its command, settings and versions."""
-    rows = [[r["model"], r["scheme"], r["carrier"], pair(r["fp"]), pair(r["nearest"]),
-             pair(r.get("adaround"), "not run"), pair(r["efrap"]), "met" if r["floors_met"] else "MISSED",
-             pair(r.get("weights_only")), pair(r.get("activations_only"))] for r in results]
-    iters = {m: next((r[m]["iters"] for r in results if m in r), None) for m in ("adaround", "efrap")}
+    rows = []
+    for r in results:
+        verdict, winner = checks_of(r)
+        rows.append([r["model"], r["scheme"], pair(r["fp"]), *(pair(r.get(m)) for m in METHODS),
+                     verdict, winner])
+    iters = {m: next((r[m]["iters"] for r in results if m in r and "iters" in r[m]), None)
+             for m in DEFENSES}
+    met = sum(checks_of(r)[0].startswith("met") for r in results)
+    goals = sum(checks_of(r)[0].endswith("/ met") for r in results)
     lines = [f"Command: `{command}`", "", "| " + " | ".join(HEADERS) + " |",
              "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    lines += ["", f"Iterations per layer: adaround {iters.get('adaround')}, efrap "
-              f"{iters.get('efrap')}; one seed ({seed}) for every run: the 1,024 calibration "
-              f"images, the values the observers sample and learned rounding's batches. Floors met on "
-              f"{sum(r['floors_met'] for r in results)} of {len(results)} models.", "",
+    lines += ["", "Iterations per layer: " + ", ".join(f"{m} {n}" for m, n in iters.items()) +
+              f"; one seed ({seed}) for every run: the 1,024 calibration images, the values the "
+              f"observers sample and learned rounding's batches. The default defense meets the floors "
+              f"on {met} and the goals on {goals} of {len(results)} models.", "",
               f"Versions: {json.dumps(versions(), sort_keys=True)}"]
     return "\n".join(lines)
 
@@ -170,8 +185,10 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", help="held-out FP ONNX models instead of the zoo")
     parser.add_argument("--limit", type=int, default=None, help="first N test images only")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
-                        help="rounding methods to run (nearest and efrap are always needed)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=tuple(METHODS),
+                        help="methods to run (nearest and default are always run)")
+    parser.add_argument("--section", default=None, help="the section of --doc to fill (default: "
+                        "zoo, or heldout with --models)")
     parser.add_argument("--json", default=None, help="default bench/results/{results,heldout}.json")
     parser.add_argument("--doc", default=str(ROOT / "docs/RESULTS.md"))
     parser.add_argument("--merge", nargs="+", default=None,
@@ -181,10 +198,10 @@ def main() -> None:
     if args.merge:
         merge(args.merge, args.json, Path(args.doc))
         return
-    section = "heldout" if args.models else "zoo"
+    section = args.section or ("heldout" if args.models else "zoo")
     subjects = file_subjects(args.models) if args.models else zoo_subjects(args.names)
     with tempfile.TemporaryDirectory() as tmp:
-        methods = tuple(m for m in METHODS if m in {*args.methods, "nearest", "efrap"})
+        methods = tuple(m for m in METHODS if m in {*args.methods, "nearest", "default"})
         results = [measure_subject(s, args.iters, args.seed, args.limit, tmp, methods)
                    for s in subjects]
     command = "python bench/results.py" + (f" --iters {args.iters}" if args.iters else "") + (
@@ -203,8 +220,8 @@ def main() -> None:
 
 
 def default_json(section: str) -> Path:
-    """bench/results/results.json for the zoo, heldout.json for held-out models."""
-    return ROOT / f"bench/results/{'heldout' if section == 'heldout' else 'results'}.json"
+    """bench/results/results.json for the zoo, SECTION.json for any other section."""
+    return ROOT / f"bench/results/{'results' if section == 'zoo' else section}.json"
 
 
 def write_json(path: Path, payload: dict) -> None:
