@@ -11,6 +11,7 @@ quantizer is simulated exactly by `models.attacks.qsim.QSim`.
 
 from __future__ import annotations
 
+from models.attacks.badnets import BadNets
 from models.attacks.base import Attack
 from models.attacks.compartifact import CompArtifact
 from models.attacks.pqbackdoor import PQBackdoor
@@ -21,6 +22,7 @@ ATTACKS: dict[str, type[Attack]] = {
     CompArtifact.name: CompArtifact,
     QuantizationBackdoor.name: QuantizationBackdoor,
     PQBackdoor.name: PQBackdoor,
+    BadNets.name: BadNets,
 }
 
 

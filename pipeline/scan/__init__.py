@@ -1,0 +1,24 @@
+"""The scan: does an FP model carry a backdoor that the deployment quantization wakes?
+
+    from pipeline.scan import ScanOptions, scan_model
+    from pipeline.scheme import load_scheme
+    report = scan_model("model.onnx", ScanOptions(scheme=load_scheme("w4a4")))
+    report.verdict.verdict, report.verdict.target, report.to_json()
+
+Modules: `sides` (the FP, nearest and defended models as differentiable functions of
+[0, 1] images), `search` (trigger reverse-engineering), `verdict` (the decision, pure
+functions of per-class trigger sizes), `report` (the JSON report), `run` (`scan_model`).
+docs/SCAN.md describes the method and its measured results.
+"""
+
+from __future__ import annotations
+
+from pipeline.scan.report import DefendedScan, Figures, ScanReport
+from pipeline.scan.run import ScanOptions, scan_model
+from pipeline.scan.search import FAMILIES, Found, SearchConfig
+from pipeline.scan.verdict import VERDICTS, TestResult, Verdict, VerdictRule, decide, run_test
+
+__all__ = [
+    "FAMILIES", "VERDICTS", "DefendedScan", "Figures", "Found", "ScanOptions", "ScanReport", "SearchConfig",
+    "TestResult", "Verdict", "VerdictRule", "decide", "run_test", "scan_model",
+]

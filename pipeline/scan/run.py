@@ -1,0 +1,391 @@
+"""`scan_model`: decide, with no trigger and only clean unlabelled data, whether a model carries
+a backdoor that the deployment quantization wakes.
+
+1. The nearest deployment is built exactly as `efrap quantize --method nearest` builds it
+   (same scheme, calibration images and seed), and both it and the FP model become
+   differentiable functions of [0, 1] images (pipeline.scan.sides).
+2. Candidate targets: every class, or, with more classes than `max_targets`, a
+   shortlist ranked by the clean-data drift of the nearest model and a short probe
+   of the differential objective per class (K-Arm's idea of spending the search on
+   the promising classes: Shen et al., "Backdoor Scanning for Deep Neural Networks
+   through K-Arm Optimization", ICML 2021).
+3. Per candidate: the differential searches (each trigger family) and Neural Cleanse
+   on the FP model (pipeline.scan.search), within the time budget.
+4. The verdict (pipeline.scan.verdict) from the per-class trigger sizes.
+5. The recovered trigger's attack success in onnxruntime, on held-out training images
+   that neither calibration nor the search used: FP, nearest, and with `defended`
+   the defended model, which is then searched afresh as the quantized side.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import onnx
+import torch
+
+from pipeline.base import checks
+from pipeline.base.errors import EfrapError
+from pipeline.base.onnx_io import check_logits, fixed_batch, image_input, load_model
+from pipeline.base.preprocess import PreparedImages, Preprocess
+from pipeline.base.progress import Progress, log
+from pipeline.base.provenance import versions
+from pipeline.base.runtime import OPT_LEVELS, PROVIDERS, Session, make_session
+from pipeline.base.safe_io import file_sha256
+from pipeline.base.seeds import derive
+from pipeline.base.trigger import PatternTrigger
+from pipeline.prepare import prepare_model
+from pipeline.quantize import QuantizeOptions, calibration_images, holdout_images, quantize_model
+from pipeline.scan.report import DefendedScan, Figures, ScanReport, recovered_trigger
+from pipeline.scan.search import FAMILIES, Found, SearchConfig, drift, search_class
+from pipeline.scan.sides import Side, fp_side, nearest_side, qdq_side
+from pipeline.scan.verdict import TestResult, VerdictRule, decide, run_test
+from pipeline.scheme import Scheme
+from validators.metrics import attack_success
+
+#: Share of the budget kept for the onnxruntime figures after the searches (at most RESERVE_MAX s).
+RESERVE_SHARE = 0.1
+RESERVE_MAX = 15.0
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """Settings of one scan, checked when built.
+
+    Attributes:
+        scheme: The deployment's quantization scheme (the nearest model is built with it).
+        calib: Data spec of the clean unlabelled images (training split): calibration of
+            the nearest model, the searches, and the held-out figures.
+        num_calib: Calibration images (as `efrap quantize`; the default 1,024 and seed
+            reproduce its nearest model exactly). A quarter of them (at most
+            `eval_images`) check the triggers; the rest drive the search.
+        seed: The scan's one seed (calibration images, search batches and initial patterns).
+        budget: Seconds the whole scan may take (searches split what is left; None: no limit).
+        holdout: Held-out training images for the onnxruntime figures.
+        search: Settings of each class's search.
+        rule: Thresholds of the verdict.
+        families: Trigger families of the differential search ("patch", "blend").
+        fp_families: Trigger families of Neural Cleanse on the FP model.
+        max_targets: Most classes searched; with more classes, a ranked shortlist.
+        probe_steps: Steps of the short differential probe that ranks a shortlist.
+        eval_images: Most calibration images set aside to check the triggers.
+        opt_level: onnxruntime optimization level of the figures.
+        provider: onnxruntime provider ("auto", "cpu", "cuda").
+        preprocess: Checked preprocessing fields given by the user; None: what the model records.
+    """
+
+    scheme: Scheme
+    calib: str = "fashion-mnist"
+    num_calib: int = 1024
+    seed: int = 0
+    budget: float | None = None
+    holdout: int = 1000
+    search: SearchConfig = field(default_factory=SearchConfig)
+    rule: VerdictRule = field(default_factory=VerdictRule)
+    families: tuple[str, ...] = ("patch", "blend")
+    fp_families: tuple[str, ...] = ("patch",)
+    max_targets: int = 10
+    probe_steps: int = 20
+    eval_images: int = 256
+    opt_level: str = "faithful"
+    provider: str = "auto"
+    preprocess: dict | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.scheme, Scheme):
+            raise EfrapError(f"scheme must be a Scheme (pipeline.scheme.load_scheme), got {self.scheme!r}")
+        checks.string(self.calib, "calibration data")
+        checks.integer(self.num_calib, "number of calibration images", low=8)
+        checks.integer(self.seed, "seed", low=0, high=2**63 - 1)
+        if self.budget is not None:
+            checks.finite(self.budget, "budget (seconds)", low=0.0, low_open=True)
+        checks.integer(self.holdout, "held-out images", low=1)
+        if not self.families:
+            raise EfrapError("the differential search needs at least one trigger family")
+        for family in (*self.families, *self.fp_families):
+            checks.string(family, "trigger family", FAMILIES)
+        # An outlier test needs at least three classes to compare.
+        checks.integer(self.max_targets, "most searched classes", low=3)
+        checks.integer(self.probe_steps, "probe steps", low=1)
+        checks.integer(self.eval_images, "evaluation images", low=1)
+        checks.string(self.opt_level, "onnxruntime optimization level", tuple(OPT_LEVELS))
+        checks.string(self.provider, "provider", PROVIDERS)
+
+    def to_json(self) -> dict[str, object]:
+        """JSON-ready settings (the report's `settings`)."""
+        return {"scheme": self.scheme.name, "calib": self.calib, "num_calib": self.num_calib,
+                "seed": self.seed, "budget": self.budget, "holdout": self.holdout,
+                "search": asdict(self.search), "rule": asdict(self.rule), "families": list(self.families),
+                "fp_families": list(self.fp_families), "max_targets": self.max_targets,
+                "probe_steps": self.probe_steps, "eval_images": self.eval_images,
+                "opt_level": self.opt_level, "provider": self.provider}
+
+
+@dataclass
+class _Data:
+    """The scan's images in [0, 1] and their FP clean predictions."""
+
+    opt_x: torch.Tensor
+    opt_y: torch.Tensor
+    eval_x: torch.Tensor
+    eval_y: torch.Tensor
+
+
+@dataclass
+class _Clock:
+    """Splits what is left of the budget over the searches still to run."""
+
+    end: float
+    left: int
+    cut: bool = False
+
+    def next_deadline(self) -> float:
+        """Deadline of the next search: an equal share of the time left."""
+        now = time.perf_counter()
+        share = (self.end - now) / max(1, self.left)
+        self.left -= 1
+        return now + share if math.isfinite(share) else math.inf
+
+    def out(self) -> bool:
+        return time.perf_counter() >= self.end
+
+
+def _raw(images: object, what: str) -> np.ndarray:
+    """Images in [0, 1] behind model-ready inputs (the trigger is stamped before preprocessing)."""
+    if not isinstance(images, PreparedImages):
+        raise EfrapError(f"{what}: the scan stamps triggers on images in [0, 1] before preprocessing; "
+                         "give a data set (fashion-mnist, cifar10:PATH, imagefolder:PATH, ...), not "
+                         "model-ready arrays")
+    return images.dataset.take(images.index)
+
+
+def _split(raw: np.ndarray, labels: torch.Tensor, options: ScanOptions) -> _Data:
+    """Optimisation and evaluation images, chosen with the seed."""
+    n = len(raw)
+    n_eval = max(1, min(options.eval_images, n // 4))
+    perm = np.random.default_rng(derive(options.seed, "scan-eval")).permutation(n)
+    ev, opt = np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
+    x = torch.from_numpy(raw)
+    return _Data(x[opt], labels[opt], x[ev], labels[ev])
+
+
+def _search(wake: Side, keep: Side | None, data: _Data, target: int, family: str, options: ScanOptions,
+            deadline: float, cfg: SearchConfig | None = None) -> Found:
+    mode = "fp" if keep is None else f"diff-{wake.name}"
+    seed = derive(options.seed, "scan", mode, family, str(target))
+    return search_class(wake, keep, data.opt_x, data.opt_y, data.eval_x, data.eval_y, target, family,
+                        cfg or options.search, seed, deadline)
+
+
+def shortlist(fp: Side, q: Side, data: _Data, drifts: np.ndarray, options: ScanOptions,
+              clock: _Clock) -> tuple[list[int], str | None]:
+    """The classes to search: all of them, or the `max_targets` most promising.
+
+    With more classes than `max_targets`, the 4 x `max_targets` classes with the largest
+    drift get a short differential probe each (no size term), and those whose probe
+    succeeds most (drift breaking ties) are kept.
+    """
+    classes = len(drifts)
+    if classes <= options.max_targets:
+        return list(range(classes)), None
+    pool = [int(c) for c in np.argsort(-drifts, kind="stable")[: 4 * options.max_targets]]
+    probe = SearchConfig(**{**asdict(options.search), "steps": options.probe_steps,
+                            "patience": options.probe_steps, "cost_init": 1e-6})
+    small = _Data(data.opt_x, data.opt_y, data.eval_x[:64], data.eval_y[:64])
+    scores = []
+    bar = Progress(f"scan: probing {len(pool)} of {classes} classes", total=len(pool))
+    for c in pool:
+        found = _search(q, fp, small, c, options.families[0], options,
+                        min(clock.end, time.perf_counter() + 10.0), probe)
+        scores.append((found.success, float(drifts[c]), c))
+        bar.update(postfix=f"class {c}: {100 * found.success:.0f}%")
+    bar.close()
+    keep = [c for _, _, c in sorted(scores, key=lambda s: (-s[0], -s[1], s[2]))[: options.max_targets]]
+    return keep, (f"{classes} classes: searched the {len(keep)} best of {len(pool)} probed, ranked by "
+                  "clean-data drift then a short differential probe")
+
+
+def _test(name: str, searches: dict[int, list[Found]], pick: Callable[[Found], bool],
+          rule: VerdictRule) -> TestResult:
+    """The outlier test over the smallest trigger per class among the searches `pick` selects."""
+    classes, sizes, found = [], [], []
+    for c, results in sorted(searches.items()):
+        chosen = [f for f in results if pick(f)]
+        if not chosen:
+            continue
+        classes.append(c)
+        sizes.append(min(f.size for f in chosen))
+        found.append(any(f.found for f in chosen))
+    return run_test(name, classes, sizes, found, rule)
+
+
+def _best(results: list[Found]) -> Found | None:
+    """The smallest found trigger, else the one closest to success."""
+    if not results:
+        return None
+    found = [f for f in results if f.found]
+    if found:
+        return min(found, key=lambda f: f.size)
+    return max(results, key=lambda f: f.success)
+
+
+def _figures(trigger: PatternTrigger, raw: np.ndarray, pre: Preprocess, sessions: dict[str, Session],
+             fp_pred: np.ndarray, clean: dict[str, np.ndarray]) -> Figures:
+    """The trigger's attack success in onnxruntime on held-out images."""
+    inputs = pre.apply(trigger.apply(raw))
+    asr = {name: attack_success(s.run(inputs), fp_pred, trigger.target).rate for name, s in sessions.items()}
+    agreement = {name: float((pred == fp_pred).mean()) for name, pred in clean.items()}
+    return Figures(asr=asr, agreement=agreement, images=len(raw),
+                   non_target_images=int((fp_pred != trigger.target).sum()))
+
+
+def _load_defended(path: str, model: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    defended = load_model(path)
+    if image_input(defended, path).shape[1:] != image_input(model, source).shape[1:]:
+        raise EfrapError(f"{path}: the defended model's input does not match {source}'s")
+    check_logits(defended, path)
+    if not any(n.op_type == "DequantizeLinear" for n in defended.graph.node):
+        raise EfrapError(f"{path}: --defended must be a quantized (QDQ) model, e.g. from efrap defend")
+    return defended
+
+
+def scan_model(model_path: str, options: ScanOptions, defended: str | None = None) -> ScanReport:
+    """Scan an FP model for a backdoor that the deployment quantization wakes.
+
+    Args:
+        model_path: The FP ONNX model.
+        options: Scheme, data, seed, budget and search settings.
+        defended: A defended QDQ model of the same FP model (`efrap defend`) to scan too.
+
+    Raises:
+        EfrapError: unreadable model or data, data the model cannot take, a graph the
+            PyTorch simulation does not cover, a fixed batch size.
+    """
+    start, cpu_start = time.perf_counter(), time.process_time()
+    end = start + options.budget if options.budget is not None else math.inf
+    torch.manual_seed(derive(options.seed, "scan-torch"))
+    model = load_model(model_path)
+    image_input(model, model_path)
+    check_logits(model, model_path)
+    if fixed_batch(model) is not None:
+        raise EfrapError(f"{model_path}: the input has a fixed batch size ({fixed_batch(model)}); the scan "
+                         "runs batches of images (export with a dynamic batch)")
+    defended_model = _load_defended(defended, model, model_path) if defended is not None else None
+    images, pre = calibration_images(model, options.calib, options.num_calib, options.seed, model_path,
+                                     options.preprocess)
+    raw = _raw(images, options.calib)
+    log(f"scan: building the nearest {options.scheme.name} deployment of {model_path} "
+        f"({len(raw)} calibration images)")
+    qdq, result, _ = quantize_model(model, images, QuantizeOptions(
+        options.scheme, method="nearest", calib=options.calib, num_calib=options.num_calib,
+        seed=options.seed, device="cpu", provider=options.provider, preprocess=options.preprocess),
+        model_path, pre)
+    fp = fp_side(prepare_model(model, model_path), pre, model_path)
+    q = nearest_side(fp, result)
+    fp_logits, q_logits = fp.logits(torch.from_numpy(raw)), q.logits(torch.from_numpy(raw))
+    if fp_logits.shape[1] < 2:
+        raise EfrapError(f"{model_path}: the scan needs a classifier with at least 2 classes")
+    data = _split(raw, fp_logits.argmax(1), options)
+    drifts = drift(fp_logits, q_logits)
+    defended_side = qdq_side("defended", defended_model, pre, defended) \
+        if defended_model is not None and defended is not None else None
+
+    reserve = min(RESERVE_SHARE * options.budget, RESERVE_MAX) if options.budget is not None else 0.0
+    clock = _Clock(end=end - reserve, left=0)
+    notes: list[str] = []
+    targets, note = shortlist(fp, q, data, drifts, options, clock)
+    if note:
+        notes.append(note)
+    jobs: list[tuple[int, Side, Side | None, str]] = []
+    for c in targets:
+        jobs += [(c, q, fp, f) for f in options.families] + [(c, fp, None, f) for f in options.fp_families]
+    if defended_side is not None:
+        jobs += [(c, defended_side, fp, f) for c in targets for f in options.families]
+    clock.left = len(jobs)
+    searches: dict[int, list[Found]] = {}
+    defended_searches: dict[int, list[Found]] = {}
+    bar = Progress(f"scan: {len(jobs)} trigger searches over {len(targets)} classes", total=len(jobs))
+    for c, wake, keep, family in jobs:
+        if clock.out():
+            clock.cut = True
+            break
+        found = _search(wake, keep, data, c, family, options, clock.next_deadline())
+        clock.cut |= found.cut_short
+        (defended_searches if wake is defended_side else searches).setdefault(c, []).append(found)
+        size = f"size {found.size:.3f}" if found.found else "none"
+        label = "fp" if keep is None else f"{wake.name} vs fp"
+        bar.update(postfix=f"class {c} {label} {family}: {size}")
+    bar.close()
+    if clock.cut:
+        notes.append("the time budget cut the search short: some searches stopped early or never ran")
+
+    diff_test = _test("differential", searches, lambda f: f.mode == "diff", options.rule)
+    fp_test = _test("fp", searches, lambda f: f.mode == "fp", options.rule)
+    verdict = decide(diff_test, fp_test)
+    done = sum(len(fs) for fs in searches.values())
+    planned = len(targets) * (len(options.families) + len(options.fp_families))
+    if clock.cut and verdict.verdict == "clean" and done < planned:
+        # A search that never ran found nothing: "clean" is only as sure as the share that ran.
+        verdict = replace(verdict, confidence=verdict.confidence * done / planned,
+                          reason=f"{verdict.reason} (the budget let {done} of {planned} searches run)")
+    chosen: Found | None
+    if verdict.verdict == "fp-backdoor":
+        chosen = _best([f for f in searches.get(verdict.target, []) if f.mode == "fp"])  # type: ignore[arg-type]
+    else:
+        cand = diff_test.candidate
+        pool = [f for fs in searches.values() for f in fs if f.mode == "diff"]
+        chosen = _best([f for f in pool if f.target == cand]) if cand is not None else _best(pool)
+    trigger = recovered_trigger(chosen) if chosen is not None else None
+
+    log("scan: measuring in onnxruntime on held-out images")
+    hold, _ = holdout_images(model, options.calib, options.num_calib, options.holdout, options.seed,
+                             model_path, options.preprocess)
+    raw_hold = _raw(hold, options.calib)
+    sessions = {"fp": make_session(model, options.opt_level, options.provider),
+                "nearest": make_session(qdq, options.opt_level, options.provider)}
+    if defended_model is not None:
+        sessions["defended"] = make_session(defended_model, options.opt_level, options.provider)
+    clean_in = pre.apply(raw_hold)
+    clean = {name: s.run(clean_in).argmax(1) for name, s in sessions.items()}
+    fp_pred = clean["fp"]
+    hold_t = torch.from_numpy(raw_hold)
+    parity = {"fp": float((fp.logits(hold_t).argmax(1).numpy() != fp_pred).mean()),
+              "nearest": float((q.logits(hold_t).argmax(1).numpy() != clean["nearest"]).mean())}
+    figures = _figures(trigger, raw_hold, pre, sessions, fp_pred, clean) if trigger is not None else None
+
+    defended_part = None
+    defended_seconds = None
+    if defended_model is not None and defended is not None:
+        t_def = time.perf_counter()
+        d_test = _test("differential", defended_searches, lambda f: True, options.rule)
+        d_verdict = decide(d_test, fp_test)
+        own_found = _best([f for fs in defended_searches.values() for f in fs
+                           if d_test.candidate is None or f.target == d_test.candidate])
+        own = None
+        if own_found is not None:
+            own = (own_found, _figures(recovered_trigger(own_found), raw_hold, pre, sessions, fp_pred, clean))
+        defended_part = DefendedScan(model=defended, model_sha256=file_sha256(defended), recovered=figures,
+                                     verdict=d_verdict, searches=defended_searches, own_trigger=own)
+        defended_seconds = time.perf_counter() - t_def + sum(
+            f.seconds for fs in defended_searches.values() for f in fs)
+
+    provenance = {
+        "data": options.calib, "scheme": options.scheme.to_json(), "seed": options.seed,
+        "calibration_images": len(raw), "search_images": len(data.opt_x),
+        "evaluation_images": len(data.eval_x),
+        "holdout_images": len(raw_hold), "preprocessing": pre.to_json(),
+        "onnxruntime": {"opt_level": options.opt_level, "provider": sessions["fp"].provider},
+        "threads": torch.get_num_threads(), "versions": versions(),
+    }
+    return ScanReport(
+        model=model_path, model_sha256=file_sha256(model_path), verdict=verdict, trigger=trigger,
+        trigger_found=chosen, figures=figures, classes=int(fp_logits.shape[1]), searched=tuple(targets),
+        drift=tuple(float(d) for d in drifts), searches=searches, parity=parity, defended=defended_part,
+        settings=options.to_json(), provenance=provenance, cut_short=clock.cut,
+        seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start,
+        defended_seconds=defended_seconds, notes=tuple(notes))
+

@@ -1,0 +1,203 @@
+"""The scan's decision: pure functions of the per-class trigger sizes.
+
+Two tests, one rule (Neural Cleanse's outlier test, Wang et al., IEEE S&P 2019):
+
+- the differential test: the smallest trigger that wakes the nearest-quantized model
+  while the FP model keeps its prediction, per class. A quantization-conditioned
+  backdoor (QCB) leaves one class with a small such trigger; a clean model has none,
+  or none that stands out;
+- the FP test: Neural Cleanse on the FP model alone. A backdoor already active in FP
+  (plain poisoning, BadNets) leaves one class with an anomalously small trigger.
+
+For each test, the sizes (mask mean over the image, 1.0 when no trigger was found)
+are compared in log space: the anomaly index of class t is
+``(median(log s) - log s_t) / (1.4826 * MAD(log s))``, Neural Cleanse's
+median-absolute-deviation index with the consistency constant of a normal
+distribution (Hampel, "The Influence Curve and Its Role in Robust Estimation",
+JASA 1974). Only small sizes are anomalous. The MAD is floored (`mad_floor`), since
+a clean model whose classes all fail gives a MAD of zero. A class is flagged when its
+trigger was found, its index reaches `threshold` (Neural Cleanse: 2, a ~95%
+one-sided level) and its size is at most `max_ratio` times the median: both an
+outlier and a large effect. The evidence of a test is the smaller of the index and
+the ratio mapped onto the index's scale (``threshold * log(ratio) / log(max_ratio)``),
+so either criterion can hold a flag back; the confidence is a logistic function of the
+evidence around `threshold`.
+
+Verdict: `fp-backdoor` when the FP test flags a class (the backdoor is active without
+quantization, whatever the differential test says about the same class), else `qcb`
+when the differential test flags one, else `clean`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.base import checks
+from pipeline.base.errors import EfrapError
+
+VERDICTS = ("qcb", "fp-backdoor", "clean")
+#: Smallest size taken into the log (a one-pixel trigger on a 100x100 image).
+MIN_SIZE = 1e-4
+#: Median absolute deviation -> standard deviation of a normal distribution.
+CONSISTENCY = 1.4826
+
+
+@dataclass(frozen=True)
+class VerdictRule:
+    """Thresholds of the decision.
+
+    Attributes:
+        threshold: Anomaly index a class must reach (Neural Cleanse: 2).
+        max_ratio: Largest size, relative to the median of all classes, of a flagged
+            differential trigger.
+        fp_max_ratio: The same for the FP test. Stricter: any undefended classifier has
+            universal adversarial patches, and a class that is naturally easy to reach
+            (Fashion-MNIST's bag) comes within a factor of two of the median; a planted
+            trigger is several times smaller (docs/SCAN.md).
+        mad_floor: Floor on the scaled MAD of the log sizes (log units; 0.1 is 10%).
+        steepness: Slope of the logistic confidence per unit of evidence.
+    """
+
+    threshold: float = 2.0
+    max_ratio: float = 0.5
+    fp_max_ratio: float = 0.25
+    mad_floor: float = 0.1
+    steepness: float = 2.0
+
+    def __post_init__(self) -> None:
+        checks.finite(self.threshold, "anomaly threshold", low=0.0, low_open=True)
+        for value, what in ((self.max_ratio, "largest size ratio"),
+                            (self.fp_max_ratio, "largest FP size ratio")):
+            checks.finite(value, what, low=0.0, high=1.0, low_open=True)
+            if value >= 1.0:
+                raise EfrapError(f"{what} must be below 1")
+        checks.finite(self.mad_floor, "MAD floor", low=0.0, low_open=True)
+        checks.finite(self.steepness, "confidence steepness", low=0.0, low_open=True)
+
+
+@dataclass(frozen=True)
+class TestResult:
+    """One test (differential or FP) over the searched classes.
+
+    Attributes:
+        name: "differential" or "fp".
+        classes: The searched classes, in the order of the sizes.
+        anomaly: Anomaly index per class.
+        ratio: Size over the median size, per class.
+        evidence: min(anomaly, ratio on the anomaly scale); -inf where nothing was found.
+        candidate: The class with the most evidence (None: nothing found at all).
+        flagged: Whether the candidate is flagged.
+        probability: Logistic of the candidate's evidence around the threshold.
+    """
+
+    name: str
+    classes: tuple[int, ...]
+    anomaly: tuple[float, ...]
+    ratio: tuple[float, ...]
+    evidence: tuple[float, ...]
+    candidate: int | None
+    flagged: bool
+    probability: float
+
+    def to_json(self) -> dict[str, object]:
+        """JSON-ready form (non-finite evidence as null)."""
+        def num(v: float) -> float | None:
+            return round(v, 4) if math.isfinite(v) else None
+
+        return {"name": self.name, "candidate": self.candidate, "flagged": self.flagged,
+                "probability": round(self.probability, 4),
+                "per_class": {str(c): {"anomaly": num(a), "ratio": num(r), "evidence": num(e)}
+                              for c, a, r, e in zip(self.classes, self.anomaly, self.ratio, self.evidence,
+                                                    strict=True)}}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The decision.
+
+    Attributes:
+        verdict: "qcb", "fp-backdoor" or "clean".
+        target: The suspected target (None when clean).
+        confidence: Probability-like confidence in the verdict, in [0, 1].
+        differential: The differential test.
+        fp: The FP test.
+        reason: One sentence saying why.
+    """
+
+    verdict: str
+    target: int | None
+    confidence: float
+    differential: TestResult
+    fp: TestResult
+    reason: str
+
+
+def anomaly_indices(sizes: Sequence[float], mad_floor: float = 0.1) -> np.ndarray:
+    """Neural Cleanse's anomaly index of each size, in log space, positive for small ones."""
+    logs = np.log(np.clip(np.asarray(sizes, dtype=np.float64), MIN_SIZE, 1.0))
+    if len(logs) == 0:
+        return logs
+    median = float(np.median(logs))
+    mad = max(CONSISTENCY * float(np.median(np.abs(logs - median))), mad_floor)
+    return (median - logs) / mad
+
+
+def _logistic(x: float) -> float:
+    if x == -math.inf:
+        return 0.0
+    return 1.0 / (1.0 + math.exp(-max(min(x, 50.0), -50.0)))
+
+
+def run_test(name: str, classes: Sequence[int], sizes: Sequence[float], found: Sequence[bool],
+             rule: VerdictRule) -> TestResult:
+    """The outlier test over one set of per-class trigger sizes (see the module docstring).
+
+    Args:
+        name: The test's name.
+        classes: Class of each size.
+        sizes: Smallest trigger per class (mask mean; 1.0 when none was found).
+        found: Whether a trigger was found per class.
+        rule: Thresholds (the FP test, `name` "fp", uses `fp_max_ratio`).
+    """
+    max_ratio = rule.fp_max_ratio if name == "fp" else rule.max_ratio
+    if not (len(classes) == len(sizes) == len(found)):
+        raise ValueError("classes, sizes and found must have the same length")
+    anomaly = anomaly_indices(sizes, rule.mad_floor)
+    median = float(np.exp(np.median(np.log(np.clip(np.asarray(sizes, np.float64), MIN_SIZE, 1.0))))) \
+        if len(sizes) else 1.0
+    ratio = [max(s, MIN_SIZE) / median for s in sizes]
+    evidence = []
+    for a, r, ok in zip(anomaly, ratio, found, strict=True):
+        if not ok:
+            evidence.append(-math.inf)
+            continue
+        # ratio == max_ratio maps to the threshold, ratio == max_ratio**2 to twice it.
+        scaled = rule.threshold * math.log(r) / math.log(max_ratio) if r < 1.0 else -math.inf
+        evidence.append(min(float(a), scaled))
+    best = int(np.argmax(evidence)) if evidence and max(evidence) > -math.inf else None
+    candidate = classes[best] if best is not None else None
+    top = evidence[best] if best is not None else -math.inf
+    return TestResult(name=name, classes=tuple(int(c) for c in classes),
+                      anomaly=tuple(float(a) for a in anomaly), ratio=tuple(float(r) for r in ratio),
+                      evidence=tuple(evidence), candidate=candidate,
+                      flagged=best is not None and top >= rule.threshold,
+                      probability=_logistic(rule.steepness * (top - rule.threshold)))
+
+
+def decide(differential: TestResult, fp: TestResult) -> Verdict:
+    """The verdict from the two tests (see the module docstring)."""
+    if fp.flagged:
+        why = (f"Neural Cleanse on the FP model finds an anomalously small trigger for class "
+               f"{fp.candidate}: a backdoor active without quantization")
+        return Verdict("fp-backdoor", fp.candidate, fp.probability, differential, fp, why)
+    if differential.flagged:
+        why = (f"a small trigger wakes class {differential.candidate} in the nearest-quantized model "
+               "while the FP model keeps its predictions, and no other class has one as small")
+        return Verdict("qcb", differential.candidate, differential.probability, differential, fp, why)
+    confidence = 1.0 - max(differential.probability, fp.probability)
+    return Verdict("clean", None, confidence, differential, fp,
+                   "no class has an anomalously small trigger, differential or in FP")

@@ -1,0 +1,292 @@
+"""The scan (pipeline.scan, `efrap scan`): the verdict on numbers, tiny models built here, bad input.
+
+The tiny models are 8x8 grey classifiers written by hand (Flatten, Gemm, Relu, Gemm):
+class k is the brightness of image quadrant k, and two hidden units D1, D2 read a 2x2
+patch in the bottom-right corner, which clean images leave black. Class T's logit gets
+40 * (D1 - D2):
+
+- qcb: D1's patch weights are 0.22 on a grid of step 0.4 (set by a large negative
+  weight on a pixel clean images leave black), D2's are 0.22 on their own exact grid.
+  In FP D1 = D2 and the patch does nothing; nearest rounding turns D1's 0.22 into 0.4,
+  so the quantized model sends patched images to T;
+- fp: D1's weights are 0.4 already: the patch wakes T in FP too (plain poisoning);
+- clean: no D path at all.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from cli.main import main
+from models.attacks import ATTACKS, get_attack
+from models.attacks.badnets import BadNets
+from models.attacks.base import AttackConfig, run_attack
+from pipeline.base.errors import EfrapError
+from pipeline.base.preprocess import Preprocess
+from pipeline.base.trigger import PatchTrigger, load_trigger
+from pipeline.quantize import QuantizeOptions, quantize_model
+from pipeline.scan import ScanOptions, SearchConfig, VerdictRule, decide, run_test, scan_model
+from pipeline.scan.sides import torch_preprocess
+from pipeline.scan.verdict import anomaly_indices
+from pipeline.scheme import load_scheme
+
+SIDE = 8
+CLASSES = 4
+TARGET = 2
+PATCH = [(SIDE - 2) * SIDE + SIDE - 2, (SIDE - 2) * SIDE + SIDE - 1,
+         (SIDE - 1) * SIDE + SIDE - 2, (SIDE - 1) * SIDE + SIDE - 1]
+
+
+# ---------------------------------------------------------------------------- the rule on numbers
+
+
+def _fp_sizes(small: dict[int, float] | None = None) -> list[float]:
+    sizes = [0.05, 0.06, 0.045, 0.07, 0.055, 0.05, 0.065, 0.08, 0.04, 0.06]
+    for c, s in (small or {}).items():
+        sizes[c] = s
+    return sizes
+
+
+def test_qcb_verdict_from_numbers() -> None:
+    rule = VerdictRule()
+    sizes, found = [1.0] * 10, [False] * 10
+    sizes[3], found[3] = 0.02, True
+    diff = run_test("differential", range(10), sizes, found, rule)
+    fp = run_test("fp", range(10), _fp_sizes(), [True] * 10, rule)
+    verdict = decide(diff, fp)
+    assert (verdict.verdict, verdict.target) == ("qcb", 3)
+    assert verdict.confidence > 0.99
+    assert diff.flagged and not fp.flagged
+
+
+def test_fp_backdoor_wins_over_the_differential_test() -> None:
+    rule = VerdictRule()
+    diff = run_test("differential", range(10), [0.03] + [1.0] * 9, [True] + [False] * 9, rule)
+    fp = run_test("fp", range(10), _fp_sizes({0: 0.005}), [True] * 10, rule)
+    verdict = decide(diff, fp)
+    assert (verdict.verdict, verdict.target) == ("fp-backdoor", 0)
+    assert verdict.confidence > 0.9
+
+
+def test_clean_from_numbers() -> None:
+    rule = VerdictRule()
+    diff = run_test("differential", range(10), [1.0] * 10, [False] * 10, rule)
+    # A naturally easy class at half the median is not a planted trigger.
+    fp = run_test("fp", range(10), _fp_sizes({8: 0.028}), [True] * 10, rule)
+    verdict = decide(diff, fp)
+    assert (verdict.verdict, verdict.target) == ("clean", None)
+    assert diff.candidate is None and fp.candidate == 8 and not fp.flagged
+    assert 0.5 < verdict.confidence <= 1.0
+
+
+def test_a_large_differential_trigger_is_not_flagged() -> None:
+    rule = VerdictRule()
+    diff = run_test("differential", range(10), [0.7] + [1.0] * 9, [True] + [False] * 9, rule)
+    assert diff.candidate == 0 and not diff.flagged
+    assert diff.probability < 0.5
+
+
+def test_a_trigger_not_confirmed_counts_for_nothing() -> None:
+    diff = run_test("differential", range(4), [0.01, 1.0, 1.0, 1.0], [False] * 4, VerdictRule())
+    assert diff.candidate is None and not diff.flagged and diff.probability == 0.0
+
+
+def test_anomaly_index_is_neural_cleanse_s_in_log_space() -> None:
+    sizes = [0.01, 0.1, 0.1, 0.2, 0.05]
+    logs = np.log(sizes)
+    mad = 1.4826 * np.median(np.abs(logs - np.median(logs)))
+    np.testing.assert_allclose(anomaly_indices(sizes), (np.median(logs) - logs) / mad)
+    # every class alike: the MAD floor keeps the index finite
+    assert np.all(np.isfinite(anomaly_indices([1.0] * 5)))
+    assert len(anomaly_indices([])) == 0
+
+
+def test_rule_and_options_are_checked() -> None:
+    with pytest.raises(EfrapError):
+        VerdictRule(max_ratio=1.0)
+    with pytest.raises(EfrapError):
+        SearchConfig(steps=0)
+    with pytest.raises(EfrapError):
+        ScanOptions(scheme=load_scheme("w8a8"), budget=0.0)
+    with pytest.raises(EfrapError):
+        ScanOptions(scheme=load_scheme("w8a8"), families=("square",))
+    with pytest.raises(EfrapError):
+        ScanOptions(scheme="w8a8")  # type: ignore[arg-type]
+
+
+def test_torch_preprocessing_matches_numpy() -> None:
+    pre = Preprocess(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), input_scale=255.0 / 100, channel_order="bgr",
+                     layout="nhwc", resize=(12, 10))
+    x = np.random.default_rng(0).random((3, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(torch_preprocess(pre, torch.from_numpy(x)).numpy(), pre.apply(x), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- tiny models
+
+
+def _data(path: Path, n: int = 600, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, CLASSES, n)
+    x = rng.random((n, 1, SIDE, SIDE)).astype(np.float32) * 0.3
+    half = SIDE // 2
+    for i, k in enumerate(y):
+        r0, c0 = (k // 2) * half, (k % 2) * half
+        x[i, :, r0 : r0 + half, c0 : c0 + half] += 0.6
+    x[:, :, 0, 0] = 0.0
+    x[:, :, SIDE - 2 :, SIDE - 2 :] = 0.0
+    np.savez(path, x=x, y=y)
+    return f"npz:{path}"
+
+
+def _tiny(path: Path, kind: str) -> Path:
+    hidden = CLASSES + 2
+    w1 = np.zeros((SIDE * SIDE, hidden), np.float32)
+    half = SIDE // 2
+    for k in range(CLASSES):
+        r0, c0 = (k // 2) * half, (k % 2) * half
+        for r in range(r0, r0 + half):
+            w1[r * SIDE + c0 : r * SIDE + c0 + half, k] = 1.0 if k != 3 else 4 / 3
+    w1[PATCH, :CLASSES] = 0.0
+    b1 = np.zeros(hidden, np.float32)
+    b1[CLASSES:] = 2.0
+    w1[0, CLASSES] = -50.8  # D1's grid: step 0.4 (pixel (0, 0) is black in clean images)
+    w1[PATCH, CLASSES] = 0.22 if kind == "qcb" else 0.4
+    w1[PATCH, CLASSES + 1] = 0.22
+    w2 = np.zeros((hidden, CLASSES), np.float32)
+    w2[:CLASSES, :CLASSES] = np.eye(CLASSES)
+    if kind != "clean":
+        w2[TARGET, TARGET] = 40.0 / 127 * 3  # on the grid its column gets from the 40 below
+        w2[CLASSES, TARGET], w2[CLASSES + 1, TARGET] = 40.0, -40.0
+    nodes = [helper.make_node("Flatten", ["input"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "w1", "b1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["logits"], name="fc2")]
+    inits = [numpy_helper.from_array(a, n) for a, n in
+             ((w1, "w1"), (b1, "b1"), (w2, "w2"), (np.zeros(CLASSES, np.float32), "b2"))]
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, SIDE, SIDE])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])]
+    graph = helper.make_graph(nodes, "tiny", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    model.metadata_props.add(key="efrap.normalization", value=json.dumps({"mean": [0.0], "std": [1.0]}))
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("scan")
+    out = {"data": _data(folder / "data.npz"), "folder": str(folder)}
+    for kind in ("qcb", "fp", "clean"):
+        out[kind] = str(_tiny(folder / f"{kind}.onnx", kind))
+    return out
+
+
+def _options(tiny: dict[str, str], **kw: object) -> ScanOptions:
+    return ScanOptions(scheme=load_scheme("w8a8"), calib=tiny["data"], num_calib=256, holdout=200,
+                       **kw)  # type: ignore[arg-type]
+
+
+def test_tiny_qcb_is_flagged_with_its_target_and_trigger(tiny: dict[str, str]) -> None:
+    report = scan_model(tiny["qcb"], _options(tiny))
+    assert (report.verdict.verdict, report.verdict.target) == ("qcb", TARGET)
+    assert report.trigger is not None and report.trigger.target == TARGET
+    assert report.figures is not None
+    assert report.figures.asr["nearest"] >= 0.8 and report.figures.asr["fp"] <= 0.1
+    assert report.parity == {"fp": 0.0, "nearest": 0.0}
+    data = report.to_json()
+    assert data["verdict"] == "qcb" and data["target"] == TARGET
+    assert data["trigger"]["summary"]["target"] == TARGET and data["classes"]["2"]["searched"]
+
+
+def test_tiny_poisoned_model_is_an_fp_backdoor(tiny: dict[str, str]) -> None:
+    report = scan_model(tiny["fp"], _options(tiny))
+    assert (report.verdict.verdict, report.verdict.target) == ("fp-backdoor", TARGET)
+    assert report.figures is not None and report.figures.asr["fp"] >= 0.8
+
+
+def test_tiny_clean_model_is_clean(tiny: dict[str, str]) -> None:
+    report = scan_model(tiny["clean"], _options(tiny))
+    assert (report.verdict.verdict, report.verdict.target) == ("clean", None)
+    assert report.to_json()["target"] is None
+
+
+def test_budget_stops_the_search_and_says_so(tiny: dict[str, str]) -> None:
+    report = scan_model(tiny["clean"], _options(tiny, budget=1e-3))
+    assert report.cut_short and any("budget" in n for n in report.notes)
+    assert report.verdict.verdict == "clean" and report.verdict.confidence == 0.0
+    assert report.to_json()["cut_short"] is True
+
+
+def test_shortlist_with_more_classes_than_max_targets(tiny: dict[str, str]) -> None:
+    report = scan_model(tiny["qcb"], _options(tiny, max_targets=3, probe_steps=40))
+    assert len(report.searched) == 3 and TARGET in report.searched
+    assert (report.verdict.verdict, report.verdict.target) == ("qcb", TARGET)
+    assert any("probed" in n for n in report.notes)
+
+
+def test_cli_scan_writes_report_trigger_and_scans_the_defended_model(
+        tiny: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # "Defended": the tiny QCB with its first layer kept in float, so nothing wakes.
+    model = onnx.load(tiny["qcb"])
+    qdq, _, _ = quantize_model(model, np.load(tiny["data"][4:])["x"][:256],
+                               QuantizeOptions(load_scheme("w8a8"), exclude=("fc1",)))
+    defended = tmp_path / "defended.onnx"
+    onnx.save(qdq, str(defended))
+    report, trig = tmp_path / "scan.json", tmp_path / "trigger.json"
+    code = main(["scan", tiny["qcb"], "--scheme", "w8a8", "--calib", tiny["data"], "--num-calib", "256",
+                 "--holdout", "200", "--json", str(report), "--trigger-out", str(trig),
+                 "--defended", str(defended)])
+    out = capsys.readouterr().out
+    assert code == 0 and "verdict: qcb, target 2" in out
+    data = json.loads(report.read_text())
+    assert data["verdict"] == "qcb" and data["target"] == TARGET
+    assert data["trigger"]["json"]["pattern"] == "trigger.npz"
+    assert data["trigger"]["figures"]["asr"]["defended"] <= 0.1
+    assert data["defended"]["verdict"] == "clean"
+    assert data["onnxruntime"]["opt_level"] == "faithful" and data["model_sha256"]
+    loaded = load_trigger(trig)
+    assert loaded.target == TARGET and (tmp_path / "trigger.npz").exists()
+
+
+def _fails(argv: list[str], capsys: pytest.CaptureFixture[str], outputs: list[Path], expect: str) -> None:
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("efrap scan: error:"), err
+    assert expect in err[0], err[0]
+    for out in outputs:
+        assert not out.exists()
+
+
+def test_cli_bad_inputs(tiny: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report, trig = tmp_path / "r.json", tmp_path / "t.json"
+    base = ["--calib", tiny["data"], "--json", str(report), "--trigger-out", str(trig)]
+    missing = str(tmp_path / "none.onnx")
+    _fails(["scan", missing, "--scheme", "w8a8", *base], capsys, [report, trig], "no such")
+    _fails(["scan", tiny["qcb"], "--scheme", "w5a5", *base], capsys, [report, trig], "w5a5")
+    for budget in ("-1", "0", "nan", "soon"):
+        _fails(["scan", tiny["qcb"], "--scheme", "w8a8", "--budget", budget, *base], capsys, [report, trig],
+               "--budget")
+    _fails(["scan", tiny["qcb"], "--scheme", "w8a8", "--calib", tiny["data"], "--json", tiny["qcb"]], capsys,
+           [], "would overwrite the input")
+    _fails(["scan", tiny["qcb"], "--scheme", "w8a8", "--calib", tiny["data"], "--trigger-out",
+            str(tmp_path / "t.npz")], capsys, [tmp_path / "t.npz"], "JSON")
+    _fails(["scan", tiny["qcb"], "--scheme", "w8a8", *base, "--defended", tiny["clean"]], capsys,
+           [report, trig], "QDQ")
+
+
+def test_badnets_is_registered_and_poisons(fashion_mnist: None) -> None:
+    assert ATTACKS["badnets"] is BadNets and isinstance(get_attack("badnets"), BadNets)
+    trigger = PatchTrigger(size=4, position="top-left", margin=1, target=TARGET)
+    outcome = run_attack(get_attack("badnets"), AttackConfig(
+        scheme="w8a8", trigger=trigger, epochs=1, width=0.25, batch_size=64, train_limit=3000, val_size=500,
+        num_calib=128))
+    # Plain poisoning: the backdoor is active in FP, and quantization keeps it.
+    assert outcome.metrics["fp_asr"] > 0.8 and outcome.metrics["q_asr"] > 0.8
