@@ -16,11 +16,11 @@ import threading
 from types import FrameType
 
 from cli.args import Parser
-from cli.commands import attack, batch, defend, demo, export, quantize, scan, train, verify
+from cli.commands import attack, audit, batch, defend, demo, export, gate, quantize, scan, train, verify
 from pipeline import __version__
 from pipeline.base.errors import EfrapError, one_line
 
-COMMANDS = (demo, train, attack, export, quantize, defend, verify, batch, scan)
+COMMANDS = (demo, train, attack, export, quantize, defend, verify, batch, scan, audit, gate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,6 +34,8 @@ LAYERS: dict[str, int] = {
     "validators": 1,
     "converters": 3,
     "pipeline.quantize": 4,
+    "pipeline.audit": 4,
+    "pipeline.gate": 4,
     "pipeline.scan": 4,
     "pipeline.batch": 4,
     "models": 5,

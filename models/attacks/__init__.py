@@ -16,6 +16,7 @@ from models.attacks.base import Attack
 from models.attacks.compartifact import CompArtifact
 from models.attacks.pqbackdoor import PQBackdoor
 from models.attacks.quantization import QuantizationBackdoor
+from models.attacks.qura import ROUNDING_ATTACKS as ROUNDING_ATTACKS  # rounding-only: --model FP.onnx
 from pipeline.base.errors import EfrapError
 
 ATTACKS: dict[str, type[Attack]] = {

@@ -1,0 +1,100 @@
+"""`efrap audit`: check a QDQ model someone else quantized against its FP source."""
+
+from __future__ import annotations
+
+import argparse
+
+from cli.args import add_preprocess_args, positive_float, positive_int, preprocess_options, seed_number
+from pipeline.audit import AuditReport, AuditThresholds, audit_models
+from pipeline.base.data import spec_files
+from pipeline.base.errors import one_line
+from pipeline.base.onnx_io import model_files
+from pipeline.base.runtime import PROVIDERS
+from pipeline.base.safe_io import check_outputs, write_json
+from pipeline.scan import ScanOptions, scan_model
+from pipeline.scheme import PRESETS, load_scheme, scheme_files
+from validators.report import table
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def print_report(report: AuditReport) -> None:
+    """Per-layer rounding and grids, the scan's evidence, the verdict."""
+    rows = []
+    for r in report.rounding.layers:
+        grid = "standard" if r.grid.standard else f"NON-STANDARD (closest: {r.grid.closest})"
+        rows.append([one_line(r.layer), r.weights, _pct(r.off_nearest_fraction), r.max_steps,
+                     f"{r.mean_steps:.2f}", r.beyond_one_step, r.near_tie, grid])
+    print(table(["layer", "weights", "off nearest", "max steps", "mean steps", "beyond 1 step", "near tie",
+                 "grid"], rows))
+    rounding = report.rounding
+    print(f"rounding: {rounding.off_nearest} of {rounding.weights} integers off nearest "
+          f"({_pct(rounding.off_nearest_fraction)}); context only, learned rounding leaves nearest too")
+    ev = report.evidence
+    fresh = (f"trigger found (class {ev.fresh_target}, ASR on Q {_pct(ev.fresh_asr)}, on FP "
+             f"{_pct(ev.fresh_asr_fp)})") if ev.fresh_found else "none flagged"
+    print(f"scan (FP against Q): scan verdict {ev.scan_verdict}; recovered trigger (target {ev.target}) "
+          f"ASR on FP {_pct(ev.asr_fp)}, nearest {_pct(ev.asr_nearest)}, Q {_pct(ev.asr_quantized)}; "
+          f"fresh search against Q: {fresh}")
+    for warning in report.warnings:
+        print(f"warning: {one_line(warning)}")
+    print(f"verdict: {report.verdict.verdict}{' (FLAGGED)' if report.verdict.flagged else ''}")
+    for reason in report.verdict.reasons:
+        print(f"  {one_line(reason)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Audit Q against FP; exit 1 when Q is flagged."""
+    inputs = [*model_files(args.fp), *model_files(args.quantized), *scheme_files(args.scheme),
+              *spec_files(args.calib), *([args.preprocess] if args.preprocess else [])]
+    check_outputs({"--json": args.json}, inputs)
+    options = ScanOptions(scheme=load_scheme(args.scheme), calib=args.calib, num_calib=args.num_calib,
+                          seed=args.seed, budget=args.budget, holdout=args.holdout, provider=args.provider,
+                          preprocess=preprocess_options(args))
+    thresholds = AuditThresholds(min_asr=args.min_asr, min_differential=args.min_differential)
+    report = audit_models(args.fp, args.quantized, scan_model, options, thresholds)
+    print_report(report)
+    if args.json:
+        write_json(report.to_json(), args.json)
+    return 1 if report.verdict.flagged else 0
+
+
+def _fraction(text: str) -> float:
+    value = positive_float(text)
+    if value > 1.0:
+        raise argparse.ArgumentTypeError(f"'{text}' is a fraction and must lie in (0, 1]")
+    return value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `efrap audit`."""
+    p = sub.add_parser(
+        "audit", help="check a QDQ model someone else quantized against its FP source",
+        description="Per layer, the share of Q's integer weights that are not nearest rounding of the FP "
+        "weight on Q's own grid and how far they are, and whether each grid is one a standard observer "
+        "gives (this pipeline's min-max and MSE observers, onnxruntime quantize_static); then a "
+        "differential trigger search with Q as the quantized side (efrap scan --defended). The verdict "
+        "comes from the search: a trigger that works on Q and not on FP flags Q (exit 1). "
+        "See docs/GATE.md.")
+    p.add_argument("fp", help="the full-precision ONNX model Q was made from")
+    p.add_argument("quantized", help="the QDQ ONNX model to audit")
+    p.add_argument("--json", help="write the full report as JSON here")
+    p.add_argument("--calib", default="fashion-mnist",
+                   help="clean unlabelled images for the scan, training split (default fashion-mnist)")
+    p.add_argument("--scheme", default="w8a8",
+                   help=f"the scheme Q claims (the scan's nearest model): preset ({', '.join(PRESETS)}) or "
+                   "a .json/.toml file (default w8a8; a warning says when Q's grids are not the scheme's)")
+    p.add_argument("--num-calib", type=positive_int, default=1024, help="calibration images (default 1024)")
+    p.add_argument("--holdout", type=positive_int, default=1000,
+                   help="held-out images for the onnxruntime figures (default 1000)")
+    p.add_argument("--budget", type=positive_float, metavar="SECONDS", help="time limit of the scan")
+    p.add_argument("--seed", type=seed_number, default=0, help="the scan's seed (default 0)")
+    p.add_argument("--provider", choices=PROVIDERS, default="auto", help="onnxruntime provider")
+    p.add_argument("--min-asr", type=_fraction, default=AuditThresholds.min_asr,
+                   help="attack success on Q at which a trigger counts (default 0.5)")
+    p.add_argument("--min-differential", type=_fraction, default=AuditThresholds.min_differential,
+                   help="attack success on Q minus on FP at which Q is flagged (default 0.4)")
+    add_preprocess_args(p)
+    p.set_defaults(func=run)

@@ -1,0 +1,294 @@
+"""The release gate's configuration file (`efrap gate CONFIG.toml`).
+
+A config file is untrusted data. It is read once by `pipeline.base.checks.load_config`
+(size, nesting depth and non-finite numbers refused), every field is typed strictly
+(an integer is never 8.0 or "8", a flag never "true"), unknown keys are refused, and
+every error is one line naming the file and the field. Paths (the model, the output
+folder, a data spec's file) are relative to the config file's folder. Example::
+
+    model = "fmnist_compartifact_w4a4.onnx"   # the FP ONNX model to release
+    data = "fashion-mnist"                     # data spec: scan, calibration, test split
+    scheme = "w4a4"                            # deployment scheme: preset or .json/.toml file
+    output = "gate-out"                        # folder for the reports and the defended model
+
+    [preprocess]            # optional: for models that record no preprocessing
+    mean = [0.286]
+    std = [0.353]
+
+    [scan]                  # optional
+    budget = 600.0          # seconds (default: no limit)
+    num_calib = 1024
+    holdout = 1000
+    max_targets = 10
+    seed = 0
+
+    [defend]                # optional
+    method = "efrap"        # efrap, adaround, lac or nearest
+    preset = "default"      # EFRAP's: default (the project's rule, as efrap defend) or release
+    iters = 10000           # default: the method's own
+    num_calib = 1024
+    seed = 0
+    holdout = 1000          # held-out images of the agreement check
+    weight_storage = "int8"
+
+    [verify]                # optional
+    opt_level = "faithful"  # or "all" (what a deployment runs)
+    provider = "auto"
+    limit = 10000           # test images (default: all)
+
+    [thresholds]
+    max_trigger_asr = 0.05      # recovered trigger's attack success on the defended model
+    max_agreement_drop = 0.02   # held-out images whose prediction may differ from FP
+    min_accuracy = 0.85         # clean accuracy of the defended model on the test split
+    fail_verdicts = ["fp-backdoor"]   # scan verdicts that fail the release ("fp-backdoor" always does)
+
+Thresholds are fractions in [0, 1] or percentages written as strings ("5%"). A limit
+that no model can fail (an attack success of at most 100%, an accuracy of at least 0)
+is refused: a gate must be able to fail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.base import checks
+from pipeline.base.data import parse_spec
+from pipeline.base.errors import EfrapError
+from pipeline.base.preprocess import from_table
+from pipeline.base.runtime import PROVIDERS
+from pipeline.rounding import METHODS
+from pipeline.rounding.efrap import EFRAP_PRESETS
+from pipeline.scheme import PRESETS
+
+#: Scan verdicts (pipeline.scan): a backdoor active in FP always fails, since no rounding fixes it.
+SCAN_VERDICTS = ("qcb", "fp-backdoor", "clean")
+ALWAYS_FAIL = ("fp-backdoor",)
+OPT_LEVELS = ("faithful", "all")
+WEIGHT_STORAGES = ("int8", "int4")
+_TOP = frozenset({"model", "data", "scheme", "output", "preprocess", "scan", "defend", "verify",
+                  "thresholds"})
+_SCAN = frozenset({"budget", "num_calib", "holdout", "max_targets", "seed"})
+_DEFEND = frozenset({"method", "preset", "iters", "num_calib", "seed", "holdout", "weight_storage", "device"})
+_VERIFY = frozenset({"opt_level", "provider", "limit"})
+_THRESHOLDS = frozenset({"max_trigger_asr", "max_agreement_drop", "min_accuracy", "fail_verdicts"})
+#: Most iterations per layer a config may ask for (the release uses 10,000).
+MAX_ITERS = 1_000_000
+#: Most images any count in a config may name.
+MAX_IMAGES = 10_000_000
+
+
+@dataclass(frozen=True)
+class ScanSettings:
+    """How the scan runs (pipeline.scan.ScanOptions)."""
+
+    budget: float | None = None
+    num_calib: int = 1024
+    holdout: int = 1000
+    max_targets: int = 10
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DefendSettings:
+    """How the model is defended (`efrap defend` / `efrap quantize`)."""
+
+    method: str = "efrap"
+    preset: str = "default"
+    iters: int | None = None
+    num_calib: int = 1024
+    seed: int = 0
+    holdout: int = 1000
+    weight_storage: str = "int8"
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class VerifySettings:
+    """Where the figures are measured (onnxruntime)."""
+
+    opt_level: str = "faithful"
+    provider: str = "auto"
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """What fails the release; None disables a limit.
+
+    Attributes:
+        max_trigger_asr: Largest attack success of the recovered trigger on the defended
+            model (test images whose label is not the target).
+        max_agreement_drop: Largest share of held-out images whose defended prediction
+            differs from FP's.
+        min_accuracy: Lowest clean accuracy of the defended model on the test split.
+        fail_verdicts: Scan verdicts that fail the release; always holds "fp-backdoor".
+    """
+
+    max_trigger_asr: float | None = 0.05
+    max_agreement_drop: float | None = None
+    min_accuracy: float | None = None
+    fail_verdicts: tuple[str, ...] = ALWAYS_FAIL
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """A checked gate configuration (built by `load_gate_config`).
+
+    Attributes:
+        source: The config file.
+        model: The FP model (resolved against the config's folder).
+        data: The data spec (a relative file resolved likewise).
+        scheme: Preset name or scheme file (resolved likewise).
+        output: The output folder (resolved likewise).
+        preprocess: Checked [preprocess] fields, or None.
+        scan: Scan settings.
+        defend: Defense settings.
+        verify: Verification settings.
+        thresholds: What fails the release.
+    """
+
+    source: Path
+    model: Path
+    data: str
+    scheme: str
+    output: Path
+    preprocess: dict | None = None
+    scan: ScanSettings = field(default_factory=ScanSettings)
+    defend: DefendSettings = field(default_factory=DefendSettings)
+    verify: VerifySettings = field(default_factory=VerifySettings)
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+
+def _limit(value: object, what: str, useless: float) -> float:
+    if isinstance(value, str):
+        number = checks.fraction(value, what)
+    else:
+        number = checks.finite(value, what, low=0.0, high=1.0)  # type: ignore[arg-type]
+    if number == useless:
+        raise EfrapError(f"{what} {number:g} lets every model pass; a gate must be able to fail")
+    return number
+
+
+def _count(raw: Mapping[str, Any], key: str, where: str, default: int | None, low: int = 1,
+           high: int = MAX_IMAGES) -> int | None:
+    if key not in raw:
+        return default
+    return checks.integer(raw[key], f"{where}.{key}", low=low, high=high)
+
+
+def _resolve(base: Path, value: str) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else base / path
+
+
+def _data_spec(base: Path, spec: str, where: str) -> str:
+    try:
+        kind, path = parse_spec(spec)
+    except EfrapError as exc:
+        raise EfrapError(f"{where}: {exc}") from None
+    return spec if path is None else f"{kind}:{_resolve(base, path)}"
+
+
+def _scan(raw: object, source: str) -> ScanSettings:
+    where = f"{source}: scan"
+    t = checks.table(raw, where, _SCAN)
+    budget = None
+    if "budget" in t:
+        budget = checks.finite(t["budget"], f"{where}.budget", low=0.0, low_open=True)
+    return ScanSettings(budget=budget, num_calib=_count(t, "num_calib", where, 1024, low=8) or 1024,
+                        holdout=_count(t, "holdout", where, 1000) or 1000,
+                        max_targets=_count(t, "max_targets", where, 10, low=2, high=100_000) or 10,
+                        seed=_count(t, "seed", where, 0, low=0, high=2**63 - 1) or 0)
+
+
+def _defend(raw: object, source: str) -> DefendSettings:
+    where = f"{source}: defend"
+    t = checks.table(raw, where, _DEFEND)
+    method = checks.string(t.get("method", "efrap"), f"{where}.method", tuple(METHODS))
+    preset = checks.string(t.get("preset", "default"), f"{where}.preset", tuple(EFRAP_PRESETS))
+    if "preset" in t and method != "efrap":
+        raise EfrapError(f"{where}.preset: presets are EFRAP's; method is '{method}'")
+    return DefendSettings(
+        method=method, preset=preset, iters=_count(t, "iters", where, None, high=MAX_ITERS),
+        num_calib=_count(t, "num_calib", where, 1024) or 1024,
+        seed=_count(t, "seed", where, 0, low=0, high=2**63 - 1) or 0,
+        holdout=_count(t, "holdout", where, 1000) or 1000,
+        weight_storage=checks.string(t.get("weight_storage", "int8"), f"{where}.weight_storage",
+                                     WEIGHT_STORAGES),
+        device=checks.string(t.get("device", "auto"), f"{where}.device", ("auto", "cpu", "cuda")))
+
+
+def _verify(raw: object, source: str) -> VerifySettings:
+    where = f"{source}: verify"
+    t = checks.table(raw, where, _VERIFY)
+    return VerifySettings(opt_level=checks.string(t.get("opt_level", "faithful"), f"{where}.opt_level",
+                                                  OPT_LEVELS),
+                          provider=checks.string(t.get("provider", "auto"), f"{where}.provider", PROVIDERS),
+                          limit=_count(t, "limit", where, None))
+
+
+def _thresholds(raw: object, source: str) -> Thresholds:
+    where = f"{source}: thresholds"
+    t = checks.table(raw, where, _THRESHOLDS)
+    verdicts = t.get("fail_verdicts", list(ALWAYS_FAIL))
+    if not isinstance(verdicts, list):
+        raise EfrapError(f"{where}.fail_verdicts must be a list of verdicts ({', '.join(SCAN_VERDICTS)})")
+    chosen = [checks.string(v, f"{where}.fail_verdicts", SCAN_VERDICTS) for v in verdicts]
+    if "clean" in chosen:
+        raise EfrapError(f"{where}.fail_verdicts: 'clean' would fail every clean model")
+    return Thresholds(
+        max_trigger_asr=_limit(t["max_trigger_asr"], f"{where}.max_trigger_asr", 1.0)
+        if "max_trigger_asr" in t else Thresholds.max_trigger_asr,
+        max_agreement_drop=_limit(t["max_agreement_drop"], f"{where}.max_agreement_drop", 1.0)
+        if "max_agreement_drop" in t else None,
+        min_accuracy=_limit(t["min_accuracy"], f"{where}.min_accuracy", 0.0) if "min_accuracy" in t else None,
+        fail_verdicts=tuple(dict.fromkeys([*ALWAYS_FAIL, *chosen])))
+
+
+def gate_config_from_dict(data: object, source: str, base: Path) -> GateConfig:
+    """Validate parsed config data; relative paths are taken from `base`.
+
+    Raises:
+        EfrapError: one line naming `source` and the field.
+    """
+    raw = checks.table(data, f"{source}: the config", _TOP)
+    for key in ("model", "data", "scheme", "output"):
+        if key not in raw:
+            raise EfrapError(f"{source}: {key}: missing (the config needs model, data, scheme and output)")
+        checks.string(raw[key], f"{source}: {key}")
+    model = _resolve(base, raw["model"])
+    if not model.is_file():
+        raise EfrapError(f"{source}: model: no such file '{raw['model']}' (paths are relative to the "
+                         "config's folder)")
+    scheme = raw["scheme"]
+    if scheme not in PRESETS:
+        path = _resolve(base, scheme)
+        if path.suffix.lower() not in (".json", ".toml") or not path.is_file():
+            raise EfrapError(f"{source}: scheme: '{scheme}' is neither a preset ({', '.join(PRESETS)}) nor "
+                             "a .json/.toml scheme file")
+        scheme = str(path)
+    preprocess = None
+    if "preprocess" in raw:
+        preprocess = from_table(raw["preprocess"], source) or None
+    return GateConfig(
+        source=Path(source), model=model, data=_data_spec(base, raw["data"], f"{source}: data"),
+        scheme=scheme, output=_resolve(base, raw["output"]), preprocess=preprocess,
+        scan=_scan(raw.get("scan", {}), source), defend=_defend(raw.get("defend", {}), source),
+        verify=_verify(raw.get("verify", {}), source),
+        thresholds=_thresholds(raw.get("thresholds", {}), source))
+
+
+def load_gate_config(path: str | Path) -> GateConfig:
+    """Read and check a gate config file (.toml or .json).
+
+    Raises:
+        EfrapError: unreadable file or any invalid field (one line naming the file and field).
+    """
+    path = Path(path)
+    if path.suffix.lower() not in (".toml", ".json"):
+        raise EfrapError(f"{path}: a gate config is a .toml (or .json) file")
+    data = checks.load_config(path, "gate config")
+    return gate_config_from_dict(data, str(path), path.resolve().parent)

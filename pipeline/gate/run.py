@@ -1,0 +1,351 @@
+"""The release gate: scan, then defend, then verify, against thresholds from a config file.
+
+1. Scan (pipeline.scan): with no trigger and clean unlabelled training images, is the FP
+   model a quantization-conditioned backdoor ("qcb"), a backdoor active in FP
+   ("fp-backdoor") or "clean"? A recovered trigger comes with it.
+2. Defend: EFRAP (or the configured method) writes the defended QDQ model, and the
+   defense's own check compares it with FP on held-out training images (agreement).
+3. Verify in onnxruntime on the test split: the defended model's clean accuracy, per
+   class, and the recovered trigger's attack success on the defended and the FP model.
+
+The release fails when the scan's verdict is one the config lists ("fp-backdoor"
+always: EFRAP changes how weights round, and a backdoor active in FP needs no
+rounding), when the recovered trigger still works on the defended model, when the
+defended model disagrees with FP or loses accuracy beyond the limits, or when any of
+these figures cannot be measured (the gate fails closed). Every figure is reported
+with what it was measured on: the model's sha256, the data, the onnxruntime
+optimization level and provider.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.audit import ScanReportLike
+from pipeline.base import data as data_mod
+from pipeline.base.errors import EfrapError
+from pipeline.base.onnx_io import image_input, load_model, model_files
+from pipeline.base.preprocess import resolve
+from pipeline.base.progress import log
+from pipeline.base.provenance import versions
+from pipeline.base.runtime import make_session
+from pipeline.base.safe_io import check_outputs, file_sha256
+from pipeline.base.trigger import AnyTrigger, save_trigger
+from pipeline.gate.config import GateConfig
+from pipeline.quantize import GuardOptions, QuantizeOptions, QuantizeSummary, quantize_file
+from pipeline.rounding import get_method
+from pipeline.rounding.efrap import EFRAP_PRESETS
+from pipeline.scan import ScanOptions, scan_model
+from pipeline.scheme import load_scheme, scheme_files
+from validators.guard import GuardLimits, GuardReport
+from validators.verify import VerifyOptions, VerifyReport, verify_model
+
+#: The files the gate writes into its output folder.
+OUTPUT_FILES = {"json": "report.json", "markdown": "summary.md", "html": "report.html",
+                "defended": "defended.onnx", "trigger": "recovered.trigger.json",
+                "trigger_npz": "recovered.trigger.npz"}
+
+#: scan_model(model path, options, defended=None) -> report.
+ScanFunction = Callable[..., ScanReportLike]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One condition of the release.
+
+    Attributes:
+        name: What is checked.
+        limit: The threshold as written ("<= 5.00%", "not in [fp-backdoor]").
+        value: The measured value (a fraction, a verdict), or None when not measurable.
+        passed: Whether it holds.
+        why: Why it failed or could not be measured.
+        measured_on: The model's sha256, the data, images, opt level and provider.
+    """
+
+    name: str
+    limit: str
+    value: float | str | None
+    passed: bool
+    why: str = ""
+    measured_on: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PerClass:
+    """Clean accuracy per class of the FP and defended models (test split)."""
+
+    classes: tuple[int, ...]
+    fp: tuple[float | None, ...]
+    defended: tuple[float | None, ...]
+    images: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TriggerExample:
+    """A test image, its triggered copy and what each model predicts."""
+
+    clean: np.ndarray
+    triggered: np.ndarray
+    label: int
+    fp_clean: int
+    fp_triggered: int
+    defended_triggered: int
+
+
+@dataclass(frozen=True)
+class GateRun:
+    """Everything one gate run decided and measured (the reports are written from it)."""
+
+    config: GateConfig
+    model_sha256: str
+    scan: dict[str, Any]
+    trigger: AnyTrigger | None
+    scan_seconds: float
+    defend: QuantizeSummary
+    guard: GuardReport | None
+    defended_path: Path
+    defended_sha256: str
+    verify_defended: VerifyReport
+    verify_fp: VerifyReport
+    per_class: PerClass
+    example: TriggerExample | None
+    checks: tuple[Check, ...]
+    seconds: dict[str, float]
+    versions: dict[str, str] = field(default_factory=versions)
+
+    @property
+    def passed(self) -> bool:
+        """Whether every check held."""
+        return all(c.passed for c in self.checks)
+
+
+def output_paths(config: GateConfig) -> dict[str, Path]:
+    """Where each output goes."""
+    return {key: config.output / name for key, name in OUTPUT_FILES.items()}
+
+
+def _read_inputs(config: GateConfig) -> None:
+    """Read what the stages read, once, so that a missing data set or a bad model or scheme
+    file is a one-line user mistake before anything is written."""
+    where = "model"
+    try:
+        load_model(config.model)
+        where = "scheme"
+        load_scheme(config.scheme)
+        where = "data"
+        for split in ("train", "test"):
+            data_mod.load_dataset(config.data, split)
+    except EfrapError as exc:
+        raise EfrapError(f"{config.source}: {where}: {exc}") from None
+
+
+def prepare_output(config: GateConfig) -> bool:
+    """Check every output before any work and create the output folder.
+
+    Returns:
+        Whether the folder was created here (the caller removes it if nothing follows).
+
+    Raises:
+        EfrapError: an output that would overwrite an input, a folder that cannot be made.
+    """
+    out = config.output
+    if out.exists() and not out.is_dir():
+        raise EfrapError(f"{config.source}: output: '{out}' exists and is not a folder")
+    if not out.parent.is_dir():
+        raise EfrapError(f"{config.source}: output: the folder above '{out}' does not exist")
+    try:
+        inputs = [config.source, *model_files(config.model), *data_mod.spec_files(config.data),
+                  *scheme_files(config.scheme)]
+    except EfrapError as exc:
+        raise EfrapError(f"{config.source}: model: {exc}") from None
+    _read_inputs(config)
+    for src in inputs:
+        if Path(src).is_dir() and Path(src).resolve() in [out.resolve(), *out.resolve().parents]:
+            raise EfrapError(f"{config.source}: output: '{out}' is inside the input folder {src}")
+    created = not out.exists()
+    try:
+        out.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise EfrapError(f"{config.source}: output: cannot create '{out}' ({exc.strerror})") from None
+    try:
+        check_outputs({f"output {k}": p for k, p in output_paths(config).items()}, inputs)
+    except EfrapError:
+        if created:
+            out.rmdir()
+        raise
+    return created
+
+
+def scan_options(config: GateConfig) -> ScanOptions:
+    """The scan's options from the config."""
+    s = config.scan
+    return ScanOptions(scheme=load_scheme(config.scheme), calib=config.data, num_calib=s.num_calib,
+                       seed=s.seed, budget=s.budget, holdout=s.holdout, max_targets=s.max_targets,
+                       opt_level=config.verify.opt_level, provider=config.verify.provider,
+                       preprocess=config.preprocess)
+
+
+def quantize_options(config: GateConfig) -> QuantizeOptions:
+    """The defense's options from the config."""
+    d = config.defend
+    # As efrap defend: EFRAP's preset (the project's default rule unless the config says release).
+    base = EFRAP_PRESETS[d.preset] if d.method == "efrap" else get_method(d.method).defaults
+    rounding = base if d.iters is None else replace(base, iters=d.iters)
+    return QuantizeOptions(scheme=load_scheme(config.scheme), method=d.method, calib=config.data,
+                           num_calib=d.num_calib, seed=d.seed, weight_storage=d.weight_storage,
+                           rounding=rounding, device=d.device, provider=config.verify.provider,
+                           preprocess=config.preprocess)
+
+
+def _measured(model: str, sha256: str, data: str, split: str, images: int | None, opt_level: str,
+              provider: str) -> dict[str, Any]:
+    return {"model": model, "sha256": sha256, "data": data, "split": split, "images": images,
+            "opt_level": opt_level, "provider": provider}
+
+
+def _test_images(config: GateConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The test images and labels `verify_model` measures (the same choice as its --limit)."""
+    test = data_mod.load_dataset(config.data, "test")
+    limit = config.verify.limit
+    if limit is None or limit >= len(test.labels):
+        return test.images, test.labels
+    idx = data_mod.sample_indices(len(test.labels), limit, 0)
+    return test.take(idx), test.labels[idx]
+
+
+def _per_class(config: GateConfig, defended: Path, trigger: AnyTrigger | None
+               ) -> tuple[PerClass, TriggerExample | None]:
+    """Per-class clean accuracy of FP and defended, and one triggered example."""
+    fp_model, d_model = load_model(config.model), load_model(defended)
+    pre = resolve(fp_model, image_input(fp_model, str(config.model)), config.preprocess, str(config.model),
+                  announce=False)
+    images, labels = _test_images(config)
+    v = config.verify
+    fp_s = make_session(fp_model, v.opt_level, v.provider)
+    d_s = make_session(d_model, v.opt_level, v.provider)
+    fp_pred, d_pred = fp_s.run(pre.apply(images)).argmax(1), d_s.run(pre.apply(images)).argmax(1)
+    classes = tuple(range(int(max(labels.max(), fp_pred.max(), d_pred.max())) + 1))
+    fp_acc, d_acc, counts = [], [], []
+    for c in classes:
+        sel = labels == c
+        counts.append(int(sel.sum()))
+        fp_acc.append(float((fp_pred[sel] == c).mean()) if sel.any() else None)
+        d_acc.append(float((d_pred[sel] == c).mean()) if sel.any() else None)
+    example = None
+    if trigger is not None:
+        pick = np.flatnonzero((labels != trigger.target) & (fp_pred == labels))
+        i = int(pick[0]) if len(pick) else 0
+        clean = images[i : i + 1]
+        stamped = trigger.apply(clean)
+        example = TriggerExample(clean=clean[0], triggered=stamped[0], label=int(labels[i]),
+                                 fp_clean=int(fp_pred[i]),
+                                 fp_triggered=int(fp_s.run(pre.apply(stamped)).argmax(1)[0]),
+                                 defended_triggered=int(d_s.run(pre.apply(stamped)).argmax(1)[0]))
+    return PerClass(classes, tuple(fp_acc), tuple(d_acc), tuple(counts)), example
+
+
+def _verdict_check(config: GateConfig, scan: dict[str, Any], sha256: str) -> Check:
+    verdict = scan.get("verdict")
+    fail = config.thresholds.fail_verdicts
+    onnxrt = scan.get("onnxruntime") or {}
+    measured = _measured(str(config.model), sha256, str(scan.get("data", config.data)), "train, held out",
+                         scan.get("holdout_images"), str(onnxrt.get("opt_level", config.verify.opt_level)),
+                         str(onnxrt.get("provider", config.verify.provider)))
+    passed = isinstance(verdict, str) and verdict not in fail
+    why = "" if passed else (
+        "a backdoor active in FP: no rounding of the weights can fix it" if verdict == "fp-backdoor"
+        else f"the scan's verdict is {verdict}, which the config fails")
+    return Check("scan verdict", f"not in [{', '.join(fail)}]", verdict if isinstance(verdict, str) else None,
+                 passed, why, measured)
+
+
+def _limit_check(name: str, value: float | None, limit: float, upper: bool, why_missing: str,
+                 measured: dict[str, Any]) -> Check:
+    text = f"{'<=' if upper else '>='} {100 * limit:.2f}%"
+    if value is None:
+        return Check(name, text, None, False, why_missing or "not measurable", measured)
+    ok = value <= limit if upper else value >= limit
+    why = "" if ok else f"{100 * value:.2f}% is {'above' if upper else 'below'} the limit {100 * limit:.2f}%"
+    return Check(name, text, value, ok, why, measured)
+
+
+def evaluate(config: GateConfig, scan: dict[str, Any], sha256: str, guard: GuardReport | None,
+             defended_sha256: str, verify_defended: VerifyReport,
+             trigger: AnyTrigger | None) -> tuple[Check, ...]:
+    """Every check of the release, in order (scan verdict, trigger, agreement, accuracy)."""
+    t = config.thresholds
+    checks = [_verdict_check(config, scan, sha256)]
+    vd = verify_defended
+    measured = _measured(str(vd.model), defended_sha256, vd.data, vd.split, vd.images, vd.opt_level,
+                         vd.provider)
+    if t.max_trigger_asr is not None:
+        if trigger is None:
+            checks.append(Check("recovered trigger on the defended model",
+                                f"<= {100 * t.max_trigger_asr:.2f}%", None, True,
+                                "the scan recovered no trigger: nothing to measure", measured))
+        else:
+            checks.append(_limit_check("recovered trigger on the defended model", vd.attack_success_rate,
+                                       t.max_trigger_asr, True, vd.not_measurable.get("asr", ""), measured))
+    if t.max_agreement_drop is not None:
+        g_measured = _measured(str(vd.model), defended_sha256, config.data, "train, held out",
+                               guard.images if guard else None, guard.opt_level if guard else "",
+                               guard.provider if guard else "")
+        drop = None if guard is None else 1.0 - guard.agreement
+        checks.append(_limit_check("agreement drop against FP", drop, t.max_agreement_drop, True,
+                                   "the defense's check did not run", g_measured))
+    if t.min_accuracy is not None:
+        checks.append(_limit_check("clean accuracy of the defended model", vd.clean_accuracy, t.min_accuracy,
+                                   False, vd.not_measurable.get("accuracy", ""), measured))
+    return tuple(checks)
+
+
+def run_gate(config: GateConfig, scan: ScanFunction = scan_model) -> GateRun:
+    """Scan, defend and verify the config's model; write nothing but the defended model and trigger.
+
+    The caller checks the outputs first (`prepare_output`) and writes the reports
+    (`pipeline.gate.report.write_reports`).
+
+    Args:
+        config: The checked config.
+        scan: `pipeline.scan.scan_model` or a stand-in with its signature (tests).
+    """
+    paths = output_paths(config)
+    sha256 = file_sha256(config.model)
+    t0 = time.perf_counter()
+    log(f"gate: 1/3 scan of {config.model}")
+    report = scan(str(config.model), scan_options(config))
+    trigger: AnyTrigger | None = getattr(report, "trigger", None)
+    scan_json = report.to_json(str(paths["trigger"]) if trigger is not None else None)
+    if trigger is not None:
+        save_trigger(trigger, paths["trigger"])
+    t1 = time.perf_counter()
+    log(f"gate: 2/3 defense ({config.defend.method}, scheme {config.scheme})")
+    guard_options = GuardOptions(GuardLimits(max_agreement_drop=config.thresholds.max_agreement_drop),
+                                 config.defend.holdout, config.verify.opt_level)
+    summary, guard = quantize_file(str(config.model), str(paths["defended"]), quantize_options(config),
+                                   guard_options)
+    t2 = time.perf_counter()
+    log("gate: 3/3 verification in onnxruntime")
+    v = config.verify
+    # The trigger as saved (and as a user re-checks it with efrap verify --trigger).
+    saved = str(paths["trigger"]) if trigger is not None else None
+    options = VerifyOptions(data=config.data, trigger=saved, opt_level=v.opt_level, provider=v.provider,
+                            limit=v.limit, preprocess=config.preprocess)
+    verify_defended = verify_model(str(paths["defended"]), options)
+    verify_fp = verify_model(str(config.model), options)
+    per_class, example = _per_class(config, paths["defended"], trigger)
+    defended_sha256 = file_sha256(paths["defended"])
+    checks = evaluate(config, scan_json, sha256, guard, defended_sha256, verify_defended, trigger)
+    t3 = time.perf_counter()
+    return GateRun(config=config, model_sha256=sha256, scan=scan_json, trigger=trigger, scan_seconds=t1 - t0,
+                   defend=summary, guard=guard, defended_path=paths["defended"],
+                   defended_sha256=defended_sha256,
+                   verify_defended=verify_defended, verify_fp=verify_fp, per_class=per_class, example=example,
+                   checks=checks, seconds={"scan": round(t1 - t0, 2), "defend": round(t2 - t1, 2),
+                                           "verify": round(t3 - t2, 2), "total": round(t3 - t0, 2)})
