@@ -98,6 +98,8 @@ def main() -> None:
                 print(f"build_heldout: {name} failed: {run.last_line}", flush=True)
                 continue
             trigger = cache / f"{name}.trigger.json"
+            # Re-read before writing: another builder (--only) may have added models meanwhile.
+            manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"models": {}}
             manifest["models"][name] = {
                 "kind": kind, "command": "efrap " + " ".join(argv), "file": out.name,
                 "sha256": file_sha256(out),
