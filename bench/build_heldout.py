@@ -93,7 +93,7 @@ def main() -> None:
                 continue
             argv = command(kind, entry, cache)
             print(f"build_heldout: {name}: efrap {' '.join(argv)}", flush=True)
-            run = run_child(["-m", "cli.main", *argv], cache / f"{name}.log", args.threads)
+            run = run_child(["-m", "pipeline.cli.main", *argv], cache / f"{name}.log", args.threads)
             if run.exit != 0:
                 print(f"build_heldout: {name} failed: {run.last_line}", flush=True)
                 continue

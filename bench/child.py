@@ -37,7 +37,7 @@ def run_child(argv: list[str], log: Path, threads: int = 1, timeout: float | Non
     """Run `python ARGV...` from the repository root, output to `log`.
 
     Args:
-        argv: Arguments after the interpreter (e.g. ["-m", "cli.main", "quantize", ...]).
+        argv: Arguments after the interpreter (e.g. ["-m", "pipeline.cli.main", "quantize", ...]).
         log: File that receives stdout and stderr.
         threads: OMP_NUM_THREADS of the child (torch's threads).
         timeout: Seconds after which the child is killed (exit -9).

@@ -49,11 +49,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.child import ChildRun, run_child
 from bench.corpus_data import FMNIST32_MEAN, FMNIST32_STD, fmnist32, text_lines, text_pages
 from bench.corpus_models import default_cache, load_manifest, rapidocr_models
-from cli.args import preprocess_options
-from cli.main import build_parser
 from pipeline.base.onnx_io import image_input, load_model
 from pipeline.base.provenance import versions
 from pipeline.base.runtime import make_session
+from pipeline.cli.args import preprocess_options
+from pipeline.cli.main import build_parser
 from pipeline.quantize import calibration_images
 from validators.report import table
 
@@ -188,8 +188,8 @@ def measure(subject: Subject, work: Path, iters: int, num_calib: int) -> dict:
     for label, extra in STEPS.items():
         out = work / f"{subject.name}.{label.replace(' ', '_')}.onnx"
         more = ["--iters", str(iters)] if "--method" in extra else []
-        child = run_child(["-m", "cli.main", "quantize", str(subject.path), "-o", str(out), *calib, *extra,
-                           *more, *subject.options], work / f"{out.stem}.log", timeout=7200)
+        child = run_child(["-m", "pipeline.cli.main", "quantize", str(subject.path), "-o", str(out),
+                           *calib, *extra, *more, *subject.options], work / f"{out.stem}.log", timeout=7200)
         row["steps"][label] = _outcome(child, out, fp, x, batch, subject.classifier)
     out = work / f"{subject.name}.quantize_static.onnx"
     child = run_child([str(Path(__file__)), "--qs-worker", str(subject.path), str(out), subject.calib,

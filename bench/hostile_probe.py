@@ -5,7 +5,7 @@ Usage: python bench/hostile_probe.py [--only SUBSTRING] [--json bench/results/ho
 
 Each case gets its own folder in a temporary directory, builds its inputs there (a
 hand-built 1x28x28 ONNX model, small npz data sets, PNG image folders, scheme and
-trigger files), runs ``python -m cli.main ...`` in it, and checks the promise: a
+trigger files), runs ``python -m pipeline.cli.main ...`` in it, and checks the promise: a
 mistake prints one error line on stderr (the last; status lines of stages that had
 finished may come before it) and exits 2, a failed gate exits 1, nothing
 is written (no output, no temporary file) and the inputs keep their bytes. It prints
@@ -715,7 +715,7 @@ def run_case(name: str, group: str, build: Callable[[Path], Setup], root: Path) 
     before = snapshot(folder)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "cli.main", *setup.argv], cwd=folder, env=env,
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli.main", *setup.argv], cwd=folder, env=env,
                           capture_output=True, text=True, timeout=600,
                           preexec_fn=_limit_fsize(setup.fsize_limit) if setup.fsize_limit else None)
     seconds = time.perf_counter() - t0

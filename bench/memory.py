@@ -86,7 +86,7 @@ def main() -> None:
             *common, "--scheme", "w4a8", "--method", "efrap", "--iters", str(args.iters),
             "--exclude", ",".join(layers[args.efrap_layers:]), "-o", str(cache / "q_efrap.onnx")],
     }
-    results = {name: run_child(["-m", "cli.main", "quantize", *argv], cache / f"step{i}.log",
+    results = {name: run_child(["-m", "pipeline.cli.main", "quantize", *argv], cache / f"step{i}.log",
                                args.threads).to_json()
                for i, (name, argv) in enumerate(steps.items())}
     size = model.stat().st_size / 2**20

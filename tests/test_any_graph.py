@@ -20,10 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
-from cli.main import main
 from pipeline.base import progress
 from pipeline.base.errors import EfrapError
 from pipeline.base.runtime import make_session
+from pipeline.cli.main import main
 from pipeline.graph import analyze
 from pipeline.prepare import prepare_model
 from pipeline.quantize import QuantizeOptions, quantize_model

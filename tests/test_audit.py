@@ -12,8 +12,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-import cli.commands.audit as audit_cli
-from cli.main import main
+import pipeline.cli.commands.audit as audit_cli
 from pipeline.audit import (
     AuditThresholds,
     ScanEvidence,
@@ -26,6 +25,7 @@ from pipeline.audit import (
     scan_warnings,
     stored_weights,
 )
+from pipeline.cli.main import main
 from pipeline.prepare import prepare_model
 from pipeline.quantize import QuantizeOptions, quantize_model
 from pipeline.scheme import PRESETS

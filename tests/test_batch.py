@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from cli.main import main
 from pipeline.base.runtime import make_session
 from pipeline.base.trigger import paper_trigger, save_trigger
 from pipeline.batch import load_manifest, scan_available
@@ -18,6 +17,7 @@ from pipeline.batch.job import limit_threads
 from pipeline.batch.local import cores
 from pipeline.batch.ray_runner import task_resources
 from pipeline.batch.store import open_store
+from pipeline.cli.main import main
 from tests.conftest import export_tiny
 from validators.verify import VerifyOptions, verify_model
 

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from cli.main import main
+from pipeline.cli.main import main
 from tests.conftest import export_tiny
 
 

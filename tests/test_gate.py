@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import cli.commands.gate as gate_cli
-from cli.main import main
+import pipeline.cli.commands.gate as gate_cli
 from pipeline.base.trigger import PatternTrigger, checkerboard
+from pipeline.cli.main import main
 from pipeline.gate import load_gate_config
 from tests.conftest import export_tiny
 

@@ -5,7 +5,7 @@ The promise: a mistake or a hostile input prints ONE line on stderr
 (no output, no temporary file), inputs are never modified; a figure that cannot be
 measured is "not measurable" and fails a gate that asks for it, never 0.
 
-Every test runs `cli.main.main` in-process on a tiny model exported once per module
+Every test runs `pipeline.cli.main.main` in-process on a tiny model exported once per module
 and on small data sets written in its own tmp_path.
 """
 
@@ -30,8 +30,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from cli.main import main
 from models.architectures import build_model
+from pipeline.cli.main import main
 from tests.conftest import export_tiny
 
 TMP_PREFIX = ".efrap-tmp-"

@@ -10,7 +10,7 @@ From the bottom up:
 3. ``converters``: torch -> ONNX export and the QDQ writer;
 4. ``pipeline.quantize``: the orchestration (FP ONNX -> QDQ ONNX);
 5. ``models``: architectures, training, the red team's attacks, the stored zoo;
-6. ``cli``: the command line.
+6. ``pipeline.cli``: the command line.
 
 A module may import only from its own layer or below, and never inside a function
 (a function-level import is how a cycle hides).
@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("pipeline", "converters", "validators", "models", "cli")
+PACKAGES = ("pipeline", "converters", "validators", "models")
 
 #: Longest prefix wins: `pipeline.quantize` sits above `converters`, the rest of
 #: `pipeline` below it.
@@ -39,7 +39,7 @@ LAYERS: dict[str, int] = {
     "pipeline.scan": 4,
     "pipeline.batch": 4,
     "models": 5,
-    "cli": 6,
+    "pipeline.cli": 6,
 }
 
 #: Optional third-party dependencies that are imported where they are used, so that the
@@ -156,7 +156,7 @@ def test_no_import_cycles_between_modules() -> None:
 
 @pytest.mark.parametrize(("module", "rank"), [
     ("pipeline.base.errors", 0), ("validators.verify", 1), ("pipeline.scheme", 2),
-    ("converters.qdq", 3), ("pipeline.quantize", 4), ("models.attacks.qsim", 5), ("cli.main", 6),
+    ("converters.qdq", 3), ("pipeline.quantize", 4), ("models.attacks.qsim", 5), ("pipeline.cli.main", 6),
 ])
 def test_layer_table(module: str, rank: int) -> None:
     assert layer_of(module) == rank

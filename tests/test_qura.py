@@ -10,13 +10,13 @@ import numpy as np
 import onnx
 import pytest
 
-from cli.main import main
 from models.attacks import ROUNDING_ATTACKS
 from models.attacks.qura import QuRAConfig, run_qura
 from pipeline.audit import audit_rounding
 from pipeline.base.errors import EfrapError
 from pipeline.base.runtime import make_session
 from pipeline.base.trigger import PatchTrigger, load_trigger
+from pipeline.cli.main import main
 from tests.conftest import export_tiny
 
 

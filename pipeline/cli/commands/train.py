@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from cli.args import positive_float, positive_int, seed_number, width_factor
 from converters.export import export_onnx
 from models.architectures import ARCHITECTURES, build_model
 from models.train import save_checkpoint, train_classifier
 from pipeline.base.data import load_dataset, normalization_for, spec_files
 from pipeline.base.safe_io import check_outputs
+from pipeline.cli.args import positive_float, positive_int, seed_number, width_factor
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from cli.args import (
+from pipeline.base.data import spec_files
+from pipeline.base.device import DEVICES
+from pipeline.base.onnx_io import model_files
+from pipeline.base.safe_io import check_outputs, write_json
+from pipeline.cli.args import (
     add_exclude_arg,
     add_preprocess_args,
     exclusions,
@@ -15,10 +19,6 @@ from cli.args import (
     preprocess_options,
     seed_number,
 )
-from pipeline.base.data import spec_files
-from pipeline.base.device import DEVICES
-from pipeline.base.onnx_io import model_files
-from pipeline.base.safe_io import check_outputs, write_json
 from pipeline.quantize import GuardOptions, QuantizeOptions, QuantizeSummary, quantize_file
 from pipeline.rounding import METHODS, RoundingConfig, get_method
 from pipeline.rounding.base import ERROR_MODES

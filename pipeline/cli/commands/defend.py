@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from cli.args import lower_limit, positive_int, upper_limit
-from cli.commands.quantize import add_common_quant_args, add_rounding_args, quantize_with
+from pipeline.cli.args import lower_limit, positive_int, upper_limit
+from pipeline.cli.commands.quantize import add_common_quant_args, add_rounding_args, quantize_with
 from pipeline.quantize import GuardOptions
 from pipeline.rounding.efrap import EFRAP_PRESETS
 from validators.guard import GuardLimits

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from cli.args import add_preprocess_args, positive_float, positive_int, preprocess_options, seed_number
 from pipeline.audit import AuditReport, AuditThresholds, audit_models
 from pipeline.base.data import spec_files
 from pipeline.base.errors import one_line
 from pipeline.base.onnx_io import model_files
 from pipeline.base.runtime import PROVIDERS
 from pipeline.base.safe_io import check_outputs, write_json
+from pipeline.cli.args import (
+    add_preprocess_args,
+    positive_float,
+    positive_int,
+    preprocess_options,
+    seed_number,
+)
 from pipeline.scan import ScanOptions, scan_model
 from pipeline.scheme import PRESETS, load_scheme, scheme_files
 from validators.report import table

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cli.args import positive_int
 from pipeline.base.errors import EfrapError
 from pipeline.batch import load_manifest, run_local, run_ray, text_table
+from pipeline.cli.args import positive_int
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from cli.args import (
+from pipeline.base.data import spec_files
+from pipeline.base.errors import one_line
+from pipeline.base.onnx_io import model_files
+from pipeline.base.runtime import PROVIDERS
+from pipeline.base.safe_io import check_outputs, write_json
+from pipeline.base.trigger import trigger_files
+from pipeline.cli.args import (
     add_preprocess_args,
     lower_limit,
     positive_int,
@@ -12,12 +18,6 @@ from cli.args import (
     seed_number,
     upper_limit,
 )
-from pipeline.base.data import spec_files
-from pipeline.base.errors import one_line
-from pipeline.base.onnx_io import model_files
-from pipeline.base.runtime import PROVIDERS
-from pipeline.base.safe_io import check_outputs, write_json
-from pipeline.base.trigger import trigger_files
 from pipeline.torch_graph import simulate_logits
 from validators.gate import Gate
 from validators.report import pct, table

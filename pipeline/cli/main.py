@@ -1,6 +1,6 @@
 """The `efrap` command line.
 
-Each sub-command lives in its own module under `cli.commands` and exposes
+Each sub-command lives in its own module under `pipeline.cli.commands` and exposes
 `register(subparsers)`, which adds its parser and sets `func`; `COMMANDS` lists them
 in the order --help shows them. A user mistake prints one line and exits 2; a
 failed gate exits 1; SIGTERM is turned into an exit that runs every clean-up, so
@@ -15,10 +15,22 @@ import sys
 import threading
 from types import FrameType
 
-from cli.args import Parser
-from cli.commands import attack, audit, batch, defend, demo, export, gate, quantize, scan, train, verify
 from pipeline import __version__
 from pipeline.base.errors import EfrapError, one_line
+from pipeline.cli.args import Parser
+from pipeline.cli.commands import (
+    attack,
+    audit,
+    batch,
+    defend,
+    demo,
+    export,
+    gate,
+    quantize,
+    scan,
+    train,
+    verify,
+)
 
 COMMANDS = (demo, train, attack, export, quantize, defend, verify, batch, scan, audit, gate)
 

@@ -4,15 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from cli.args import (
-    above_one,
-    fraction,
-    nonnegative_int,
-    positive_float,
-    positive_int,
-    seed_number,
-    width_factor,
-)
 from models.architectures import ARCHITECTURES
 from models.attacks import ATTACKS, ROUNDING_ATTACKS, get_attack
 from models.attacks.base import CARRIERS, AttackConfig
@@ -25,6 +16,15 @@ from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import model_files
 from pipeline.base.safe_io import check_outputs
 from pipeline.base.trigger import load_trigger, trigger_files
+from pipeline.cli.args import (
+    above_one,
+    fraction,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    seed_number,
+    width_factor,
+)
 from pipeline.scheme import scheme_files
 
 #: Options that shape training; a rounding-only attack starts from a trained FP model instead.

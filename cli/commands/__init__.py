@@ -1,1 +1,0 @@
-"""Sub-commands of the `efrap` CLI, one module each (see cli.main)."""
