@@ -9,9 +9,9 @@ from pathlib import Path
 import onnx
 import pytest
 
-from cli.main import main
 from models.zoo import load_manifest, zoo_path
 from pipeline.base.runtime import make_session
+from pipeline.cli.main import main
 
 
 @pytest.fixture
@@ -99,3 +99,23 @@ def test_defend_writes_metadata_matches_simulation_and_is_deterministic(
     meta = {p.key: p.value for p in onnx.load(str(default)).metadata_props}
     assert set(json.loads(meta["efrap.error_units"]).values()) == {"steps"}
     assert json.loads(meta["efrap.rounding"])["flip_weight"] == 0.02
+
+
+def test_defend_that_breaks_its_budget_exits_one_with_its_report_written(
+        clean_model: Path, tmp_path: Path) -> None:
+    out, summary = tmp_path / "d.onnx", tmp_path / "d.json"
+    # No 20-iteration defense at w4a4 keeps 99.99% of FP's predictions or 99.9% accuracy.
+    code = main(["defend", str(clean_model), "--iters", "20", "--num-calib", "128", "--holdout", "300",
+                 "--max-agreement-drop", "0.01%", "--min-accuracy", "0.999", "--summary", str(summary),
+                 "-o", str(out)])
+    assert code == 1
+    guard = json.loads(summary.read_text())["guard"]
+    assert not guard["passed"] and guard["images"] == 300 and len(guard["why"]) == 2
+    assert guard["agreement"] < 0.9999 and guard["accuracy"] < 0.999
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(meta["efrap.guard"]) == guard
+    # The same defense within a budget it keeps passes.
+    ok = tmp_path / "ok.onnx"
+    assert main(["defend", str(clean_model), "--iters", "20", "--num-calib", "128", "--holdout", "300",
+                 "--max-agreement-drop", "50%", "--min-accuracy", "0.5", "-o", str(ok)]) == 0
+    assert json.loads({p.key: p.value for p in onnx.load(str(ok)).metadata_props}["efrap.guard"])["passed"]
