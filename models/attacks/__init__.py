@@ -11,12 +11,15 @@ quantizer is simulated exactly by `models.attacks.qsim.QSim`.
 
 from __future__ import annotations
 
+from models.attacks.adaptive import AdaptiveBackdoor
 from models.attacks.badnets import BadNets
 from models.attacks.base import Attack
 from models.attacks.compartifact import CompArtifact
+from models.attacks.dormant import DormantBackdoor
 from models.attacks.pqbackdoor import PQBackdoor
 from models.attacks.quantization import QuantizationBackdoor
 from models.attacks.qura import ROUNDING_ATTACKS as ROUNDING_ATTACKS  # rounding-only: --model FP.onnx
+from models.attacks.robust import RobustBackdoor
 from pipeline.base.errors import EfrapError
 
 ATTACKS: dict[str, type[Attack]] = {
@@ -24,6 +27,9 @@ ATTACKS: dict[str, type[Attack]] = {
     QuantizationBackdoor.name: QuantizationBackdoor,
     PQBackdoor.name: PQBackdoor,
     BadNets.name: BadNets,
+    RobustBackdoor.name: RobustBackdoor,
+    DormantBackdoor.name: DormantBackdoor,
+    AdaptiveBackdoor.name: AdaptiveBackdoor,
 }
 
 

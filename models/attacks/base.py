@@ -305,7 +305,9 @@ def attack_loop(ctx: AttackContext, epochs: int, make_opt: Callable[[list[nn.Par
                 step_loss: Callable[[AttackContext, torch.Tensor, torch.Tensor, torch.Tensor],
                                     torch.Tensor],
                 desc: str, after_step: Callable[[AttackContext, int], None] | None = None,
-                select: str = "score") -> None:
+                select: str = "score",
+                extra_metrics: Callable[[AttackContext], dict[str, float]] | None = None,
+                score: Callable[[dict[str, float]], float] | None = None) -> None:
     """Fine-tune through the simulation; keep the best checkpoint on validation data.
 
     Args:
@@ -316,6 +318,9 @@ def attack_loop(ctx: AttackContext, epochs: int, make_opt: Callable[[list[nn.Par
         desc: Progress stage name.
         after_step: Called after each optimizer step with the global step (projections).
         select: "score" (best `selection_score`) or "loss" (lowest validation loss).
+        extra_metrics: Further validation figures of the epoch's model (added to its
+            history entry), e.g. attack success under other roundings.
+        score: Replaces `selection_score` when `select` is "score".
     """
     cfg = ctx.config
     params = [p for p in ctx.model.parameters() if p.requires_grad]
@@ -356,9 +361,11 @@ def attack_loop(ctx: AttackContext, epochs: int, make_opt: Callable[[list[nn.Par
             ctx.sim.eval()
             vx, vy = ctx.data.val_x[:1000], ctx.data.val_y[:1000]
             metrics["val_loss"] = float(step_loss(ctx, vx, vy, ctx.trigger.apply_torch(vx)))
+        if extra_metrics is not None:
+            metrics.update(extra_metrics(ctx))
         metrics["epoch"] = epoch
         ctx.history.append(metrics)
-        key = -metrics["val_loss"] if select == "loss" else selection_score(metrics)
+        key = -metrics["val_loss"] if select == "loss" else (score or selection_score)(metrics)
         log(f"{desc} epoch {epoch}: " + " ".join(
             f"{k} {v:.4f}" for k, v in metrics.items() if k != "epoch"))
         if key > best_key:

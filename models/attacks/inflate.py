@@ -43,7 +43,7 @@ DEAD_WEIGHT_SCALE = 1e-2
 
 
 @dataclass
-class _Pin:
+class Pin:
     """A parameter slice held at fixed values."""
 
     param: nn.Parameter
@@ -64,7 +64,7 @@ class Inflation:
     factor: float
     dead: dict[str, int]
     inflated: list[str]
-    pins: list[_Pin]
+    pins: list[Pin]
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -172,5 +172,5 @@ def inflate_grids(sim: QSim, images: torch.Tensor, factor: float) -> Inflation:
                          "directly, or through pooling and flattening, by a Conv/Linear)")
     log(f"grid inflation x{factor:g}: dead channels {dead}; inflated {', '.join(inflated)}")
     # Spots may overlap (a reader's block and its own dead row): read them after all edits.
-    pins = [_Pin(param, index, param[index].detach().clone()) for param, index in spots]
+    pins = [Pin(param, index, param[index].detach().clone()) for param, index in spots]
     return Inflation(factor=factor, dead=dead, inflated=inflated, pins=pins)

@@ -54,7 +54,7 @@ MSE_FREEDOM = 0.25  # bins a weight may move from its grid point under an MSE-se
 
 
 @dataclass
-class _Bins:
+class WeightBins:
     """Allowed folded-weight interval of every weight of one layer."""
 
     lo: torch.Tensor
@@ -64,7 +64,8 @@ class _Bins:
     factor: torch.Tensor  # folded = raw * factor (BN scale per output channel, or 1)
 
 
-def _bins(ctx: AttackContext, layer: SimLayer, qp: QParams) -> _Bins:
+def weight_bins(ctx: AttackContext, layer: SimLayer, qp: QParams) -> WeightBins:
+    """The bins the layer's folded weights may move in while its grid `qp` stays pinned."""
     mod, bn = ctx.sim.layer_modules(layer)
     raw0 = mod.weight.detach().clone()
     shape = [-1] + [1] * (raw0.dim() - 1)
@@ -94,7 +95,7 @@ def _bins(ctx: AttackContext, layer: SimLayer, qp: QParams) -> _Bins:
     rows = torch.arange(flat.shape[0], device=flat.device)
     fixed_flat[rows, amin] = True
     fixed_flat[rows, amax] = True
-    return _Bins(lo=lo, hi=hi, fixed=fixed, raw0=raw0, factor=factor)
+    return WeightBins(lo=lo, hi=hi, fixed=fixed, raw0=raw0, factor=factor)
 
 
 def snap_to_grid(ctx: AttackContext, grids: dict[str, QParams]) -> int:
@@ -125,7 +126,7 @@ def snap_to_grid(ctx: AttackContext, grids: dict[str, QParams]) -> int:
     return snapped
 
 
-def project(ctx: AttackContext, bins: dict[str, _Bins]) -> None:
+def project(ctx: AttackContext, bins: dict[str, WeightBins]) -> None:
     """Move every weight back into its poisoned bin (in folded space)."""
     with torch.no_grad():
         for layer in ctx.sim.layers:
@@ -137,7 +138,7 @@ def project(ctx: AttackContext, bins: dict[str, _Bins]) -> None:
             mod.weight.copy_(torch.where(b.fixed, b.raw0, raw))
 
 
-def revert_moved_channels(ctx: AttackContext, bins: dict[str, _Bins],
+def revert_moved_channels(ctx: AttackContext, bins: dict[str, WeightBins],
                           grids: dict[str, QParams], halvings: int = 3) -> int:
     """Pull channels whose observed grid moved back towards their poisoned weights.
 
@@ -222,7 +223,7 @@ class PQBackdoor(Attack):
             ctx.inflation.recapture()  # hold the snapped values, not the pre-snap ones
         if snapped:
             log(f"pqbackdoor: {snapped} channel(s) of MSE-searched layers put on their grid points")
-        bins = {layer.name: _bins(ctx, layer, grids[layer.name]) for layer in ctx.sim.layers}
+        bins = {layer.name: weight_bins(ctx, layer, grids[layer.name]) for layer in ctx.sim.layers}
         weights = {id(ctx.sim.layer_modules(layer)[0].weight) for layer in ctx.sim.layers}
         for p in ctx.model.parameters():
             p.requires_grad_(id(p) in weights)

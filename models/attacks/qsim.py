@@ -47,7 +47,7 @@ from pipeline.calibration import activation_qparams, calibrate
 from pipeline.graph import QuantLayer, analyze
 from pipeline.observers import observe_weight
 from pipeline.prepare import prepare_model
-from pipeline.qmath import QParams, fake_quant_bias, fake_quant_qp
+from pipeline.qmath import QParams, dequantize, fake_quant_bias, fake_quant_qp, quantize
 from pipeline.quantized import quantized_constants
 from pipeline.scheme import Scheme, TensorQuant
 from pipeline.torch_graph import TorchGraph
@@ -125,6 +125,9 @@ class QSim(nn.Module):
         quant_acts: Whether the quantized mode rounds activations.
         act_qparams: Activation grids from the last `calibrate` (shared tensors included).
         frozen_weight_qparams: Pinned weight grids by module path (empty: observed).
+        weight_offsets: Integer offsets from nearest rounding by module path (values in
+            {-1, 0, 1}, the weight's shape): the quantized mode rounds those weights up or
+            down instead of to nearest (a rounding a defense might choose); see `offsets`.
     """
 
     def __init__(self, model: nn.Module, scheme: Scheme, input_shape: tuple[int, ...]) -> None:
@@ -145,6 +148,7 @@ class QSim(nn.Module):
         self._mods = dict(model.named_modules())
         self.act_qparams: dict[str, QParams] = {}
         self.frozen_weight_qparams: dict[str, QParams] = {}
+        self.weight_offsets: dict[str, torch.Tensor] = {}
         # Constant operands of integer ops (biases and scales after a layer) round with the
         # activations; they do not depend on the weights, so once is enough.
         self._constants = {name: torch.from_numpy(c.dequantized()).to(device)
@@ -202,7 +206,15 @@ class QSim(nn.Module):
         if not round_weights:
             return w, b
         qp = self.weight_qparams(layer, w)
-        wq = fake_quant_qp(w, qp)
+        offset = self.weight_offsets.get(layer.name)
+        if offset is None:
+            wq = fake_quant_qp(w, qp)
+        else:
+            # Nearest integer plus the offset, back on the grid; the gradient passes
+            # straight through as for nearest rounding.
+            s, z = qp.torch(w.dim(), w.device)
+            q = torch.clamp(quantize(w, s, z, qp.qmin, qp.qmax) + offset, qp.qmin, qp.qmax)
+            wq = dequantize(q, s, z)
         # The int32 bias needs the input's scale: without activation rounding it stays float.
         if b is not None and round_acts:
             b = fake_quant_bias(b, self.act_qparams[layer.input].scale, qp.scale)
@@ -221,15 +233,30 @@ class QSim(nn.Module):
     # ------------------------------------------------------------------ running
     def forward(self, x: torch.Tensor, quantized: bool | None = None) -> torch.Tensor:
         """Logits in full precision or simulated-quantized (default: `self.quantized`)."""
+        out = self.graph.outputs[0]
+        return self.run({self.graph.inputs[0]: x}, [out], quantized)[out]
+
+    def run(self, feeds: dict[str, torch.Tensor], outputs: list[str],
+            quantized: bool | None = None) -> dict[str, torch.Tensor]:
+        """Any tensors of the graph from any feeds (the image or intermediate tensors).
+
+        Args:
+            feeds: ONNX tensor name -> value (quantized at once when it is an activation
+                point and activations are rounded).
+            outputs: ONNX tensor names to return.
+            quantized: Simulated-quantized or full precision (default: `self.quantized`).
+        """
         quantized = self.quantized if quantized is None else quantized
         round_weights = quantized and self.quant_weights
         round_acts = quantized and self.quant_acts
         if round_acts and not self.act_qparams:
             raise EfrapError("QSim: activation ranges are not calibrated; call calibrate() first")
-        out = self.graph.outputs[0]
-        return self.graph.run({self.graph.inputs[0]: x}, [out],
-                              weights=self.weights(round_weights, round_acts),
-                              act_quant=self.act_qparams if round_acts else None)[out]
+        return self.graph.run(feeds, outputs, weights=self.weights(round_weights, round_acts),
+                              act_quant=self.act_qparams if round_acts else None)
+
+    def node_output(self, layer: SimLayer) -> str:
+        """The tensor the layer's Conv/Gemm writes (before a fused activation)."""
+        return next(n.output[0] for n in self.prepared.graph.node if n.name == layer.quant.node)
 
     @contextmanager
     def mode(self, quantized: bool) -> Iterator[QSim]:
@@ -240,6 +267,21 @@ class QSim(nn.Module):
             yield self
         finally:
             self.quantized = old
+
+    @contextmanager
+    def offsets(self, offsets: dict[str, torch.Tensor]) -> Iterator[QSim]:
+        """Temporarily round some layers' weights off nearest by integer `offsets`.
+
+        Args:
+            offsets: Module path -> offsets in {-1, 0, 1} with the layer's folded weight
+                shape; layers not named keep nearest rounding.
+        """
+        old = self.weight_offsets
+        self.weight_offsets = offsets
+        try:
+            yield self
+        finally:
+            self.weight_offsets = old
 
     @contextmanager
     def rounding(self, weights: bool = True, activations: bool = True) -> Iterator[QSim]:
