@@ -13,6 +13,7 @@ Cases, each an `efrap scan` child process (one thread by default) with
 - clean: the stored clean model, under w4a4 and w8a8;
 - badnets: a plainly poisoned model built by `efrap attack --method badnets`
   (BADNETS_COMMAND; built into the cache when missing), under w4a4 and w8a8;
+- design: a blended-trigger QCB built to design the scan (DESIGN_COMMAND), when present;
 - heldout: the models of bench/heldout.toml that bench/build_heldout.py has finished
   (its cache's manifest.json): QCBs h1..h6 under their scheme and defended like the zoo,
   clean c1..c6 under w4a4 and w8a8. The scan was designed and tuned without them.
@@ -46,6 +47,11 @@ SUMMARY_START, SUMMARY_END = "<!-- scan:summary:start -->", "<!-- scan:summary:e
 SCAN_CACHE = Path(os.environ.get("EFRAP_SCAN_CACHE", Path.home() / ".cache/efrap-onnx/scan"))
 #: The plainly poisoned model of the fp-backdoor case (its trigger file is written first).
 BADNETS_TRIGGER = {"size": 4, "position": "top-left", "margin": 1, "value": 1.0, "target": 2}
+#: The blended-trigger QCB of the design set (trigger: `blended(noise, 0.2, target 6)`, the noise
+#: numpy.random.default_rng(99).random((1, 28, 28))); not rebuilt here (about 30 minutes).
+DESIGN_COMMAND = ("efrap attack --method compartifact --scheme w4a4 --carrier weights --width 0.5 --epochs 4 "
+                  "--steps-per-epoch 200 --seed 7 --device cpu --trigger design_blend.spec-trigger.json "
+                  "-o design_blend_compartifact_w4a4.onnx")
 BADNETS_COMMAND = ("attack --method badnets --width 0.5 --epochs 3 --seed 0 --scheme w4a4 --device cpu "
                    "--trigger {trigger} -o {out}")
 
@@ -98,20 +104,32 @@ def badnets_cases(cache: Path, threads: int) -> list[Case]:
         write_json(BADNETS_TRIGGER, trigger)
         argv = BADNETS_COMMAND.format(trigger=trigger, out=out).split()
         print(f"scan_table: building {out.name}: efrap {' '.join(argv)}", flush=True)
-        run = run_child(["-m", "cli.main", *argv], cache / "badnets.build.log", threads)
+        run = run_child(["-m", "pipeline.cli.main", *argv], cache / "badnets.build.log", threads)
         if run.exit != 0:
             raise SystemExit(f"scan_table: the BadNets build failed: {run.last_line}")
     return [Case(f"badnets_small_cnn ({s})", "badnets", str(out), s, "fp-backdoor", BADNETS_TRIGGER["target"],
                  str(SCAN_CACHE / "badnets_small_cnn.trigger.json"), False) for s in ("w4a4", "w8a8")]
 
 
-def heldout_cases() -> list[Case]:
-    folder = heldout_cache()
-    path = folder / "manifest.json"
-    if not path.exists():
+def design_cases() -> list[Case]:
+    """The blended-trigger QCB built to design the scan (DESIGN_COMMAND), when it is in the cache."""
+    model = SCAN_CACHE / "design_blend_compartifact_w4a4.onnx"
+    if not model.exists():
         return []
+    return [Case("design_blend_compartifact_w4a4", "design", str(model), "w4a4", "qcb", 6,
+                 str(SCAN_CACHE / "design_blend_compartifact_w4a4.trigger.json"), True)]
+
+
+def heldout_cases(caches: list[Path]) -> list[Case]:
+    """The finished models of bench/heldout.toml, from each cache's manifest (first cache wins)."""
+    models: dict[str, tuple[Path, dict]] = {}
+    for folder in caches:
+        path = folder / "manifest.json"
+        if path.exists():
+            for name, m in json.loads(path.read_text())["models"].items():
+                models.setdefault(name, (folder, m))
     out = []
-    for name, m in sorted(json.loads(path.read_text())["models"].items()):
+    for name, (folder, m) in sorted(models.items()):
         model = folder / m["file"]
         if not model.exists():
             continue
@@ -139,7 +157,7 @@ def run_case(case: Case, cache: Path, iters: int, threads: int, rerun: bool) -> 
     if defended is not None and (rerun or not defended.exists()):
         argv = ["defend", case.model, "--scheme", case.scheme, "--iters", str(iters), "-o", str(defended)]
         print(f"scan_table: {case.name}: efrap {' '.join(argv)}", flush=True)
-        run = run_child(["-m", "cli.main", *argv], cache / f"{slug}.defend.log", threads)
+        run = run_child(["-m", "pipeline.cli.main", *argv], cache / f"{slug}.defend.log", threads)
         if run.exit not in (0, 1):
             raise SystemExit(f"scan_table: defend failed for {case.name}: {run.last_line}")
         row["defend_seconds"] = run.seconds
@@ -150,7 +168,7 @@ def run_case(case: Case, cache: Path, iters: int, threads: int, rerun: bool) -> 
             argv += ["--defended", str(defended)]
         print(f"scan_table: {case.name}: efrap {' '.join(argv)}", flush=True)
         load = os.getloadavg()[0]
-        run = run_child(["-m", "cli.main", *argv], cache / f"{slug}.scan.log", threads)
+        run = run_child(["-m", "pipeline.cli.main", *argv], cache / f"{slug}.scan.log", threads)
         if run.exit != 0:
             raise SystemExit(f"scan_table: scan failed for {case.name}: {run.last_line}")
         data = json.loads(report.read_text())
@@ -211,7 +229,7 @@ def table(rows: list[dict]) -> str:
 def summary(rows: list[dict]) -> dict:
     """Detection and false-positive rates by group."""
     out = {}
-    for group in ("zoo", "clean", "badnets", "heldout"):
+    for group in ("zoo", "clean", "badnets", "design", "heldout"):
         part = [r for r in rows if r["group"] == group]
         qcb = [r for r in part if r["truth"] == "qcb"]
         clean = [r for r in part if r["truth"] == "clean"]
@@ -238,11 +256,13 @@ def _replace(text: str, start: str, end: str, body: str) -> str:
 def main() -> None:
     """Run the missing cases, write the JSON and the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--groups", nargs="*", default=["zoo", "clean", "badnets"],
-                        choices=("zoo", "clean", "badnets", "heldout"))
+    parser.add_argument("--groups", nargs="*", default=["zoo", "clean", "badnets", "design"],
+                        choices=("zoo", "clean", "badnets", "design", "heldout"))
     parser.add_argument("--only", nargs="*", help="case names to run (others are only read back)")
     parser.add_argument("--iters", type=int, default=2000, help="EFRAP iterations per layer (default 2000)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--heldout-cache", type=Path, nargs="*", default=None,
+                        help="bench/build_heldout.py caches to read (default: its default cache)")
     parser.add_argument("--cache", type=Path, default=SCAN_CACHE / "runs")
     parser.add_argument("--rerun", action="store_true")
     parser.add_argument("--table-only", action="store_true", help="only read back existing reports")
@@ -258,8 +278,10 @@ def main() -> None:
             cases += clean_cases()
         elif group == "badnets":
             cases += badnets_cases(args.cache, args.threads)
+        elif group == "design":
+            cases += design_cases()
         else:
-            cases += heldout_cases()
+            cases += heldout_cases(args.heldout_cache or [heldout_cache()])
     rows = []
     for case in cases:
         report = args.cache / f"{_slug(case.name)}.scan.json"

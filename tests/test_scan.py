@@ -24,13 +24,13 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from cli.main import main
 from models.attacks import ATTACKS, get_attack
 from models.attacks.badnets import BadNets
 from models.attacks.base import AttackConfig, run_attack
 from pipeline.base.errors import EfrapError
 from pipeline.base.preprocess import Preprocess
 from pipeline.base.trigger import PatchTrigger, load_trigger
+from pipeline.cli.main import main
 from pipeline.quantize import QuantizeOptions, quantize_model
 from pipeline.scan import ScanOptions, SearchConfig, VerdictRule, decide, run_test, scan_model
 from pipeline.scan.sides import torch_preprocess
@@ -54,9 +54,13 @@ def _fp_sizes(small: dict[int, float] | None = None) -> list[float]:
     return sizes
 
 
+#: Sizes differential searches reach without finding a trigger (lower bounds), as on the zoo.
+NOT_FOUND = [0.21, 0.18, 0.25, 0.2, 0.17, 0.22, 0.19, 0.26, 0.2, 0.23]
+
+
 def test_qcb_verdict_from_numbers() -> None:
     rule = VerdictRule()
-    sizes, found = [1.0] * 10, [False] * 10
+    sizes, found = list(NOT_FOUND), [False] * 10
     sizes[3], found[3] = 0.02, True
     diff = run_test("differential", range(10), sizes, found, rule)
     fp = run_test("fp", range(10), _fp_sizes(), [True] * 10, rule)
@@ -91,6 +95,9 @@ def test_a_large_differential_trigger_is_not_flagged() -> None:
     diff = run_test("differential", range(10), [0.7] + [1.0] * 9, [True] + [False] * 9, rule)
     assert diff.candidate == 0 and not diff.flagged
     assert diff.probability < 0.5
+    # Found, but no smaller than what the other classes' searches reached without one.
+    diff = run_test("differential", range(10), [0.15, *NOT_FOUND[1:]], [True] + [False] * 9, rule)
+    assert diff.candidate == 0 and not diff.flagged
 
 
 def test_a_trigger_not_confirmed_counts_for_nothing() -> None:
@@ -188,9 +195,13 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return out
 
 
+#: Shorter searches than the defaults for the tiny models (the CLI test runs the defaults).
+FAST = SearchConfig(steps=200, settle=120)
+
+
 def _options(tiny: dict[str, str], **kw: object) -> ScanOptions:
     return ScanOptions(scheme=load_scheme("w8a8"), calib=tiny["data"], num_calib=256, holdout=200,
-                       **kw)  # type: ignore[arg-type]
+                       search=FAST, **kw)  # type: ignore[arg-type]
 
 
 def test_tiny_qcb_is_flagged_with_its_target_and_trigger(tiny: dict[str, str]) -> None:

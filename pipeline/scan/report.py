@@ -190,10 +190,11 @@ class ScanReport:
                 entry[f"{f.mode}_{f.family}"] = f.to_json()
             diff = [f for f in self.searches.get(c, []) if f.mode == "diff"]
             fp = [f for f in self.searches.get(c, []) if f.mode == "fp"]
-            if diff:
-                entry["differential_size"] = round(min(f.size for f in diff), 5)
-            if fp:
-                entry["fp_size"] = round(min(f.size for f in fp), 5)
+            for key, part in (("differential", diff), ("fp", fp)):
+                if part:
+                    hits = [f for f in part if f.found]
+                    entry[f"{key}_size"] = round(min(f.size for f in (hits or part)), 5)
+                    entry[f"{key}_found"] = bool(hits)
             per_class[str(c)] = entry
         return {
             "verdict": v.verdict, "target": v.target, "confidence": round(v.confidence, 4),

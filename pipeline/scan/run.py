@@ -217,9 +217,11 @@ def _test(name: str, searches: dict[int, list[Found]], pick: Callable[[Found], b
         chosen = [f for f in results if pick(f)]
         if not chosen:
             continue
+        hits = [f for f in chosen if f.found]
         classes.append(c)
-        sizes.append(min(f.size for f in chosen))
-        found.append(any(f.found for f in chosen))
+        # A found trigger's size, else the smallest lower bound the searches reached.
+        sizes.append(min(f.size for f in (hits or chosen)))
+        found.append(bool(hits))
     return run_test(name, classes, sizes, found, rule)
 
 

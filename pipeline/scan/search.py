@@ -121,7 +121,9 @@ class Found:
         family: "patch" or "blend".
         mode: "diff" or "fp".
         found: Whether a trigger reached the success rate on the evaluation images.
-        size: Its size (mask mean, 1.0 = whole image); 1.0 when none was found.
+        size: Its size (mask mean, 1.0 = whole image). When none was found: for a near
+            miss (half the confirmation rate on the evaluation images) the size the search
+            reached, a lower bound on what the class needs; else 1.0.
         success: Success rate of the kept (or last) trigger on the evaluation images.
         steps: Steps run.
         seconds: Time spent.
@@ -320,8 +322,13 @@ def search_class(wake: Model, keep: Model | None, images: torch.Tensor, labels: 
             break
     if not order:
         rate = success_rate(wake, keep, eval_images, eval_labels, target, keep_mask, keep_pattern)
+    # Not found: a near miss (at least half the confirmation rate) needs more than the size
+    # it reached, a lower bound; a search that came nowhere near counts as the whole image.
+    size = float(keep_mask.mean())
+    if not found:
+        size = max(size, float(trig.mask().detach().mean())) if rate >= cfg.confirm / 2 else 1.0
     return Found(target=target, family=family, mode="fp" if keep is None else "diff", found=found,
-                 size=float(keep_mask.mean()) if found else 1.0, success=rate, steps=steps,
+                 size=size, success=rate, steps=steps,
                  seconds=time.perf_counter() - start, cut_short=cut,
                  mask=keep_mask.numpy().astype(np.float32), pattern=keep_pattern.numpy().astype(np.float32))
 

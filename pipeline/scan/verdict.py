@@ -9,13 +9,14 @@ Two tests, one rule (Neural Cleanse's outlier test, Wang et al., IEEE S&P 2019):
 - the FP test: Neural Cleanse on the FP model alone. A backdoor already active in FP
   (plain poisoning, BadNets) leaves one class with an anomalously small trigger.
 
-For each test, the sizes (mask mean over the image, 1.0 when no trigger was found)
-are compared in log space: the anomaly index of class t is
-``(median(log s) - log s_t) / (1.4826 * MAD(log s))``, Neural Cleanse's
+For each test, the sizes (mask mean over the image; for a class where no trigger was
+found, the size a near miss reached, a lower bound, or 1.0, the whole image, when the
+search came nowhere near) are compared in log space: the
+anomaly index of class t is ``(median(log s) - log s_t) / (1.4826 * MAD(log s))``, Neural Cleanse's
 median-absolute-deviation index with the consistency constant of a normal
 distribution (Hampel, "The Influence Curve and Its Role in Robust Estimation",
 JASA 1974). Only small sizes are anomalous. The MAD is floored (`mad_floor`), since
-a clean model whose classes all fail gives a MAD of zero. A class is flagged when its
+classes that all end alike give a MAD near zero. A class is flagged when its
 trigger was found, its index reaches `threshold` (Neural Cleanse: 2, a ~95%
 one-sided level) and its size is at most `max_ratio` times the median: both an
 outlier and a large effect. The evidence of a test is the smaller of the index and
@@ -159,7 +160,8 @@ def run_test(name: str, classes: Sequence[int], sizes: Sequence[float], found: S
     Args:
         name: The test's name.
         classes: Class of each size.
-        sizes: Smallest trigger per class (mask mean; 1.0 when none was found).
+        sizes: Smallest trigger per class (mask mean; where none was found, a near miss's
+            size, a lower bound, or 1.0).
         found: Whether a trigger was found per class.
         rule: Thresholds (the FP test, `name` "fp", uses `fp_max_ratio`).
     """
