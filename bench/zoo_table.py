@@ -8,12 +8,13 @@ QDQ semantics) on the test split:
 
 - FP: the released model;
 - nearest: `efrap quantize --method nearest` under the targeted scheme;
-- cross: nearest under another preset (w8a8 <-> w4a4; w4a8-asym -> w4a4);
+- cross: nearest under another preset (w8a8 <-> w4a4; w4a8-asym -> w4a4; w4a8 -> w8a8);
 - quantize_static: onnxruntime.quantization.quantize_static after quant_pre_process,
   QDQ, per-channel, MinMax calibration on the same 1,024 training images, the closest
   settings to the targeted scheme (w8a8: uint8 activations, int8 symmetric weights;
   w4a4: uint4 activations, uint4 asymmetric weights, first/last layer and their
-  inputs at 8 bits through TensorQuantOverrides).
+  inputs at 8 bits through TensorQuantOverrides; w4a8: int4 symmetric weights, uint8
+  activations, quantize_static's own grid).
 
 Figures are clean accuracy (CDA) and attack success over non-target test images
 (ASR), in percent. The table between the markers in docs/ZOO.md is replaced, and
@@ -43,7 +44,7 @@ from validators.verify import VerifyOptions, verify_model
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "models" / "zoo"
 START, END = "<!-- zoo-table:start -->", "<!-- zoo-table:end -->"
-OTHER = {"w8a8": "w4a4", "w4a4": "w8a8", "w4a8-asym": "w4a4"}
+OTHER = {"w8a8": "w4a4", "w4a4": "w8a8", "w4a8-asym": "w4a4", "w4a8": "w8a8"}
 
 
 def _measure(model: str, trigger: str, limit: int | None) -> dict[str, float]:
@@ -81,6 +82,9 @@ def quantize_static_model(fp_path: str, out_path: str, scheme: str, data: str) -
     note = ""
     if scheme == "w8a8":
         act, wt, extra = QuantType.QUInt8, QuantType.QInt8, {}
+    elif scheme == "w4a8":  # the scheme is quantize_static's own int4 grid
+        act, wt, extra = QuantType.QUInt8, QuantType.QInt4, {}
+        note = "int4 symmetric weights, uint8 activations"
     else:
         act = QuantType.QUInt4 if scheme == "w4a4" else QuantType.QUInt8
         wt = QuantType.QUInt4
@@ -180,7 +184,8 @@ def main() -> None:
     """Measure and rewrite the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, help="first N test images only")
-    parser.add_argument("--names", nargs="*", help="only these zoo entries")
+    parser.add_argument("--names", nargs="*",
+                        help="measure only these zoo entries (the others' rows are kept from --json)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "zoo.json"))
     parser.add_argument("--doc", default=str(ROOT / "docs" / "ZOO.md"))
     parser.add_argument("--skip-static", action="store_true")
@@ -191,6 +196,12 @@ def main() -> None:
     entries = [e for e in manifest["models"] if e.get("kind") == "qcb"
                and (not args.names or e["name"] in args.names)]
     rows = [measure_entry(e, args.limit, args.skip_static) for e in entries]
+    if args.names and Path(args.json).exists() and args.limit is None:
+        # Keep the other entries' rows of the last full run, in manifest order.
+        fresh = {r["name"]: r for r in rows}
+        old = {r["name"]: r for r in json.loads(Path(args.json).read_text())}
+        rows = [fresh.get(e["name"]) or old[e["name"]] for e in manifest["models"]
+                if e.get("kind") == "qcb" and (e["name"] in fresh or e["name"] in old)]
     if not args.no_manifest and args.limit is None:
         record_in_manifest(manifest, rows)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
