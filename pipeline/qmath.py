@@ -10,6 +10,7 @@ through the rounding unchanged (straight-through) and stop outside the grid.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -142,10 +143,43 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -
     return (q - zero_point) * scale
 
 
+class _FakeQuantSTE(torch.autograd.Function):
+    """`fake_quant_composed` in one pass: the same values and the same gradient, computed
+    with fewer temporaries (learned rounding runs it on every layer output, every step)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor,  # type: ignore[override]
+                zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+        q = torch.round(x / scale).add_(zero_point)
+        inside = (q >= qmin) & (q <= qmax)
+        ctx.save_for_backward(inside, scale)
+        return q.clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        inside, scale = ctx.saved_tensors
+        # The composition's chain rule in its own order (x scale, clamp's mask, / scale), so
+        # the gradient is bit-identical to `fake_quant_composed`'s.
+        return torch.where(inside, grad * scale / scale, 0.0), None, None, None, None
+
+
+def fake_quant_composed(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                        qmin: int, qmax: int) -> torch.Tensor:
+    """QuantizeLinear followed by DequantizeLinear as composed torch ops (the reference;
+    differentiable in the scale and zero point too)."""
+    return dequantize(quantize(x, scale, zero_point, qmin, qmax), scale, zero_point)
+
+
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                qmin: int, qmax: int) -> torch.Tensor:
-    """QuantizeLinear followed by DequantizeLinear, differentiable (STE)."""
-    return dequantize(quantize(x, scale, zero_point, qmin, qmax), scale, zero_point)
+    """QuantizeLinear followed by DequantizeLinear, differentiable (STE).
+
+    One fused pass unless the scale or zero point is being learned (then the composition,
+    which also differentiates them); both give the same values and input gradients.
+    """
+    if scale.requires_grad or zero_point.requires_grad:
+        return fake_quant_composed(x, scale, zero_point, qmin, qmax)
+    return _FakeQuantSTE.apply(x, scale, zero_point, qmin, qmax)
 
 
 def fake_quant_qp(x: torch.Tensor, qp: QParams) -> torch.Tensor:

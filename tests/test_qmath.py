@@ -10,7 +10,15 @@ from onnx import TensorProto, helper
 
 from pipeline.base.runtime import make_session
 from pipeline.observers import ActivationStats, observe_activation, observe_weight
-from pipeline.qmath import QParams, dequantize_np, fake_quant_qp, qparams_from_range, quantize_np
+from pipeline.qmath import (
+    QParams,
+    dequantize_np,
+    fake_quant,
+    fake_quant_composed,
+    fake_quant_qp,
+    qparams_from_range,
+    quantize_np,
+)
 from pipeline.scheme import TensorQuant
 
 
@@ -82,3 +90,26 @@ def test_mse_observer_is_no_worse_than_minmax() -> None:
     for obs in ("minmax", "percentile", "mse"):
         qp = observe_activation(stats, TensorQuant(bits=4, symmetric=False, observer=obs))
         assert qp.qmin == 0 and qp.qmax == 15 and float(qp.scale) > 0
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fused_fake_quant_equals_the_composition_bit_for_bit(per_channel: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(8, 4, 5, 5, generator=gen) * 3
+    x0[0, 0, 0, :3] = torch.tensor([0.25, 0.75, -0.25])  # ties at scale 0.5 (round half to even)
+    scale = torch.tensor([0.5, 0.07, 0.3, 1.1]).reshape(1, 4, 1, 1) if per_channel else torch.tensor(0.5)
+    zero = torch.tensor([0.0, 3.0, -2.0, 1.0]).reshape(1, 4, 1, 1) if per_channel else torch.tensor(2.0)
+    upstream = torch.randn(8, 4, 5, 5, generator=gen)
+    outs, grads = [], []
+    for fq in (fake_quant_composed, fake_quant):
+        x = x0.clone().requires_grad_(True)
+        y = fq(x, scale, zero, -8, 7)
+        (y * upstream).sum().backward()
+        outs.append(y.detach())
+        grads.append(x.grad)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+    assert (grads[1] == 0).any() and (grads[1] != 0).any()  # saturated and passed-through both occur
+    # A learned step size takes the composition, which differentiates the scale too.
+    s = torch.tensor(0.5, requires_grad=True)
+    fake_quant(x0, s, torch.tensor(0.0), -8, 7).sum().backward()
+    assert s.grad is not None
