@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -49,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.child import ChildRun, run_child
 from bench.corpus_data import FMNIST32_MEAN, FMNIST32_STD, fmnist32, text_lines, text_pages
 from bench.corpus_models import default_cache, load_manifest, rapidocr_models
-from pipeline.base.onnx_io import image_input, load_model
+from pipeline.base.onnx_io import fixed_batch, image_input, load_model
 from pipeline.base.provenance import versions
 from pipeline.base.runtime import make_session
 from pipeline.cli.args import preprocess_options
@@ -125,7 +126,7 @@ def qs_worker(model: str, out: str, calib: str, num: int, options: str) -> None:
     fp = load_model(model)
     images, _ = calibration_images(fp, calib, num, 0, model, preprocess_options(args))
     name = image_input(fp).name
-    batch = fp.graph.input[0].type.tensor_type.shape.dim[0].dim_value or 32
+    batch = fixed_batch(fp) or 32
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -135,9 +136,16 @@ def qs_worker(model: str, out: str, calib: str, num: int, options: str) -> None:
             start = next(self.starts, None)
             return None if start is None else {name: np.asarray(images[start : start + batch])}
 
+    model, out = str(Path(model).resolve()), str(Path(out).resolve())
     with tempfile.TemporaryDirectory() as tmp:
         pre = str(Path(tmp) / "pre.onnx")
-        quant_pre_process(model, pre)
+        os.chdir(tmp)  # quant_pre_process leaves a temporary file in the working folder
+        try:
+            quant_pre_process(model, pre)
+        except Exception as exc:  # its symbolic shape inference gives up on some graphs
+            print(f"quant_pre_process: {type(exc).__name__}: {exc}; again without symbolic shape "
+                  "inference", flush=True)
+            quant_pre_process(model, pre, skip_symbolic_shape=True)
         quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax)
@@ -173,10 +181,10 @@ def compare(fp: np.ndarray, q: np.ndarray, classifier: bool) -> dict:
     return out
 
 
-def measure(subject: Subject, work: Path, iters: int, num_calib: int) -> dict:
-    """Every step of one subject, and the comparison of every output with FP."""
+def measure(subject: Subject, work: Path, iters: int, num_calib: int, steps: list[str]) -> dict:
+    """The chosen steps of one subject (and quantize_static), each output compared with FP."""
     model = load_model(subject.path)
-    batch = model.graph.input[0].type.tensor_type.shape.dim[0].dim_value or None
+    batch = fixed_batch(model)  # None: dynamic (paddle writes -1)
     row: dict = {"name": subject.name, "file": subject.path.name,
                  "size_mib": round(subject.path.stat().st_size / 2**20, 2),
                  "ops": dict(collections.Counter(n.op_type for n in model.graph.node)),
@@ -185,7 +193,8 @@ def measure(subject: Subject, work: Path, iters: int, num_calib: int) -> dict:
     x = _inputs(subject, model)
     fp = _run(subject.path, x, batch)
     calib = ["--calib", subject.calib, "--num-calib", str(num_calib)]
-    for label, extra in STEPS.items():
+    for label in steps:
+        extra = STEPS[label]
         out = work / f"{subject.name}.{label.replace(' ', '_')}.onnx"
         more = ["--iters", str(iters)] if "--method" in extra else []
         child = run_child(["-m", "pipeline.cli.main", "quantize", str(subject.path), "-o", str(out),
@@ -255,7 +264,10 @@ def render(rows: list[dict], settings: dict) -> str:
                  if {"ours", "quantize_static", "fp32"} <= set(lat) else "n/a")
         cells = [r["name"], str(r["batch"]), f"{r['size_mib']:.2f}"]
         for label in ("nearest w8a8", "quantize_static w8a8", "nearest w4a8", "adaround w4a8", "efrap w4a8"):
-            step = s.get(label, {"error": "not run"})
+            step = s.get(label)
+            if step is None:
+                cells.append("not run")
+                continue
             cells.append(pct(step) if r.get("classifier", True) else
                          ("FAILED" if "error" in step else f"err {step['rel_error']:.3f}"))
         cells.append(ratio)
@@ -288,6 +300,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=100, help="learned rounding's iterations per layer")
     parser.add_argument("--num-calib", type=int, default=512)
     parser.add_argument("--num-test", type=int, default=1000)
+    parser.add_argument("--steps", nargs="*", choices=tuple(STEPS), default=list(STEPS),
+                        help="our steps to run (default all; quantize_static always runs)")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--latency-only", action="store_true",
                         help="re-measure only the latencies of the models in the JSON (on a quiet machine)")
@@ -324,7 +338,12 @@ def main() -> None:
                 rows.append(previous[subject.name])
             continue
         print(f"coverage: {subject.name}", flush=True)
-        row = measure(subject, work, args.iters, args.num_calib)
+        row = measure(subject, work, args.iters, args.num_calib, args.steps)
+        # Steps not run this time keep their earlier outcome (e.g. learned rounding added later).
+        earlier = previous.get(subject.name, {})
+        row["steps"] = {**earlier.get("steps", {}), **row["steps"]}
+        if "latency" in earlier and args.skip_latency:
+            row["latency"] = earlier["latency"]
         row.update(path=str(subject.path), classifier=subject.classifier)
         if not args.skip_latency:
             x = _inputs(subject, load_model(subject.path))

@@ -186,14 +186,15 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N test images only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=tuple(METHODS),
-                        help="methods to run (nearest and default are always run)")
+                        help="methods to run (nearest is always run)")
     parser.add_argument("--section", default=None, help="the section of --doc to fill (default: "
                         "zoo, or heldout with --models)")
     parser.add_argument("--json", default=None, help="default bench/results/{results,heldout}.json")
     parser.add_argument("--doc", default=str(ROOT / "docs/RESULTS.md"))
     parser.add_argument("--merge", nargs="+", default=None,
-                        help="combine the JSON files of earlier partial runs (for example two "
-                             "--names halves run side by side) instead of measuring")
+                        help="combine the JSON files of earlier partial runs instead of measuring: "
+                             "other models (two --names halves run side by side) or other methods "
+                             "on the same models")
     args = parser.parse_args()
     if args.merge:
         merge(args.merge, args.json, Path(args.doc))
@@ -201,7 +202,7 @@ def main() -> None:
     section = args.section or ("heldout" if args.models else "zoo")
     subjects = file_subjects(args.models) if args.models else zoo_subjects(args.names)
     with tempfile.TemporaryDirectory() as tmp:
-        methods = tuple(m for m in METHODS if m in {*args.methods, "nearest", "default"})
+        methods = tuple(m for m in METHODS if m in {*args.methods, "nearest"})
         results = [measure_subject(s, args.iters, args.seed, args.limit, tmp, methods)
                    for s in subjects]
     command = "python bench/results.py" + (f" --iters {args.iters}" if args.iters else "") + (
@@ -231,6 +232,25 @@ def write_json(path: Path, payload: dict) -> None:
                                 "provider": "CPUExecutionProvider"}, indent=2) + "\n")
 
 
+def combine_rows(rows: list[dict]) -> list[dict]:
+    """One row per model: the methods of runs on the same model side by side.
+
+    Figures that two runs both measured (FP, nearest, a method run twice) must agree, since
+    every run is deterministic for its seed; otherwise the runs are not comparable.
+    """
+    out: dict[str, dict] = {}
+    for row in rows:
+        have = out.setdefault(row["model"], {})
+        for key, value in row.items():
+            if key in have and isinstance(value, dict) and "cda" in value:
+                if (have[key]["cda"], have[key]["asr"]) != (value["cda"], value["asr"]):
+                    sys.exit(f"results.py --merge: {row['model']} {key} differs between the runs")
+            elif key in have and key not in ("model", "scheme", "carrier") and have[key] != value:
+                sys.exit(f"results.py --merge: {row['model']} {key} differs between the runs")
+            have.setdefault(key, value)
+    return list(out.values())
+
+
 def merge(paths: list[str], json_out: str | None, doc: Path) -> None:
     """One table from partial runs of the same section, seed and versions, zoo order kept."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
@@ -239,7 +259,7 @@ def merge(paths: list[str], json_out: str | None, doc: Path) -> None:
     if len(keys) != 1:
         sys.exit("results.py --merge: the runs differ in section, seed, --limit or versions")
     section, seed, limit, _ = keys.pop()
-    results = [row for r in runs for row in r["results"]]
+    results = combine_rows([row for r in runs for row in r["results"]])
     if section == "zoo":
         order = {e.name: i for i, e in enumerate(load_manifest())}
         results.sort(key=lambda row: order.get(row["model"], len(order)))
