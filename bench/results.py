@@ -124,7 +124,12 @@ def measure_subject(s: Subject, iters: int | None, seed: int, limit: int | None,
 
 
 def checks_of(row: dict) -> tuple[str, str]:
-    """('met'/'MISSED' floors / goals of the default defense, the row's winner)."""
+    """('met'/'MISSED' floors / goals of the default defense, the row's winner).
+
+    The winner is the defense with the highest CDA among those meeting the goals (ASR <= 2%,
+    CDA within 1 point of FP); else the lowest ASR among those meeting the floors (5%, 2
+    points); else "none".
+    """
     fp, d = row["fp"], row.get("default")
     verdict = "not run"
     if d:
@@ -132,9 +137,12 @@ def checks_of(row: dict) -> tuple[str, str]:
         goals = d["asr"] <= 2.0 and fp["cda"] - d["cda"] <= 1.0
         verdict = f"{'met' if floors else 'MISSED'} / {'met' if goals else 'missed'}"
     ran = [m for m in DEFENSES if m in row]
-    good = [m for m in ran if row[m]["asr"] <= 2.0]
-    winner = (max(good, key=lambda m: row[m]["cda"]) if good
-              else min(ran, key=lambda m: row[m]["asr"]) if ran else "-")
+    drop = {m: fp["cda"] - row[m]["cda"] for m in ran}
+    goals_met = [m for m in ran if row[m]["asr"] <= 2.0 and drop[m] <= 1.0]
+    floors_met = [m for m in ran if row[m]["asr"] <= 5.0 and drop[m] <= 2.0]
+    winner = (max(goals_met, key=lambda m: row[m]["cda"]) if goals_met
+              else min(floors_met, key=lambda m: row[m]["asr"]) if floors_met
+              else "none" if ran else "-")
     return verdict, winner
 
 
