@@ -331,16 +331,18 @@ def main() -> None:
                                         indent=2) + "\n")
         DOC.write_text(render(rows, settings))
         return
-    rows = []
-    for subject in subjects(cache, args.num_test):
+    # Every write keeps the rows of subjects not (yet) measured in this run, so a run that
+    # stops halfway loses nothing.
+    known = dict(previous)
+    order = subjects(cache, args.num_test)
+    rows: list[dict] = []
+    for subject in order:
         if args.only and subject.name not in args.only:
-            if subject.name in previous:
-                rows.append(previous[subject.name])
             continue
         print(f"coverage: {subject.name}", flush=True)
         row = measure(subject, work, args.iters, args.num_calib, args.steps)
         # Steps not run this time keep their earlier outcome (e.g. learned rounding added later).
-        earlier = previous.get(subject.name, {})
+        earlier = known.get(subject.name, {})
         row["steps"] = {**earlier.get("steps", {}), **row["steps"]}
         if "latency" in earlier and args.skip_latency:
             row["latency"] = earlier["latency"]
@@ -348,7 +350,8 @@ def main() -> None:
         if not args.skip_latency:
             x = _inputs(subject, load_model(subject.path))
             row["latency"] = latency(row, work, x, 16 if subject.classifier else 1)
-        rows.append(row)
+        known[subject.name] = row
+        rows = [known[s.name] for s in order if s.name in known]
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"settings": settings, "rows": rows, "versions": versions()},
                                         indent=2) + "\n")
