@@ -222,8 +222,11 @@ def _outcome(child: ChildRun, out: Path, fp: np.ndarray, x: np.ndarray, batch: i
 
 def latency(row: dict, work: Path, x: np.ndarray, batch: int, rounds: int = 20) -> dict:
     """Median ms of FP32, our W8A8 and quantize_static's W8A8 at level `all`, interleaved."""
-    files = {"fp32": Path(row["path"]), "ours": work / row["steps"]["nearest w8a8"]["file"],
-             "quantize_static": work / row["steps"]["quantize_static w8a8"]["file"]}
+    files = {"fp32": Path(row["path"])}
+    for key, step in (("ours", "nearest w8a8"), ("quantize_static", "quantize_static w8a8")):
+        outcome = row["steps"].get(step, {})
+        if "error" not in outcome and "file" in outcome:  # a failed step has nothing to time
+            files[key] = work / outcome["file"]
     sessions = {k: make_session(onnx.load(str(p)), "all", "cpu", threads=2) for k, p in files.items()
                 if p.exists()}
     feed = x[:batch]
@@ -253,7 +256,11 @@ def render(rows: list[dict], settings: dict) -> str:
              "comes from onnxruntime at optimization level `all`, CPU provider. Agreement: top-1 agreement "
              "with the FP model on held-out inputs (percent); the detector, whose output is a probability "
              "map, is judged by relative output error. quantize_static: onnxruntime's own QDQ, per-channel, "
-             "MinMax, u8/s8, on the same calibration inputs.", "",
+             "MinMax, u8/s8, on the same calibration inputs. `not run`: the step has not been run for "
+             "that model yet (learned rounding takes minutes per model; `--steps` and `--only` add "
+             "steps to the JSON without losing the others). Latency: median ms of batch 16 at level "
+             "`all`, the three models timed in interleaved rounds, as a ratio to FP32; it is only as "
+             "steady as the machine was quiet.", "",
              f"Settings: {json.dumps(settings, sort_keys=True)}", "",
              "## Agreement with FP (percent) and latency", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
