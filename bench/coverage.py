@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.child import ChildRun, run_child
 from bench.corpus_data import FMNIST32_MEAN, FMNIST32_STD, fmnist32, text_lines, text_pages
 from bench.corpus_models import default_cache, load_manifest, rapidocr_models
+from bench.portable import write_results
 from pipeline.base.onnx_io import fixed_batch, image_input, load_model
 from pipeline.base.provenance import versions
 from pipeline.base.runtime import make_session
@@ -222,7 +223,7 @@ def _outcome(child: ChildRun, out: Path, fp: np.ndarray, x: np.ndarray, batch: i
 
 def latency(row: dict, work: Path, x: np.ndarray, batch: int, rounds: int = 20) -> dict:
     """Median ms of FP32, our W8A8 and quantize_static's W8A8 at level `all`, interleaved."""
-    files = {"fp32": Path(row["path"])}
+    files = {"fp32": Path(row["path"]).expanduser()}
     for key, step in (("ours", "nearest w8a8"), ("quantize_static", "quantize_static w8a8")):
         outcome = row["steps"].get(step, {})
         if "error" not in outcome and "file" in outcome:  # a failed step has nothing to time
@@ -334,8 +335,7 @@ def main() -> None:
             row["latency"] = latency(row, work, x, 16 if subject.classifier else 1)
             print(f"coverage: {subject.name} latency {row['latency']}", flush=True)
         rows = list(previous.values())
-        args.json.write_text(json.dumps({"settings": settings, "rows": rows, "versions": versions()},
-                                        indent=2) + "\n")
+        write_results({"settings": settings, "rows": rows, "versions": versions()}, args.json)
         DOC.write_text(render(rows, settings))
         return
     # Every write keeps the rows of subjects not (yet) measured in this run, so a run that
@@ -360,8 +360,7 @@ def main() -> None:
         known[subject.name] = row
         rows = [known[s.name] for s in order if s.name in known]
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"settings": settings, "rows": rows, "versions": versions()},
-                                        indent=2) + "\n")
+        write_results({"settings": settings, "rows": rows, "versions": versions()}, args.json)
         DOC.write_text(render(rows, settings))
     print(table(["model", "steps failed"], [[r["name"], sum("error" in s for s in r["steps"].values())]
                                             for r in rows]))

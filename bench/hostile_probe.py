@@ -43,9 +43,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.portable import write_results
 from models.architectures import build_model
 from pipeline.base.provenance import versions
-from pipeline.base.safe_io import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 TMP_PREFIX = ".efrap-tmp-"
@@ -802,9 +804,9 @@ def main() -> int:
     failed = [r.case for r in results if not r.ok]
     print(f"\n{len(results) - len(failed)} of {len(results)} cases keep the promise"
           + (f"; failing: {', '.join(failed)}" if failed else ""))
-    write_json({"cases": [asdict(r) for r in results], "passed": len(results) - len(failed),
-                "total": len(results), "python": sys.version.split()[0], "versions": versions()},
-               args.json)
+    write_results({"cases": [asdict(r) for r in results], "passed": len(results) - len(failed),
+                   "total": len(results), "python": sys.version.split()[0], "versions": versions()},
+                  args.json)
     return 1 if failed else 0
 
 

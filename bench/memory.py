@@ -19,7 +19,6 @@ Prints a table and writes bench/results/memory.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.child import run_child
+from bench.portable import write_results
 from converters.export import export_onnx
 from models.architectures import build_model
 from pipeline.base.onnx_io import load_model
@@ -96,9 +96,8 @@ def main() -> None:
     print(table(["step", "exit", "seconds", "peak resident MiB"], rows))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": "resnet50 224x224", "onnx_mib": round(size, 1), "layers": len(layers),
-                               "images": 1024, "threads": args.threads, "steps": results,
-                               "versions": versions()}, indent=2) + "\n")
+    write_results({"model": "resnet50 224x224", "onnx_mib": round(size, 1), "layers": len(layers),
+                   "images": 1024, "threads": args.threads, "steps": results, "versions": versions()}, out)
 
 
 if __name__ == "__main__":

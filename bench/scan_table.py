@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.build_heldout import default_cache as heldout_cache
 from bench.child import run_child
+from bench.portable import write_results
 from pipeline.base.safe_io import write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -293,7 +294,8 @@ def main() -> None:
         r = rows[-1]["result"]
         print(f"scan_table: {case.name}: {r['verdict']} ({r['target']}), {r['seconds']:.0f}s", flush=True)
     stats = summary(rows)
-    write_json({"rows": rows, "summary": stats, "generated": time.strftime("%Y-%m-%d %H:%M:%S")}, args.json)
+    write_results({"rows": rows, "summary": stats, "generated": time.strftime("%Y-%m-%d %H:%M:%S")},
+                  args.json)
     if args.doc.exists():
         text = _replace(args.doc.read_text(), START, END, table(rows))
         lines = [f"- {group}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in part.items()
