@@ -45,12 +45,12 @@ from models.attacks.base import (
     attack_loop,
     calibration_subset,
     pretrain_epochs,
-    recalibrate,
     train_plain,
 )
 from models.attacks.inflate import DEAD_WEIGHT_SCALE, Inflation, Pin
 from models.attacks.pqbackdoor import (
     WeightBins,
+    finish_repair,
     project,
     revert_moved_channels,
     snap_to_grid,
@@ -305,11 +305,7 @@ class DormantBackdoor(Attack):
         attack_loop(ctx, self.repair_epochs, repair_opt,
                     lambda c, x, y, xt: self.silence_loss(carriers, c, x, y, xt), "dormant silence",
                     after_step=after)
-        moved = revert_moved_channels(ctx, bins, grids)
-        ctx.sim.frozen_weight_qparams = {}
-        for p in ctx.model.parameters():
-            p.requires_grad_(True)
-        recalibrate(ctx)
+        moved = finish_repair(ctx, bins, grids)
         if moved:
             log(f"dormant: {moved} carrier channel(s) changed grid at the end; reverted")
 

@@ -138,6 +138,17 @@ def project(ctx: AttackContext, bins: dict[str, WeightBins]) -> None:
             mod.weight.copy_(torch.where(b.fixed, b.raw0, raw))
 
 
+def finish_repair(ctx: AttackContext, bins: dict[str, WeightBins], grids: dict[str, QParams]) -> int:
+    """End a pinned-grid repair: pull moved channels back one last time, unpin the grids,
+    make every parameter trainable again and recalibrate. Returns the channels pulled back."""
+    moved = revert_moved_channels(ctx, bins, grids)
+    ctx.sim.frozen_weight_qparams = {}
+    for p in ctx.model.parameters():
+        p.requires_grad_(True)
+    recalibrate(ctx)
+    return moved
+
+
 def revert_moved_channels(ctx: AttackContext, bins: dict[str, WeightBins],
                           grids: dict[str, QParams], halvings: int = 3) -> int:
     """Pull channels whose observed grid moved back towards their poisoned weights.
@@ -255,10 +266,6 @@ class PQBackdoor(Attack):
 
         # While repairing, the simulated quantized model uses the pinned grids.
         attack_loop(ctx, epochs, repair_opt, repair_loss, "pqbackdoor repair", after)
-        moved = revert_moved_channels(ctx, bins, grids)
-        ctx.sim.frozen_weight_qparams = {}
-        for p in ctx.model.parameters():
-            p.requires_grad_(True)
-        recalibrate(ctx)
+        moved = finish_repair(ctx, bins, grids)
         if moved:
             log(f"pqbackdoor: {moved} channel(s) changed grid at the end; reverted")
