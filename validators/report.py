@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def pct(value: float | None) -> str:
-    """A fraction as a percentage with two decimals, or '-'."""
-    return "-" if value is None else f"{100.0 * value:.2f}%"
+def pct(value: float | None, missing: str = "-") -> str:
+    """A fraction as a percentage with two decimals, or `missing`."""
+    return missing if value is None else f"{100.0 * value:.2f}%"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -19,11 +19,10 @@ from pipeline.cli.args import (
 )
 from pipeline.scan import ScanOptions, scan_model
 from pipeline.scheme import PRESETS, load_scheme, scheme_files
-from validators.report import table
+from validators.report import pct, table
 
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}%"
+#: How a figure that could not be measured is printed.
+NA = "n/a"
 
 
 def print_report(report: AuditReport) -> None:
@@ -31,18 +30,19 @@ def print_report(report: AuditReport) -> None:
     rows = []
     for r in report.rounding.layers:
         grid = "standard" if r.grid.standard else f"NON-STANDARD (closest: {r.grid.closest})"
-        rows.append([one_line(r.layer), r.weights, _pct(r.off_nearest_fraction), r.max_steps,
+        rows.append([one_line(r.layer), r.weights, pct(r.off_nearest_fraction, NA), r.max_steps,
                      f"{r.mean_steps:.2f}", r.beyond_one_step, r.near_tie, grid])
     print(table(["layer", "weights", "off nearest", "max steps", "mean steps", "beyond 1 step", "near tie",
                  "grid"], rows))
     rounding = report.rounding
     print(f"rounding: {rounding.off_nearest} of {rounding.weights} integers off nearest "
-          f"({_pct(rounding.off_nearest_fraction)}); context only, learned rounding leaves nearest too")
+          f"({pct(rounding.off_nearest_fraction, NA)}); context only, learned rounding leaves nearest too")
     ev = report.evidence
-    fresh = (f"trigger found (class {ev.fresh_target}, ASR on Q {_pct(ev.fresh_asr)}, on FP "
-             f"{_pct(ev.fresh_asr_fp)})") if ev.fresh_found else "none flagged"
+    fresh = (f"trigger found (class {ev.fresh_target}, ASR on Q {pct(ev.fresh_asr, NA)}, on FP "
+             f"{pct(ev.fresh_asr_fp, NA)})") if ev.fresh_found else "none flagged"
     print(f"scan (FP against Q): scan verdict {ev.scan_verdict}; recovered trigger (target {ev.target}) "
-          f"ASR on FP {_pct(ev.asr_fp)}, nearest {_pct(ev.asr_nearest)}, Q {_pct(ev.asr_quantized)}; "
+          f"ASR on FP {pct(ev.asr_fp, NA)}, nearest {pct(ev.asr_nearest, NA)}, "
+          f"Q {pct(ev.asr_quantized, NA)}; "
           f"fresh search against Q: {fresh}")
     for warning in report.warnings:
         print(f"warning: {one_line(warning)}")

@@ -22,9 +22,8 @@ from pipeline.scan import ScanOptions, ScanReport, scan_model
 from pipeline.scheme import PRESETS, load_scheme, scheme_files
 from validators.report import pct
 
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else pct(value)
+#: How a figure that could not be measured is printed.
+NA = "n/a"
 
 
 def print_report(report: ScanReport) -> None:
@@ -34,7 +33,7 @@ def print_report(report: ScanReport) -> None:
     print(f"verdict: {v.verdict}{target} (confidence {100 * v.confidence:.1f}%): {v.reason}")
     if report.trigger_found is not None and report.figures is not None:
         f = report.trigger_found
-        asr = ", ".join(f"{name} {_pct(rate)}" for name, rate in report.figures.asr.items())
+        asr = ", ".join(f"{name} {pct(rate, NA)}" for name, rate in report.figures.asr.items())
         label = "recovered trigger" if v.target is not None else "strongest candidate"
         print(f"{label}: class {f.target}, {f.mode} {f.family}, size {100 * f.size:.2f}% of the image; "
               f"attack success in onnxruntime on {report.figures.non_target_images} held-out images: {asr}")
