@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -21,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from converters.export import export_onnx
 from models.architectures import build_model

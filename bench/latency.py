@@ -9,6 +9,11 @@ kernels), and W4A4 (int8 containers and packed int4); loads each at optimization
 `all` (what a deployment gets) and prints the median latency of a batch, the ratio to
 FP32, and the file sizes. The variants are timed in interleaved rounds, so a busy
 moment of the machine falls on all of them alike.
+
+One more row runs the first-layer-float file with onnxruntime's QDQ propagation turned
+off (a session setting, `optimization.disable_specified_optimizers`): that pass moves the
+QuantizeLinear after the float region's MaxPool back in front of it, so the pooling runs
+on uint8 in NCHW, which onnxruntime's CPU provider has no fast kernel for.
 """
 
 from __future__ import annotations
@@ -17,12 +22,15 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.zoo import default_entry, zoo_path
 from pipeline.base.onnx_io import load_model
@@ -35,11 +43,16 @@ from pipeline.quantize import QuantizeOptions, calibration_images, quantize_mode
 from pipeline.scheme import PRESETS
 from validators.report import table
 
+NO_PROPAGATION = {"optimization.disable_specified_optimizers": "QDQPropagationTransformer"}
+FLOAT_FIRST = "w8a8, first layer float"
+FLOAT_FIRST_NO_PROP = "w8a8, first layer float, QDQ propagation off"
+
 
 def median_latencies(models: dict[str, onnx.ModelProto], x: np.ndarray, threads: int,
-                     runs: int) -> dict[str, float]:
+                     runs: int, configs: dict[str, dict[str, str]]) -> dict[str, float]:
     """Median seconds per batch of each model at opt level all, timed in interleaved rounds."""
-    sessions = {name: make_session(m, "all", "cpu", threads=threads) for name, m in models.items()}
+    sessions = {name: make_session(m, "all", "cpu", threads=threads, config=configs.get(name))
+                for name, m in models.items()}
     for sess in sessions.values():
         for _ in range(5):
             sess.session.run(None, {sess.input_name: x})
@@ -70,11 +83,13 @@ def main() -> None:
     first = analyze(prepare_model(fp)).layers[0].node
     variants = {"fp32": fp}
     for name, scheme, storage, exclude in (
-            ("w8a8", "w8a8", "int8", ()), ("w8a8, first layer float", "w8a8", "int8", (first,)),
+            ("w8a8", "w8a8", "int8", ()), (FLOAT_FIRST, "w8a8", "int8", (first,)),
             ("w4a4 int8-containers", "w4a4", "int8", ()), ("w4a4 packed-int4", "w4a4", "int4", ())):
         variants[name], _, _ = quantize_model(
             fp, images, QuantizeOptions(scheme=PRESETS[scheme], weight_storage=storage, exclude=exclude))
-    latencies = median_latencies(variants, np.asarray(x), args.threads, args.runs)
+    variants[FLOAT_FIRST_NO_PROP] = variants[FLOAT_FIRST]
+    latencies = median_latencies(variants, np.asarray(x), args.threads, args.runs,
+                                 {FLOAT_FIRST_NO_PROP: NO_PROPAGATION})
     rows, results = [], {}
     base = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,6 +109,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": path, "batch": args.batch, "threads": args.threads,
                                "runs": args.runs, "opt_level": "all", "provider": "cpu",
+                               "session_config": {FLOAT_FIRST_NO_PROP: NO_PROPAGATION},
                                "results": results, "versions": versions()}, indent=2) + "\n")
 
 

@@ -26,12 +26,15 @@ import argparse
 import hashlib
 import json
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pipeline.qmath as qmath
 from models.zoo import default_entry, zoo_path

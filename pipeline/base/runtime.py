@@ -7,6 +7,7 @@ whose integer kernels are not bit-identical to the QDQ semantics).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,6 +82,7 @@ def make_session(
     provider: str = "auto",
     threads: int | None = None,
     optimized_path: str | None = None,
+    config: Mapping[str, str] | None = None,
 ) -> Session:
     """Create a session.
 
@@ -90,6 +92,8 @@ def make_session(
         provider: "auto", "cpu" or "cuda".
         threads: Intra-op threads (None: `set_default_threads`'s, 0: onnxruntime's default).
         optimized_path: If set, onnxruntime writes the optimized graph there.
+        config: onnxruntime session config entries (`add_session_config_entry`), e.g.
+            {"optimization.disable_specified_optimizers": "QDQPropagationTransformer"}.
     """
     if opt_level not in OPT_LEVELS:
         raise EfrapError(f"unknown optimization level '{opt_level}': use {', '.join(OPT_LEVELS)}")
@@ -99,6 +103,8 @@ def make_session(
     opts.log_severity_level = 3
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
     chosen = pick_provider(provider)
     providers = [chosen] if chosen == "CPUExecutionProvider" else [chosen, "CPUExecutionProvider"]
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
