@@ -3,8 +3,9 @@
 Weights become integer initializers feeding DequantizeLinear (axis set for
 per-channel grids), biases int32 initializers with scale s_in * s_w, and every
 quantized activation tensor gets a QuantizeLinear -> DequantizeLinear pair that
-all its consumers read. For W8A8 (int8 weights, uint8 activations) this is the
-pattern onnxruntime fuses into QLinearConv.
+all its consumers read (a Shape or Size reads the QuantizeLinear's output). For W8A8
+(int8 weights, uint8 activations) this is the pattern onnxruntime fuses into
+QLinearConv.
 
 Integer storage: "int8" keeps 4-bit values in 8-bit containers (the fast form on
 CPU); "int4" writes packed INT4/UINT4 initializers (the small form). Activations
@@ -27,6 +28,7 @@ from pipeline.quantized import QuantResult
 
 QDQ_OPSET = 21
 WEIGHT_STORAGES = ("int8", "int4")
+SHAPE_OPS = ("Shape", "Size")
 
 
 def _container(qp: QParams) -> type:
@@ -144,9 +146,12 @@ def to_qdq(
         if qp.bits < 8:
             dq_out = _clip_to_grid(graph, name, dq_out, qp)
         for consumer in consumers:
+            # A Shape or Size reads the integer tensor: same shape, and no DequantizeLinear
+            # has to run for it once onnxruntime fuses the producer into an integer op.
+            read = q_out if consumer.op in SHAPE_OPS else dq_out
             for i, inp in enumerate(consumer.inputs):
                 if inp is var:
-                    consumer.inputs[i] = dq_out
+                    consumer.inputs[i] = read
 
     graph.opset = max(graph.opset, QDQ_OPSET)
     graph.cleanup().toposort()

@@ -16,8 +16,10 @@ them, the simulations run them) follow onnxruntime's QDQ conventions:
    point, unless it is a graph output (logits stay float). A tensor read by several
    consumers (a residual branch) has one quantizer that all of them read.
 4. A tensor produced from a point by a range-preserving op (MaxPool, Flatten,
-   Reshape, Identity, Transpose, Squeeze, Unsqueeze) shares that point's
-   parameters: its Q/DQ is an exact identity, so no extra rounding happens.
+   Reshape, Identity, Transpose, Squeeze, Unsqueeze, Slice, Split) shares that
+   point's parameters: its Q/DQ is an exact identity, so no extra rounding happens,
+   and onnxruntime drops the pair and runs the op on the integers (the channel split
+   of a ShuffleNet, for one).
 5. The first layers (no layer upstream) and the last layers (no layer downstream)
    are the "edge" layers a scheme may give more bits.
 
@@ -38,7 +40,8 @@ from pipeline.base.errors import EfrapError
 
 QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
 FUSED_ACTIVATIONS = ("Relu", "Clip")
-PASSTHROUGH_OPS = ("MaxPool", "Flatten", "Reshape", "Identity", "Transpose", "Squeeze", "Unsqueeze")
+PASSTHROUGH_OPS = ("MaxPool", "Flatten", "Reshape", "Identity", "Transpose", "Squeeze", "Unsqueeze",
+                   "Slice", "Split")
 INTEGER_OPS = ("Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool")
 
 

@@ -6,6 +6,10 @@
 - Constants: `Constant` nodes become initializers, so a weight exported as a
   Constant is a weight like any other.
 - Names: every node gets a unique name (error messages and metadata use them).
+- HardSwish: written as HardSigmoid(alpha 1/6, beta 1/2) times its input, the form
+  onnxruntime itself runs it in; the product is then an integer Mul of two quantized
+  activations (QLinearMul), as in onnxruntime's quantize_static output, instead of a
+  float op between a DequantizeLinear and a QuantizeLinear.
 - BatchNorm: a BatchNormalization whose input is a Conv's output (read by nothing
   else) is folded into that Conv, as `efrap export` folds it in torch; each folded
   conv's factor gamma / sqrt(var + eps) is added to the model's `efrap.bn_fold`
@@ -78,6 +82,21 @@ def _name_nodes(graph: onnx.GraphProto) -> None:
             used.add(name)
 
 
+def _split_hardswish(graph: onnx.GraphProto) -> None:
+    nodes = []
+    for node in graph.node:
+        if node.op_type != "HardSwish" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        gate = f"{node.output[0]}_hardsigmoid"
+        nodes.append(onnx.helper.make_node("HardSigmoid", [node.input[0]], [gate],
+                                           name=f"{node.name}_hardsigmoid", alpha=1.0 / 6, beta=0.5))
+        nodes.append(onnx.helper.make_node("Mul", [node.input[0], gate], list(node.output),
+                                           name=node.name))
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
 def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
     for a in node.attribute:
         if a.name == name:
@@ -134,7 +153,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> dict[str, list[float]]:
 
 
 def prepare_model(model: onnx.ModelProto, source: str = "model") -> onnx.ModelProto:
-    """A copy at opset >= 21, constants as initializers, nodes named, Conv+BN folded.
+    """A copy at opset >= 21, constants as initializers, nodes named, HardSwish split, Conv+BN folded.
 
     Raises:
         EfrapError: the graph cannot be converted to opset 21.
@@ -150,6 +169,7 @@ def prepare_model(model: onnx.ModelProto, source: str = "model") -> onnx.ModelPr
         model.ir_version = max(model.ir_version, 10)
     _constants_to_initializers(model.graph)
     _name_nodes(model.graph)
+    _split_hardswish(model.graph)
     folded = fold_batchnorm(model)
     if folded:
         raw = get_metadata(model).get(BN_FOLD_KEY)

@@ -66,6 +66,25 @@ class DepthwiseHardSwish(nn.Module):
         return self.fc((x * gate).mean((2, 3)))
 
 
+class ShuffleBlock(nn.Module):
+    """ShuffleNetV2's unit: channel split, a branch, concatenation, channel shuffle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.branch = nn.Conv2d(4, 4, 3, padding=1)
+        self.mix = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        a, b = x.chunk(2, dim=1)
+        x = torch.cat([a, F.relu(self.branch(b))], 1)
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.mix(x)), 1).flatten(1))
+
+
 class ViTBlock(nn.Module):
     """Patch embedding, one pre-norm attention block with GELU MLP, LayerNorm, linear head."""
 
@@ -163,12 +182,37 @@ def test_resnet_block_residuals_fuse_into_qlinearadd(tmp_path: Path, method: str
 
 
 @pytest.mark.parametrize("method", ["nearest", "efrap"])
-def test_depthwise_hardswish_and_reducemean_from_the_dynamo_exporter(method: str) -> None:
+def test_depthwise_hardswish_and_reducemean_from_the_dynamo_exporter(method: str, tmp_path: Path) -> None:
     fp = _dynamo(_trained_bn(DepthwiseHardSwish()))
     assert {"ReduceMean", "HardSwish"} <= {n.op_type for n in fp.graph.node}
-    plan = analyze(prepare_model(fp))
+    prepared = prepare_model(fp)
+    assert "HardSwish" not in {n.op_type for n in prepared.graph.node}
+    plan = analyze(prepared)
     assert any(layer.op == "Conv" for layer in plan.layers) and len(plan.layers) == 5
-    _check(fp, (3, SIZE, SIZE), method)
+    qdq = _check(fp, (3, SIZE, SIZE), method)
+    optimized = tmp_path / "opt.onnx"
+    make_session(qdq, "all", "cpu", optimized_path=str(optimized))
+    # Each hard-swish (x * HardSigmoid(x)) and the gate's product run on integers.
+    ops = Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+    assert ops["QLinearMul"] == 3 and ops["Mul"] == 0, ops
+
+
+def test_channel_split_and_shuffle_run_on_integers(tmp_path: Path) -> None:
+    fp = _torchscript(_trained_bn(ShuffleBlock()))
+    assert {"Slice", "Shape"} <= {n.op_type for n in fp.graph.node} or "Split" in {
+        n.op_type for n in fp.graph.node}
+    qdq = _check(fp, (3, SIZE, SIZE))
+    producers = {o: n.op_type for n in qdq.graph.node for o in n.output}
+    # Shapes are read from the integer tensors, never through a DequantizeLinear.
+    assert all(producers.get(n.input[0]) != "DequantizeLinear"
+               for n in qdq.graph.node if n.op_type == "Shape")
+    optimized = tmp_path / "opt.onnx"
+    make_session(qdq, "all", "cpu", optimized_path=str(optimized))
+    graph = onnx.load(str(optimized)).graph
+    # The split halves share the stem's quantizer, so onnxruntime drops their Q/DQ pairs
+    # and slices the integers: the only QuantizeLinear left is the input's.
+    ops = Counter(n.op_type for n in graph.node)
+    assert ops["QuantizeLinear"] == 1 and ops["QLinearConcat"] == 1, ops
 
 
 @pytest.mark.parametrize("method", ["nearest", "efrap"])
