@@ -62,32 +62,10 @@ def _clip_to_grid(graph: gs.Graph, name: str, value: gs.Variable, qp: QParams) -
     return out
 
 
-def to_qdq(
-    model: onnx.ModelProto,
-    result: QuantResult,
-    weight_storage: str = "int8",
-) -> onnx.ModelProto:
-    """Build the QDQ model.
-
-    Args:
-        model: The prepared FP model the result was computed on.
-        result: Integer weights, their grids and activation parameters.
-        weight_storage: "int8" (containers) or "int4" (packed 4-bit where the grid
-            has 4 bits).
-
-    A layer missing from `result.layers` keeps its float weight (the learned-rounding
-    driver samples layer inputs from such partly rounded graphs).
-
-    Returns:
-        A new ModelProto (opset 21); the input model is not modified.
-    """
-    if weight_storage not in WEIGHT_STORAGES:
-        raise EfrapError(f"unknown weight storage '{weight_storage}': use int8 or int4")
-    graph = gs.import_onnx(model)
-    tensors = graph.tensors()
+def _quantize_weights(graph: gs.Graph, result: QuantResult, to_four_bit: dict[str, type],
+                      weight_storage: str) -> None:
+    """Integer weights and int32 biases feeding DequantizeLinear, for every rounded layer."""
     nodes = {n.name: n for n in graph.nodes}
-    to_four_bit: dict[str, type] = {}
-
     for layer in result.plan.layers:
         ql = result.layers.get(layer.node)
         if ql is None:
@@ -115,6 +93,10 @@ def to_qdq(
                                        inputs=[b_q, b_s, b_z], outputs=[b_deq], attrs={"axis": 0}))
             node.inputs[2] = b_deq
 
+
+def _quantize_constants(graph: gs.Graph, result: QuantResult) -> None:
+    """Per-tensor integers for the constant operands of integer Add/Mul ops."""
+    tensors = graph.tensors()
     for name, const in result.constants.items():
         qp = const.qparams
         _check_range(const.q, qp, f"constant {name}")
@@ -130,6 +112,10 @@ def to_qdq(
                 if inp is values:
                     consumer.inputs[i] = deq
 
+
+def _quantize_activations(graph: gs.Graph, result: QuantResult) -> None:
+    """One QuantizeLinear -> DequantizeLinear pair per quantized activation, read by every consumer."""
+    tensors = graph.tensors()
     for name in result.plan.all_quantized_tensors():
         qp = result.act_qparams[name]
         var = tensors[name]
@@ -153,6 +139,9 @@ def to_qdq(
                 if inp is var:
                     consumer.inputs[i] = read
 
+
+def _export(graph: gs.Graph, source: onnx.ModelProto, to_four_bit: dict[str, type]) -> onnx.ModelProto:
+    """The ModelProto at opset >= 21, 4-bit initializers packed, the source's metadata kept."""
     graph.opset = max(graph.opset, QDQ_OPSET)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph, do_type_check=False)
@@ -164,7 +153,36 @@ def to_qdq(
         if init.name in to_four_bit:
             arr = numpy_helper.to_array(init).astype(np.int64).astype(to_four_bit[init.name])
             out.graph.initializer[i].CopyFrom(numpy_helper.from_array(arr, init.name))
-    for prop in model.metadata_props:
+    for prop in source.metadata_props:
         out.metadata_props.add(key=prop.key, value=prop.value)
     out.producer_name = "efrap-onnx"
     return out
+
+
+def to_qdq(
+    model: onnx.ModelProto,
+    result: QuantResult,
+    weight_storage: str = "int8",
+) -> onnx.ModelProto:
+    """Build the QDQ model.
+
+    Args:
+        model: The prepared FP model the result was computed on.
+        result: Integer weights, their grids and activation parameters.
+        weight_storage: "int8" (containers) or "int4" (packed 4-bit where the grid
+            has 4 bits).
+
+    A layer missing from `result.layers` keeps its float weight (the learned-rounding
+    driver samples layer inputs from such partly rounded graphs).
+
+    Returns:
+        A new ModelProto (opset 21); the input model is not modified.
+    """
+    if weight_storage not in WEIGHT_STORAGES:
+        raise EfrapError(f"unknown weight storage '{weight_storage}': use int8 or int4")
+    graph = gs.import_onnx(model)
+    to_four_bit: dict[str, type] = {}
+    _quantize_weights(graph, result, to_four_bit, weight_storage)
+    _quantize_constants(graph, result)
+    _quantize_activations(graph, result)
+    return _export(graph, model, to_four_bit)
