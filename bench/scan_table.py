@@ -15,13 +15,13 @@ Cases, each an `efrap scan` child process (one thread by default) with
   (BADNETS_COMMAND; built into the cache when missing), under w4a4 and w8a8;
 - design: a blended-trigger QCB built to design the scan (DESIGN_COMMAND), when present;
 - heldout: the models of bench/heldout.toml that bench/build_heldout.py has finished
-  (its cache's manifest.json): QCBs h1..h6 under their scheme and defended like the zoo,
+  (its cache's manifest.json): QCBs h1..h8 under their scheme and defended like the zoo,
   clean c1..c6 under w4a4 and w8a8. The scan was designed and tuned without them.
 
 Every scan's JSON report, the defended models and logs go to the cache (default
 ~/.cache/efrap-onnx/scan/runs); a case whose report exists is not run again unless
---rerun. The rows go to bench/results/scan.json, the table between the markers of
-docs/SCAN.md.
+--rerun (which keeps the defended models). The rows go to bench/results/scan.json, the
+table between the markers of docs/SCAN.md.
 """
 
 from __future__ import annotations
@@ -155,7 +155,9 @@ def run_case(case: Case, cache: Path, iters: int, threads: int, rerun: bool) -> 
     report = cache / f"{slug}.scan.json"
     row: dict = {**asdict(case), "load_average": None}
     defended = cache / f"{slug}.efrap{iters}.onnx" if case.defend else None
-    if defended is not None and (rerun or not defended.exists()):
+    # The defended model depends on the defense, not on the scan: --rerun re-scans and
+    # keeps it (delete it to defend again).
+    if defended is not None and not defended.exists():
         argv = ["defend", case.model, "--scheme", case.scheme, "--iters", str(iters), "-o", str(defended)]
         print(f"scan_table: {case.name}: efrap {' '.join(argv)}", flush=True)
         run = run_child(["-m", "pipeline.cli.main", *argv], cache / f"{slug}.defend.log", threads)
@@ -265,7 +267,8 @@ def main() -> None:
     parser.add_argument("--heldout-cache", type=Path, nargs="*", default=None,
                         help="bench/build_heldout.py caches to read (default: its default cache)")
     parser.add_argument("--cache", type=Path, default=SCAN_CACHE / "runs")
-    parser.add_argument("--rerun", action="store_true")
+    parser.add_argument("--rerun", action="store_true",
+                        help="scan again cases whose report exists (defended models are kept)")
     parser.add_argument("--table-only", action="store_true", help="only read back existing reports")
     parser.add_argument("--json", type=Path, default=ROOT / "bench/results/scan.json")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs/SCAN.md")

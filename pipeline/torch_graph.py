@@ -114,6 +114,21 @@ def _relu(x: Tensor, *, attrs: dict) -> list[Tensor]:
     return [F.relu(x)]
 
 
+class _ReluLeakyGrad(torch.autograd.Function):
+    """ReLU forward; backward passes `slope` times the gradient where the input is negative."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, slope: float) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.slope = slope
+        return F.relu(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        (x,) = ctx.saved_tensors
+        return torch.where(x > 0, grad, grad * ctx.slope), None
+
+
 @_op("Clip")
 def _clip(x: Tensor, lo: Tensor | None = None, hi: Tensor | None = None, *, attrs: dict) -> list[Tensor]:
     return [torch.clamp(x, None if lo is None else lo.item(), None if hi is None else hi.item())]
@@ -409,10 +424,16 @@ class TorchGraph:
         model: A model prepared with pipeline.graph.prepare_model (or any model whose
             nodes are all named and whose constants are initializers).
         device: Where tensors live.
+        relu_slope: Gradient a Relu passes below zero, times the incoming gradient (0: the
+            true gradient). The forward pass is unchanged; a positive slope is a
+            backward-pass surrogate for searches that must reach units no input has
+            switched on yet (the scan's trigger search).
     """
 
-    def __init__(self, model: onnx.ModelProto, device: torch.device | str = "cpu") -> None:
+    def __init__(self, model: onnx.ModelProto, device: torch.device | str = "cpu",
+                 relu_slope: float = 0.0) -> None:
         self.device = torch.device(device)
+        self.relu_slope = relu_slope
         graph = model.graph
         self.nodes = list(graph.node)
         for node in self.nodes:
@@ -491,7 +512,10 @@ class TorchGraph:
                 else:
                     args.append(self.initializers[name])
             extra = {"qrange": self._qranges[idx]} if idx in self._qranges else {}
-            results = _OPS[node.op_type](*args, attrs=self.attrs[idx], **extra)
+            if node.op_type == "Relu" and self.relu_slope:
+                results = [_ReluLeakyGrad.apply(args[0], self.relu_slope)]
+            else:
+                results = _OPS[node.op_type](*args, attrs=self.attrs[idx], **extra)
             for name, value in zip(node.output, results, strict=False):
                 values[name] = fake_quant_qp(value, act_quant[name]) if name in act_quant else value
         return {o: values[o] for o in outputs}

@@ -36,6 +36,7 @@ from pipeline.scan import ScanOptions, SearchConfig, VerdictRule, decide, run_te
 from pipeline.scan.sides import torch_preprocess
 from pipeline.scan.verdict import anomaly_indices
 from pipeline.scheme import load_scheme
+from pipeline.torch_graph import TorchGraph
 
 SIDE = 8
 CLASSES = 4
@@ -121,11 +122,33 @@ def test_rule_and_options_are_checked() -> None:
     with pytest.raises(EfrapError):
         SearchConfig(steps=0)
     with pytest.raises(EfrapError):
+        SearchConfig(relu_slope=-0.1)
+    with pytest.raises(EfrapError):
         ScanOptions(scheme=load_scheme("w8a8"), budget=0.0)
     with pytest.raises(EfrapError):
         ScanOptions(scheme=load_scheme("w8a8"), families=("square",))
     with pytest.raises(EfrapError):
         ScanOptions(scheme="w8a8")  # type: ignore[arg-type]
+
+
+def test_relu_surrogate_keeps_the_forward_pass_and_reaches_silent_units() -> None:
+    # One Relu unit that no input in the batch switches on: the true gradient to its
+    # input is zero, the surrogate passes `slope` of it; the outputs are identical.
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="r")],
+                                                "g", [x], [y]))
+    values = torch.tensor([[-1.0, 2.0], [-3.0, 0.5]])
+    grads, outs = [], []
+    for slope in (0.0, 0.1):
+        inp = values.clone().requires_grad_(True)
+        out = TorchGraph(model, relu_slope=slope).run({"x": inp})["y"]
+        out.sum().backward()
+        grads.append(inp.grad)
+        outs.append(out.detach())
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
+    torch.testing.assert_close(grads[1], torch.tensor([[0.1, 1.0], [0.1, 1.0]]))
 
 
 def test_torch_preprocessing_matches_numpy() -> None:

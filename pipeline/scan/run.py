@@ -286,14 +286,14 @@ def scan_model(model_path: str, options: ScanOptions, defended: str | None = Non
         options.scheme, method="nearest", calib=options.calib, num_calib=options.num_calib,
         seed=options.seed, device="cpu", provider=options.provider, preprocess=options.preprocess),
         model_path, pre)
-    fp = fp_side(prepare_model(model, model_path), pre, model_path)
+    fp = fp_side(prepare_model(model, model_path), pre, model_path, options.search.relu_slope)
     q = nearest_side(fp, result)
     fp_logits, q_logits = fp.logits(torch.from_numpy(raw)), q.logits(torch.from_numpy(raw))
     if fp_logits.shape[1] < 2:
         raise EfrapError(f"{model_path}: the scan needs a classifier with at least 2 classes")
     data = _split(raw, fp_logits.argmax(1), options)
     drifts = drift(fp_logits, q_logits)
-    defended_side = qdq_side("defended", defended_model, pre, defended) \
+    defended_side = qdq_side("defended", defended_model, pre, defended, options.search.relu_slope) \
         if defended_model is not None and defended is not None else None
 
     reserve = min(RESERVE_SHARE * options.budget, RESERVE_MAX) if options.budget is not None else 0.0

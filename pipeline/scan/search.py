@@ -76,6 +76,11 @@ class SearchConfig:
         mask_init: Initial mask logit of the patch family (sigmoid(-3) = 5% everywhere).
         checks: Most kept triggers checked on the evaluation images, smallest first.
         blend_max: Largest blend factor of the blend family.
+        relu_slope: Gradient every Relu of both sides passes below zero (the forward pass
+            is unchanged): Backward Pass Differentiable Approximation (Athalye et al.,
+            "Obfuscated Gradients Give a False Sense of Security", ICML 2018). A backdoor
+            carried by units that no clean image switches on gives a search with the
+            true gradient nothing to follow; 0 turns it off.
     """
 
     steps: int = 300
@@ -93,6 +98,7 @@ class SearchConfig:
     blend_max: float = 0.5
     mask_init: float = -3.0
     checks: int = 4
+    relu_slope: float = 0.1
 
     def __post_init__(self) -> None:
         checks.integer(self.steps, "search steps", low=1)
@@ -110,6 +116,7 @@ class SearchConfig:
         checks.finite(self.blend_max, "largest blend", low=0.0, high=1.0, low_open=True)
         checks.finite(self.mask_init, "initial mask logit")
         checks.integer(self.checks, "checked triggers", low=1)
+        checks.finite(self.relu_slope, "Relu gradient slope", low=0.0, high=1.0)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,9 @@ followed by the model's graph run by the pipeline's PyTorch simulation
 
 Gradients through rounding are straight-through (pipeline.qmath.round_ste): the
 forward pass is the deployed arithmetic, the backward pass treats each rounding as the
-identity and stops outside the grid.
+identity and stops outside the grid. Every side's Relu may also pass a small gradient
+below zero (`relu_slope`): a backward-pass surrogate, so that a search can reach units
+that no clean image switches on.
 """
 
 from __future__ import annotations
@@ -86,17 +88,18 @@ class Side:
             return torch.cat([self(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
-def _graph(model: onnx.ModelProto, source: str) -> TorchGraph:
+def _graph(model: onnx.ModelProto, source: str, relu_slope: float) -> TorchGraph:
     try:
-        return TorchGraph(model)
+        return TorchGraph(model, relu_slope=relu_slope)
     except NotSupported as exc:
         raise EfrapError(f"{source}: the scan differentiates through the PyTorch simulation, "
                          f"which cannot run this model: {exc}") from None
 
 
-def fp_side(prepared: onnx.ModelProto, pre: Preprocess, source: str = "model") -> Side:
+def fp_side(prepared: onnx.ModelProto, pre: Preprocess, source: str = "model",
+            relu_slope: float = 0.0) -> Side:
     """The FP model (a graph from pipeline.prepare.prepare_model)."""
-    return Side("fp", _graph(prepared, source), pre)
+    return Side("fp", _graph(prepared, source, relu_slope), pre)
 
 
 def nearest_side(fp: Side, result: QuantResult) -> Side:
@@ -104,6 +107,7 @@ def nearest_side(fp: Side, result: QuantResult) -> Side:
     return Side("nearest", fp.graph, fp.pre, result.weight_overrides(), result.act_qparams)
 
 
-def qdq_side(name: str, qdq: onnx.ModelProto, pre: Preprocess, source: str) -> Side:
+def qdq_side(name: str, qdq: onnx.ModelProto, pre: Preprocess, source: str,
+             relu_slope: float = 0.0) -> Side:
     """A QDQ model (e.g. a defended one) run as written: its Q/DQ nodes round, straight-through."""
-    return Side(name, _graph(prepare_model(qdq, source), source), pre)
+    return Side(name, _graph(prepare_model(qdq, source), source, relu_slope), pre)
