@@ -16,7 +16,9 @@ Cases, each an `efrap scan` child process (one thread by default) with
 - design: a blended-trigger QCB built to design the scan (DESIGN_COMMAND), when present;
 - heldout: the models of bench/heldout.toml that bench/build_heldout.py has finished
   (its cache's manifest.json): QCBs h1..h8 under their scheme and defended like the zoo,
-  clean c1..c6 under w4a4 and w8a8. The scan was designed and tuned without them.
+  clean c1..c6 under w4a4 and w8a8. The scan was designed and tuned without them. An
+  attack build whose backdoor already worked in FP (its recorded build figures, FP
+  attack success at least 50%) is judged as the FP backdoor it is, and not defended.
 
 Every scan's JSON report, the defended models and logs go to the cache (default
 ~/.cache/efrap-onnx/scan/runs); a case whose report exists is not run again unless
@@ -34,17 +36,21 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import onnx
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.build_heldout import default_cache as heldout_cache
 from bench.child import run_child
 from bench.portable import write_results
+from pipeline.base.onnx_io import get_metadata
 from pipeline.base.safe_io import write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "models" / "zoo"
 START, END = "<!-- scan:table:start -->", "<!-- scan:table:end -->"
 SUMMARY_START, SUMMARY_END = "<!-- scan:summary:start -->", "<!-- scan:summary:end -->"
+FP_AWAKE = 0.5  # build-time FP attack success from which a "QCB" build counts as an FP backdoor
 SCAN_CACHE = Path(os.environ.get("EFRAP_SCAN_CACHE", Path.home() / ".cache/efrap-onnx/scan"))
 #: The plainly poisoned model of the fp-backdoor case (its trigger file is written first).
 BADNETS_TRIGGER = {"size": 4, "position": "top-left", "margin": 1, "value": 1.0, "target": 2}
@@ -137,12 +143,25 @@ def heldout_cases(caches: list[Path]) -> list[Case]:
         entry = m["entry"]
         if m["kind"] == "qcb":
             trigger = str(folder / m["trigger"]) if m.get("trigger") else None
-            out.append(Case(name, "heldout", str(model), entry["scheme"], "qcb",
-                            int(entry["trigger"]["target"]), trigger, True))
+            truth = built_truth(model)
+            out.append(Case(name, "heldout", str(model), entry["scheme"], truth,
+                            int(entry["trigger"]["target"]), trigger, truth == "qcb"))
         elif m["kind"] == "clean":
             out += [Case(f"{name} ({s})", "heldout", str(model), s, "clean", None, None, False)
                     for s in ("w4a4", "w8a8")]
     return out
+
+
+def built_truth(model: Path) -> str:
+    """What an attack's output is, from the figures its build measured (never shown to the scan).
+
+    A build whose backdoor already works on the FP model in at least half the cases
+    (`efrap.attack.sim_metrics` fp_asr >= 0.5) did not stay dormant: it is judged as the
+    plainly poisoned model it is (`fp-backdoor`), not as a QCB.
+    """
+    meta = get_metadata(onnx.load(str(model), load_external_data=False))
+    metrics = json.loads(meta.get("efrap.attack.sim_metrics", "{}"))
+    return "fp-backdoor" if metrics.get("fp_asr", 0.0) >= FP_AWAKE else "qcb"
 
 
 def _slug(name: str) -> str:
