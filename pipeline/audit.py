@@ -599,19 +599,28 @@ def _works(on_q: float | None, on_fp: float | None, t: AuditThresholds) -> bool:
     return on_q is not None and on_q >= t.min_asr and on_q - (on_fp or 0.0) >= t.min_differential
 
 
+#: Scan verdicts on the FP model under which its recovered trigger is evidence.
+FLAGGED_SCAN_VERDICTS = ("qcb", "fp-backdoor")
+
+
 def decide(evidence: ScanEvidence, thresholds: AuditThresholds) -> Verdict:
     """The verdict from the scan's differential evidence (rounding statistics never decide it).
 
-    Q is flagged when a trigger works on Q and not on FP: the FP model's recovered trigger,
-    or the strongest trigger of a class the fresh search against Q flags (a flagged class
-    without figures counts: fail closed). What the scan says about the FP model alone
-    (a backdoor active in FP) is the same for every Q and is context here, for the gate.
+    Q is flagged when a trigger works on Q and not on FP: the FP model's recovered trigger
+    when the scan flagged the FP model, or the strongest trigger of a class the fresh
+    search against Q flags (a flagged class without figures counts: fail closed). Both
+    rest on the scan's outlier test: when the scan calls the FP model clean, its
+    "recovered trigger" is only the smallest of the unremarkable ones (at w4a8 a large
+    pattern that moves the nearest model of the clean stored model 88% of the time and
+    its FP model 36%), and it says nothing about Q. What the scan says about the FP
+    model alone (a backdoor active in FP) is the same for every Q and is context here,
+    for the gate.
     """
     t, ev = thresholds, evidence
     reasons: list[str] = []
     on_nearest: list[float | None] = []
     nearest = False
-    if _works(ev.asr_quantized, ev.asr_fp, t):
+    if ev.scan_verdict in FLAGGED_SCAN_VERDICTS and _works(ev.asr_quantized, ev.asr_fp, t):
         reasons.append(f"the FP model's recovered trigger (class {ev.target}) succeeds on Q at "
                        f"{_pct(ev.asr_quantized)}, on FP at {_pct(ev.asr_fp)}")
         on_nearest.append(ev.asr_nearest)

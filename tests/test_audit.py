@@ -189,6 +189,18 @@ def test_fresh_trigger_below_the_differential_does_not_flag() -> None:
     assert decide(unmeasured, AuditThresholds()).verdict == "rounding-backdoor"
 
 
+def test_an_unremarkable_recovered_trigger_is_not_evidence() -> None:
+    # Measured on the stored clean model at w4a8: the scan calls FP clean, yet its smallest
+    # (non-anomalous) trigger moves the nearest model 88% of the time and FP 36%. An honest
+    # nearest Q is not flagged for it; a QuRA Q is, through the fresh search.
+    honest = FakeScan("clean", 0.87, 3, _defended({"fp": 0.36, "nearest": 0.88, "defended": 0.88}, False,
+                                                   None, None))
+    assert decide(evidence_from_scan(honest), AuditThresholds()).verdict == "clean"
+    qura = FakeScan("clean", 0.87, 3, _defended({"fp": 0.36, "nearest": 0.88, "defended": 0.79}, True, 0,
+                                                 {"fp": 0.02, "nearest": 0.024, "defended": 0.93}))
+    assert decide(evidence_from_scan(qura), AuditThresholds()).verdict == "rounding-backdoor"
+
+
 def test_thresholds_are_checked() -> None:
     with pytest.raises(Exception, match="min_asr"):
         AuditThresholds(min_asr=0.0)
