@@ -19,6 +19,7 @@ stays bounded by a few batches, not by the calibration count times a layer's siz
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -131,7 +132,7 @@ class OrtSampler:
         Raises:
             EfrapError: onnxruntime cannot run the graph, or the tensor is not float32.
         """
-        session = make_session(subgraph(model, [tensor]), "faithful", self.provider)
+        session = make_session(subgraph(model, [tensor]), "faithful", self.provider, arena=False)
         n = len(self.images)
         batches = self._batches(session)
         first = next(batches)
@@ -141,7 +142,7 @@ class OrtSampler:
         if int(np.prod(row_shape)) * 4 * n <= self.ram_bytes:
             out = np.empty((n, *row_shape), np.float32)
             start = 0
-            for part in (first, *batches):
+            for part in itertools.chain([first], batches):
                 out[start : start + len(part)] = part
                 start += len(part)
             return torch.from_numpy(out).to(self.device)
@@ -149,9 +150,10 @@ class OrtSampler:
             self._tmp = tempfile.TemporaryDirectory(prefix="efrap-cache-")
         path = os.path.join(self._tmp.name, f"rows-{len(self._files)}.f32")
         # Plain writes, not a memory map: written pages do not stay in this process's memory.
+        # One batch at a time (chain, not `(first, *batches)`, which would hold them all).
         with open(path, "wb") as fh:
-            for part in (first, *batches):
-                fh.write(np.ascontiguousarray(part, dtype=np.float32).tobytes())
+            for part in itertools.chain([first], batches):
+                fh.write(np.ascontiguousarray(part, dtype=np.float32).data)
         rows = DiskRows(path, (n, *row_shape))
         self._files.append(rows)
         return rows

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Iterator
+
 import numpy as np
 import onnx
 import torch
@@ -67,6 +70,32 @@ def test_spilled_rows_equal_rows_in_memory(tiny_model: onnx.ModelProto, calib_im
     idx = torch.tensor([5, 0, 255, 17])
     assert torch.equal(on_disk[idx], in_ram[idx])
     spill.close()
+
+
+def test_caching_holds_one_batch_at_a_time(tiny_model: onnx.ModelProto, calib_images: np.ndarray) -> None:
+    # A layer cache spilled to disk must not hold every onnxruntime batch in memory before
+    # writing (a ResNet-50 stem's outputs for 1,024 images are 3.3 GB).
+    prepared = prepare_model(tiny_model)
+    name = prepared.graph.node[3].output[0]
+    for ram_bytes in (0, 1 << 30):
+        sampler = OrtSampler(calib_images[:40], torch.device("cpu"), "cpu", fixed_batch=4,
+                             ram_bytes=ram_bytes)
+        produce = sampler._batches
+        alive: list[int] = []
+
+        def watched(session: object, produce=produce, alive=alive) -> Iterator[np.ndarray]:
+            refs: list[weakref.ref] = []
+            for part in produce(session):
+                alive.append(sum(r() is not None for r in refs))
+                refs.append(weakref.ref(part))
+                yield part
+
+        sampler._batches = watched  # type: ignore[method-assign]
+        rows = sampler.run(prepared, name)
+        assert len(rows) == 40 and len(alive) == 10
+        # The first batch (kept to size the cache) and the one being written, never more.
+        assert max(alive) <= 2, alive
+        sampler.close()
 
 
 def test_fixed_batch_models_are_run_one_batch_at_a_time(tiny_model: onnx.ModelProto,

@@ -83,6 +83,7 @@ def make_session(
     threads: int | None = None,
     optimized_path: str | None = None,
     config: Mapping[str, str] | None = None,
+    arena: bool = True,
 ) -> Session:
     """Create a session.
 
@@ -94,6 +95,9 @@ def make_session(
         optimized_path: If set, onnxruntime writes the optimized graph there.
         config: onnxruntime session config entries (`add_session_config_entry`), e.g.
             {"optimization.disable_specified_optimizers": "QDQPropagationTransformer"}.
+        arena: onnxruntime's CPU memory arena. Off for sessions that run once over many
+            large batches and are dropped: the arena keeps its high-water mark for the
+            session's lifetime, and freed arenas are not always returned to the system.
     """
     if opt_level not in OPT_LEVELS:
         raise EfrapError(f"unknown optimization level '{opt_level}': use {', '.join(OPT_LEVELS)}")
@@ -101,6 +105,7 @@ def make_session(
     opts.graph_optimization_level = OPT_LEVELS[opt_level]
     opts.intra_op_num_threads = _default_threads if threads is None else threads
     opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = arena
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
     for key, value in (config or {}).items():
