@@ -27,6 +27,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -61,6 +62,8 @@ from validators.report import table
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs/COVERAGE.md"
+#: The line `efrap quantize` prints when a layer's learned rounding ends (pipeline.quantize).
+LAYER_LINE = re.compile(r"flipped [0-9.]+%, rec ([0-9.eE+-]+) \(nearest\) -> ([0-9.eE+-]+)")
 #: Options that give the rapidocr models their preprocessing (bench/corpus_models.py
 #: RAPIDOCR_PREPROCESS: BGR, x / 255, (x - 0.5) / 0.5).
 PADDLE = ["--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5", "--channel-order", "bgr"]
@@ -208,9 +211,20 @@ def measure(subject: Subject, work: Path, iters: int, num_calib: int, steps: lis
     return row
 
 
+def layer_errors(log: Path) -> dict[str, int]:
+    """How many layers a learned rounding left with a larger activation loss than nearest.
+
+    Read from the step's log (each layer's `rec <nearest> -> <final>` line); empty for a
+    step that learns nothing.
+    """
+    text = log.read_text(errors="replace").replace("\r", "\n") if log.exists() else ""
+    pairs = [(float(a), float(b)) for a, b in LAYER_LINE.findall(text)]
+    return {"layers": len(pairs), "layers_worse": sum(b > a for a, b in pairs)} if pairs else {}
+
+
 def _outcome(child: ChildRun, out: Path, fp: np.ndarray, x: np.ndarray, batch: int | None,
              classifier: bool) -> dict:
-    result = {**child.to_json(), "file": out.name}
+    result = {**child.to_json(), "file": out.name, **layer_errors(out.with_suffix(".log"))}
     if child.exit != 0 or not out.exists():
         return {**result, "error": child.last_line}
     try:
@@ -306,14 +320,19 @@ def render(rows: list[dict], settings: dict) -> str:
         cells.append("n/a" if diff is None else (", ".join(f"{k} {v:+d}" for k, v in diff.items()) or "same"))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Time and peak memory of each step (child process)", "",
-              "| model | step | seconds | peak MiB | output MiB | relative output error |",
-              "|---|---|---|---|---|---|"]
+              "Layers worse than nearest: for learned rounding, the layers whose activation loss on "
+              "the calibration data ended above nearest rounding's (EFRAP's flip term pays "
+              "reconstruction for flips by design).", "",
+              "| model | step | seconds | peak MiB | output MiB | relative output error | "
+              "layers worse than nearest |",
+              "|---|---|---|---|---|---|---|"]
     for r in rows:
         for label, step in r["steps"].items():
             err = f"{step['rel_error']:.4f}" if "rel_error" in step else "-"
             size = f"{step['size_mib']:.2f}" if "size_mib" in step else "-"
+            worse = f"{step['layers_worse']} of {step['layers']}" if "layers" in step else "-"
             lines.append(f"| {r['name']} | {label} | {step['seconds']:.1f} | {step['peak_mib']:,} | "
-                         f"{size} | {err} |")
+                         f"{size} | {err} | {worse} |")
     failures = [(r["name"], label, step["error"]) for r in rows for label, step in r["steps"].items()
                 if "error" in step]
     lines += ["", "## Failures", ""]
@@ -338,6 +357,8 @@ def main() -> None:
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--latency-only", action="store_true",
                         help="re-measure only the latencies of the models in the JSON (on a quiet machine)")
+    parser.add_argument("--refresh-logs", action="store_true",
+                        help="re-read the per-layer figures of the JSON's steps from their logs")
     parser.add_argument("--json", type=Path, default=ROOT / "bench/results/coverage.json")
     parser.add_argument("--qs-worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -351,6 +372,15 @@ def main() -> None:
     previous = {r["name"]: r for r in json.loads(args.json.read_text())["rows"]} if args.json.exists() else {}
     settings = {"iters": args.iters, "num_calib": args.num_calib, "num_test": args.num_test,
                 "latency": "batch 16 (detector 1), 2 threads, median of 20 interleaved runs"}
+    if args.refresh_logs:
+        for row in previous.values():
+            for step in row["steps"].values():
+                if "file" in step:
+                    step.update(layer_errors((work / step["file"]).with_suffix(".log")))
+        rows = list(previous.values())
+        write_results({"settings": settings, "rows": rows, "versions": versions()}, args.json)
+        DOC.write_text(render(rows, settings))
+        return
     if args.latency_only:
         for subject in subjects(cache, args.num_test):
             row = previous.get(subject.name)
