@@ -8,8 +8,8 @@ Cases, each an `efrap scan` child process (one thread by default) with
 `--calib fashion-mnist` and the defaults:
 
 - zoo: the six stored QCB models (models/zoo/manifest.json), each under the scheme it
-  was built for, after `efrap defend MODEL --scheme S --iters ITERS` (EFRAP, the release
-  settings but ITERS iterations per layer) and scanned with `--defended`;
+  was built for, after `efrap defend MODEL --scheme S --iters ITERS` (EFRAP, the project's
+  default rule but ITERS iterations per layer) and scanned with `--defended`;
 - clean: the stored clean model, under w4a4 and w8a8;
 - badnets: a plainly poisoned model built by `efrap attack --method badnets`
   (BADNETS_COMMAND; built into the cache when missing), under w4a4 and w8a8;
