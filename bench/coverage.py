@@ -287,6 +287,9 @@ def goals(rows: list[dict]) -> list[str]:
         # Higher is better: agreement for classifiers, minus the relative error for the detector.
         return step["agreement"] if classifier else -step["rel_error"]
 
+    def shown(step: dict, classifier: bool) -> str:
+        return f"{100 * step['agreement']:.1f}" if classifier else f"err {step['rel_error']:.3f}"
+
     out: list[str] = []
     near = [(r["name"], r["steps"]["nearest w8a8"]["agreement"],
              r["steps"]["quantize_static w8a8"]["agreement"])
@@ -302,7 +305,7 @@ def goals(rows: list[dict]) -> list[str]:
         worse = [(r, lr, nr) for r, lr, nr in pairs
                  if score(lr, r.get("classifier", True)) < score(nr, r.get("classifier", True))]
         text = ", ".join(
-            f"{r['name']} ({100 * lr['agreement']:.1f} vs {100 * nr['agreement']:.1f}; "
+            f"{r['name']} ({shown(lr, r.get('classifier', True))} vs {shown(nr, r.get('classifier', True))}; "
             f"{lr.get('layers_worse', '?')} of {lr.get('layers', '?')} layers above nearest's loss)"
             for r, lr, nr in worse)
         out.append(f"- {label} at least nearest w4a8: met on {len(pairs) - len(worse)} of {len(pairs)} "
@@ -310,15 +313,16 @@ def goals(rows: list[dict]) -> list[str]:
     timed = [r for r in rows if {"ours", "quantize_static", "fp32"} <= set(r.get("latency", {}))]
     slow = [r for r in timed if r["latency"]["ours"] > r["latency"]["quantize_static"]]
 
-    def why(r: dict) -> str:
-        diff = r["latency"].get("kernel_difference")
-        return "same kernels" if diff == {} else ("kernels not compared" if diff is None else "other kernels")
+    def slower(r: dict) -> str:
+        lat = r["latency"]
+        diff = lat.get("kernel_difference")
+        kernels = "kernels not compared" if diff is None else "other kernels" if diff else "same kernels"
+        return (f"{r['name']} ({lat['ours'] / lat['fp32']:.2f} vs "
+                f"{lat['quantize_static'] / lat['fp32']:.2f}, {kernels})")
 
+    above = f"; above on {', '.join(slower(r) for r in slow)}." if slow else "."
     out.append(f"- W8A8 latency at most quantize_static's: met on {len(timed) - len(slow)} of {len(timed)} "
-               "timed models" + ("; above on " + ", ".join(
-                   f"{r['name']} ({r['latency']['ours'] / r['latency']['fp32']:.2f} vs "
-                   f"{r['latency']['quantize_static'] / r['latency']['fp32']:.2f}, {why(r)})"
-                   for r in slow) + "." if slow else "."))
+               f"timed models{above}")
     out += ["", "Where the two graphs run the same kernels, a latency difference is the machine's noise. "
             "Where they differ, the kernels column names the ops: ours keeps LayerNorm's affine, GELU's "
             "erf-plus-one and Softmax in float where quantize_static quantizes them, for agreement (the "
@@ -396,6 +400,13 @@ def render(rows: list[dict], settings: dict) -> str:
     return "\n".join(lines)
 
 
+def save(rows: list[dict], settings: dict, path: Path) -> None:
+    """Write the JSON and regenerate docs/COVERAGE.md from the same rows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_results({"settings": settings, "rows": rows, "versions": versions()}, path)
+    DOC.write_text(render(rows, settings))
+
+
 def main() -> None:
     """Measure the corpus, write the JSON and docs/COVERAGE.md."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -430,8 +441,7 @@ def main() -> None:
                 if "file" in step:
                     step.update(layer_errors((work / step["file"]).with_suffix(".log")))
         rows = list(previous.values())
-        write_results({"settings": settings, "rows": rows, "versions": versions()}, args.json)
-        DOC.write_text(render(rows, settings))
+        save(rows, settings, args.json)
         return
     if args.latency_only:
         for subject in subjects(cache, args.num_test):
@@ -442,8 +452,7 @@ def main() -> None:
             row["latency"] = latency(row, work, x, 16 if subject.classifier else 1)
             print(f"coverage: {subject.name} latency {row['latency']}", flush=True)
         rows = list(previous.values())
-        write_results({"settings": settings, "rows": rows, "versions": versions()}, args.json)
-        DOC.write_text(render(rows, settings))
+        save(rows, settings, args.json)
         return
     # Every write keeps the rows of subjects not (yet) measured in this run, so a run that
     # stops halfway loses nothing.
@@ -466,9 +475,7 @@ def main() -> None:
             row["latency"] = latency(row, work, x, 16 if subject.classifier else 1)
         known[subject.name] = row
         rows = [known[s.name] for s in order if s.name in known]
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_results({"settings": settings, "rows": rows, "versions": versions()}, args.json)
-        DOC.write_text(render(rows, settings))
+        save(rows, settings, args.json)
     print(table(["model", "steps failed"], [[r["name"], sum("error" in s for s in r["steps"].values())]
                                             for r in rows]))
 
