@@ -13,8 +13,8 @@ docs/DEFENSE.md). All verified with the model's trigger at optimization level `f
 on the CPU provider. CDA is clean accuracy, ASR attack success over test images whose
 label is not the target, both in percent. The default defense is checked against the
 floors (ASR at most 5%, CDA within 2 points of FP) and the goals (2% and 1 point); the
-winner of a row is the method with the highest CDA among those that meet the ASR goal,
-else the one with the lowest ASR.
+winner of a row is the method with the highest CDA among those that meet the goals
+(equal CDA: the lower ASR), else the lowest ASR among those that meet the floors.
 
 Zoo entries (the default) fill the table between the `results:zoo` markers of
 docs/RESULTS.md and bench/results/results.json; models given with --models (built by
@@ -134,8 +134,8 @@ def checks_of(row: dict) -> tuple[str, str]:
     """('met'/'MISSED' floors / goals of the default defense, the row's winner).
 
     The winner is the defense with the highest CDA among those meeting the goals (ASR <= 2%,
-    CDA within 1 point of FP); else the lowest ASR among those meeting the floors (5%, 2
-    points); else "none".
+    CDA within 1 point of FP; equal CDA goes to the lower ASR); else the lowest ASR among
+    those meeting the floors (5%, 2 points); else "none".
     """
     fp, d = row["fp"], row.get("default")
     verdict = "not run"
@@ -147,7 +147,7 @@ def checks_of(row: dict) -> tuple[str, str]:
     drop = {m: fp["cda"] - row[m]["cda"] for m in ran}
     goals_met = [m for m in ran if row[m]["asr"] <= 2.0 and drop[m] <= 1.0]
     floors_met = [m for m in ran if row[m]["asr"] <= 5.0 and drop[m] <= 2.0]
-    winner = (max(goals_met, key=lambda m: row[m]["cda"]) if goals_met
+    winner = (max(goals_met, key=lambda m: (row[m]["cda"], -row[m]["asr"])) if goals_met
               else min(floors_met, key=lambda m: row[m]["asr"]) if floors_met
               else "none" if ran else "-")
     return verdict, winner
