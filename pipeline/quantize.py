@@ -39,9 +39,10 @@ from pipeline.observers import observe_weight
 from pipeline.prepare import check_finite, prepare_model
 from pipeline.qmath import QParams
 from pipeline.quantized import QuantizedConstant, QuantizedLayer, QuantResult, make_bias, quantized_constants
+from pipeline.rare_units import prune_rare_inputs
 from pipeline.reconstruct import Head, build_problem
 from pipeline.rounding import RoundingConfig, RoundingMethod, get_method
-from pipeline.rounding.base import LayerProblem, RoundingResult
+from pipeline.rounding.base import LayerProblem, RoundingResult, data_needs
 from pipeline.sampler import OrtSampler
 from pipeline.scheme import Scheme
 from validators.guard import GuardLimits, GuardReport, check_defense
@@ -132,8 +133,9 @@ class QuantizeSummary:
 
     @property
     def learned(self) -> bool:
-        """Whether the method learned the rounding from data."""
-        return "data" in get_method(self.options.method).needs(self.options.config)
+        """Whether the rounding read data: a learned method, or rare-unit pruning."""
+        config = self.options.config
+        return "data" in get_method(self.options.method).needs(config) | data_needs(config)
 
     def to_json(self) -> dict:
         """JSON-ready dict (the `--summary` file)."""
@@ -293,9 +295,17 @@ class _Rounder:
         ql = QuantizedLayer(q=np.zeros(0), qparams=wqp, bias_q=bias_q, bias_scale=bias_scale)
         bias = ql.dequantized_bias()
         bias_t = torch.from_numpy(bias).to(self.device) if bias is not None else None
-        result = self._run_method(index, layer, tq.bits, self.problem(layer, wqp, bias_t))
-        ql.q = result.q.detach().cpu().numpy().astype(np.int64)
-        ql.stats = {k: float(v) for k, v in result.stats.items()}
+        problem = self.problem(layer, wqp, bias_t)
+        result = self._run_method(index, layer, tq.bits, problem)
+        q, stats = result.q.detach(), dict(result.stats)
+        budget = self.options.config.prune_rare
+        if budget > 0:
+            assert problem.inputs is not None
+            q, pruned = prune_rare_inputs(self.prepared, layer, problem.inputs, q, wqp, problem.weight,
+                                          budget)
+            stats.update(pruned)
+        ql.q = q.cpu().numpy().astype(np.int64)
+        ql.stats = {k: float(v) for k, v in stats.items()}
         self.done[layer.node] = ql
         if result.output_scale is not None:
             self._set_output_scale(layer, result.output_scale)
@@ -315,7 +325,7 @@ class _Rounder:
     def _run_method(self, index: int, layer: QuantLayer, bits: int,
                     problem: LayerProblem) -> RoundingResult:
         config = self.options.config
-        if "data" not in self.needs:
+        if "data" not in self.method.needs(config):
             return self.method(problem, config)
         bar = Progress(f"layer {index}/{len(self.plan.layers)} {layer.node} ({self.method.name}, "
                        f"{bits}-bit)", total=config.iters)
@@ -334,7 +344,7 @@ def _rounder(prepared: onnx.ModelProto, plan: QuantPlan, act_qp: dict[str, QPara
              constants: dict[str, QuantizedConstant], images: np.ndarray, options: QuantizeOptions,
              source: str) -> _Rounder:
     method = get_method(options.method)
-    needs = method.needs(options.config)
+    needs = method.needs(options.config) | data_needs(options.config)
     device = pick_device(options.device)
     inits = {i.name: np.array(onnx.numpy_helper.to_array(i)) for i in prepared.graph.initializer}
     # Every conv with a constant weight may carry BN factors, including those kept in float.

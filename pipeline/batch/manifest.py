@@ -55,6 +55,7 @@ from pipeline.base.safe_io import file_sha256
 from pipeline.base.trigger import trigger_files
 from pipeline.quantize import GuardOptions, QuantizeOptions
 from pipeline.rounding import METHODS, RoundingConfig, get_method
+from pipeline.rounding.base import data_needs
 from pipeline.scheme import PRESETS, load_scheme
 from validators.gate import Gate
 from validators.guard import GuardLimits
@@ -119,7 +120,8 @@ class ModelJob:
     @property
     def learned(self) -> bool:
         """Whether the method learns the rounding from data (torch work; a GPU helps)."""
-        return "data" in get_method(self.options.method).needs(self.options.config)
+        config = self.options.config
+        return "data" in get_method(self.options.method).needs(config) | data_needs(config)
 
     def settings(self, scan_available: bool) -> dict[str, Any]:
         """Everything that decides this model's result, as canonical JSON-ready data.

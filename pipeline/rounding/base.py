@@ -66,6 +66,10 @@ class RoundingConfig:
         act_lr: Learning rate of the layer's output activation step size, learned with
             the rounding (Adam, cosine decay to 0, as the release's scale_lr); 0 keeps
             the calibrated step size.
+        prune_rare: Rare-unit pruning after rounding (pipeline.rare_units): the weights
+            reading the input units that fire on the fewest calibration images, together
+            on at most this share of them, are set to zero; 0 turns it off. It needs the
+            cached inputs, so it works with any method (nearest included).
 
     The batches are sampled with a seed the orchestrator derives from the run's one
     seed for each layer (`LayerProblem.seed`), not with a setting of their own.
@@ -84,6 +88,7 @@ class RoundingConfig:
     error_units: str = "pre_bn"
     act_lr: float = 0.0
     rec_guard: float = 0.0
+    prune_rare: float = 0.0
 
     def __post_init__(self) -> None:
         checks.integer(self.iters, "iters", low=1)
@@ -101,8 +106,17 @@ class RoundingConfig:
         checks.string(self.loss, "loss")
         checks.finite(self.act_lr, "act_lr", low=0.0)
         checks.finite(self.rec_guard, "rec_guard", low=0.0)
+        checks.finite(self.prune_rare, "prune_rare", low=0.0)
+        if self.prune_rare >= 1.0:
+            raise EfrapError(f"prune_rare must be below 1, got {self.prune_rare:g}")
         if 0.0 < self.rec_guard < 1.0:
             raise EfrapError(f"rec_guard must be 0 (off) or at least 1, got {self.rec_guard:g}")
+
+
+
+def data_needs(config: RoundingConfig) -> frozenset[str]:
+    """What the settings need beyond the method: rare-unit pruning reads the cached inputs."""
+    return frozenset({"data"}) if config.prune_rare > 0 else frozenset()
 
 
 @dataclass

@@ -61,8 +61,12 @@ EFRAP_RELEASE = RoundingConfig(
 #: in [0, 0.5]) and a flip weight of 0.02, the step size of the release's ordinary 4-bit
 #: layers, so the flip pressure the release puts on ordinary grids stays, and no longer
 #: grows with the grid's coarseness (an inflated or pinned grid) or the weight's scale.
-#: The output step sizes stay as calibrated.
-EFRAP_DEFAULT = replace(EFRAP_RELEASE, error_units="steps", flip_weight=0.02, act_lr=0.0)
+#: The output step sizes stay as calibrated. After each layer is rounded, rare-unit
+#: pruning (pipeline.rare_units) zeroes the weights reading the input units that fire on the
+#: fewest calibration images, together on at most 3% of them: the reconstruction cannot see
+#: those weights, and the dormant and EFRAP-aware attacks hide their backdoor there.
+EFRAP_DEFAULT = replace(EFRAP_RELEASE, error_units="steps", flip_weight=0.02, act_lr=0.0,
+                        prune_rare=0.03)
 
 #: Named EFRAP settings (`efrap defend --preset`).
 EFRAP_PRESETS: dict[str, RoundingConfig] = {"default": EFRAP_DEFAULT, "release": EFRAP_RELEASE}

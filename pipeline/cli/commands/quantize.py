@@ -13,6 +13,7 @@ from pipeline.cli.args import (
     add_exclude_arg,
     add_preprocess_args,
     exclusions,
+    fraction,
     nonnegative_float,
     positive_float,
     positive_int,
@@ -27,7 +28,7 @@ from validators.guard import GuardReport
 
 #: Command-line option -> RoundingConfig field, for the options a user may override.
 _ROUNDING_FIELDS = ("iters", "batch_size", "lr", "reg_weight", "flip_weight", "error_mode", "loss",
-                    "act_lr", "rec_guard")
+                    "act_lr", "rec_guard", "prune_rare")
 
 
 def add_common_quant_args(p: argparse.ArgumentParser, default_scheme: str) -> None:
@@ -78,6 +79,11 @@ def add_rounding_args(p: argparse.ArgumentParser, defaults: RoundingConfig) -> N
                    help="EFRAP's per-layer guard: round a layer again with half the flip weight "
                    "(up to 3 times) while its reconstruction loss exceeds this many times nearest "
                    f"rounding's; 0 is off (default {defaults.rec_guard:g})")
+    g.add_argument("--prune-rare", type=fraction, default=None, metavar="SHARE",
+                   help="rare-unit pruning, any method: zero the weights reading the input units "
+                   "that fire on the fewest calibration images, together on at most this share "
+                   "of them (a fraction, or a percentage: 3%%; docs/DEFENSE.md); 0 is off "
+                   f"(default {defaults.prune_rare:g})")
     g.add_argument("--act-lr", type=nonnegative_float, default=None,
                    help="learn each layer's output activation step size at this rate (the release's "
                    f"scale_lr 4e-5, cosine decay); 0 keeps the calibrated one (default {defaults.act_lr:g})")
@@ -94,8 +100,11 @@ def rounding_config(args: argparse.Namespace, defaults: RoundingConfig) -> Round
 def print_summary(summary: QuantizeSummary, output: str) -> None:
     """One line per layer, then where the model went."""
     for layer in summary.layers:
+        pruned = (f"  pruned {int(layer.stats['pruned_units'])} input units "
+                  f"({100 * layer.stats.get('pruned_fraction', 0.0):.2f}% of weights)"
+                  if layer.stats.get("pruned_units") else "")
         print(f"  {layer.layer:<28} {layer.op:<6} {layer.bits}-bit  "
-              f"flipped {100 * layer.flip_fraction:6.2f}%  {layer.seconds:.1f}s")
+              f"flipped {100 * layer.flip_fraction:6.2f}%  {layer.seconds:.1f}s{pruned}")
     print(f"wrote {output} ({summary.options.method}, scheme {summary.options.scheme.name}, seed "
           f"{summary.options.seed}, calibration {summary.calibration_seconds:.1f}s, rounding "
           f"{summary.rounding_seconds:.1f}s)")
