@@ -321,5 +321,6 @@ def test_registry() -> None:
         20.0, 2.0, 0.2)
     # RoundingConfig's defaults are the release's, but for the output step sizes it learns.
     assert replace(RoundingConfig(), act_lr=4e-5) == EFRAP_RELEASE
-    assert replace(EFRAP_RELEASE, error_units="steps", flip_weight=0.02, act_lr=0.0) == EFRAP_DEFAULT
+    assert replace(EFRAP_RELEASE, error_units="steps", flip_weight=0.02, act_lr=0.0,
+                   prune_rare=0.03) == EFRAP_DEFAULT
     assert METHODS["efrap"].defaults == EFRAP_DEFAULT
