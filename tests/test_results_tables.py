@@ -41,6 +41,12 @@ def test_a_tie_in_accuracy_goes_to_the_lower_attack_success() -> None:
     assert results.checks_of(row)[1] == "default"
 
 
+def test_the_unpruned_ablation_is_shown_but_never_wins() -> None:
+    row = _row("m", 91.0, unpruned=(91.0, 0.5), default=(90.5, 1.5))
+    assert results.checks_of(row) == ("met / met", "default")
+    assert "91.00 / 0.50" in results.render([row], "cmd", 0)
+
+
 def test_defense_summary_reads_every_section_and_counts_held_out_apart(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sections = {
