@@ -64,4 +64,19 @@ def test_defense_summary_reads_every_section_and_counts_held_out_apart(
     assert [line.split(" | ")[0][2:] for line in table] == ["stored", "surviving", "h_a", "h_c"]
     assert "| 85.00 / 0.50 |" in table[0] and "not run" in table[2]
     assert "- Stored zoo: the default meets the floors on 1 and the goals on 1 of 1 models." in text
-    assert "- Held out: the default meets the floors on 2 and the goals on 1 of 3 models." in text
+    assert ("- Held out for the rule's first part only (development data for the pruning): the default "
+            "meets the floors on 2 and the goals on 1 of 3 models.") in text
+    assert "whole rule" not in text
+
+
+def test_models_built_after_the_pruning_are_counted_as_held_out_for_the_whole_rule(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    name = sorted(results.HELD_OUT_WHOLE_RULE)[0]
+    rows = [_row(name, 90.0, default=(89.5, 1.0)), _row("h_old", 90.0, default=(89.5, 9.0))]
+    (tmp_path / "heldout.json").write_text(json.dumps({"results": rows}))
+    monkeypatch.setattr(results, "default_json", lambda section: tmp_path / f"{section}.json")
+    text = results.defense_summary()
+    assert f"| {name} | w4a4 | held out (whole rule) |" in text
+    assert "- Held out for the whole rule: the default meets the floors on 1 and the goals on 1 of 1" in text
+    assert "development data for the pruning): the default meets the floors on 0 and the goals on 0 of 1" \
+        in text
