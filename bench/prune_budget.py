@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.results import (
     DEFENSE_DOC,
+    ROOT,
     Subject,
     file_subjects,
     measure,
@@ -35,8 +36,6 @@ from pipeline.base.progress import log
 from pipeline.quantize import QuantizeOptions, quantize_file
 from pipeline.rounding import RoundingConfig
 from pipeline.scheme import load_scheme
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def measure_budgets(s: Subject, budgets: list[float], tmp: str) -> dict:

@@ -41,8 +41,8 @@ from pipeline.qmath import QParams
 from pipeline.quantized import QuantizedConstant, QuantizedLayer, QuantResult, make_bias, quantized_constants
 from pipeline.rare_units import prune_rare_inputs
 from pipeline.reconstruct import Head, build_problem
-from pipeline.rounding import RoundingConfig, RoundingMethod, get_method
-from pipeline.rounding.base import LayerProblem, RoundingResult, data_needs
+from pipeline.rounding import RoundingConfig, RoundingMethod, get_method, run_needs
+from pipeline.rounding.base import LayerProblem, RoundingResult
 from pipeline.sampler import OrtSampler
 from pipeline.scheme import Scheme
 from validators.guard import GuardLimits, GuardReport, check_defense
@@ -134,8 +134,7 @@ class QuantizeSummary:
     @property
     def learned(self) -> bool:
         """Whether the rounding read data: a learned method, or rare-unit pruning."""
-        config = self.options.config
-        return "data" in get_method(self.options.method).needs(config) | data_needs(config)
+        return "data" in run_needs(self.options.method, self.options.config)
 
     def to_json(self) -> dict:
         """JSON-ready dict (the `--summary` file)."""
@@ -344,7 +343,7 @@ def _rounder(prepared: onnx.ModelProto, plan: QuantPlan, act_qp: dict[str, QPara
              constants: dict[str, QuantizedConstant], images: np.ndarray, options: QuantizeOptions,
              source: str) -> _Rounder:
     method = get_method(options.method)
-    needs = method.needs(options.config) | data_needs(options.config)
+    needs = run_needs(options.method, options.config)
     device = pick_device(options.device)
     inits = {i.name: np.array(onnx.numpy_helper.to_array(i)) for i in prepared.graph.initializer}
     # Every conv with a constant weight may carry BN factors, including those kept in float.

@@ -27,12 +27,16 @@ from pipeline.rounding.base import Rows
 from pipeline.torch_graph import TorchGraph
 
 
-def unit_axis(model: onnx.ModelProto, layer: QuantLayer) -> int | None:
-    """Axis of the layer's input that holds its units (None: a layout pruning skips).
+def layer_node(model: onnx.ModelProto, layer: QuantLayer) -> onnx.NodeProto:
+    """The layer's Conv/Gemm/MatMul node."""
+    return next(n for n in model.graph.node if n.name == layer.node)
+
+
+def unit_axis(node: onnx.NodeProto) -> int | None:
+    """Axis of the weight node's input that holds its units (None: a layout pruning skips).
 
     Conv reads channels (axis 1); Gemm (without transA) and MatMul read the last axis.
     """
-    node = next(n for n in model.graph.node if n.name == layer.node)
     if node.op_type == "Conv":
         return 1
     if node.op_type == "Gemm":
@@ -72,15 +76,14 @@ def rare_units(fires: torch.Tensor, budget: float) -> torch.Tensor:
     return chosen
 
 
-def reading_mask(model: onnx.ModelProto, layer: QuantLayer, units: torch.Tensor, axis: int,
-                 sample_shape: tuple[int, ...], weight: torch.Tensor) -> torch.Tensor:
+def reading_mask(model: onnx.ModelProto, layer: QuantLayer, node: onnx.NodeProto, units: torch.Tensor,
+                 axis: int, sample_shape: tuple[int, ...], weight: torch.Tensor) -> torch.Tensor:
     """Bool mask of the weight's elements that read any of `units` (weight's shape).
 
     The layer's own weight node is linear in its weight, so the gradient of its summed
     output on an input that is 1 on the chosen units and 0 elsewhere is positive exactly
     at the weights that read them, whatever the op's groups, strides or transposes.
     """
-    node = next(n for n in model.graph.node if n.name == layer.node)
     only = replace(layer, nodes=(layer.node,), output=node.output[0])
     graph = TorchGraph(layer_model(model, only), weight.device)
     shape = [1, *sample_shape[1:]]
@@ -119,7 +122,8 @@ def prune_rare_inputs(model: onnx.ModelProto, layer: QuantLayer, inputs: Rows, q
         (share of the weights set to zero) and pruned_fires (share of the samples on which
         a pruned unit fires).
     """
-    axis = unit_axis(model, layer)
+    node = layer_node(model, layer)
+    axis = unit_axis(node)
     if axis is None or len(inputs) == 0:
         return q, {"pruned_units": 0.0, "pruned_fraction": 0.0, "pruned_fires": 0.0}
     fires = firing(inputs, axis)
@@ -129,6 +133,6 @@ def prune_rare_inputs(model: onnx.ModelProto, layer: QuantLayer, inputs: Rows, q
     if not units.any():
         return q, stats
     sample_shape = tuple(inputs[torch.arange(1)].shape)
-    mask = reading_mask(model, layer, units, axis, sample_shape, weight)
+    mask = reading_mask(model, layer, node, units, axis, sample_shape, weight)
     stats["pruned_fraction"] = float(mask.float().mean())
     return prune(q, qparams, mask), stats

@@ -58,10 +58,12 @@ def _mask(node: onnx.NodeProto, x_shape: list[int], weight: np.ndarray, units: l
           axis: int) -> np.ndarray:
     model = _layer_model(node, x_shape, weight)
     layer = _layer(node, axis)
-    chosen = torch.zeros(x_shape[unit_axis(model, layer)], dtype=torch.bool)
+    axis = unit_axis(node)
+    assert axis is not None
+    chosen = torch.zeros(x_shape[axis], dtype=torch.bool)
     chosen[units] = True
     w = torch.from_numpy(weight.astype(np.float32))
-    return reading_mask(model, layer, chosen, unit_axis(model, layer), tuple(x_shape), w).numpy()
+    return reading_mask(model, layer, node, chosen, axis, tuple(x_shape), w).numpy()
 
 
 def test_reading_mask_grouped_conv() -> None:
@@ -99,8 +101,7 @@ def test_reading_mask_matmul_over_tokens() -> None:
 
 def test_gemm_with_transposed_input_is_left_alone() -> None:
     node = helper.make_node("Gemm", ["x", "w"], ["y"], name="fc", transA=1)
-    model = _layer_model(node, [5, 1], np.ones((5, 3)))
-    assert unit_axis(model, _layer(node, 1)) is None
+    assert unit_axis(node) is None
 
 
 def test_pruned_weights_take_their_channels_zero_point() -> None:

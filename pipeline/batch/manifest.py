@@ -54,8 +54,7 @@ from pipeline.base.runtime import PROVIDERS
 from pipeline.base.safe_io import file_sha256
 from pipeline.base.trigger import trigger_files
 from pipeline.quantize import GuardOptions, QuantizeOptions
-from pipeline.rounding import METHODS, RoundingConfig, get_method
-from pipeline.rounding.base import data_needs
+from pipeline.rounding import METHODS, RoundingConfig, get_method, run_needs
 from pipeline.scheme import PRESETS, load_scheme
 from validators.gate import Gate
 from validators.guard import GuardLimits
@@ -120,8 +119,7 @@ class ModelJob:
     @property
     def learned(self) -> bool:
         """Whether the method learns the rounding from data (torch work; a GPU helps)."""
-        config = self.options.config
-        return "data" in get_method(self.options.method).needs(config) | data_needs(config)
+        return "data" in run_needs(self.options.method, self.options.config)
 
     def settings(self, scan_available: bool) -> dict[str, Any]:
         """Everything that decides this model's result, as canonical JSON-ready data.

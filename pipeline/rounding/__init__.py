@@ -34,6 +34,12 @@ def get_method(name: str) -> RoundingMethod:
     return METHODS[name]
 
 
+def run_needs(name: str, config: RoundingConfig) -> frozenset[str]:
+    """What a run of method `name` with `config` asks the orchestrator for: the method's own
+    needs, plus the cached layer inputs when rare-unit pruning is on (any method)."""
+    return get_method(name).needs(config) | (frozenset({"data"}) if config.prune_rare > 0 else frozenset())
+
+
 __all__ = [
     "METHODS",
     "LayerProblem",
@@ -42,4 +48,5 @@ __all__ = [
     "RoundingResult",
     "get_method",
     "register",
+    "run_needs",
 ]

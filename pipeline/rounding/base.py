@@ -113,12 +113,6 @@ class RoundingConfig:
             raise EfrapError(f"rec_guard must be 0 (off) or at least 1, got {self.rec_guard:g}")
 
 
-
-def data_needs(config: RoundingConfig) -> frozenset[str]:
-    """What the settings need beyond the method: rare-unit pruning reads the cached inputs."""
-    return frozenset({"data"}) if config.prune_rare > 0 else frozenset()
-
-
 @dataclass
 class LayerProblem:
     """One layer to round.
