@@ -22,6 +22,11 @@ them, the simulations run them) follow onnxruntime's QDQ conventions:
    of a ShuffleNet, for one).
 5. The first layers (no layer upstream) and the last layers (no layer downstream)
    are the "edge" layers a scheme may give more bits.
+6. Only tensors whose values depend on the graph input's values are activations.
+   What a Shape or Size (or a subgraph of constants) computes, a detector's anchor
+   grid and strides for one, is the same for every input: it stays float, gets no
+   quantizer, and an Add, Mul or Concat that mixes it with activations stays a
+   float op (onnxruntime's quantize_static folds such subgraphs into constants).
 
 Layers can be kept in float by node name or op type (`exclude`, onnxruntime's
 `nodes_to_exclude`). A Conv or Gemm whose weight is not a constant cannot be
@@ -43,6 +48,8 @@ FUSED_ACTIVATIONS = ("Relu", "Clip")
 PASSTHROUGH_OPS = ("MaxPool", "Flatten", "Reshape", "Identity", "Transpose", "Squeeze", "Unsqueeze",
                    "Slice", "Split")
 INTEGER_OPS = ("Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool")
+#: Ops whose output depends on their input's shape, never on its values.
+SHAPE_OPS = ("Shape", "Size", "EyeLike")
 
 
 @dataclass(frozen=True)
@@ -176,13 +183,43 @@ class _Graph:
                 self.consumers[name].append(node)
             for name in node.output:
                 self.producer[name] = node
+        self.dynamic = self._value_dependent()
+
+    def _value_dependent(self) -> set[str]:
+        """Tensors whose values depend on the graph input's values.
+
+        A detector's anchor grid (Shape, Gather, Range, ... on a feature map) and any
+        subgraph of constants are the same for every input: onnxruntime's calibration
+        sees one value per element of them, and quantize_static folds them to
+        constants, so they keep no quantizer and no op mixing them with activations
+        runs on a shared integer grid.
+        """
+        seen: set[str] = set()
+        # A node with a subgraph (If, Loop, Scan) may read the input's values without
+        # naming them as inputs: its outputs count as value-dependent, as before this rule.
+        stack = [*self.inputs, *(o for n in self.nodes if _has_subgraph(n) for o in n.output if o)]
+        while stack:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            for node in self.consumers.get(name, []):
+                if node.op_type not in SHAPE_OPS:
+                    stack.extend(o for o in node.output if o)
+        return seen
 
     def is_activation(self, name: str) -> bool:
-        """Whether a tensor is float data computed from the input (not a constant, not a shape)."""
-        return bool(name) and name not in self.inits and self.types.get(name, _FLOAT) == _FLOAT
+        """Whether a tensor is float data computed from the input's values (not a constant or a shape)."""
+        return (bool(name) and name in self.dynamic and name not in self.inits
+                and self.types.get(name, _FLOAT) == _FLOAT)
 
 
 _FLOAT = onnx.TensorProto.FLOAT
+_SUBGRAPH_ATTRS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+
+
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in _SUBGRAPH_ATTRS for a in node.attribute)
 
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
