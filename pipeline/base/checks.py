@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +22,36 @@ from pipeline.base.errors import EfrapError
 MAX_CONFIG_DEPTH = 16
 #: Largest config file read, in bytes.
 MAX_CONFIG_BYTES = 1 << 20
+#: A plain decimal number in ASCII: Python's float() also takes "0.0_1", "1_000" and
+#: non-ASCII digits ("٠.٠١"), which a user would not read as the number they become.
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+_INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_NON_FINITE = ("inf", "+inf", "-inf", "infinity", "+infinity", "-infinity", "nan", "+nan", "-nan")
+
+
+def number_text(text: str, what: str = "value") -> float:
+    """A number written as plain ASCII decimal (``0.05``, ``5``, ``1e-3``); EfrapError otherwise.
+
+    NaN and infinities are refused as not finite; digit separators (``0.0_1``),
+    non-ASCII digits and spaces inside the number are refused as not a number.
+    """
+    raw = text.strip()
+    if raw.lower() in _NON_FINITE:
+        raise EfrapError(f"{what} must be finite, got '{text}'")
+    if not _DECIMAL.fullmatch(raw):
+        raise EfrapError(f"{what} must be a plain decimal number, got '{text}'")
+    value = float(raw)
+    if not math.isfinite(value):  # 1e999 overflows to inf
+        raise EfrapError(f"{what} must be finite, got '{text}'")
+    return value
+
+
+def integer_text(text: str, what: str = "value") -> int:
+    """An integer written as plain ASCII digits (``1024``); EfrapError otherwise (``1_024``, ``8.0``)."""
+    raw = text.strip()
+    if not _INTEGER.fullmatch(raw):
+        raise EfrapError(f"{what} must be an integer written in plain digits, got '{text}'")
+    return int(raw)
 
 
 def fraction(text: str, what: str = "value") -> float:
@@ -36,10 +67,12 @@ def fraction(text: str, what: str = "value") -> float:
     raw = text.strip()
     percent = raw.endswith("%")
     number = raw[:-1].strip() if percent else raw
-    try:
-        value = float(number)
-    except ValueError:
-        raise EfrapError(f"{what} must be a fraction (0.05) or a percentage (5%), got '{text}'") from None
+    if number.lower() in _NON_FINITE:
+        raise EfrapError(f"{what} must be finite, got '{text}'")
+    if not _DECIMAL.fullmatch(number):
+        raise EfrapError(f"{what} must be a fraction (0.05) or a percentage (5%) in plain decimal "
+                         f"digits, got '{text}'")
+    value = float(number)
     if not math.isfinite(value):
         raise EfrapError(f"{what} must be finite, got '{text}'")
     if percent:
@@ -118,10 +151,32 @@ def _depth(value: object) -> int:
     return deepest
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # JSON itself lets the last of two equal keys win silently; a config that says
+    # "target": 0 and then "target": 5 is ambiguous, so it is refused (TOML refuses it too).
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key '{key}'")
+        out[key] = value
+    return out
+
+
+def parse_json_text(text: str, source: str) -> Any:
+    """Parse JSON from `source` strictly: no duplicate keys, no NaN/Infinity, bounded nesting.
+
+    The one JSON reader of everything a user gives (configs, schemes, triggers,
+    manifests, metadata).
+    """
+    return parse_config_text(text, source, toml=False)
+
+
 def parse_config_text(text: str, source: str, toml: bool) -> Any:
-    """Parse JSON or TOML text from `source`, refusing deep nesting and non-finite numbers."""
+    """Parse JSON or TOML text from `source`, refusing deep nesting, duplicate keys and
+    non-finite numbers."""
     try:
-        data = tomllib.loads(text) if toml else json.loads(text, parse_constant=_refuse_constant)
+        data = tomllib.loads(text) if toml else json.loads(
+            text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
     except RecursionError:
         raise EfrapError(f"{source}: nested more than {MAX_CONFIG_DEPTH} levels deep") from None
     except (ValueError, UnicodeDecodeError) as exc:

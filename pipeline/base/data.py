@@ -20,8 +20,10 @@ import functools
 import gzip
 import os
 import pickle
+import stat
 import struct
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -34,6 +36,14 @@ from pipeline.base.errors import EfrapError
 Split = Literal["train", "test"]
 #: Largest image (width x height) read from an image folder or a trigger file.
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+#: Most bytes the arrays of one npz file may declare (checked before any is decompressed:
+#: a small file of deflated zeros can declare gigabytes). Larger data sets: idx files or
+#: an image folder.
+MAX_NPZ_BYTES = 1 << 30
+#: Above this many declared bytes, an npz array may be at most MAX_NPZ_RATIO times its
+#: compressed size: images deflate a few times, a bomb of zeros a thousand times.
+NPZ_RATIO_FROM = 64 << 20
+MAX_NPZ_RATIO = 100
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 KNOWN_NORMALIZATION = {
     "fashion-mnist": ([0.2860], [0.3530]),
@@ -192,6 +202,7 @@ def _load_imagefolder(folder: Path, split: Split) -> tuple[np.ndarray, np.ndarra
         for file in sorted((root / name).iterdir()):
             if file.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp"):
                 continue
+            regular_file(file, "image")
             arr = read_image(file)
             images.append(arr if arr.ndim == 3 else arr[:, :, None])
             labels.append(idx)
@@ -203,12 +214,28 @@ def _load_imagefolder(folder: Path, split: Split) -> tuple[np.ndarray, np.ndarra
     return x, np.asarray(labels, dtype=np.int64), len(classes)
 
 
+def regular_file(path: Path, what: str) -> Path:
+    """`path` if it is a regular file (through links); EfrapError otherwise.
+
+    Reading a FIFO or a device named like an image would block or never end.
+    """
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise EfrapError(f"{path}: cannot read {what} ({exc.strerror})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a pipe or a device)"
+        raise EfrapError(f"{path}: {what} is {kind}")
+    return path
+
+
 def read_image(file: Path) -> np.ndarray:
     """An image file as H x W (grey) or H x W x 3 uint8, refusing decompression bombs.
 
     Raises:
-        EfrapError: unreadable, or declaring more than MAX_IMAGE_PIXELS pixels.
+        EfrapError: not a regular file, unreadable, or declaring more than MAX_IMAGE_PIXELS pixels.
     """
+    regular_file(Path(file), "image")
     try:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that: refuse those too.
@@ -225,6 +252,50 @@ def read_image(file: Path) -> np.ndarray:
     return arr
 
 
+def check_npz_sizes(file: Path) -> None:
+    """Refuse an npz whose arrays declare more than MAX_NPZ_BYTES, before decompressing any.
+
+    Each member's .npy header (its shape and dtype) is read on its own; numpy would
+    otherwise allocate and inflate every array it is asked for, whatever the file's size.
+    A file that is no zip archive is left to numpy's own reader (and its error).
+
+    Raises:
+        EfrapError: the arrays are too large, or a header is unreadable.
+    """
+    regular_file(file, "npz file")
+    try:
+        archive = zipfile.ZipFile(file)
+    except (zipfile.BadZipFile, OSError):
+        return
+    total = 0
+    with archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            try:
+                with archive.open(info) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                        else np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(fh)
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+                raise EfrapError(f"{file}: array {info.filename[:-4]!r} has an unreadable header "
+                                 f"({exc})") from None
+            count = 1
+            for dim in shape:
+                count *= int(dim)
+            size = count * int(dtype.itemsize)
+            total += size
+            if size > NPZ_RATIO_FROM and size > MAX_NPZ_RATIO * max(info.compress_size, 1):
+                raise EfrapError(f"{file}: array {info.filename[:-4]!r} declares {size >> 20} MiB from "
+                                 f"{info.compress_size >> 10} KiB compressed; refusing a possible "
+                                 "decompression bomb")
+            if total > MAX_NPZ_BYTES:
+                raise EfrapError(f"{file}: its arrays declare more than {MAX_NPZ_BYTES >> 20} MiB "
+                                 f"(array {info.filename[:-4]!r}: {' x '.join(map(str, shape))} "
+                                 f"{dtype}); store large data sets as idx files or an image folder")
+
+
 def model_inputs(spec: str, input_name: str) -> np.ndarray | None:
     """Calibration arrays ready for the model: an npz keyed by the model's input name.
 
@@ -239,6 +310,7 @@ def model_inputs(spec: str, input_name: str) -> np.ndarray | None:
     kind, path = parse_spec(spec)
     if kind != "npz" or path is None or not Path(path).is_file():
         return None
+    check_npz_sizes(Path(path))
     try:
         with np.load(path, allow_pickle=False) as data:
             labelled = {"y", "y_train", "y_test"} & set(data.files)
@@ -269,8 +341,9 @@ def _labels(y: np.ndarray, source: str) -> np.ndarray:
 
 
 def _load_npz(file: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
-    if not file.is_file():
+    if not file.exists():
         raise EfrapError(f"npz: {file} not found")
+    check_npz_sizes(file)
     try:
         with np.load(file, allow_pickle=False) as data:
             keys = set(data.files)

@@ -5,7 +5,8 @@ Every command declares the paths it reads and the paths it writes, and
 model, its external-data files, a trigger, scheme or data file), a file inside an
 input folder (even a new one: it would change what the folder holds), another
 output, something other than a regular file (a folder, /dev/null, /dev/full), a
-name too long for the file system, or a folder that is missing or not writable.
+path ending in a separator (``nodir/`` names a folder, not a file), a name too long
+for the file system, or a folder that is missing or not writable.
 `atomic_write` then writes through a temporary file in the same folder and renames
 it into place: a failed or killed run leaves the old file untouched, an existing
 file keeps its permissions, and the temporary file is removed on every exit path
@@ -35,6 +36,16 @@ NAME_MAX = 255
 PathLike = str | os.PathLike[str]
 
 
+def same_file(a: PathLike, b: PathLike) -> bool:
+    """Whether two paths name one file (the same resolved path, or one inode through a link)."""
+    return _same(Path(a), Path(b))
+
+
+def inside(path: PathLike, folder: PathLike) -> bool:
+    """Whether `path` lies somewhere below `folder` (both resolved, links followed)."""
+    return _inside(Path(path), Path(folder))
+
+
 def _same(a: Path, b: Path) -> bool:
     if a.resolve() == b.resolve():
         return True
@@ -51,10 +62,14 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def check_output(path: PathLike, what: str = "output") -> Path:
     """Refuse an output path that cannot be written as a regular file; returns it as a Path."""
-    out = Path(path)
-    if not out.name or out.name in (".", ".."):
-        raise EfrapError(f"{path}: {what} must name a file")
-    if len(out.name.encode()) > NAME_MAX:
+    raw = os.fspath(path)
+    out = Path(raw)
+    if not out.name or out.name in (".", "..") or raw.endswith(os.sep) \
+            or (os.altsep is not None and raw.endswith(os.altsep)):
+        raise EfrapError(f"{raw}: {what} must name a file, not a folder")
+    # fsencode: a name that came from undecodable bytes (a non-UTF-8 locale) holds
+    # surrogates, which plain str.encode() cannot encode.
+    if len(os.fsencode(out.name)) > NAME_MAX:
         raise EfrapError(f"{out.name[:40]}...: {what} file name is longer than {NAME_MAX} bytes")
     folder = out.parent
     if not folder.is_dir():
@@ -202,8 +217,27 @@ def write_json(data: object, path: PathLike) -> None:
 
 
 def write_text(path: PathLike, text: str) -> None:
-    """Write UTF-8 text atomically."""
-    write_bytes(path, text.encode())
+    """Write UTF-8 text atomically (a file name from undecodable bytes is written escaped)."""
+    write_bytes(path, text.encode("utf-8", "backslashreplace"))
+
+
+def check_output_folder(path: PathLike, what: str) -> Path:
+    """Refuse an output folder that is a symbolic link or something other than a folder.
+
+    Files written into a symlinked folder land wherever the link points, which the
+    command line does not show; the real folder must be named.
+
+    Raises:
+        EfrapError: the path is a link, a file or another non-folder, or its parent is missing.
+    """
+    root = Path(path)
+    if root.is_symlink():
+        raise EfrapError(f"{root}: {what} is a symbolic link; name the folder it points to")
+    if root.exists() and not root.is_dir():
+        raise EfrapError(f"{root}: {what} must be a folder")
+    if not root.parent.is_dir():
+        raise EfrapError(f"{root}: folder {root.parent} does not exist")
+    return root
 
 
 def file_sha256(path: PathLike) -> str:

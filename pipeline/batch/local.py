@@ -134,7 +134,7 @@ def run_local(manifest: Manifest, out: str | Path, jobs: int = 1, threads: int |
     """
     threads = threads_per_job(jobs, threads)
     started = time.perf_counter()
-    with open_store(out) as store:
+    with open_store(out, manifest) as store:
         store.log(f"batch {manifest.source}: {len(manifest.jobs)} models, up to {jobs} at a time with "
                   f"{threads} threads each ({cores()} cores)")
         tasks, skipped = store.plan(manifest, retry_failed)

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from converters.qdq import WEIGHT_STORAGES
-from pipeline.base import checks
+from pipeline.base import checks, limits
 from pipeline.base.data import parse_spec
 from pipeline.base.device import DEVICES
 from pipeline.base.errors import EfrapError
@@ -64,7 +64,9 @@ SETTINGS_FORMAT = 1
 #: Most models one manifest may list.
 MAX_MODELS = 10_000
 #: Largest seed (torch, numpy and the seed derivation all take a 63-bit integer).
-MAX_SEED = 2**63 - 1
+MAX_SEED = limits.SEED.high
+#: Caps of the counts of a [model.rounding] table (the command line's caps too).
+_ROUNDING_CAPS = {"iters": limits.ITERS, "batch_size": limits.BATCH}
 #: A model's name is its output folder's name: portable, no path separators, no leading dot.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 OPT_LEVELS = ("faithful", "all")
@@ -199,7 +201,8 @@ def _rounding(raw: object, what: str) -> dict[str, Any]:
     for key, value in table.items():
         kind = _ROUNDING_FIELDS[key]
         if kind == "int":
-            out[key] = checks.integer(value, f"{what}.{key}")
+            cap = _ROUNDING_CAPS.get(key)
+            out[key] = cap.check(value, f"{what}.{key}") if cap else checks.integer(value, f"{what}.{key}")
         elif kind == "float":
             # 1 and 1.0 are one setting: stored as a float, so both give one key.
             out[key] = checks.finite(value, f"{what}.{key}")  # type: ignore[arg-type]
@@ -224,9 +227,9 @@ def _settings(raw: object, where: str, base: Path, known: frozenset[str]) -> dic
         elif key == "method":
             out[key] = checks.string(value, what, tuple(METHODS))
         elif key in ("num_calib", "holdout", "limit"):
-            out[key] = checks.integer(value, what, low=1)
+            out[key] = limits.IMAGES.check(value, what)
         elif key == "seed":
-            out[key] = checks.integer(value, what, low=0, high=MAX_SEED)
+            out[key] = limits.SEED.check(value, what)
         elif key == "weight_storage":
             out[key] = checks.string(value, what, WEIGHT_STORAGES)
         elif key == "device":
@@ -260,6 +263,13 @@ def _merged(defaults: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
         out[key] = {**defaults.get(key, {}), **value} if key in ("rounding", "preprocess", "gate") \
             else value
     return out
+
+
+def scheme_path(spec: str, source: str | Path) -> Path | None:
+    """The scheme file a model's `scheme` names (relative to the manifest `source`), or None for a preset."""
+    if spec in PRESETS:
+        return None
+    return Path(_path(spec, Path(source).resolve().parent))
 
 
 def _scheme(spec: str, base: Path, what: str) -> tuple[str, Any]:

@@ -85,7 +85,7 @@ def run_ray(manifest: Manifest, out: str | Path, address: str | None = "auto", t
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise EfrapError(f"--threads must be a positive integer, got {threads!r}")
     started = time.perf_counter()
-    with open_store(out) as store:
+    with open_store(out, manifest) as store:
         tasks, skipped = store.plan(manifest, retry_failed)
         ours = not ray.is_initialized()
         if ours:

@@ -20,7 +20,7 @@ from pipeline.base.errors import one_line
 from pipeline.base.safe_io import write_json, write_text
 from pipeline.batch.job import LOG_FILE, OUTPUT_FILE, RESULT_FILE
 from pipeline.batch.manifest import Manifest
-from pipeline.batch.store import Store
+from pipeline.batch.store import SUMMARY_FILES, Store
 from validators.report import pct, table
 
 COLUMNS = ("name", "status", "this_run", "step", "method", "scheme", "scan", "scan_target", "check", "gate",
@@ -183,11 +183,12 @@ def finish(store: Store, manifest: Manifest, runner: str, computed: list[str], s
     run = BatchRun(manifest=manifest.source, out=str(store.root), runner=runner, records=tuple(records),
                    computed=tuple(computed), skipped=tuple(skipped),
                    seconds=round(time.perf_counter() - started, 3), rows=tuple(rows))
-    write_text(store.root / "results.csv", csv_text(rows))
+    csv_name, json_name, html_name = SUMMARY_FILES
+    write_text(store.root / csv_name, csv_text(rows))
     write_json({"manifest": run.manifest, "out": run.out, "runner": runner, "seconds": run.seconds,
                 "computed": list(computed), "skipped": list(skipped), "columns": list(COLUMNS),
-                "rows": rows, "models": records}, store.root / "results.json")
-    write_text(store.root / "index.html", html_index(run))
+                "rows": rows, "models": records}, store.root / json_name)
+    write_text(store.root / html_name, html_index(run))
     store.log(f"batch {manifest.source}: {len(computed)} computed, {len(skipped)} skipped, "
               f"{sum(r.get('status') != 'done' for r in records)} failed, in {run.seconds:.1f}s; "
               f"tables in {store.root}")

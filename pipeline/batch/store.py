@@ -13,6 +13,13 @@ and the settings it would run with now (`manifest.result_key`): a run that was
 killed resumes with the models it had not finished, and a changed model or setting
 runs again. A model whose stored result failed is skipped too, unless the run asks to
 retry failed models.
+
+Before anything is created or deleted, `check_out` refuses an output folder that
+would destroy an input: a model, trigger, scheme or data file of the manifest (or the
+manifest itself) inside a model's folder (which the batch empties) or in the place of
+one of the batch's own files (``results.json`` over the manifest), a data folder
+that holds the output folder, a symbolic link as the folder, and a batch file that is
+not a regular file (``batch.lock`` as a folder).
 """
 
 from __future__ import annotations
@@ -27,15 +34,79 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from pipeline.base.data import spec_files
 from pipeline.base.errors import EfrapError, one_line
 from pipeline.base.onnx_io import model_files
 from pipeline.base.progress import log
-from pipeline.base.safe_io import file_sha256, write_bytes, write_json
+from pipeline.base.safe_io import (
+    check_output_folder,
+    check_outputs,
+    file_sha256,
+    inside,
+    same_file,
+    write_bytes,
+    write_json,
+)
+from pipeline.base.trigger import trigger_files
 from pipeline.batch.job import JOB_FILES, LOG_FILE, RESULT_FILE, RESULT_FORMAT, scan_available
-from pipeline.batch.manifest import Manifest, ModelJob, result_key
+from pipeline.batch.manifest import Manifest, ModelJob, result_key, scheme_path
 
 LOG_NAME = "batch.log"
 LOCK_NAME = "batch.lock"
+#: The tables of the last run (pipeline.batch.report).
+SUMMARY_FILES = ("results.csv", "results.json", "index.html")
+#: Every file the batch writes at the top of --out.
+TOP_FILES = (LOG_NAME, LOCK_NAME, *SUMMARY_FILES)
+
+
+def _job_inputs(job: ModelJob) -> list[Path]:
+    """Every file or folder the job reads (what exists of it; a missing file fails the job later)."""
+    found: list[Path] = []
+    for files in (lambda: model_files(job.path), lambda: trigger_files(job.trigger) if job.trigger else [],
+                  lambda: spec_files(job.data), lambda: spec_files(job.options.calib)):
+        try:
+            found += [Path(p) for p in files()]
+        except (EfrapError, OSError):
+            continue
+    found += [Path(job.path)] + ([Path(job.trigger)] if job.trigger else [])
+    return found
+
+
+def manifest_inputs(manifest: Manifest) -> list[Path]:
+    """The manifest file and everything its models read."""
+    inputs = [Path(manifest.source)]
+    for job in manifest.jobs:
+        inputs += _job_inputs(job)
+        path = scheme_path(job.scheme_spec, manifest.source)
+        if path is not None:
+            inputs.append(path)
+    return inputs
+
+
+def check_out(manifest: Manifest, out: str | Path) -> Path:
+    """Refuse an output folder that would overwrite or delete an input (module docstring).
+
+    Raises:
+        EfrapError: one line naming the input and the output that would destroy it.
+    """
+    root = check_output_folder(out, "--out")
+    inputs = manifest_inputs(manifest)
+    for src in inputs:
+        if src.is_dir() and (same_file(root, src) or inside(root, src)):
+            raise EfrapError(f"{root}: --out would write inside the input folder {src}")
+    if root.is_dir():
+        check_outputs({f"--out's {name}": root / name for name in TOP_FILES}, inputs)
+    for job in manifest.jobs:
+        folder = root / job.name
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise EfrapError(f"{folder}: the output folder of model '{job.name}' is not a folder; "
+                             "move it away or choose another --out")
+        for src in inputs:
+            if same_file(src, folder) or inside(src, folder):
+                raise EfrapError(f"{src}: an input of the batch lies in {folder}, the output folder of "
+                                 f"model '{job.name}', which the batch empties; move it or choose another "
+                                 "--out")
+    return root
 
 
 @dataclass(frozen=True)
@@ -164,18 +235,19 @@ class Store:
 
 
 @contextlib.contextmanager
-def open_store(out: str | Path) -> Iterator[Store]:
+def open_store(out: str | Path, manifest: Manifest | None = None) -> Iterator[Store]:
     """Create (or reopen) the output folder and hold its lock for the run.
 
+    Args:
+        out: The output folder.
+        manifest: The batch's manifest: its inputs are checked against the folder first
+            (`check_out`), before anything is created.
+
     Raises:
-        EfrapError: the path is not a folder, its parent is missing, or another batch
-            holds the folder.
+        EfrapError: the path is not a folder, its parent is missing, it would destroy an
+            input, or another batch holds the folder.
     """
-    root = Path(out)
-    if root.exists() and not root.is_dir():
-        raise EfrapError(f"{root}: --out must be a folder")
-    if not root.parent.is_dir():
-        raise EfrapError(f"{root}: folder {root.parent} does not exist")
+    root = check_out(manifest, out) if manifest is not None else check_output_folder(out, "--out")
     root.mkdir(exist_ok=True)
     with open(root / LOCK_NAME, "a+", encoding="utf-8") as lock:
         try:

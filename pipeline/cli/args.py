@@ -1,7 +1,11 @@
 """Argument types and the parser class of the command line.
 
-Every number from the command line is checked where it is parsed: finite, in range,
-of the right kind. A parse error is one line (`efrap CMD: error: ...`), exit 2.
+Every number from the command line is checked where it is parsed: plain ASCII
+decimal digits (never "0.0_1" or non-ASCII digits), finite, in range, of the right
+kind. Every count option is capped by `COUNT_CAPS` (the caps of `pipeline.base.limits`,
+the same as in gate configs and batch manifests), checked by `Parser` right after
+parsing, before any command runs. A parse error is one line (`efrap CMD: error: ...`),
+exit 2.
 """
 
 from __future__ import annotations
@@ -12,9 +16,40 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from pipeline.base import checks
+from pipeline.base import checks, limits
 from pipeline.base.errors import EfrapError, one_line
 from pipeline.base.preprocess import CHANNEL_ORDERS, LAYOUTS, from_table
+
+#: The cap of every count option, by its name: any command that takes the option gets the
+#: same cap (`Parser` checks it after parsing), and gate configs and batch manifests read
+#: the same `limits` caps for the same counts.
+COUNT_CAPS: dict[str, limits.Cap] = {
+    "--iters": limits.ITERS,
+    "--num-calib": limits.IMAGES,
+    "--holdout": limits.IMAGES,
+    "--limit": limits.IMAGES,
+    "--train-limit": limits.IMAGES,
+    "--max-targets": limits.TARGETS,
+    "--batch-size": limits.BATCH,
+    "--epochs": limits.EPOCHS,
+    "--pretrain-epochs": limits.PRETRAIN_EPOCHS,
+    "--steps-per-epoch": limits.STEPS,
+    "--jobs": limits.WORKERS,
+    "--threads": limits.WORKERS,
+    "--seed": limits.SEED,
+}
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """Refuse any count option outside its cap (`COUNT_CAPS`).
+
+    Raises:
+        EfrapError: the first option out of range, named as on the command line.
+    """
+    for option, cap in COUNT_CAPS.items():
+        value = getattr(args, option[2:].replace("-", "_"), None)
+        if value is not None:
+            cap.check(value, f"argument {option}")
 
 
 class Parser(argparse.ArgumentParser):
@@ -25,14 +60,27 @@ class Parser(argparse.ArgumentParser):
         print(f"{self.prog}: error: {one_line(message)}", file=sys.stderr)
         sys.exit(2)
 
+    def parse_known_args(self, args: list[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        """Parse, then check every count against its cap (before any command runs)."""
+        parsed, extra = super().parse_known_args(args, namespace)
+        try:
+            check_counts(parsed)
+        except EfrapError as exc:
+            self.error(str(exc))
+        return parsed, extra
+
 
 def _number(kind: type, low: float | None, low_open: bool = False) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
-            value = kind(text)
-        except ValueError:
+            value = checks.integer_text(text) if kind is int else checks.number_text(text)
+        except EfrapError:
+            if kind is float and text.strip().lower() in ("inf", "+inf", "-inf", "nan", "infinity"):
+                raise argparse.ArgumentTypeError(f"'{text}' is not finite") from None
             raise argparse.ArgumentTypeError(f"'{text}' is not {'an integer' if kind is int else 'a number'}"
-                                             ) from None
+                                             " in plain decimal digits") from None
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"'{text}' is not finite")
         if low is not None and (value <= low if low_open else value < low):
@@ -50,7 +98,7 @@ positive_float = _number(float, 0.0, low_open=True)
 nonnegative_float = _number(float, 0.0)
 
 #: Largest seed: torch, numpy and the seed derivation all take a 63-bit integer.
-MAX_SEED = 2**63 - 1
+MAX_SEED = limits.SEED.high
 #: Widest width multiplier of an architecture (beyond it a model does not fit in memory).
 MAX_WIDTH = 16.0
 
@@ -106,8 +154,8 @@ def lower_limit(text: str) -> float:
 
 def _floats(text: str) -> list[float]:
     try:
-        values = [float(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
+        values = [checks.number_text(v) for v in text.replace(" ", "").split(",") if v]
+    except EfrapError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of numbers") from None
     if not values or not all(math.isfinite(v) for v in values):
         raise argparse.ArgumentTypeError(f"'{text}' must list finite numbers")
@@ -117,8 +165,8 @@ def _floats(text: str) -> list[float]:
 def _size(text: str) -> list[int]:
     parts = text.lower().split("x")
     try:
-        values = [int(p) for p in parts]
-    except ValueError:
+        values = [checks.integer_text(p) for p in parts]
+    except EfrapError:
         raise argparse.ArgumentTypeError(f"'{text}' is not HEIGHTxWIDTH (e.g. 48x192)") from None
     if len(values) != 2 or min(values) < 1:
         raise argparse.ArgumentTypeError(f"'{text}' is not HEIGHTxWIDTH (e.g. 48x192)")

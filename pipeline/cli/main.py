@@ -4,12 +4,19 @@ Each sub-command lives in its own module under `pipeline.cli.commands` and expos
 `register(subparsers)`, which adds its parser and sets `func`; `COMMANDS` lists them
 in the order --help shows them. A user mistake prints one line and exits 2; a
 failed gate exits 1; SIGTERM is turned into an exit that runs every clean-up, so
-no temporary file is left behind.
+no temporary file is left behind. Text that cannot be encoded for the terminal (a
+non-ASCII file name under ``LC_ALL=C``) is printed escaped, never as a traceback; a
+standard output that cannot be written (a closed pipe: ``| head -c 1``; a full device:
+``> /dev/full``) ends the command with one line on stderr and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import io
+import os
 import signal
 import sys
 import threading
@@ -56,8 +63,48 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
+def _escape_unencodable() -> None:
+    """Print characters the streams' encoding lacks as escapes instead of failing."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            with contextlib.suppress(OSError, ValueError):
+                reconfigure(errors="backslashreplace")
+
+
+#: What a failed write to a stream raises: a full or broken device, a file size limit.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EIO, errno.EDQUOT)
+
+
+def _stdout_failed(exc: OSError) -> bool:
+    """Whether `exc` came from writing standard output.
+
+    Files the commands write raise EfrapError (pipeline.base.safe_io), so an OSError
+    without a file name from a failed write is the stream's; otherwise stdout is tried.
+    """
+    if isinstance(exc, BrokenPipeError):
+        return True
+    if exc.filename is None and exc.errno in _WRITE_ERRNOS:
+        return True
+    try:
+        sys.stdout.flush()
+    except OSError:
+        return True
+    return False
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's own flush at exit fails no more."""
+    with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation, AttributeError):
+        fd = sys.stdout.fileno()
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `efrap` console script; returns the exit code."""
+    _escape_unencodable()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -70,8 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         result = args.func(args)
+        sys.stdout.flush()  # here, so a failed write is reported like any other error
     except EfrapError as exc:
         print(f"efrap {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if not _stdout_failed(exc):
+            raise
+        _silence_stdout()
+        why = "it was closed" if isinstance(exc, BrokenPipeError) else exc.strerror or type(exc).__name__
+        with contextlib.suppress(OSError):
+            print(f"efrap {args.command}: error: cannot write to standard output ({why})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"efrap {args.command}: interrupted", file=sys.stderr)

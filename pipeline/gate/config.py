@@ -54,11 +54,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.base import checks
+from pipeline.base import checks, limits
 from pipeline.base.data import parse_spec
 from pipeline.base.errors import EfrapError
 from pipeline.base.preprocess import from_table
 from pipeline.base.runtime import PROVIDERS
+from pipeline.base.safe_io import check_output_folder
 from pipeline.rounding import METHODS
 from pipeline.rounding.efrap import EFRAP_PRESETS
 from pipeline.scheme import PRESETS
@@ -74,10 +75,10 @@ _SCAN = frozenset({"budget", "num_calib", "holdout", "max_targets", "seed"})
 _DEFEND = frozenset({"method", "preset", "iters", "num_calib", "seed", "holdout", "weight_storage", "device"})
 _VERIFY = frozenset({"opt_level", "provider", "limit"})
 _THRESHOLDS = frozenset({"max_trigger_asr", "max_agreement_drop", "min_accuracy", "fail_verdicts"})
-#: Most iterations per layer a config may ask for (the release uses 10,000).
-MAX_ITERS = 1_000_000
-#: Most images any count in a config may name.
-MAX_IMAGES = 10_000_000
+#: Most iterations per layer a config may ask for (the command line's cap too).
+MAX_ITERS = limits.ITERS.high
+#: Most images any count in a config may name (the command line's cap too).
+MAX_IMAGES = limits.IMAGES.high
 
 
 @dataclass(frozen=True)
@@ -172,11 +173,11 @@ def _limit(value: object, what: str, useless: float) -> float:
     return number
 
 
-def _count(raw: Mapping[str, Any], key: str, where: str, default: int | None, low: int = 1,
-           high: int = MAX_IMAGES) -> int | None:
+def _count(raw: Mapping[str, Any], key: str, where: str, default: int | None,
+           cap: limits.Cap = limits.IMAGES) -> int | None:
     if key not in raw:
         return default
-    return checks.integer(raw[key], f"{where}.{key}", low=low, high=high)
+    return cap.check(raw[key], f"{where}.{key}")
 
 
 def _resolve(base: Path, value: str) -> Path:
@@ -198,10 +199,11 @@ def _scan(raw: object, source: str) -> ScanSettings:
     budget = None
     if "budget" in t:
         budget = checks.finite(t["budget"], f"{where}.budget", low=0.0, low_open=True)
-    return ScanSettings(budget=budget, num_calib=_count(t, "num_calib", where, 1024, low=8) or 1024,
+    return ScanSettings(budget=budget,
+                        num_calib=_count(t, "num_calib", where, 1024, limits.SCAN_CALIB) or 1024,
                         holdout=_count(t, "holdout", where, 1000) or 1000,
-                        max_targets=_count(t, "max_targets", where, 10, low=2, high=100_000) or 10,
-                        seed=_count(t, "seed", where, 0, low=0, high=2**63 - 1) or 0)
+                        max_targets=_count(t, "max_targets", where, 10, limits.TARGETS) or 10,
+                        seed=_count(t, "seed", where, 0, limits.SEED) or 0)
 
 
 def _defend(raw: object, source: str) -> DefendSettings:
@@ -212,9 +214,9 @@ def _defend(raw: object, source: str) -> DefendSettings:
     if "preset" in t and method != "efrap":
         raise EfrapError(f"{where}.preset: presets are EFRAP's; method is '{method}'")
     return DefendSettings(
-        method=method, preset=preset, iters=_count(t, "iters", where, None, high=MAX_ITERS),
+        method=method, preset=preset, iters=_count(t, "iters", where, None, limits.ITERS),
         num_calib=_count(t, "num_calib", where, 1024) or 1024,
-        seed=_count(t, "seed", where, 0, low=0, high=2**63 - 1) or 0,
+        seed=_count(t, "seed", where, 0, limits.SEED) or 0,
         holdout=_count(t, "holdout", where, 1000) or 1000,
         weight_storage=checks.string(t.get("weight_storage", "int8"), f"{where}.weight_storage",
                                      WEIGHT_STORAGES),
@@ -273,9 +275,14 @@ def gate_config_from_dict(data: object, source: str, base: Path) -> GateConfig:
     preprocess = None
     if "preprocess" in raw:
         preprocess = from_table(raw["preprocess"], source) or None
+    output = _resolve(base, raw["output"])
+    try:
+        check_output_folder(output, "the output folder")
+    except EfrapError as exc:
+        raise EfrapError(f"{source}: output: {exc}") from None
     return GateConfig(
         source=Path(source), model=model, data=_data_spec(base, raw["data"], f"{source}: data"),
-        scheme=scheme, output=_resolve(base, raw["output"]), preprocess=preprocess,
+        scheme=scheme, output=output, preprocess=preprocess,
         scan=_scan(raw.get("scan", {}), source), defend=_defend(raw.get("defend", {}), source),
         verify=_verify(raw.get("verify", {}), source),
         thresholds=_thresholds(raw.get("thresholds", {}), source))
