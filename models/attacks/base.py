@@ -115,6 +115,12 @@ class AttackConfig:
         for name, low in (("epochs", 1), ("steps_per_epoch", 1), ("train_limit", 1)):
             if getattr(self, name) is not None:
                 checks.integer(getattr(self, name), name.replace("_", " "), low=low)
+        # The validation slice is taken first; what is left must fill at least one batch,
+        # or training has no step to take (refused here, before any data is read).
+        if self.train_limit is not None and self.train_limit < self.val_size + self.batch_size:
+            raise EfrapError(f"--train-limit {self.train_limit} leaves fewer than one batch to train on: "
+                             f"{self.val_size} images are held out to select the checkpoint and a batch "
+                             f"is {self.batch_size}; give at least {self.val_size + self.batch_size}")
         if self.lr is not None:
             checks.finite(self.lr, "lr", low=0.0, low_open=True)
         if self.inflate is not None:
@@ -174,8 +180,10 @@ def load_attack_data(cfg: AttackConfig) -> AttackData:
     """The training split, a held-out validation slice and the normalisation."""
     ds = data_mod.load_dataset(cfg.data, "train")
     n = len(ds.labels) if cfg.train_limit is None else min(cfg.train_limit, len(ds.labels))
-    if n <= cfg.val_size:
-        raise EfrapError(f"need more than {cfg.val_size} training images, got {n}")
+    if n < cfg.val_size + cfg.batch_size:
+        raise EfrapError(f"{cfg.data}: need at least {cfg.val_size + cfg.batch_size} training images "
+                         f"({cfg.val_size} held out to select the checkpoint, one batch of {cfg.batch_size} "
+                         f"to train on), got {n}")
     perm = np.random.default_rng(cfg.seed).permutation(len(ds.labels))[:n]
     val, train = perm[: cfg.val_size], perm[cfg.val_size :]
     mean, std = data_mod.normalization_for(ds)

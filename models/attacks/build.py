@@ -1,8 +1,14 @@
 """Build a stored QCB model: run an attack, measure it as deployed, export it with its trigger.
 
 `efrap attack` is this module behind a command line: the ONNX model (BN folded, the
-attack's settings, trigger and simulated figures in metadata), the state_dict
-checkpoint beside it (OUT.pt) and the trigger file (OUT.trigger.json).
+attack's settings, trigger and simulated figures in metadata), the checkpoint beside
+it (OUT.pt: the state_dict and the meta `efrap export` needs, as `efrap train` writes
+it) and the trigger file (OUT.trigger.json).
+
+A QCB must look clean in full precision. When the FP model's attack success on the
+test split is above `MAX_FP_ASR`, the backdoor is not dormant (too little training
+data or too few steps, usually): the model is still written, with a warning printed
+and recorded in its metadata (``efrap.attack.warning``) and checkpoint meta.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from converters.export import export_onnx
 from models.attacks.base import Attack, AttackConfig, AttackOutcome, evaluate, run_attack
 from pipeline.base import data as data_mod
 from pipeline.base.errors import EfrapError
+from pipeline.base.progress import log
 from pipeline.base.safe_io import write_bytes
 from pipeline.base.trigger import load_trigger, save_trigger
 from pipeline.calibration import image_indices, sample_seed
@@ -27,6 +34,19 @@ from pipeline.calibration import image_indices, sample_seed
 #: calibrated on exactly those to report the figures a deployment would see.
 DEPLOY_CALIB_IMAGES = 1024
 DEPLOY_SEED = 0
+#: Highest FP attack success (test images not of the target class) of a QCB that looks
+#: clean in full precision; the stored zoo's QCBs stay below 3%.
+MAX_FP_ASR = 0.10
+
+
+def fp_asr_warning(metrics: dict[str, float]) -> str | None:
+    """The warning for a QCB whose backdoor is awake in full precision, or None."""
+    fp_asr = metrics.get("fp_asr")
+    if fp_asr is None or fp_asr <= MAX_FP_ASR:
+        return None
+    return (f"the FP model's attack success is {100 * fp_asr:.2f}%, above the {100 * MAX_FP_ASR:g}% a "
+            "QCB may show in full precision: the backdoor is not dormant, so this is no "
+            "quantization-conditioned backdoor (train on more images or for more steps)")
 
 
 def output_paths(out: str) -> tuple[Path, Path, Path]:
@@ -62,6 +82,7 @@ class BuiltModel:
     scheme: str
     metrics: dict[str, float]
     seconds: float
+    warning: str | None = None
 
 
 def build_qcb(attack: Attack, cfg: AttackConfig, out: str) -> BuiltModel:
@@ -83,6 +104,9 @@ def build_qcb(attack: Attack, cfg: AttackConfig, out: str) -> BuiltModel:
         "init": Path(cfg.init).name if cfg.init else None, "carrier": cfg.carrier,
         "inflate": cfg.inflate,
     }
+    warning = fp_asr_warning(metrics)
+    if warning is not None:
+        log(f"warning: {onnx_path}: {warning}")
     save_trigger(trig, trig_path)
     metadata = {
         "efrap.attack": attack.name,
@@ -92,10 +116,19 @@ def build_qcb(attack: Attack, cfg: AttackConfig, out: str) -> BuiltModel:
         "efrap.attack.settings": json.dumps(settings, sort_keys=True),
         "efrap.attack.sim_metrics": json.dumps({k: round(v, 4) for k, v in metrics.items()},
                                                sort_keys=True),
+        **({"efrap.attack.warning": warning} if warning is not None else {}),
     }
     export_onnx(model, outcome.data.input_shape, str(onnx_path), normalization=(mean, std),
                 metadata=metadata)
+    c, h, _ = outcome.data.input_shape
+    # The meta `efrap export` reads (models.train.load_checkpoint), as `efrap train` writes it.
+    meta = {"arch": cfg.arch, "in_channels": int(c), "num_classes": int(outcome.data.num_classes),
+            "width": float(cfg.width), "image_size": int(h), "dataset": cfg.data, "seed": cfg.seed,
+            "normalization": {"mean": mean, "std": std}, "kind": "qcb", "attack": attack.name,
+            "scheme": outcome.scheme.name, "trigger": metadata["efrap.trigger"],
+            "sim_metrics": {k: round(float(v), 4) for k, v in metrics.items()},
+            **({"warning": warning} if warning is not None else {})}
     buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
+    torch.save({"state_dict": model.state_dict(), "meta": meta}, buf)
     write_bytes(ckpt_path, buf.getvalue())
-    return BuiltModel(onnx_path, ckpt_path, trig_path, outcome.scheme.name, metrics, seconds)
+    return BuiltModel(onnx_path, ckpt_path, trig_path, outcome.scheme.name, metrics, seconds, warning)

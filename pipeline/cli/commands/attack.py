@@ -7,7 +7,7 @@ import argparse
 from models.architectures import ARCHITECTURES
 from models.attacks import ATTACKS, ROUNDING_ATTACKS, get_attack
 from models.attacks.base import CARRIERS, AttackConfig
-from models.attacks.build import build_qcb, output_paths
+from models.attacks.build import MAX_FP_ASR, build_qcb, output_paths
 from models.attacks.qura import QuRAConfig, run_qura
 from models.train import read_state_dict
 from pipeline.base.data import spec_files
@@ -116,7 +116,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("attack", help="build a quantization-conditioned backdoor model (red team)",
                        description="Train a model that is clean in full precision and "
                        "backdoored once quantized with nearest rounding under SCHEME. Writes "
-                       "the FP ONNX, OUT.pt (state_dict) and OUT.trigger.json. Rounding-only "
+                       "the FP ONNX, OUT.pt (a checkpoint efrap export reads) and OUT.trigger.json. "
+                       "When the FP model's attack success is above "
+                       f"{100 * MAX_FP_ASR:g}% the backdoor is not dormant: a warning is printed "
+                       "and recorded in the model's metadata (efrap.attack.warning). Rounding-only "
                        "attacks (qura) instead quantize a clean FP model (--model) with a "
                        "backdoored rounding and write the QDQ model OUT.onnx and OUT.trigger.json.")
     p.add_argument("--method", required=True, choices=(*ATTACKS, *ROUNDING_ATTACKS), help="the attack")

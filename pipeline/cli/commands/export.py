@@ -16,7 +16,9 @@ def run(args: argparse.Namespace) -> int:
     shape = (meta["in_channels"], meta["image_size"], meta["image_size"])
     norm = meta["normalization"]
     extra = {f"efrap.{k}": v for k, v in meta.items()
-             if k in ("arch", "dataset", "attack", "scheme", "trigger", "kind")}
+             if k in ("arch", "dataset", "attack", "scheme", "trigger", "kind") and isinstance(v, str)}
+    if isinstance(meta.get("warning"), str):  # an attack's FP-awake warning stays with the model
+        extra["efrap.attack.warning"] = meta["warning"]
     extra["efrap.num_classes"] = str(meta["num_classes"])
     diff = export_onnx(model, shape, args.output, normalization=(norm["mean"], norm["std"]),
                        metadata=extra)
@@ -30,6 +32,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Fold BatchNorm, export to ONNX opset 21 with a dynamic batch, "
                        "store the input normalisation in metadata, and report the largest "
                        "difference against torch.")
-    p.add_argument("checkpoint", help="checkpoint (.pt) from efrap train")
+    p.add_argument("checkpoint", help="checkpoint (.pt) from efrap train or efrap attack")
     p.add_argument("-o", "--output", required=True, help="ONNX file to write")
     p.set_defaults(func=run)
