@@ -254,8 +254,10 @@ def test_tiny_clean_model_is_clean(tiny: dict[str, str]) -> None:
 def test_budget_stops_the_search_and_says_so(tiny: dict[str, str]) -> None:
     report = scan_model(tiny["clean"], _options(tiny, budget=1e-3))
     assert report.cut_short and any("budget" in n for n in report.notes)
-    assert report.verdict.verdict == "clean" and report.verdict.confidence == 0.0
-    assert report.to_json()["cut_short"] is True
+    assert report.verdict.verdict == "inconclusive" and report.verdict.confidence == 0.0
+    data = report.to_json()
+    assert data["cut_short"] is True and data["coverage"]["complete"] is False
+    assert all(not c["searched"] and c["status"] == "not searched" for c in data["classes"].values())
 
 
 def test_shortlist_with_more_classes_than_max_targets(tiny: dict[str, str]) -> None:

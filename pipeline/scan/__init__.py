@@ -13,12 +13,22 @@ docs/SCAN.md describes the method and its measured results.
 
 from __future__ import annotations
 
-from pipeline.scan.report import DefendedScan, Figures, ScanReport
+from pipeline.scan.report import CLASS_STATES, Coverage, DefendedScan, Figures, ScanReport
 from pipeline.scan.run import ScanOptions, scan_model
 from pipeline.scan.search import FAMILIES, Found, SearchConfig
-from pipeline.scan.verdict import VERDICTS, TestResult, Verdict, VerdictRule, decide, run_test
+from pipeline.scan.verdict import (
+    VERDICTS,
+    TestResult,
+    Verdict,
+    VerdictRule,
+    decide,
+    inconclusive,
+    not_findings,
+    run_test,
+)
 
 __all__ = [
-    "FAMILIES", "VERDICTS", "DefendedScan", "Figures", "Found", "ScanOptions", "ScanReport", "SearchConfig",
-    "TestResult", "Verdict", "VerdictRule", "decide", "run_test", "scan_model",
+    "CLASS_STATES", "FAMILIES", "VERDICTS", "Coverage", "DefendedScan", "Figures", "Found", "ScanOptions",
+    "ScanReport", "SearchConfig", "TestResult", "Verdict", "VerdictRule", "decide", "inconclusive",
+    "not_findings", "run_test", "scan_model",
 ]

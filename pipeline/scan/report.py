@@ -10,7 +10,78 @@ import numpy as np
 
 from pipeline.base.trigger import PatternTrigger
 from pipeline.scan.search import Found
-from pipeline.scan.verdict import Verdict
+from pipeline.scan.verdict import Verdict, VerdictRule, not_findings
+
+#: What became of one planned search.
+SEARCH_STATES = ("done", "cut short", "not run")
+#: Per class: every planned search ran to its end; the budget stopped one or left one
+#: unstarted; none ran; not on the shortlist (more classes than `max_targets`).
+CLASS_STATES = ("searched", "cut short", "not searched", "not shortlisted")
+
+#: A planned search: (class, mode, family).
+Planned = tuple[int, str, str]
+
+
+def search_states(planned: tuple[Planned, ...],
+                  searches: dict[int, list[Found]]) -> dict[int, dict[str, str]]:
+    """Per planned class, each planned search ("mode_family") and what became of it."""
+    out: dict[int, dict[str, str]] = {}
+    for c, mode, family in planned:
+        ran = [f for f in searches.get(c, []) if (f.mode, f.family) == (mode, family)]
+        state = "not run" if not ran else "cut short" if ran[0].cut_short else "done"
+        out.setdefault(c, {})[f"{mode}_{family}"] = state
+    return out
+
+
+def class_states(classes: int, planned: tuple[Planned, ...], shortlisted: bool,
+                 searches: dict[int, list[Found]]) -> dict[int, str]:
+    """Per class, one of CLASS_STATES."""
+    states = search_states(planned, searches)
+    out = {}
+    for c in range(classes):
+        if c not in states:
+            out[c] = "not shortlisted" if shortlisted else "not searched"
+            continue
+        done = list(states[c].values())
+        out[c] = ("searched" if all(s == "done" for s in done)
+                  else "not searched" if all(s == "not run" for s in done) else "cut short")
+    return out
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """What a scan searched and measured, against what it planned.
+
+    Attributes:
+        planned: The searches of the FP model's part, (class, mode, family).
+        defended_planned: The differential searches against the defended model.
+        shortlisted: Whether the classes to search were chosen (False: the budget ran out
+            first, and every class counts as not searched).
+        figures: Whether the recovered trigger was measured in onnxruntime on the held-out
+            images (and, with a defended model, the defended search's trigger too).
+        stopped: The stage at which the time budget stopped the scan (None: none did).
+    """
+
+    planned: tuple[Planned, ...]
+    defended_planned: tuple[Planned, ...]
+    shortlisted: bool
+    figures: bool
+    stopped: str | None
+
+    def complete(self, searches: dict[int, list[Found]]) -> bool:
+        """Whether every planned search of `searches`' part ran to its end and the figures were measured."""
+        return self.shortlisted and self.figures and self.stopped is None and all(
+            s == "done" for per in search_states(self.planned, searches).values() for s in per.values())
+
+    def to_json(self, classes: int, searches: dict[int, list[Found]]) -> dict[str, object]:
+        """Counts of the planned searches by state, and the classes by state."""
+        states = [s for per in search_states(self.planned, searches).values() for s in per.values()]
+        by_class = class_states(classes, self.planned, self.shortlisted, searches)
+        return {"complete": self.complete(searches), "stopped_at": self.stopped,
+                "figures_measured": self.figures, "shortlisted": self.shortlisted,
+                "searches": {"planned": len(states), **{s.replace(" ", "_"): states.count(s)
+                                                        for s in SEARCH_STATES}},
+                "classes": {s: [c for c, v in by_class.items() if v == s] for s in CLASS_STATES}}
 
 
 def trigger_summary(found: Found, trigger: PatternTrigger) -> dict[str, object]:
@@ -88,6 +159,8 @@ class DefendedScan:
         searches: Per class, the differential searches against the defended model.
         own_trigger: The strongest differential trigger of the defended search on FP,
             nearest and defended (None when none was found).
+        states: Per planned class, what became of its searches against the defended model
+            (CLASS_STATES).
     """
 
     model: str
@@ -96,6 +169,7 @@ class DefendedScan:
     verdict: Verdict
     searches: dict[int, list[Found]]
     own_trigger: tuple[Found, Figures] | None
+    states: dict[int, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
         """JSON-ready form."""
@@ -108,6 +182,9 @@ class DefendedScan:
             "recovered_trigger": None if self.recovered is None else self.recovered.to_json(),
             "verdict": self.verdict.verdict, "target": self.verdict.target,
             "confidence": round(self.verdict.confidence, 4), "reason": self.verdict.reason,
+            "partial": None if self.verdict.partial is None else self.verdict.partial.to_json(),
+            "complete": self.verdict.verdict != "inconclusive",
+            "class_status": {str(c): v for c, v in sorted(self.states.items())},
             "differential_test": self.verdict.differential.to_json(),
             "searches": {str(c): [f.to_json() for f in fs] for c, fs in sorted(self.searches.items())},
             "strongest_trigger": own,
@@ -135,12 +212,15 @@ class ScanReport:
         defended: The `--defended` part, or None.
         settings: The scan's options as JSON.
         provenance: Data, scheme, seed, onnxruntime provider and opt level, versions, threads.
-        cut_short: Whether the time budget stopped a search or left classes unsearched.
+        cut_short: Whether the time budget stopped a search, left one unstarted or left the
+            figures unmeasured (the verdict is then "inconclusive").
+        coverage: What was searched and measured against what was planned.
         seconds: Wall time of the scan.
         cpu_seconds: CPU time of the scan's process (its wall time on an otherwise idle core
             when it runs one thread).
         defended_seconds: Wall time of the `--defended` part (its searches and figures).
         notes: What the reader should know (ranking, budget).
+        rule: The thresholds the verdict was decided with.
     """
 
     model: str
@@ -158,10 +238,12 @@ class ScanReport:
     settings: dict[str, object]
     provenance: dict[str, object]
     cut_short: bool
+    coverage: Coverage
     seconds: float
     cpu_seconds: float = math.nan
     defended_seconds: float | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    rule: VerdictRule = field(default_factory=VerdictRule)
 
     def trigger_json(self, trigger_file: str | Path | None = None) -> dict[str, object] | None:
         """The recovered trigger's JSON as `save_trigger` writes it for `trigger_file`
@@ -183,9 +265,13 @@ class ScanReport:
                        "file": None if trigger_file is None else str(trigger_file),
                        "summary": trigger_summary(self.trigger_found, self.trigger),
                        "figures": None if self.figures is None else self.figures.to_json()}
+        states = class_states(self.classes, self.coverage.planned, self.coverage.shortlisted, self.searches)
+        runs = search_states(self.coverage.planned, self.searches)
         per_class = {}
         for c in range(self.classes):
-            entry: dict[str, object] = {"drift": round(self.drift[c], 5), "searched": c in self.searches}
+            entry: dict[str, object] = {
+                "drift": round(self.drift[c], 5) if c < len(self.drift) else None,
+                "searched": states[c] == "searched", "status": states[c], "searches": runs.get(c, {})}
             for f in self.searches.get(c, []):
                 entry[f"{f.mode}_{f.family}"] = f.to_json()
             diff = [f for f in self.searches.get(c, []) if f.mode == "diff"]
@@ -196,9 +282,14 @@ class ScanReport:
                     entry[f"{key}_size"] = round(min(f.size for f in (hits or part)), 5)
                     entry[f"{key}_found"] = bool(hits)
             per_class[str(c)] = entry
+        notes = not_findings(v, self.rule, states)
         return {
             "verdict": v.verdict, "target": v.target, "confidence": round(v.confidence, 4),
             "reason": v.reason, "candidate": v.differential.candidate if v.target is None else v.target,
+            "partial": None if v.partial is None else v.partial.to_json(),
+            "coverage": self.coverage.to_json(self.classes, self.searches),
+            "not_findings": {name: {str(c): why for c, why in sorted(per.items())}
+                             for name, per in notes.items()},
             "trigger": trigger,
             "tests": {"differential": v.differential.to_json(), "fp": v.fp.to_json()},
             "classes": per_class, "num_classes": self.classes, "searched": list(self.searched),

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
@@ -40,16 +40,18 @@ from pipeline.base.seeds import derive
 from pipeline.base.trigger import PatternTrigger
 from pipeline.prepare import prepare_model
 from pipeline.quantize import QuantizeOptions, calibration_images, holdout_images, quantize_model
-from pipeline.scan.report import DefendedScan, Figures, ScanReport, recovered_trigger
+from pipeline.scan.report import Coverage, DefendedScan, Figures, ScanReport, class_states, recovered_trigger
 from pipeline.scan.search import FAMILIES, Found, SearchConfig, drift, search_class
 from pipeline.scan.sides import Side, fp_side, nearest_side, qdq_side
-from pipeline.scan.verdict import TestResult, VerdictRule, decide, run_test
+from pipeline.scan.verdict import TestResult, VerdictRule, decide, inconclusive, run_test
 from pipeline.scheme import Scheme
 from validators.metrics import attack_success
 
-#: Share of the budget kept for the onnxruntime figures after the searches (at most RESERVE_MAX s).
-RESERVE_SHARE = 0.1
-RESERVE_MAX = 15.0
+#: The searches leave time for the recovered trigger's onnxruntime figures: FIGURE_MARGIN times
+#: what the same models took on the clean held-out images (measured before the searches), per
+#: triggered pass, plus FIGURE_FLOOR seconds (a machine shared with other jobs runs slower).
+FIGURE_MARGIN = 2.0
+FIGURE_FLOOR = 0.5
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,8 @@ class ScanOptions:
             reproduce its nearest model exactly). A quarter of them (at most
             `eval_images`) check the triggers; the rest drive the search.
         seed: The scan's one seed (calibration images, search batches and initial patterns).
-        budget: Seconds the whole scan may take (searches split what is left; None: no limit).
+        budget: Seconds the whole scan may take, held-out figures included (searches split
+            what is left; a scan the budget stops is "inconclusive"; None: no limit).
         holdout: Held-out training images for the onnxruntime figures.
         search: Settings of each class's search.
         rule: Thresholds of the verdict.
@@ -137,21 +140,26 @@ class _Data:
 
 @dataclass
 class _Clock:
-    """Splits what is left of the budget over the searches still to run."""
+    """The time budget: the scan's end, the searches' end before it, and their shares."""
 
     end: float
-    left: int
-    cut: bool = False
+    search_end: float
+    left: int = 0
 
     def next_deadline(self) -> float:
-        """Deadline of the next search: an equal share of the time left."""
+        """Deadline of the next search: an equal share of the searches' time left."""
         now = time.perf_counter()
-        share = (self.end - now) / max(1, self.left)
+        share = (self.search_end - now) / max(1, self.left)
         self.left -= 1
         return now + share if math.isfinite(share) else math.inf
 
     def out(self) -> bool:
-        return time.perf_counter() >= self.end
+        """Whether the searches' time is up."""
+        return time.perf_counter() >= self.search_end
+
+    def fits(self, seconds: float) -> bool:
+        """Whether `seconds` more still end within the budget."""
+        return time.perf_counter() + seconds <= self.end
 
 
 def _raw(images: object, what: str) -> np.ndarray:
@@ -174,20 +182,20 @@ def _split(raw: np.ndarray, labels: torch.Tensor, options: ScanOptions) -> _Data
 
 
 def _search(wake: Side, keep: Side | None, data: _Data, target: int, family: str, options: ScanOptions,
-            deadline: float, cfg: SearchConfig | None = None) -> Found:
+            deadline: float, stop: float, cfg: SearchConfig | None = None) -> Found:
     mode = "fp" if keep is None else f"diff-{wake.name}"
     seed = derive(options.seed, "scan", mode, family, str(target))
     return search_class(wake, keep, data.opt_x, data.opt_y, data.eval_x, data.eval_y, target, family,
-                        cfg or options.search, seed, deadline)
+                        cfg or options.search, seed, deadline, stop)
 
 
 def shortlist(fp: Side, q: Side, data: _Data, drifts: np.ndarray, options: ScanOptions,
-              clock: _Clock) -> tuple[list[int], str | None]:
+              clock: _Clock) -> tuple[list[int] | None, str | None]:
     """The classes to search: all of them, or the `max_targets` most promising.
 
     With more classes than `max_targets`, the 4 x `max_targets` classes with the largest
     drift get a short differential probe each (no size term), and those whose probe
-    succeeds most (drift breaking ties) are kept.
+    succeeds most (drift breaking ties) are kept. None when the budget ran out first.
     """
     classes = len(drifts)
     if classes <= options.max_targets:
@@ -200,7 +208,10 @@ def shortlist(fp: Side, q: Side, data: _Data, drifts: np.ndarray, options: ScanO
     bar = Progress(f"scan: probing {len(pool)} of {classes} classes", total=len(pool))
     for c in pool:
         found = _search(q, fp, small, c, options.families[0], options,
-                        min(clock.end, time.perf_counter() + 10.0), probe)
+                        min(clock.search_end, time.perf_counter() + 10.0), clock.search_end, probe)
+        if clock.out():
+            bar.close()
+            return None, None  # a ranking from a partial probe would pick the classes by chance
         scores.append((found.success, float(drifts[c]), c))
         bar.update(postfix=f"class {c}: {100 * found.success:.0f}%")
     bar.close()
@@ -255,8 +266,180 @@ def _load_defended(path: str, model: onnx.ModelProto, source: str) -> onnx.Model
     return defended
 
 
+def _static_classes(model: onnx.ModelProto) -> int:
+    """The number of classes the graph's first output declares (0 when it is not a fixed number)."""
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    return int(dims[1].dim_value) if len(dims) == 2 and dims[1].HasField("dim_value") else 0
+
+
+@dataclass
+class _State:
+    """What a scan has built and measured so far; the time budget may stop it at any stage.
+
+    Attributes:
+        stopped: The stage the budget stopped the scan before or in (None: not stopped).
+        pass_seconds: What one pass of the onnxruntime sessions over the held-out images
+            took (preprocessing included), measured on the clean images.
+    """
+
+    options: ScanOptions
+    model_path: str
+    model: onnx.ModelProto
+    images: object
+    pre: Preprocess
+    raw: np.ndarray
+    raw_hold: np.ndarray
+    clock: _Clock
+    classes: int
+    defended_path: str | None = None
+    defended_model: onnx.ModelProto | None = None
+    qdq: onnx.ModelProto | None = None
+    fp: Side | None = None
+    q: Side | None = None
+    defended_side: Side | None = None
+    data: _Data | None = None
+    drifts: np.ndarray | None = None
+    sessions: dict[str, Session] = field(default_factory=dict)
+    clean: dict[str, np.ndarray] = field(default_factory=dict)
+    parity: dict[str, float] = field(default_factory=dict)
+    pass_seconds: float = 0.0
+    targets: list[int] | None = None
+    planned: tuple[tuple[int, str, str], ...] = ()
+    defended_planned: tuple[tuple[int, str, str], ...] = ()
+    searches: dict[int, list[Found]] = field(default_factory=dict)
+    defended_searches: dict[int, list[Found]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    stopped: str | None = None
+
+    def figure_seconds(self) -> float:
+        """What one triggered pass over the held-out images may take."""
+        return FIGURE_MARGIN * self.pass_seconds
+
+
+def _build_sides(st: _State) -> None:
+    """The nearest deployment and the FP and nearest sides (and the defended one)."""
+    options = st.options
+    log(f"scan: building the nearest {options.scheme.name} deployment of {st.model_path} "
+        f"({len(st.raw)} calibration images)")
+    st.qdq, result, _ = quantize_model(st.model, st.images, QuantizeOptions(
+        options.scheme, method="nearest", calib=options.calib, num_calib=options.num_calib,
+        seed=options.seed, device="cpu", provider=options.provider, preprocess=options.preprocess),
+        st.model_path, st.pre)
+    st.fp = fp_side(prepare_model(st.model, st.model_path), st.pre, st.model_path, options.search.relu_slope)
+    st.q = nearest_side(st.fp, result)
+    fp_logits, q_logits = st.fp.logits(torch.from_numpy(st.raw)), st.q.logits(torch.from_numpy(st.raw))
+    if fp_logits.shape[1] < 2:
+        raise EfrapError(f"{st.model_path}: the scan needs a classifier with at least 2 classes")
+    st.classes = int(fp_logits.shape[1])
+    st.data = _split(st.raw, fp_logits.argmax(1), options)
+    st.drifts = drift(fp_logits, q_logits)
+    if st.defended_model is not None and st.defended_path is not None:
+        st.defended_side = qdq_side("defended", st.defended_model, st.pre, st.defended_path,
+                                    options.search.relu_slope)
+
+
+def _measure_clean(st: _State) -> None:
+    """The clean held-out predictions in onnxruntime and the simulation's parity with them,
+    before the searches: they do not depend on the trigger, and their time sets what the
+    triggered figures after the searches are given."""
+    assert st.qdq is not None and st.fp is not None and st.q is not None
+    options = st.options
+    st.sessions = {"fp": make_session(st.model, options.opt_level, options.provider),
+                   "nearest": make_session(st.qdq, options.opt_level, options.provider)}
+    if st.defended_model is not None:
+        st.sessions["defended"] = make_session(st.defended_model, options.opt_level, options.provider)
+    t0 = time.perf_counter()
+    clean_in = st.pre.apply(st.raw_hold)
+    st.clean = {name: s.run(clean_in).argmax(1) for name, s in st.sessions.items()}
+    st.pass_seconds = time.perf_counter() - t0
+    hold_t = torch.from_numpy(st.raw_hold)
+    st.parity = {"fp": float((st.fp.logits(hold_t).argmax(1).numpy() != st.clean["fp"]).mean()),
+                 "nearest": float((st.q.logits(hold_t).argmax(1).numpy() != st.clean["nearest"]).mean())}
+
+
+def _run_searches(st: _State) -> None:
+    """Every planned search, each within its share of what the budget leaves."""
+    assert st.fp is not None and st.q is not None and st.data is not None and st.targets is not None
+    options, clock = st.options, st.clock
+    jobs: list[tuple[int, Side, Side | None, str]] = []
+    for c in st.targets:
+        jobs += [(c, st.q, st.fp, f) for f in options.families]
+        jobs += [(c, st.fp, None, f) for f in options.fp_families]
+    if st.defended_side is not None:
+        jobs += [(c, st.defended_side, st.fp, f) for c in st.targets for f in options.families]
+    clock.left = len(jobs)
+    bar = Progress(f"scan: {len(jobs)} trigger searches over {len(st.targets)} classes", total=len(jobs))
+    for c, wake, keep, family in jobs:
+        if clock.out():
+            st.stopped = "the searches"
+            break
+        found = _search(wake, keep, st.data, c, family, options, clock.next_deadline(), clock.search_end)
+        (st.defended_searches if wake is st.defended_side else st.searches).setdefault(c, []).append(found)
+        size = f"size {found.size:.3f}" if found.found else "none"
+        label = "fp" if keep is None else f"{wake.name} vs fp"
+        bar.update(postfix=f"class {c} {label} {family}{' (cut short)' if found.cut_short else ''}: {size}")
+    bar.close()
+
+
+def _build(st: _State) -> None:
+    """The stages before the decision, each started only while the budget lasts
+    (`st.stopped` names the stage it ran out before or in)."""
+    options, clock = st.options, st.clock
+    for stage, step in (("the nearest deployment", _build_sides),
+                        ("the clean held-out figures", _measure_clean)):
+        if clock.out():
+            st.stopped = stage
+            return
+        step(st)
+    if options.budget is not None:
+        # The searches end early enough for the triggered figures (one pass, two with a defended model).
+        passes = 2 if st.defended_model is not None else 1
+        clock.search_end = clock.end - passes * st.figure_seconds() - FIGURE_FLOOR
+    if clock.out():
+        st.stopped = "the shortlist"
+        return
+    assert st.fp is not None and st.q is not None and st.data is not None and st.drifts is not None
+    st.targets, note = shortlist(st.fp, st.q, st.data, st.drifts, options, clock)
+    if st.targets is None:
+        st.stopped = "the shortlist"
+        return
+    if note:
+        st.notes.append(note)
+    st.planned = tuple((c, mode, f) for c in st.targets for mode, fams in
+                       (("diff", options.families), ("fp", options.fp_families)) for f in fams)
+    if st.defended_side is not None:
+        st.defended_planned = tuple((c, "diff", f) for c in st.targets for f in options.families)
+    _run_searches(st)
+
+
+def _incomplete(coverage: dict[str, object], budget: float | None) -> str:
+    """One sentence: what the budget let the scan do and what not."""
+    counts, classes = coverage["searches"], coverage["classes"]
+    assert isinstance(counts, dict) and isinstance(classes, dict)
+    parts = [f"{counts['done']} of {counts['planned']} planned searches ran to their end"
+             if coverage["shortlisted"] else "no search ran (the classes to search were not chosen yet)"]
+    if counts["cut_short"]:
+        parts.append(f"{counts['cut_short']} were cut short")
+    if counts["not_run"]:
+        parts.append(f"{counts['not_run']} never started")
+    for state in ("cut short", "not searched"):
+        if classes[state]:
+            parts.append(f"classes {state}: {', '.join(str(c) for c in classes[state])}")
+    if not coverage["figures_measured"]:
+        parts.append("the recovered trigger was not measured in onnxruntime on the held-out images")
+    stopped = f", at {coverage['stopped_at']}" if coverage["stopped_at"] else ""
+    limit = (f"the time budget ({budget:g} s) ran out{stopped}" if budget is not None
+             else "the scan did not finish")
+    return f"{limit}: {'; '.join(parts)}"
+
+
 def scan_model(model_path: str, options: ScanOptions, defended: str | None = None) -> ScanReport:
     """Scan an FP model for a backdoor that the deployment quantization wakes.
+
+    The budget bounds the whole scan: every stage starts only while it lasts, each search
+    stops at its share, and the recovered trigger's figures run only when they fit
+    (their time is measured on the clean held-out images first). A scan that the budget
+    stopped anywhere is "inconclusive", with what was and was not searched.
 
     Args:
         model_path: The FP ONNX model.
@@ -277,63 +460,21 @@ def scan_model(model_path: str, options: ScanOptions, defended: str | None = Non
         raise EfrapError(f"{model_path}: the input has a fixed batch size ({fixed_batch(model)}); the scan "
                          "runs batches of images (export with a dynamic batch)")
     defended_model = _load_defended(defended, model, model_path) if defended is not None else None
+    # The data are read whatever the budget, so that a mistake in them is always one line.
     images, pre = calibration_images(model, options.calib, options.num_calib, options.seed, model_path,
                                      options.preprocess)
     raw = _raw(images, options.calib)
-    log(f"scan: building the nearest {options.scheme.name} deployment of {model_path} "
-        f"({len(raw)} calibration images)")
-    qdq, result, _ = quantize_model(model, images, QuantizeOptions(
-        options.scheme, method="nearest", calib=options.calib, num_calib=options.num_calib,
-        seed=options.seed, device="cpu", provider=options.provider, preprocess=options.preprocess),
-        model_path, pre)
-    fp = fp_side(prepare_model(model, model_path), pre, model_path, options.search.relu_slope)
-    q = nearest_side(fp, result)
-    fp_logits, q_logits = fp.logits(torch.from_numpy(raw)), q.logits(torch.from_numpy(raw))
-    if fp_logits.shape[1] < 2:
-        raise EfrapError(f"{model_path}: the scan needs a classifier with at least 2 classes")
-    data = _split(raw, fp_logits.argmax(1), options)
-    drifts = drift(fp_logits, q_logits)
-    defended_side = qdq_side("defended", defended_model, pre, defended, options.search.relu_slope) \
-        if defended_model is not None and defended is not None else None
-
-    reserve = min(RESERVE_SHARE * options.budget, RESERVE_MAX) if options.budget is not None else 0.0
-    clock = _Clock(end=end - reserve, left=0)
-    notes: list[str] = []
-    targets, note = shortlist(fp, q, data, drifts, options, clock)
-    if note:
-        notes.append(note)
-    jobs: list[tuple[int, Side, Side | None, str]] = []
-    for c in targets:
-        jobs += [(c, q, fp, f) for f in options.families] + [(c, fp, None, f) for f in options.fp_families]
-    if defended_side is not None:
-        jobs += [(c, defended_side, fp, f) for c in targets for f in options.families]
-    clock.left = len(jobs)
-    searches: dict[int, list[Found]] = {}
-    defended_searches: dict[int, list[Found]] = {}
-    bar = Progress(f"scan: {len(jobs)} trigger searches over {len(targets)} classes", total=len(jobs))
-    for c, wake, keep, family in jobs:
-        if clock.out():
-            clock.cut = True
-            break
-        found = _search(wake, keep, data, c, family, options, clock.next_deadline())
-        clock.cut |= found.cut_short
-        (defended_searches if wake is defended_side else searches).setdefault(c, []).append(found)
-        size = f"size {found.size:.3f}" if found.found else "none"
-        label = "fp" if keep is None else f"{wake.name} vs fp"
-        bar.update(postfix=f"class {c} {label} {family}: {size}")
-    bar.close()
-    if clock.cut:
-        notes.append("the time budget cut the search short: some searches stopped early or never ran")
+    hold, _ = holdout_images(model, options.calib, options.num_calib, options.holdout, options.seed,
+                             model_path, options.preprocess)
+    st = _State(options=options, model_path=model_path, model=model, images=images, pre=pre, raw=raw,
+                raw_hold=_raw(hold, options.calib), clock=_Clock(end=end, search_end=end),
+                classes=_static_classes(model), defended_path=defended, defended_model=defended_model)
+    _build(st)
+    searches, clock = st.searches, st.clock
 
     diff_test = _test("differential", searches, lambda f: f.mode == "diff", options.rule)
     fp_test = _test("fp", searches, lambda f: f.mode == "fp", options.rule)
     verdict = decide(diff_test, fp_test)
-    done = sum(len(fs) for fs in searches.values())
-    planned = len(targets) * (len(options.families) + len(options.fp_families))
-    if clock.cut and verdict.verdict == "clean" and done < planned:
-        # A search that never ran found nothing: "clean" is only as sure as the share that ran.
-        verdict = replace(verdict, confidence=verdict.confidence * done / planned,
-                          reason=f"{verdict.reason} (the budget let {done} of {planned} searches run)")
     chosen: Found | None
     if verdict.verdict == "fp-backdoor":
         chosen = _best([f for f in searches.get(verdict.target, []) if f.mode == "fp"])  # type: ignore[arg-type]
@@ -343,51 +484,63 @@ def scan_model(model_path: str, options: ScanOptions, defended: str | None = Non
         chosen = _best([f for f in pool if f.target == cand]) if cand is not None else _best(pool)
     trigger = recovered_trigger(chosen) if chosen is not None else None
 
-    log("scan: measuring in onnxruntime on held-out images")
-    hold, _ = holdout_images(model, options.calib, options.num_calib, options.holdout, options.seed,
-                             model_path, options.preprocess)
-    raw_hold = _raw(hold, options.calib)
-    sessions = {"fp": make_session(model, options.opt_level, options.provider),
-                "nearest": make_session(qdq, options.opt_level, options.provider)}
-    if defended_model is not None:
-        sessions["defended"] = make_session(defended_model, options.opt_level, options.provider)
-    clean_in = pre.apply(raw_hold)
-    clean = {name: s.run(clean_in).argmax(1) for name, s in sessions.items()}
-    fp_pred = clean["fp"]
-    hold_t = torch.from_numpy(raw_hold)
-    parity = {"fp": float((fp.logits(hold_t).argmax(1).numpy() != fp_pred).mean()),
-              "nearest": float((q.logits(hold_t).argmax(1).numpy() != clean["nearest"]).mean())}
-    figures = _figures(trigger, raw_hold, pre, sessions, fp_pred, clean) if trigger is not None else None
+    figures = None
+    if trigger is not None and st.sessions:
+        if clock.fits(st.figure_seconds()):
+            log("scan: measuring in onnxruntime on held-out images")
+            figures = _figures(trigger, st.raw_hold, pre, st.sessions, st.clean["fp"], st.clean)
+        else:
+            st.stopped = st.stopped or "the held-out figures"
+    coverage = Coverage(planned=st.planned, defended_planned=st.defended_planned,
+                        shortlisted=st.targets is not None, figures=figures is not None, stopped=st.stopped)
+    if not coverage.complete(searches):
+        # A search that never ran found nothing: no verdict rests on it.
+        verdict = inconclusive(verdict, _incomplete(coverage.to_json(st.classes, searches), options.budget))
+        st.notes.append(verdict.reason)
 
     defended_part = None
     defended_seconds = None
     if defended_model is not None and defended is not None:
         t_def = time.perf_counter()
-        d_test = _test("differential", defended_searches, lambda f: True, options.rule)
+        d_test = _test("differential", st.defended_searches, lambda f: True, options.rule)
         d_verdict = decide(d_test, fp_test)
-        own_found = _best([f for fs in defended_searches.values() for f in fs
+        own_found = _best([f for fs in st.defended_searches.values() for f in fs
                            if d_test.candidate is None or f.target == d_test.candidate])
         own = None
-        if own_found is not None:
-            own = (own_found, _figures(recovered_trigger(own_found), raw_hold, pre, sessions, fp_pred, clean))
+        if own_found is not None and st.sessions and clock.fits(st.figure_seconds()):
+            own = (own_found, _figures(recovered_trigger(own_found), st.raw_hold, pre, st.sessions,
+                                       st.clean["fp"], st.clean))
+        d_states = class_states(st.classes, st.defended_planned, st.targets is not None, st.defended_searches)
+        d_complete = (verdict.verdict != "inconclusive" and own is not None
+                      and all(v in ("searched", "not shortlisted") for v in d_states.values()))
+        if not d_complete:
+            d_cov = Coverage(planned=st.defended_planned, defended_planned=(),
+                             shortlisted=st.targets is not None,
+                             figures=own is not None and figures is not None, stopped=st.stopped)
+            d_verdict = inconclusive(d_verdict, "defended part: " + _incomplete(
+                d_cov.to_json(st.classes, st.defended_searches), options.budget))
         defended_part = DefendedScan(model=defended, model_sha256=file_sha256(defended), recovered=figures,
-                                     verdict=d_verdict, searches=defended_searches, own_trigger=own)
+                                     verdict=d_verdict, searches=st.defended_searches, own_trigger=own,
+                                     states={c: v for c, v in d_states.items() if v != "not shortlisted"})
         defended_seconds = time.perf_counter() - t_def + sum(
-            f.seconds for fs in defended_searches.values() for f in fs)
+            f.seconds for fs in st.defended_searches.values() for f in fs)
 
+    provider = st.sessions["fp"].provider if st.sessions else options.provider
     provenance = {
         "data": options.calib, "scheme": options.scheme.to_json(), "seed": options.seed,
-        "calibration_images": len(raw), "search_images": len(data.opt_x),
-        "evaluation_images": len(data.eval_x),
-        "holdout_images": len(raw_hold), "preprocessing": pre.to_json(),
-        "onnxruntime": {"opt_level": options.opt_level, "provider": sessions["fp"].provider},
+        "calibration_images": len(raw), "search_images": None if st.data is None else len(st.data.opt_x),
+        "evaluation_images": None if st.data is None else len(st.data.eval_x),
+        "holdout_images": len(st.raw_hold), "preprocessing": pre.to_json(),
+        "onnxruntime": {"opt_level": options.opt_level, "provider": provider},
         "threads": torch.get_num_threads(), "versions": versions(),
     }
+    cut = verdict.verdict == "inconclusive" or (defended_part is not None
+                                               and defended_part.verdict.verdict == "inconclusive")
+    drifts = () if st.drifts is None else tuple(float(d) for d in st.drifts)
     return ScanReport(
         model=model_path, model_sha256=file_sha256(model_path), verdict=verdict, trigger=trigger,
-        trigger_found=chosen, figures=figures, classes=int(fp_logits.shape[1]), searched=tuple(targets),
-        drift=tuple(float(d) for d in drifts), searches=searches, parity=parity, defended=defended_part,
-        settings=options.to_json(), provenance=provenance, cut_short=clock.cut,
+        trigger_found=chosen, figures=figures, classes=st.classes, searched=tuple(st.targets or ()),
+        drift=drifts, searches=searches, parity=st.parity, defended=defended_part,
+        settings=options.to_json(), provenance=provenance, cut_short=cut, coverage=coverage,
         seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start,
-        defended_seconds=defended_seconds, notes=tuple(notes))
-
+        defended_seconds=defended_seconds, notes=tuple(st.notes), rule=options.rule)

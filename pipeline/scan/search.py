@@ -134,7 +134,7 @@ class Found:
         success: Success rate of the kept (or last) trigger on the evaluation images.
         steps: Steps run.
         seconds: Time spent.
-        cut_short: Whether the time budget stopped it before its steps.
+        cut_short: Whether the time budget stopped it before its steps or its checks.
         mask: 1 x H x W mask in [0, 1] of the kept (or last) trigger (blend factor included).
         pattern: C x H x W pattern in [0, 1].
     """
@@ -257,7 +257,7 @@ def success_rate(wake: Model, keep: Model | None, images: torch.Tensor, labels: 
 
 def search_class(wake: Model, keep: Model | None, images: torch.Tensor, labels: torch.Tensor,
                  eval_images: torch.Tensor, eval_labels: torch.Tensor, target: int, family: str,
-                 cfg: SearchConfig, seed: int, deadline: float = math.inf) -> Found:
+                 cfg: SearchConfig, seed: int, deadline: float = math.inf, stop: float = math.inf) -> Found:
     """Optimise the smallest trigger of `family` for `target` (see the module docstring).
 
     Args:
@@ -271,7 +271,10 @@ def search_class(wake: Model, keep: Model | None, images: torch.Tensor, labels: 
         family: "patch" or "blend".
         cfg: Search settings.
         seed: Seeds the initial pattern and the batches.
-        deadline: time.perf_counter() value at which to stop (the time budget).
+        deadline: time.perf_counter() value at which the steps stop (this search's share
+            of the time budget).
+        stop: time.perf_counter() value after which no check on the evaluation images
+            starts (the end of the whole budget); a search stopped by either is cut short.
     """
     checks.string(family, "trigger family", FAMILIES)
     start = time.perf_counter()
@@ -320,6 +323,9 @@ def search_class(wake: Model, keep: Model | None, images: torch.Tensor, labels: 
     order = sorted(kept, key=lambda k: k[0])
     picks = sorted({round(i * (len(order) - 1) / max(1, cfg.checks - 1)) for i in range(cfg.checks)})
     for i in picks if order else []:
+        if time.perf_counter() >= stop:
+            cut = True
+            break
         _, mask_i, pattern_i = order[i]
         rate_i = success_rate(wake, keep, eval_images, eval_labels, target, mask_i, pattern_i)
         if rate_i >= rate or rate_i >= cfg.confirm:
@@ -327,8 +333,10 @@ def search_class(wake: Model, keep: Model | None, images: torch.Tensor, labels: 
         if rate_i >= cfg.confirm:
             found = True
             break
-    if not order:
+    if not order and time.perf_counter() < stop:
         rate = success_rate(wake, keep, eval_images, eval_labels, target, keep_mask, keep_pattern)
+    elif not order:
+        cut = True
     # Not found: a near miss (at least half the confirmation rate) needs more than the size
     # it reached, a lower bound; a search that came nowhere near counts as the whole image.
     size = float(keep_mask.mean())

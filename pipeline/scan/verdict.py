@@ -26,13 +26,19 @@ evidence around `threshold`.
 
 Verdict: `fp-backdoor` when the FP test flags a class (the backdoor is active without
 quantization, whatever the differential test says about the same class), else `qcb`
-when the differential test flags one, else `clean`.
+when the differential test flags one, else `clean`. A scan whose searches did not all
+run to the end, or whose figures could not be measured, within its time budget is
+`inconclusive`: a search that never ran found nothing, which is no
+evidence of a clean model; what the partial evidence says is kept beside it.
+
+`not_findings` says, for every class whose anomaly index reaches the threshold but that
+is not the finding, why not: the evidence a verdict rests on.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +46,8 @@ import numpy as np
 from pipeline.base import checks
 from pipeline.base.errors import EfrapError
 
-VERDICTS = ("qcb", "fp-backdoor", "clean")
+#: Verdicts of a scan; "inconclusive": the budget stopped it before every search ran.
+VERDICTS = ("qcb", "fp-backdoor", "clean", "inconclusive")
 #: Smallest size taken into the log (a one-pixel trigger on a 100x100 image).
 MIN_SIZE = 1e-4
 #: Median absolute deviation -> standard deviation of a normal distribution.
@@ -121,12 +128,15 @@ class Verdict:
     """The decision.
 
     Attributes:
-        verdict: "qcb", "fp-backdoor" or "clean".
-        target: The suspected target (None when clean).
-        confidence: Probability-like confidence in the verdict, in [0, 1].
+        verdict: "qcb", "fp-backdoor", "clean" or "inconclusive".
+        target: The suspected target (None when clean or inconclusive).
+        confidence: Probability-like confidence in the verdict, in [0, 1] (0 when
+            inconclusive: the scan did not finish).
         differential: The differential test.
         fp: The FP test.
         reason: One sentence saying why.
+        partial: For "inconclusive", the verdict the searches that did run give
+            (evidence, not a decision); None otherwise.
     """
 
     verdict: str
@@ -135,6 +145,12 @@ class Verdict:
     differential: TestResult
     fp: TestResult
     reason: str
+    partial: Verdict | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """The verdict's fields (without the tests), `partial` nested."""
+        return {"verdict": self.verdict, "target": self.target, "confidence": round(self.confidence, 4),
+                "reason": self.reason, "partial": None if self.partial is None else self.partial.to_json()}
 
 
 def anomaly_indices(sizes: Sequence[float], mad_floor: float = 0.1) -> np.ndarray:
@@ -203,3 +219,75 @@ def decide(differential: TestResult, fp: TestResult) -> Verdict:
     confidence = 1.0 - max(differential.probability, fp.probability)
     return Verdict("clean", None, confidence, differential, fp,
                    "no class has an anomalously small trigger, differential or in FP")
+
+
+def inconclusive(partial: Verdict, why: str) -> Verdict:
+    """The verdict of a scan that did not finish: `partial` (what the searches that ran
+    give) is kept as evidence, and nothing is decided (no partial when no search ran)."""
+    if not partial.differential.classes and not partial.fp.classes:
+        return Verdict("inconclusive", None, 0.0, partial.differential, partial.fp, why)
+    target = f" class {partial.target}" if partial.target is not None else ""
+    return Verdict("inconclusive", None, 0.0, partial.differential, partial.fp,
+                   f"{why}; the searches that ran alone would say {partial.verdict}{target}, which "
+                   "decides nothing", partial)
+
+
+def _why_not(test: TestResult, i: int, rule: VerdictRule, decided: Verdict,
+             status: Mapping[int, str], other: TestResult | None) -> list[str]:
+    """Why class `test.classes[i]`, whose anomaly index reaches the threshold, is not a finding."""
+    c = test.classes[i]
+    max_ratio = rule.fp_max_ratio if test.name == "fp" else rule.max_ratio
+    why = []
+    if status.get(c, "searched") != "searched":
+        why.append(f"its searches were {status[c]} by the time budget, so its size is not final")
+    if test.evidence[i] == -math.inf:
+        why.append("no trigger was confirmed (none reached the confirmation rate on the evaluation "
+                   "images): its size is a lower bound, and only confirmed triggers are flagged")
+    elif test.ratio[i] > max_ratio:
+        why.append(f"its trigger is {100 * test.ratio[i]:.0f}% of the median size, above the "
+                   f"{100 * max_ratio:.0f}% a finding needs")
+    elif test.candidate is not None and test.candidate != c:
+        why.append(f"class {test.candidate} has more evidence in the same test")
+    if other is not None and c in other.classes:
+        j = other.classes.index(c)
+        if other.name == "fp" and other.evidence[j] > -math.inf and other.anomaly[j] >= rule.threshold:
+            why.append("FP also wakes: Neural Cleanse on the FP model finds an anomalously small trigger "
+                       "for it too, so it is an fp-backdoor candidate, not a quantization-conditioned one")
+    if decided.verdict == "fp-backdoor" and test.name == "differential" and decided.target == c:
+        why.append("the FP test flags the same class: the verdict is fp-backdoor, a backdoor that is "
+                   "active without quantization")
+    if decided.verdict == "inconclusive":
+        partial = decided.partial
+        flagged = partial is not None and partial.target == c and (
+            (partial.verdict == "qcb" and test.name == "differential")
+            or (partial.verdict == "fp-backdoor" and test.name == "fp"))
+        why.append("the searches that ran flag it, but the scan did not finish, so nothing is a finding"
+                   if flagged else "the scan did not finish, so nothing is a finding")
+    if not why:
+        why.append(f"its evidence, {test.evidence[i]:.2f}, stays below the threshold "
+                   f"{rule.threshold:g}")
+    return why
+
+
+def not_findings(verdict: Verdict, rule: VerdictRule,
+                 status: Mapping[int, str] | None = None) -> dict[str, dict[int, str]]:
+    """Per test ("differential", "fp"), each class whose anomaly index reaches the threshold
+    but that is not the verdict's finding, and why (one sentence).
+
+    Args:
+        verdict: The scan's verdict (its tests are read).
+        rule: The thresholds it was decided with.
+        status: Per class, "searched", "cut short", "not searched" (the scan's coverage);
+            None: every class was searched.
+    """
+    status = status or {}
+    out: dict[str, dict[int, str]] = {}
+    for test, other in ((verdict.differential, verdict.fp), (verdict.fp, None)):
+        finding = verdict.target if (verdict.verdict, test.name) in (
+            ("qcb", "differential"), ("fp-backdoor", "fp")) else None
+        notes = {}
+        for i, c in enumerate(test.classes):
+            if test.anomaly[i] >= rule.threshold and c != finding:
+                notes[c] = "; ".join(_why_not(test, i, rule, verdict, status, other))
+        out[test.name] = notes
+    return out

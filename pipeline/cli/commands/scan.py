@@ -18,7 +18,7 @@ from pipeline.cli.args import (
     preprocess_options,
     seed_number,
 )
-from pipeline.scan import ScanOptions, ScanReport, scan_model
+from pipeline.scan import CLASS_STATES, ScanOptions, ScanReport, scan_model
 from pipeline.scheme import PRESETS, load_scheme, scheme_files
 from validators.report import pct
 
@@ -27,10 +27,24 @@ NA = "n/a"
 
 
 def print_report(report: ScanReport) -> None:
-    """The verdict, the recovered trigger's figures and the defended model's, a few lines."""
+    """The verdict, what was searched, the classes that stand out but are not findings and
+    why, the recovered trigger's figures and the defended model's, a few lines."""
     v = report.verdict
+    data = report.to_json()
     target = f", target {v.target}" if v.target is not None else ""
-    print(f"verdict: {v.verdict}{target} (confidence {100 * v.confidence:.1f}%): {v.reason}")
+    if v.verdict == "inconclusive":
+        print(f"verdict: inconclusive: {v.reason}")
+    else:
+        print(f"verdict: {v.verdict}{target} (confidence {100 * v.confidence:.1f}%): {v.reason}")
+    coverage = data["coverage"]
+    by_state = coverage["classes"]  # type: ignore[index]
+    print("classes: " + "; ".join(f"{state} {', '.join(str(c) for c in by_state[state]) or 'none'}"
+                                  for state in CLASS_STATES if by_state[state] or state == "searched"))
+    for test, per in data["not_findings"].items():  # type: ignore[union-attr]
+        anomaly = data["tests"][test]["per_class"]  # type: ignore[index]
+        for c, why in per.items():
+            print(f"not a finding: class {c}, {test} anomaly index {anomaly[c]['anomaly']:.1f} "
+                  f"(threshold {report.rule.threshold:g}): {why}")
     if report.trigger_found is not None and report.figures is not None:
         f = report.trigger_found
         asr = ", ".join(f"{name} {pct(rate, NA)}" for name, rate in report.figures.asr.items())
@@ -40,9 +54,13 @@ def print_report(report: ScanReport) -> None:
     if report.defended is not None:
         d = report.defended
         dt = f", target {d.verdict.target}" if d.verdict.target is not None else ""
-        print(f"defended: {d.verdict.verdict}{dt} (confidence {100 * d.verdict.confidence:.1f}%)")
+        if d.verdict.verdict == "inconclusive":
+            print(f"defended: inconclusive: {d.verdict.reason}")
+        else:
+            print(f"defended: {d.verdict.verdict}{dt} (confidence {100 * d.verdict.confidence:.1f}%)")
     for note in report.notes:
-        print(f"note: {note}")
+        if note != v.reason:  # the budget's note is the inconclusive verdict's reason, printed above
+            print(f"note: {note}")
     onnxrt = report.provenance["onnxruntime"]
     print(f"scanned {report.model} in {report.seconds:.1f}s ({len(report.searched)} of {report.classes} "
           f"classes, {report.provenance['threads']} thread(s); onnxruntime {onnxrt['provider']}, "  # type: ignore[index]
@@ -57,7 +75,8 @@ def _trigger_npz(path: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Scan one model; exit 0 whatever the verdict (the verdict is in the output and the report)."""
+    """Scan one model; exit 0 whatever the verdict, "inconclusive" included (the verdict is in
+    the output and the report; efrap gate and efrap audit fail an inconclusive scan)."""
     inputs = [*model_files(args.model), *scheme_files(args.scheme), *spec_files(args.calib),
               *([args.preprocess] if args.preprocess else []),
               *(model_files(args.defended) if args.defended else [])]
@@ -98,8 +117,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a defended QDQ model of the same FP model (efrap defend): measure the recovered "
                    "trigger on it and search it afresh")
     p.add_argument("--budget", type=positive_float, metavar="SECONDS",
-                   help="wall-clock limit of the scan; the searches share what is left and the report says "
-                   "when the budget cut them short (default: none)")
+                   help="wall-clock limit of the whole scan, held-out figures included; the searches share "
+                   "what is left, and a scan the budget stops is 'inconclusive', with what was and was not "
+                   "searched (default: none)")
     p.add_argument("--num-calib", type=positive_int, default=1024,
                    help="calibration images, as for efrap quantize (default 1024; a quarter, at most 256, "
                    "check the triggers)")
