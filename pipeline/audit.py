@@ -473,7 +473,8 @@ class ScanEvidence:
     """The scan's facts the verdict rests on.
 
     Attributes:
-        scan_verdict: The scan's verdict on the FP model ("qcb", "fp-backdoor", "clean").
+        scan_verdict: The scan's verdict on the FP model ("qcb", "fp-backdoor", "clean",
+            "inconclusive").
         confidence: The scan's confidence in it.
         target: The class of the FP model's recovered trigger (None when none).
         asr_fp: The recovered trigger's attack success on the FP model.
@@ -486,6 +487,10 @@ class ScanEvidence:
         fresh_asr: Its strongest trigger's attack success on Q.
         fresh_asr_fp: On the FP model.
         fresh_asr_nearest: On nearest rounding.
+        complete: Whether every search of the scan (the fresh search against Q included) ran
+            to its end and its figures were measured within the budget; False also when the
+            report does not say (fail closed).
+        incomplete: Why not, when not complete (the scan's own account of what ran).
     """
 
     scan_verdict: str
@@ -499,6 +504,8 @@ class ScanEvidence:
     fresh_asr: float | None = None
     fresh_asr_fp: float | None = None
     fresh_asr_nearest: float | None = None
+    complete: bool = False
+    incomplete: str = ""
 
 
 def _number(value: object) -> float | None:
@@ -534,6 +541,15 @@ def evidence_from_scan(report: ScanReportLike) -> ScanEvidence:
     strongest = _get(defended, "strongest_trigger.figures.asr") or {}
     test = defended.get("differential_test")
     flagged = _get(test, "flagged")
+    # Complete only when the report says so on both parts: a missing key is not a finished scan.
+    complete = data.get("cut_short") is False and data.get("verdict") != "inconclusive" \
+        and defended.get("verdict") != "inconclusive"
+    incomplete = ""
+    if not complete:
+        reasons = [r for r in (data.get("reason") if data.get("verdict") == "inconclusive" else None,
+                               defended.get("reason") if defended.get("verdict") == "inconclusive" else None)
+                   if isinstance(r, str)]
+        incomplete = "; ".join(reasons) or "the scan report does not say that every search ran to its end"
     return ScanEvidence(
         scan_verdict=str(data.get("verdict")),
         confidence=_number(data.get("confidence")),
@@ -547,6 +563,7 @@ def evidence_from_scan(report: ScanReportLike) -> ScanEvidence:
         fresh_asr=_number(strongest.get("defended")),
         fresh_asr_fp=_number(strongest.get("fp")),
         fresh_asr_nearest=_number(strongest.get("nearest")),
+        complete=complete, incomplete=incomplete,
     )
 
 
@@ -576,8 +593,9 @@ class Verdict:
         verdict: "rounding-backdoor" (a trigger works on Q, not on FP and not on nearest
             rounding: Q's own rounding planted it), "qcb" (it works on Q and on nearest
             rounding, not on FP: the FP source is a quantization-conditioned backdoor and
-            Q's rounding does not defuse it), "inconclusive" (the scan measured nothing
-            on Q; the audit fails closed) or "clean" (no trigger works on Q beyond FP).
+            Q's rounding does not defuse it), "inconclusive" (the scan did not finish within
+            its budget, or measured nothing on Q; the audit fails closed) or "clean" (no
+            trigger works on Q beyond FP).
         reasons: One line per fact that decided it.
     """
 
@@ -606,6 +624,8 @@ FLAGGED_SCAN_VERDICTS = ("qcb", "fp-backdoor")
 def decide(evidence: ScanEvidence, thresholds: AuditThresholds) -> Verdict:
     """The verdict from the scan's differential evidence (rounding statistics never decide it).
 
+    A scan that did not finish (a search cut short or never started, figures not measured)
+    gives "inconclusive", whatever its partial evidence says. Otherwise
     Q is flagged when a trigger works on Q and not on FP: the FP model's recovered trigger
     when the scan flagged the FP model, or the strongest trigger of a class the fresh
     search against Q flags (a flagged class without figures counts: fail closed). Both
@@ -617,6 +637,11 @@ def decide(evidence: ScanEvidence, thresholds: AuditThresholds) -> Verdict:
     for the gate.
     """
     t, ev = thresholds, evidence
+    if not ev.complete:
+        # A search that did not run found nothing: neither a flag nor "clean" rests on it.
+        return Verdict("inconclusive", (f"the scan did not finish: {ev.incomplete}",
+                                        "nothing clears Q until every search ran (run it with a larger "
+                                        "budget or none)"))
     reasons: list[str] = []
     on_nearest: list[float | None] = []
     nearest = False

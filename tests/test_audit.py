@@ -127,10 +127,12 @@ class FakeScan:
     confidence: float = 0.9
     target: int | None = None
     defended: dict | None = field(default_factory=dict)
+    cut_short: bool = False
 
     def to_json(self, trigger_file: object = None) -> dict:
         return {"verdict": self.verdict, "confidence": self.confidence, "target": self.target,
-                "defended": self.defended}
+                "defended": self.defended, "cut_short": self.cut_short,
+                "reason": "the time budget (1 s) ran out" if self.verdict == "inconclusive" else "why"}
 
 
 def _defended(recovered: dict | None, flagged: bool, candidate: int | None, fresh: dict | None) -> dict:
@@ -181,11 +183,12 @@ def test_a_backdoor_in_fp_alone_does_not_flag_q() -> None:
 
 def test_fresh_trigger_below_the_differential_does_not_flag() -> None:
     ev = ScanEvidence(scan_verdict="clean", confidence=0.9, target=None, asr_fp=0.01, asr_nearest=0.01,
-                      asr_quantized=0.02, fresh_found=True, fresh_target=4, fresh_asr=0.6, fresh_asr_fp=0.4)
+                      asr_quantized=0.02, fresh_found=True, fresh_target=4, fresh_asr=0.6, fresh_asr_fp=0.4,
+                      complete=True)
     assert decide(ev, AuditThresholds(min_asr=0.5, min_differential=0.4)).verdict == "clean"
     assert decide(ev, AuditThresholds(min_asr=0.5, min_differential=0.1)).verdict == "rounding-backdoor"
     # A flagged class whose trigger was not measured fails closed.
-    unmeasured = ScanEvidence("clean", 0.9, None, 0.01, 0.01, 0.02, True, 4)
+    unmeasured = ScanEvidence("clean", 0.9, None, 0.01, 0.01, 0.02, True, 4, complete=True)
     assert decide(unmeasured, AuditThresholds()).verdict == "rounding-backdoor"
 
 

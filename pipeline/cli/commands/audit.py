@@ -52,7 +52,7 @@ def print_report(report: AuditReport) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Audit Q against FP; exit 1 when Q is flagged."""
+    """Audit Q against FP; exit 1 when Q is flagged or the audit is inconclusive."""
     inputs = [*model_files(args.fp), *model_files(args.quantized), *scheme_files(args.scheme),
               *spec_files(args.calib), *([args.preprocess] if args.preprocess else [])]
     check_outputs({"--json": args.json}, inputs)
@@ -95,7 +95,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-calib", type=positive_int, default=1024, help="calibration images (default 1024)")
     p.add_argument("--holdout", type=positive_int, default=1000,
                    help="held-out images for the onnxruntime figures (default 1000)")
-    p.add_argument("--budget", type=positive_float, metavar="SECONDS", help="time limit of the scan")
+    p.add_argument("--budget", type=positive_float, metavar="SECONDS",
+                   help="wall-clock limit of the scan; a scan the budget stops makes the audit inconclusive "
+                   "(exit 1)")
     p.add_argument("--seed", type=seed_number, default=0, help="the scan's seed (default 0)")
     p.add_argument("--provider", choices=PROVIDERS, default="auto", help="onnxruntime provider")
     p.add_argument("--min-asr", type=_fraction, default=AuditThresholds.min_asr,
