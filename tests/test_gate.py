@@ -151,7 +151,8 @@ class FakeScanReport:
                 "tests": {"differential": {"per_class": {str(c): {"anomaly": 3.0 if c == 0 else 0.2}
                                                          for c in range(10)}}},
                 "settings": {"rule": {"threshold": 2.0}}, "data": "npz", "holdout_images": 32,
-                "onnxruntime": {"opt_level": "faithful", "provider": "CPUExecutionProvider"}, "seconds": 0.1}
+                "onnxruntime": {"opt_level": "faithful", "provider": "CPUExecutionProvider"}, "seconds": 0.1,
+                "cut_short": self.verdict.verdict == "inconclusive"}
 
 
 def _fake(verdict: str, calls: list) -> object:

@@ -1,12 +1,13 @@
 """The pass/fail gate a release pipeline puts on a quantized model.
 
-The gate fails closed: a check whose value could not be measured fails, and a
-threshold that no model could fail (accuracy at least 0, attack success at most
-100%) is refused when the gate is built.
+The gate fails closed: a check whose value could not be measured (None, or not a
+finite number) fails, and a threshold that no model could fail (accuracy at least 0,
+attack success at most 100%) is refused when the gate is built.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from pipeline.base.checks import finite
@@ -72,7 +73,7 @@ class Gate:
 
     def evaluate(self, accuracy: float | None, asr: float | None,
                  parity_diff: float | None, why_missing: dict[str, str] | None = None) -> GateResult:
-        """Check measured values; a value that is None fails its check.
+        """Check measured values; a value that is None or not finite fails its check.
 
         Args:
             accuracy: Clean accuracy.
@@ -90,7 +91,8 @@ class Gate:
                  True)):
             if limit is None:
                 continue
-            if value is None:
+            if value is None or not math.isfinite(value):
+                # Missing or not a number (NaN compares false both ways): not measurable, a fail.
                 checks.append(GateCheck(name, limit, None, False,
                                         why_missing.get(key, "not measurable")))
                 continue

@@ -57,12 +57,19 @@ def trigger_images(pattern: np.ndarray, mask: np.ndarray, clean: np.ndarray, tri
     return _png(fig)
 
 
+#: Tick-label marks of classes whose searches did not all run to their end.
+STATUS_MARKS = {"cut short": "cut", "not searched": "none", "not shortlisted": "skip"}
+
+
 def per_class_scan(classes: Sequence[int], differential: Sequence[float | None], fp: Sequence[float | None],
-                   anomaly: Sequence[float | None], threshold: float, target: int | None) -> bytes:
+                   anomaly: Sequence[float | None], threshold: float, target: int | None,
+                   status: Sequence[str] | None = None) -> bytes:
     """The scan per class: smallest trigger size (differential and FP) and the anomaly index.
 
     Sizes are the mask mean (share of the image) on a log scale; a class whose search
-    found no trigger has size 1 and is drawn hatched.
+    found no trigger has size 1 and is drawn hatched. A class whose searches were cut
+    short or never ran (`status`) is marked under its number, so an index is never read
+    without knowing what it rests on.
     """
     fig = Figure(figsize=(10, 3.6))
     left, right = fig.subplots(1, 2)
@@ -84,10 +91,13 @@ def per_class_scan(classes: Sequence[int], differential: Sequence[float | None],
     left.set_ylabel("smallest trigger (% of the image, log)")
     left.set_title("recovered trigger size per class", fontsize=10)
     left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+    labels = [f"{c}\n({STATUS_MARKS[st]})" if st in STATUS_MARKS else str(c)
+              for c, st in zip(classes, status or ["searched"] * len(classes), strict=True)]
+    left.set_xticks(x, labels)
     colors = ["#c0392b" if c == target else "#2c3e50" for c in classes]
     right.bar(x, [np.nan if v is None else v for v in anomaly], color=colors)
     right.axhline(threshold, color="#e67e22", linestyle="--", label=f"flag threshold {threshold:g}")
-    right.set_xticks(x, [str(c) for c in classes])
+    right.set_xticks(x, labels)
     right.set_xlabel("class")
     right.set_ylabel("anomaly index (differential)")
     right.set_title("how much each class stands out", fontsize=10)

@@ -53,6 +53,78 @@ def _scan_on(run: GateRun) -> dict[str, Any]:
             "opt_level": onnxrt.get("opt_level"), "provider": onnxrt.get("provider")}
 
 
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _size(value: object) -> str:
+    v = _number(value)
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def _index(value: object) -> str:
+    v = _number(value)
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _threshold(scan: dict[str, Any]) -> float:
+    rule = (scan.get("settings") or {}).get("rule") or {}
+    return float(_number(rule.get("threshold")) or 2.0)
+
+
+def scan_evidence(scan: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
+    """The scan's evidence per class, for the reports.
+
+    Returns:
+        One row per class that was to be searched: class, status (searched, cut short,
+        not searched), smallest differential and FP trigger sizes, the two anomaly
+        indices, and for a class whose index reaches the threshold without being the
+        finding, why it is not one (the scan's `not_findings`); and lines saying what was
+        not searched and why the verdict is inconclusive, when it is.
+    """
+    per = scan.get("classes") if isinstance(scan.get("classes"), dict) else {}
+    tests = scan.get("tests") or {}
+    notes = scan.get("not_findings") or {}
+    rows, lines = [], []
+    skipped = []
+    for key in sorted(per, key=int):
+        entry = per[key] or {}
+        status = str(entry.get("status") or ("searched" if entry.get("searched") else "not searched"))
+        if status == "not shortlisted":
+            skipped.append(key)
+            continue
+        why = [f"{name}: {(notes.get(name) or {})[key]}" for name in ("differential", "fp")
+               if key in (notes.get(name) or {})]
+        diff = ((tests.get("differential") or {}).get("per_class") or {}).get(key) or {}
+        fp = ((tests.get("fp") or {}).get("per_class") or {}).get(key) or {}
+        if scan.get("target") is not None and int(key) == scan.get("target"):
+            why.insert(0, f"the finding ({scan.get('verdict')})")
+        rows.append([key, status, _size(entry.get("differential_size")), _size(entry.get("fp_size")),
+                     _index(diff.get("anomaly")), _index(fp.get("anomaly")), "; ".join(why)])
+    if skipped:
+        lines.append("Not shortlisted (more classes than the scan's max_targets): classes "
+                     f"{', '.join(skipped)}.")
+    if scan.get("verdict") == "inconclusive":
+        cov = scan.get("coverage") or {}
+        counts = cov.get("searches") or {}
+        lines.append(f"The scan is inconclusive: {counts.get('done', 0)} of {counts.get('planned', 0)} "
+                     f"planned searches ran to their end, {counts.get('cut_short', 0)} were cut short and "
+                     f"{counts.get('not_run', 0)} never started; figures measured: "
+                     f"{'yes' if cov.get('figures_measured') else 'no'}. "
+                     "An inconclusive scan fails the gate.")
+        partial = scan.get("partial")
+        if isinstance(partial, dict):
+            target = f" class {partial.get('target')}" if partial.get("target") is not None else ""
+            lines.append(f"What the searches that ran say (evidence, not a verdict): {partial.get('verdict')}"
+                         f"{target}.")
+    return rows, lines
+
+
+#: Columns of the scan's evidence table.
+EVIDENCE_COLUMNS = ("class", "status", "differential trigger", "FP trigger", "differential anomaly",
+                    "FP anomaly", "not a finding because")
+
+
 def _trigger_figures(run: GateRun) -> dict[str, Any] | None:
     trig = run.scan.get("trigger")
     return None if not isinstance(trig, dict) else trig.get("figures")
@@ -116,6 +188,13 @@ def to_markdown(run: GateRun) -> str:
     lines += ["", "## 1. Scan", "",
               f"Verdict **{_md_escape(str(s.get('verdict')))}**, target {s.get('target')}, confidence "
               f"{_pct(s.get('confidence'))}: {_md_escape(str(s.get('reason', '')))}."]
+    rows, notes = scan_evidence(s)
+    lines += [""] + [_md_escape(n) for n in notes]
+    if rows:
+        lines += ["", f"Per class (anomaly threshold {_threshold(s):g}; sizes are shares of the image):", "",
+                  "| " + " | ".join(EVIDENCE_COLUMNS) + " |", "|" + "---|" * len(EVIDENCE_COLUMNS)]
+        lines += ["| " + " | ".join(_md_escape(v) for v in row) + " |" for row in rows]
+    lines.append("")
     fig = _trigger_figures(run)
     if fig:
         asr = ", ".join(f"{k} {_pct(v)}" for k, v in (fig.get("asr") or {}).items())
@@ -160,7 +239,7 @@ def _scan_plot(run: GateRun) -> bytes | None:
         classes, [per[str(k)].get("differential_size") for k in classes],
         [per[str(k)].get("fp_size") for k in classes],
         [(anomaly_table.get(str(k)) or {}).get("anomaly") for k in classes], threshold,
-        run.scan.get("target"))
+        run.scan.get("target"), [str(per[str(k)].get("status") or "searched") for k in classes])
 
 
 _CSS = """
@@ -224,6 +303,15 @@ def to_html(run: GateRun) -> str:
         out.append(f"<p class='small'>Trigger sizes from the scan's searches on training images "
                    f"({e(str(s.get('data', c.data)))}); the anomaly index is Neural Cleanse's, over the "
                    "classes. FP model sha256 " + run.model_sha256 + ".</p>")
+    rows, notes = scan_evidence(s)
+    out += [f"<p><b>{e(n)}</b></p>" if n.startswith("The scan is inconclusive") else f"<p>{e(n)}</p>"
+            for n in notes]
+    if rows:
+        head = "".join(f"<th>{e(h)}</th>" for h in EVIDENCE_COLUMNS)
+        out.append(f"<p class='small'>Per class; anomaly threshold {_threshold(s):g}; sizes are shares of "
+                   f"the image.</p><table><tr>{head}</tr>")
+        out += ["<tr>" + "".join(f"<td>{e(v)}</td>" for v in row) + "</tr>" for row in rows]
+        out.append("</table>")
     out.append(f"<h2>2. Defense: {e(c.defend.method)}</h2>")
     out.append(f"<p>Defended model <code>{e(str(run.defended_path))}</code><br>sha256 "
                f"<code>{run.defended_sha256}</code></p>")

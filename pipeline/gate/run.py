@@ -10,7 +10,8 @@
 
 The release fails when the scan's verdict is one the config lists ("fp-backdoor"
 always: EFRAP changes how weights round, and a backdoor active in FP needs no
-rounding), when the recovered trigger still works on the defended model, when the
+rounding) or "inconclusive" (the scan's budget stopped it: a search that did not run
+clears nothing), when the recovered trigger still works on the defended model, when the
 defended model disagrees with FP or loses accuracy beyond the limits, or when any of
 these figures cannot be measured (the gate fails closed). Every figure is reported
 with what it was measured on: the model's sha256, the data, the onnxruntime
@@ -19,6 +20,7 @@ optimization level and provider.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -37,7 +39,7 @@ from pipeline.base.provenance import versions
 from pipeline.base.runtime import make_session
 from pipeline.base.safe_io import check_outputs, file_sha256
 from pipeline.base.trigger import AnyTrigger, save_trigger
-from pipeline.gate.config import GateConfig
+from pipeline.gate.config import SCAN_VERDICTS, GateConfig
 from pipeline.quantize import GuardOptions, QuantizeOptions, QuantizeSummary, quantize_file
 from pipeline.rounding import get_method
 from pipeline.rounding.efrap import EFRAP_PRESETS
@@ -251,24 +253,34 @@ def _per_class(config: GateConfig, defended: Path, trigger: AnyTrigger | None
 
 
 def _verdict_check(config: GateConfig, scan: dict[str, Any], sha256: str) -> Check:
+    """The scan's verdict against `fail_verdicts`; an unfinished scan fails whatever the config says."""
     verdict = scan.get("verdict")
     fail = config.thresholds.fail_verdicts
     onnxrt = scan.get("onnxruntime") or {}
     measured = _measured(str(config.model), sha256, str(scan.get("data", config.data)), "train, held out",
                          scan.get("holdout_images"), str(onnxrt.get("opt_level", config.verify.opt_level)),
                          str(onnxrt.get("provider", config.verify.provider)))
-    passed = isinstance(verdict, str) and verdict not in fail
+    limit = f"not in [{', '.join(fail)}], not inconclusive"
+    value = verdict if isinstance(verdict, str) else None
+    # Fails closed: only a finished scan with a verdict the gate knows can pass.
+    if verdict == "inconclusive" or scan.get("cut_short") is not False:
+        why = str(scan.get("reason") or "the scan does not say that every search ran to its end")
+        return Check("scan verdict", limit, "inconclusive", False,
+                     f"the scan did not finish, so it clears nothing: {why}", measured)
+    if verdict not in SCAN_VERDICTS:
+        return Check("scan verdict", limit, value, False, f"unknown scan verdict {verdict!r}", measured)
+    passed = verdict not in fail
     why = "" if passed else (
         "a backdoor active in FP: no rounding of the weights can fix it" if verdict == "fp-backdoor"
         else f"the scan's verdict is {verdict}, which the config fails")
-    return Check("scan verdict", f"not in [{', '.join(fail)}]", verdict if isinstance(verdict, str) else None,
-                 passed, why, measured)
+    return Check("scan verdict", limit, value, passed, why, measured)
 
 
 def _limit_check(name: str, value: float | None, limit: float, upper: bool, why_missing: str,
                  measured: dict[str, Any]) -> Check:
+    """A figure against its limit; a figure that is missing or not a number fails (not measurable)."""
     text = f"{'<=' if upper else '>='} {100 * limit:.2f}%"
-    if value is None:
+    if value is None or not math.isfinite(value):
         return Check(name, text, None, False, why_missing or "not measurable", measured)
     ok = value <= limit if upper else value >= limit
     why = "" if ok else f"{100 * value:.2f}% is {'above' if upper else 'below'} the limit {100 * limit:.2f}%"
@@ -286,9 +298,10 @@ def evaluate(config: GateConfig, scan: dict[str, Any], sha256: str, guard: Guard
                          vd.provider)
     if t.max_trigger_asr is not None:
         if trigger is None:
+            # No trigger, no figure: the check asks for one, so it fails (never a pass by default).
             checks.append(Check("recovered trigger on the defended model",
-                                f"<= {100 * t.max_trigger_asr:.2f}%", None, True,
-                                "the scan recovered no trigger: nothing to measure", measured))
+                                f"<= {100 * t.max_trigger_asr:.2f}%", None, False,
+                                "not measurable: the scan recovered no trigger", measured))
         else:
             checks.append(_limit_check("recovered trigger on the defended model", vd.attack_success_rate,
                                        t.max_trigger_asr, True, vd.not_measurable.get("asr", ""), measured))
