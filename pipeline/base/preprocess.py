@@ -16,6 +16,19 @@ project writes); its `efrap.normalization` metadata (mean and std, written by
 `efrap export`); else an assumption (mean 0, std 1, no scaling, RGB, the layout
 the input's shape suggests), announced in a one-line warning and recorded in the
 output's metadata and every report. Everything is validated as untrusted input.
+
+What cannot drift silently:
+
+- A model quantized from model-ready arrays records origin "data" and where its
+  fields came from (`fields_origin`). When they were only assumed, nothing says how
+  raw images became those arrays: preprocessing raw images for it then needs the
+  settings given (or the exporter's `efrap.normalization`), else it is refused.
+- Settings given for a model that records what it was quantized with, and differ
+  from it, are announced in one line.
+- A mean given without a std (or the reverse) is named as such.
+- Settings that map [0, 1] pixels to an implausible range (all far below or above
+  zero, or beyond any 8-bit pixel scale) are announced with the range and the
+  likely missing option (`range_warning`).
 """
 
 from __future__ import annotations
@@ -40,6 +53,11 @@ PREPROCESSING_KEY = META_PREFIX + "preprocessing"
 LAYOUTS = ("nchw", "nhwc")
 CHANNEL_ORDERS = ("rgb", "bgr")
 ORIGINS = ("options", "metadata", "assumed", "data")
+#: Origins whose fields say how raw images become the model's input.
+STATED = ("options", "metadata")
+#: Largest magnitude a preprocessed pixel plausibly has: past twice the 0-255 scale,
+#: the mean and std are not in the units the pixels were scaled to.
+MAX_PLAUSIBLE_INPUT = 512.0
 #: Fields a config file's [preprocess] section (or --preprocess FILE) may set.
 OPTION_FIELDS = ("mean", "std", "input_scale", "channel_order", "layout", "resize")
 
@@ -57,6 +75,9 @@ class Preprocess:
         resize: (height, width) to resize to, or None.
         origin: Where the settings came from: "options", "metadata", "assumed", or
             "data" (calibration arrays given ready for the model, not preprocessed here).
+        fields_origin: With origin "data": where the fields came from ("options",
+            "metadata" or "assumed"), i.e. whether they say how raw images became
+            those arrays; None otherwise.
     """
 
     mean: tuple[float, ...]
@@ -66,6 +87,7 @@ class Preprocess:
     layout: str = "nchw"
     resize: tuple[int, int] | None = None
     origin: str = "metadata"
+    fields_origin: str | None = None
 
     def apply(self, images: np.ndarray) -> np.ndarray:
         """Model-ready inputs (float32, in `layout`) from N x C x H x W images in [0, 1]."""
@@ -93,7 +115,22 @@ class Preprocess:
         out = asdict(self)
         out["mean"], out["std"] = list(self.mean), list(self.std)
         out["resize"] = list(self.resize) if self.resize is not None else None
+        if self.fields_origin is None:
+            del out["fields_origin"]  # only ready arrays carry it; other records stay as they were
         return out
+
+    def settings(self) -> dict[str, object]:
+        """The settings alone, without where they came from (for comparing two records)."""
+        out = self.to_json()
+        out.pop("origin")
+        out.pop("fields_origin", None)
+        return out
+
+    def input_range(self) -> tuple[float, float]:
+        """Lowest and highest model input that pixels in [0, 1] can become."""
+        low = [(0.0 - m) / s for m, s in zip(self.mean, self.std, strict=True)]
+        high = [(self.input_scale - m) / s for m, s in zip(self.mean, self.std, strict=True)]
+        return min(low), max(high)
 
     def describe(self) -> str:
         """One line for logs and warnings."""
@@ -149,23 +186,94 @@ def checked(pre: Preprocess, channels: int, source: str) -> Preprocess:
     return pre
 
 
-def _metadata_fields(model: onnx.ModelProto, source: str) -> tuple[dict[str, Any], str | None]:
-    meta = get_metadata(model)
-    for key in (PREPROCESSING_KEY, NORMALIZATION_KEY):
-        raw = meta.get(key)
-        if raw is None:
-            continue
-        try:
-            spec = checks.parse_config_text(raw, f"{source}: metadata '{key}'", toml=False)
-        except EfrapError:
-            raise EfrapError(f"{source}: metadata '{key}' is not valid JSON") from None
-        if not isinstance(spec, dict) or "mean" not in spec or "std" not in spec:
-            raise EfrapError(f"{source}: metadata '{key}' must hold 'mean' and 'std' lists")
-        origin = spec.pop("origin", "metadata") if key == PREPROCESSING_KEY else "metadata"
-        if spec.get("resize") is None:
-            spec.pop("resize", None)
-        return from_table(spec, f"{source}: metadata '{key}'"), str(origin)
-    return {}, None
+@dataclass(frozen=True)
+class _Record:
+    """One preprocessing record of a model's metadata, checked.
+
+    Attributes:
+        fields: The checked fields (from_table).
+        origin: The record's origin ("metadata" for `efrap.normalization`).
+        fields_origin: With origin "data": where the fields came from (None: not recorded).
+        stated: Whether the fields say how raw images become the model's input
+            (False for a model quantized from model-ready arrays whose fields were
+            only assumed).
+    """
+
+    fields: dict[str, Any]
+    origin: str
+    fields_origin: str | None
+    stated: bool
+
+
+def _record(model: onnx.ModelProto, key: str, source: str) -> _Record | None:
+    raw = get_metadata(model).get(key)
+    if raw is None:
+        return None
+    try:
+        spec = checks.parse_config_text(raw, f"{source}: metadata '{key}'", toml=False)
+    except EfrapError:
+        raise EfrapError(f"{source}: metadata '{key}' is not valid JSON") from None
+    if not isinstance(spec, dict) or "mean" not in spec or "std" not in spec:
+        raise EfrapError(f"{source}: metadata '{key}' must hold 'mean' and 'std' lists")
+    origin = str(spec.pop("origin", "metadata")) if key == PREPROCESSING_KEY else "metadata"
+    fields_origin = spec.pop("fields_origin", None) if key == PREPROCESSING_KEY else None
+    if origin not in ORIGINS:
+        raise EfrapError(f"{source}: metadata '{key}' has an unknown origin {origin!r}")
+    if spec.get("resize") is None:
+        spec.pop("resize", None)
+    if fields_origin is not None and fields_origin not in (*STATED, "assumed"):
+        raise EfrapError(f"{source}: metadata '{key}' has an unknown fields_origin {fields_origin!r}")
+    # Records written before fields_origin existed say nothing of it: not stated.
+    stated = origin != "data" or fields_origin in STATED
+    return _Record(from_table(spec, f"{source}: metadata '{key}'"), origin, fields_origin, stated)
+
+
+def _metadata_record(model: onnx.ModelProto, source: str) -> _Record | None:
+    """What the model records: `efrap.preprocessing`, else `efrap.normalization`.
+
+    A record of model-ready arrays with assumed fields gives way to the exporter's
+    `efrap.normalization` when there is one (it says what the FP model expects); else
+    it is kept, marked not stated, for its layout.
+    """
+    record = _record(model, PREPROCESSING_KEY, source)
+    if record is not None and record.stated:
+        return record
+    return _record(model, NORMALIZATION_KEY, source) or record
+
+
+def recorded(model: onnx.ModelProto, source: str = "model") -> Preprocess | None:
+    """The preprocessing a QDQ model records it was quantized with (None: none recorded).
+
+    Raises:
+        EfrapError: invalid metadata.
+    """
+    record = _record(model, PREPROCESSING_KEY, source)
+    if record is None:
+        return None
+    known = {f.name for f in fields(Preprocess)}
+    return Preprocess(**{k: v for k, v in record.fields.items() if k in known}, origin=record.origin,
+                      fields_origin=record.fields_origin)
+
+
+def range_warning(pre: Preprocess) -> str:
+    """Why `pre` looks wrong for [0, 1] pixels, with the likely missing option ("" when plausible)."""
+    low, high = pre.input_range()
+    span = f"inputs after preprocessing span {low:.4g} to {high:.4g}"
+    if high < -1.0 or low > 1.0:
+        side = "below" if high < -1.0 else "above"
+        if pre.input_scale == 1.0 and max(abs(m) for m in pre.mean) > 1.0:
+            hint = "the mean is in 0-255 units: missing --input-scale 255?"
+        else:
+            hint = "check --mean (it is in the units after --input-scale)"
+        return f"{span}, every pixel far {side} zero; {hint}"
+    if max(-low, high) > MAX_PLAUSIBLE_INPUT:
+        if pre.input_scale > 1.0 and max(pre.std) <= 1.0:
+            hint = (f"mean and std look like [0, 1] units but pixels are scaled by {pre.input_scale:g}: "
+                    f"give them in 0-{pre.input_scale:g} units, or drop --input-scale")
+        else:
+            hint = "check --std and --input-scale"
+        return f"{span}, beyond any pixel scale; {hint}"
+    return ""
 
 
 def resolve(model: onnx.ModelProto, image: ImageInput, options: dict[str, Any] | None = None,
@@ -177,36 +285,81 @@ def resolve(model: onnx.ModelProto, image: ImageInput, options: dict[str, Any] |
         image: Its image input (pipeline.base.onnx_io.image_input).
         options: Checked fields from `from_table` (command line or config file).
         source: Name used in messages.
-        announce: Print the one-line warning when the settings are assumed.
+        announce: Print the one-line warnings: settings assumed, a mean without a std (or
+            the reverse), settings that differ from those the model records it was
+            quantized with, an implausible input range.
 
     Raises:
-        EfrapError: invalid metadata or options, or settings that do not fit the input.
+        EfrapError: invalid metadata or options, settings that do not fit the input, or
+            a model quantized from model-ready arrays with no stated preprocessing of
+            raw images and none given.
     """
     options = dict(options or {})
-    meta, meta_origin = _metadata_fields(model, source)
+    record = _metadata_record(model, source)
+    meta = dict(record.fields) if record is not None else {}
+    if record is not None and not record.stated:
+        # Identity fields recorded for model-ready arrays say nothing of raw images.
+        meta.pop("mean", None)
+        meta.pop("std", None)
     layout = options.get("layout") or meta.get("layout") or image.layout_guess()
     channels = image.chw(layout)[0]
     if channels is None:
         raise EfrapError(f"{source}: input '{image.name}' has no static channel count")
     fields_set = {**meta, **options, "layout": layout}
     normalised = "mean" in fields_set and "std" in fields_set
-    if not normalised:
-        fields_set.setdefault("mean", (0.0,) * channels)
-        fields_set.setdefault("std", (1.0,) * channels)
+    partial = not normalised and ("mean" in fields_set or "std" in fields_set)
+    if not normalised and not partial and record is not None and not record.stated:
+        raise EfrapError(f"{source}: it was quantized from model-ready arrays and records no preprocessing "
+                         "of raw images; give the settings that made those arrays (--mean, --std, "
+                         "--input-scale, ... or --preprocess)")
+    fields_set.setdefault("mean", (0.0,) * channels)
+    fields_set.setdefault("std", (1.0,) * channels)
     # Options decide when they normalise; otherwise the metadata's own origin stands.
-    origin = ("options" if normalised else "assumed") if options else (meta_origin or "assumed")
+    if options:
+        origin = "options" if normalised or partial else "assumed"
+    elif record is None:
+        origin = "assumed"
+    else:  # stated fields of ready arrays, now applied to raw images, come from the metadata
+        origin = "metadata" if record.origin == "data" else record.origin
     known = {f.name for f in fields(Preprocess)}
     pre = checked(Preprocess(**{k: v for k, v in fields_set.items() if k in known}, origin=origin),
                   channels, source)
-    if origin == "assumed" and announce:
-        log(f"warning: {source}: no preprocessing recorded in the model or given (--mean, --std, "
-            f"--preprocess); assuming {pre.describe()}")
+    if announce:
+        for line in _warnings(model, pre, options, partial, source):
+            log(f"warning: {source}: {line}")
     return pre
 
 
+def _warnings(model: onnx.ModelProto, pre: Preprocess, options: dict[str, Any], partial: bool,
+              source: str) -> list[str]:
+    """The one-line warnings `resolve` announces for `pre`."""
+    out = []
+    if partial:
+        given, missing, value = ("mean", "std", 1) if "mean" in options else ("std", "mean", 0)
+        out.append(f"a {given} is given without a {missing} (--{missing}); using {missing} {value} for "
+                   f"every channel: {pre.describe()}")
+    elif pre.origin == "assumed":
+        out.append("no mean and std recorded in the model or given (--mean, --std, --preprocess); "
+                   f"assuming {pre.describe()}")
+    if options:
+        quantized_with = recorded(model, source)
+        stated = quantized_with is not None and (quantized_with.origin != "data"
+                                                 or quantized_with.fields_origin in STATED)
+        if stated and quantized_with.settings() != pre.settings():  # type: ignore[union-attr]
+            out.append(f"the preprocessing given ({pre.describe()}) differs from the one it was quantized "
+                       f"with ({quantized_with.describe()}, efrap.preprocessing)")
+    if why := range_warning(pre):
+        out.append(why)
+    return out
+
+
 def ready(pre: Preprocess) -> Preprocess:
-    """The same preprocessing marked as given by the data (arrays already model-ready)."""
-    return replace(pre, origin="data")
+    """The same preprocessing marked as given by the data (arrays already model-ready).
+
+    Where its fields came from is kept (`fields_origin`): only stated fields say how raw
+    images became the arrays, for a later check on raw images (`resolve`).
+    """
+    return replace(pre, origin="data", fields_origin=pre.fields_origin or pre.origin)
 
 class PreparedImages:
     """Model-ready inputs computed batch by batch from a data set's stored pixels.
