@@ -27,16 +27,29 @@ import torch.nn.functional as F
 
 from pipeline.base.errors import EfrapError, NotSupported
 from pipeline.graph import QuantLayer
+from pipeline.positions import position_problem
 from pipeline.qmath import QParams, fake_quant
 from pipeline.rounding.base import LayerProblem, Rows
 from pipeline.torch_graph import TorchGraph
 
 
-def layer_model(model: onnx.ModelProto, layer: QuantLayer) -> onnx.ModelProto:
-    """The layer's own nodes as a graph from its input to its output."""
+def as_patch_conv(node: onnx.NodeProto) -> onnx.NodeProto:
+    """The same conv as a 1 x 1 conv with the same groups, for rows of flattened patches."""
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    return onnx.helper.make_node("Conv", list(node.input), list(node.output), name=node.name,
+                                 kernel_shape=[1, 1], group=group)
+
+
+def layer_model(model: onnx.ModelProto, layer: QuantLayer, patches: bool = False) -> onnx.ModelProto:
+    """The layer's own nodes as a graph from its input to its output.
+
+    With `patches`, the Conv reads rows of flattened input patches ([M, K, 1, 1], see
+    pipeline.positions) as a 1 x 1 conv; the nodes after it are unchanged.
+    """
     graph = model.graph
     names = set(layer.nodes)
-    nodes = [n for n in graph.node if n.name in names]
+    nodes = [as_patch_conv(n) if patches and n.name == layer.node else n
+             for n in graph.node if n.name in names]
     used = {i for n in nodes for i in n.input}
     out = onnx.helper.make_graph(
         nodes, f"layer {layer.node}", [onnx.helper.make_empty_tensor_value_info(layer.input)],
@@ -48,14 +61,15 @@ def layer_model(model: onnx.ModelProto, layer: QuantLayer) -> onnx.ModelProto:
 
 
 def layer_forward(model: onnx.ModelProto, layer: QuantLayer, bias: torch.Tensor | None,
-                  out_qp: QParams | None, device: torch.device
+                  out_qp: QParams | None, device: torch.device, patches: bool = False
                   ) -> Callable[..., torch.Tensor]:
     """(input batch, float weight[, output step size]) -> the layer's output, quantized.
 
     The output quantizer uses its calibrated grid, or the given step size (a tensor, so
-    that a method can learn it) with the calibrated zero point.
+    that a method can learn it) with the calibrated zero point. With `patches`, the
+    input is rows of patches and the weight is flattened to [C_out, K, 1, 1].
     """
-    graph = TorchGraph(layer_model(model, layer), device)
+    graph = TorchGraph(layer_model(model, layer, patches), device)
     static = {layer.bias: bias} if layer.bias is not None and bias is not None else {}
     act_quant = {layer.output: out_qp} if out_qp is not None else None
 
@@ -125,6 +139,10 @@ def build_problem(model: onnx.ModelProto, layer: QuantLayer, weight: torch.Tenso
         inputs=inputs, targets=targets, output_qparams=out_qp,
     )
     if not needs & {"head", "output_grads"}:
+        node = next(n for n in model.graph.node if n.name == layer.node)
+        if layer.op == "Conv" and weight.dim() == 4:
+            patch_fwd = layer_forward(model, layer, bias, out_qp, weight.device, patches=True)
+            problem.positions = lambda rows, seed: position_problem(problem, node, patch_fwd, rows, seed)
         return problem
     assert head is not None
     problem.head = lambda y: head.run(layer, y)

@@ -37,6 +37,11 @@ ProgressCallback = Callable[[int, dict[str, float]], None]
 NEEDS = frozenset({"data", "bn_factors", "output_grads", "head"})
 ERROR_MODES = ("element", "neuron")
 ERROR_UNITS = ("pre_bn", "exported", "steps")
+#: What one optimization step's batch holds: whole cached images (the release) or rows of
+#: (image, position) pairs drawn from a per-layer pool (pipeline.positions; 2-D convs only).
+SAMPLES = ("images", "positions")
+#: Largest pool of (image, position) rows per layer.
+MAX_POOL = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,15 @@ class RoundingConfig:
             reading the input units that fire on the fewest calibration images, together
             on at most this share of them, are set to zero; 0 turns it off. It needs the
             cached inputs, so it works with any method (nearest included).
+        samples: "images" (each step's batch is `batch_size` whole cached images, the
+            release) or "positions" (each step's batch is `batch_size` rows of a pool of
+            about `pool` (image, position) rows drawn from every calibration image, for
+            2-D convs under the "mse" loss; other layers keep whole images). A step then
+            costs batch_size times the layer's weights, whatever the image size.
+        pool: Rows of the per-layer pool when samples is "positions".
+        patience: Stop a layer early once its hard rounding (the sign of every V) has not
+            changed over this many consecutive checks, one check every 1% of the steps
+            after the first half of them; 0 runs every step.
 
     The batches are sampled with a seed the orchestrator derives from the run's one
     seed for each layer (`LayerProblem.seed`), not with a setting of their own.
@@ -89,6 +103,9 @@ class RoundingConfig:
     act_lr: float = 0.0
     rec_guard: float = 0.0
     prune_rare: float = 0.0
+    samples: str = "images"
+    pool: int = 32_768
+    patience: int = 0
 
     def __post_init__(self) -> None:
         checks.integer(self.iters, "iters", low=1)
@@ -107,6 +124,9 @@ class RoundingConfig:
         checks.finite(self.act_lr, "act_lr", low=0.0)
         checks.finite(self.rec_guard, "rec_guard", low=0.0)
         checks.finite(self.prune_rare, "prune_rare", low=0.0)
+        checks.string(self.samples, "samples", SAMPLES)
+        checks.integer(self.pool, "pool", low=1, high=MAX_POOL)
+        checks.integer(self.patience, "patience", low=0, high=100)
         if self.prune_rare >= 1.0:
             raise EfrapError(f"prune_rare must be below 1, got {self.prune_rare:g}")
         if 0.0 < self.rec_guard < 1.0:
@@ -140,6 +160,9 @@ class LayerProblem:
         seed: Seeds the method's random choices for this layer (batch sampling).
         output_qparams: The grid of the layer's output quantizer (None when the output
             stays float), for methods that learn its step size.
+        positions: (rows, seed) -> the same problem over a pool of about `rows` sampled
+            (image, position) rows (pipeline.positions); None where the layer is not a 2-D
+            conv or the loss looks past the layer.
     """
 
     name: str
@@ -155,6 +178,7 @@ class LayerProblem:
     error_scale: torch.Tensor | None = None
     seed: int = 0
     output_qparams: QParams | None = None
+    positions: Callable[[int, int], LayerProblem] | None = None
 
 
 @dataclass

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from pipeline.base.errors import EfrapError
+from pipeline.base.seeds import derive
 from pipeline.qmath import QParams, dequantize, quantize
 from pipeline.rounding.base import (
     LayerProblem,
@@ -248,9 +249,11 @@ def optimize_rounding(
     """
     loss_fn = get_loss(config.loss)
     check_problem(problem, config, method, loss_fn)
+    t0 = time.perf_counter()
+    if config.samples == "positions" and problem.positions is not None and not loss_fn.needs:
+        problem = problem.positions(config.pool, derive(problem.seed, "positions"))
     assert problem.forward is not None and problem.inputs is not None
     assert problem.targets is not None
-    t0 = time.perf_counter()
     device = problem.weight.device
     inputs, targets, forward = problem.inputs, problem.targets, problem.forward
     grid = LayerGrid.build(problem.weight, problem.qparams)
@@ -267,8 +270,11 @@ def optimize_rounding(
     every = max(1, config.iters // 100)
     zero = torch.zeros((), device=device)
     rec = round_term = flip_term = zero
+    stop = EarlyStop(config, every)
 
-    for step in range(1, config.iters + 1):
+    step = 0
+    while step < config.iters:
+        step += 1
         idx = torch.randperm(n, generator=gen, device=device)[:batch]
         h = soft.h(v)
         x = inputs[idx].to(device)
@@ -293,6 +299,8 @@ def optimize_rounding(
         if progress is not None and (step % every == 0 or step == config.iters):
             progress(step, {"rec": rec.item(), "round": round_term.item(),
                             "flip": flip_term.item()})
+        if stop.settled(step, v):
+            break
 
     with torch.no_grad():
         q = grid.hard(v >= 0)
@@ -300,6 +308,8 @@ def optimize_rounding(
     learned = step_size.final() if step_size is not None else None
     stats = {
         "flip_fraction": flip_fraction,
+        "steps": float(step),
+        "rows": float(len(inputs)),
         "rec": rec.item(),
         "round": round_term.item(),
         "flip": flip_term.item(),
@@ -311,6 +321,32 @@ def optimize_rounding(
     stats["seconds"] = time.perf_counter() - t0
     return RoundingResult(q=q, stats=stats,
                           output_scale=float(learned) if learned is not None else None)
+
+
+class EarlyStop:
+    """Stops a layer once its hard rounding has settled (`RoundingConfig.patience`).
+
+    From the middle of the schedule on (the regulariser and the step-size decay have had
+    half their course), the signs of V are compared every `every` steps; after `patience`
+    consecutive checks without a change, the layer stops. With patience 0 it never does.
+    """
+
+    def __init__(self, config: RoundingConfig, every: int) -> None:
+        self.patience = config.patience
+        self.start = config.iters // 2
+        self.every = every
+        self.last: torch.Tensor | None = None
+        self.calm = 0
+
+    def settled(self, step: int, v: torch.Tensor) -> bool:
+        """Whether to stop after `step` (checked every `every` steps past the start)."""
+        if self.patience == 0 or step < self.start or step % self.every:
+            return False
+        with torch.no_grad():
+            up = v >= 0
+        self.calm = self.calm + 1 if self.last is not None and torch.equal(up, self.last) else 0
+        self.last = up
+        return self.calm >= self.patience
 
 
 class OutputStepSize:
