@@ -266,13 +266,13 @@ class _Rounder:
         weight = torch.from_numpy(self.inits[layer.weight]).to(self.device)
         if "data" in self.needs:
             assert self.sampler is not None
-            targets = self.sampler.run(self.prepared, layer.output)
+            targets = self.sampler.run(self.prepared, layer.output, lineage="fp")
             # The graph so far: the layers already rounded carry their integers, the rest
             # (none of them upstream of this one) stay float, every activation is quantized.
             partial = to_qdq(self.prepared, QuantResult(self.plan, self.act_qp, dict(self.done),
                                                         self.constants))
             reads = next(n for n in partial.graph.node if n.name == layer.node).input[0]
-            inputs = self.sampler.run(partial, reads)
+            inputs = self.sampler.run(partial, reads, lineage="partial")
             problem = build_problem(self.prepared, layer, weight, wqp, bias, self.act_qp.get(layer.output),
                                     inputs, targets, self.head, self.needs)
         else:

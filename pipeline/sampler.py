@@ -10,7 +10,16 @@ wanted tensor is exposed as an output.
   (the caller builds that graph with the pipeline's own QDQ writer).
 
 Only the subgraph that computes the wanted tensor is run (onnxruntime computes
-every node of a session otherwise). Each onnxruntime call is sized so that its
+every node of a session otherwise). Within a *lineage* (the FP graph, or the partly
+quantized graphs of one run, which only ever gain rounded layers downstream of what was
+asked before), every tensor computed is kept, and the next subgraph starts from the
+kept tensors it reaches instead of from the graph input: a layer's input is the
+previous layers' outputs run through one block, not the whole network again, so the
+sampling of a deep network grows with its depth, not its square. A tensor asked for in
+the partly quantized graph is upstream of the layer being rounded, so every layer it
+depends on is already final when it is computed, and it stays valid for the rest of
+the run. The same ops run on the same values, so the tensors are the same bytes as a
+run from the input. Each onnxruntime call is sized so that its
 output stays near `RUN_BYTES`, and a layer's cached rows stay in memory up to
 `ram_bytes`; beyond that they spill to a file in a temporary folder and each
 optimization step reads its batch's rows with positional reads, so resident memory
@@ -22,7 +31,8 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -36,10 +46,16 @@ from pipeline.base.runtime import make_session
 RUN_BYTES = 64 << 20
 #: Largest cache of one tensor kept in memory; larger ones go to disk.
 RAM_BYTES = 512 << 20
+#: Most bytes of kept tensors in memory per lineage, and most kept tensors on disk per lineage
+#: (least recently used ones go first; a tensor that is gone is computed again when needed).
+KEEP_RAM_BYTES = 512 << 20
+KEEP_DISK = 6
 
 
-def subgraph(model: onnx.ModelProto, outputs: Iterable[str]) -> onnx.ModelProto:
-    """The smallest part of `model` that computes `outputs` from the graph input."""
+def subgraph(model: onnx.ModelProto, outputs: Iterable[str],
+             available: Collection[str] = ()) -> onnx.ModelProto:
+    """The smallest part of `model` that computes `outputs` from the graph input and the
+    `available` float32 tensors (which become inputs where the walk back reaches them)."""
     graph = model.graph
     producer = {o: n for n in graph.node for o in n.output}
     inits = {i.name for i in graph.initializer}
@@ -48,18 +64,26 @@ def subgraph(model: onnx.ModelProto, outputs: Iterable[str]) -> onnx.ModelProto:
     index = {id(n): i for i, n in enumerate(graph.node)}
     stack = list(wanted)
     seen: set[str] = set()
+    fed: list[str] = []
     while stack:
         name = stack.pop()
-        if name in seen or name in inits or name not in producer:
+        if name in seen or name in inits:
             continue
         seen.add(name)
+        if name in available and name not in wanted:
+            fed.append(name)
+            continue
+        if name not in producer:
+            continue
         node = producer[name]
         keep.add(index[id(node)])
         stack.extend(i for i in node.input if i)
     nodes = [n for i, n in enumerate(graph.node) if i in keep]
     used = {i for n in nodes for i in n.input}
+    inputs = [i for i in graph_inputs(model) if i.name in seen or not fed]
+    inputs += [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in sorted(fed)]
     out = onnx.helper.make_graph(
-        nodes, graph.name, list(graph_inputs(model)),
+        nodes, graph.name, inputs,
         [onnx.helper.make_empty_tensor_value_info(name) for name in wanted],
         [i for i in graph.initializer if i.name in used])
     sub = onnx.helper.make_model(out, opset_imports=list(model.opset_import))
@@ -105,8 +129,20 @@ class DiskRows:
 Rows = torch.Tensor | DiskRows
 
 
+#: A source of feed rows: (start, stop) -> float32 array of those rows.
+Source = Callable[[int, int], np.ndarray]
+
+
+def _rows_source(rows: Rows) -> Source:
+    """Rows [start, stop) of a kept tensor as a numpy array."""
+    if isinstance(rows, DiskRows):
+        return lambda a, b: rows[torch.arange(a, b)].numpy()
+    host = rows.detach().cpu().numpy()
+    return lambda a, b: host[a:b]
+
+
 class OrtSampler:
-    """Runs (parts of) graphs over the calibration images and caches one tensor at a time.
+    """Runs (parts of) graphs over the calibration images and caches the tensors asked for.
 
     Args:
         images: Model-ready calibration inputs, N x ....
@@ -125,16 +161,44 @@ class OrtSampler:
         self.ram_bytes = ram_bytes
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._files: list[DiskRows] = []
+        self._kept: dict[str, OrderedDict[str, Rows]] = {}
 
-    def run(self, model: onnx.ModelProto, tensor: str) -> Rows:
+    def run(self, model: onnx.ModelProto, tensor: str, lineage: str | None = None) -> Rows:
         """`tensor` computed by `model` for every calibration image.
+
+        Args:
+            model: The graph.
+            tensor: The float32 tensor wanted.
+            lineage: Names a family of graphs whose tensors asked for so far are still
+                valid in `model` (see the module docstring): they are reused as inputs,
+                and `tensor` is kept for later calls. None: run from the graph input.
 
         Raises:
             EfrapError: onnxruntime cannot run the graph, or the tensor is not float32.
         """
-        session = make_session(subgraph(model, [tensor]), "faithful", self.provider, arena=False)
+        kept = self._kept.setdefault(lineage, OrderedDict()) if lineage is not None else OrderedDict()
+        if tensor in kept:
+            kept.move_to_end(tensor)
+            return kept[tensor]
+        sub = subgraph(model, [tensor], kept.keys())
+        session = make_session(sub, "faithful", self.provider, arena=False)
+        image_names = {i.name for i in graph_inputs(model)}
+        sources: dict[str, Source] = {}
+        for inp in sub.graph.input:
+            if inp.name in image_names:
+                sources[inp.name] = lambda a, b: self.images[a:b]
+            else:
+                kept.move_to_end(inp.name)
+                sources[inp.name] = _rows_source(kept[inp.name])
+        rows = self._collect(tensor, self._batches(session, sources))
+        if lineage is not None:
+            kept[tensor] = rows
+            self._evict(kept)
+        return rows
+
+    def _collect(self, tensor: str, batches: Iterator[np.ndarray]) -> Rows:
+        """The batches as one cache: in memory up to `ram_bytes`, else spilled to a file."""
         n = len(self.images)
-        batches = self._batches(session)
         first = next(batches)
         if first.dtype != np.float32:
             raise EfrapError(f"tensor '{tensor}' is {first.dtype}, not float32")
@@ -158,20 +222,42 @@ class OrtSampler:
         self._files.append(rows)
         return rows
 
-    def _batches(self, session: object) -> Iterator[np.ndarray]:
-        """The output for the images, batch by batch (the first batch sizes the rest)."""
-        name = session.input_name  # type: ignore[attr-defined]
+    def _evict(self, kept: OrderedDict[str, Rows]) -> None:
+        """Drop the least recently used kept tensors past the budgets (never the newest).
+
+        A dropped file stays open until `close`: the caller may still read the rows it was given.
+        """
+        names = list(kept)[:-1]
+        ram = sum(r.numel() * 4 for r in kept.values() if isinstance(r, torch.Tensor))
+        disk = sum(isinstance(r, DiskRows) for r in kept.values())
+        for name in names:
+            rows = kept[name]
+            if isinstance(rows, torch.Tensor) and ram > KEEP_RAM_BYTES:
+                ram -= rows.numel() * 4
+                del kept[name]
+            elif isinstance(rows, DiskRows) and disk > KEEP_DISK:
+                disk -= 1
+                del kept[name]
+
+    def _batches(self, session: object, sources: dict[str, Source] | None = None) -> Iterator[np.ndarray]:
+        """The output for the images, batch by batch (the first batch sizes the rest).
+
+        `sources` gives each session input's rows (default: the images as its one input).
+        """
         run = session.session.run  # type: ignore[attr-defined]
+        if sources is None:
+            sources = {session.input_name: lambda a, b: self.images[a:b]}  # type: ignore[attr-defined]
         n = len(self.images)
         fixed = self.fixed_batch
         start, batch = 0, fixed or 1
         while start < n:
             stop = min(start + batch, n)
-            feed = self.images[start:stop]
-            if fixed is not None and len(feed) < fixed:
+            feeds = {name: src(start, stop) for name, src in sources.items()}
+            if fixed is not None and stop - start < fixed:
                 # A fixed-batch model cannot take a short last batch: pad it with the first rows.
-                feed = np.concatenate([feed, self.images[: fixed - len(feed)]])
-            part = run(None, {name: feed})[0][: stop - start]
+                pad = fixed - (stop - start)
+                feeds = {name: np.concatenate([f, sources[name](0, pad)]) for name, f in feeds.items()}
+            part = run(None, feeds)[0][: stop - start]
             yield part
             if start == 0 and fixed is None:
                 batch = int(max(1, min(256, RUN_BYTES // max(part[0].nbytes, 1))))
@@ -182,6 +268,7 @@ class OrtSampler:
         for rows in self._files:
             rows.close()
         self._files = []
+        self._kept = {}
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

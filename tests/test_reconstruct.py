@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import onnx
+import pytest
 import torch
 
 from converters.qdq import to_qdq
@@ -15,6 +17,7 @@ from pipeline.prepare import prepare_model
 from pipeline.quantize import QuantizeOptions, quantize_model
 from pipeline.quantized import QuantResult
 from pipeline.reconstruct import Head, build_problem
+from pipeline.rounding.efrap import EFRAP_DEFAULT
 from pipeline.sampler import DiskRows, OrtSampler, subgraph
 from pipeline.scheme import PRESETS
 
@@ -83,9 +86,9 @@ def test_caching_holds_one_batch_at_a_time(tiny_model: onnx.ModelProto, calib_im
         produce = sampler._batches
         alive: list[int] = []
 
-        def watched(session: object, produce=produce, alive=alive) -> Iterator[np.ndarray]:
+        def watched(*args: object, produce=produce, alive=alive) -> Iterator[np.ndarray]:
             refs: list[weakref.ref] = []
-            for part in produce(session):
+            for part in produce(*args):
                 alive.append(sum(r() is not None for r in refs))
                 refs.append(weakref.ref(part))
                 yield part
@@ -133,3 +136,37 @@ def test_fisher_and_head_fields(tiny_model: onnx.ModelProto, calib_images: np.nd
     with torch.no_grad():
         logits = problem.head(targets)
     np.testing.assert_allclose(logits.numpy(), problem.head_targets.numpy(), atol=1e-4)
+
+
+def test_kept_tensors_start_later_subgraphs_and_give_the_same_bytes(tiny_model: onnx.ModelProto,
+                                                                     calib_images: np.ndarray) -> None:
+    prepared = prepare_model(tiny_model)
+    plan = quantize_model(tiny_model, calib_images[:32], QuantizeOptions(scheme=PRESETS["w8a8"]))[1].plan
+    kept = OrtSampler(calib_images[:40], torch.device("cpu"), "cpu", ram_bytes=30_000)  # some spill to disk
+    fresh = OrtSampler(calib_images[:40], torch.device("cpu"), "cpu")
+    for layer in plan.layers:
+        again = kept.run(prepared, layer.output, lineage="fp")
+        whole = fresh.run(prepared, layer.output)
+        np.testing.assert_array_equal(again[torch.arange(40)].numpy(), whole.numpy())
+    # The last layer's output is computed from the one before it, not from the image.
+    before, last = plan.layers[-2], plan.layers[-1]
+    sub = subgraph(prepared, [last.output], [before.output])
+    assert [i.name for i in sub.graph.input] == [before.output]
+    assert kept.run(prepared, last.output, lineage="fp") is kept.run(prepared, last.output, lineage="fp")
+    kept.close()
+    fresh.close()
+
+
+def test_learned_rounding_is_the_same_with_kept_tensors(tiny_model: onnx.ModelProto, calib_images: np.ndarray,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    options = QuantizeOptions(scheme=PRESETS["w4a4"], method="efrap",
+                              rounding=replace(EFRAP_DEFAULT, iters=15, batch_size=8))
+    with_kept, _, _ = quantize_model(tiny_model, calib_images[:64], options)
+    run = OrtSampler.run
+
+    def from_input(self: OrtSampler, model: onnx.ModelProto, tensor: str, lineage: str | None = None):
+        return run(self, model, tensor)
+
+    monkeypatch.setattr(OrtSampler, "run", from_input)
+    without, _, _ = quantize_model(tiny_model, calib_images[:64], options)
+    assert with_kept.SerializeToString() == without.SerializeToString()
