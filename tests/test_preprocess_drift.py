@@ -93,11 +93,13 @@ def test_settings_given_with_ready_arrays_travel_to_verify(tmp_path: Path) -> No
     assert report.preprocessing["origin"] == "metadata"
 
 
-def test_raw_preprocessing_then_ready_arrays_is_refused(tmp_path: Path) -> None:
+def test_raw_preprocessing_travels_to_verify_and_ready_arrays_are_refused(tmp_path: Path) -> None:
     fp, ready_npz, raw_npz = _files(tmp_path)
     q = tmp_path / "q.onnx"
     assert main(["quantize", str(fp), "--calib", f"npz:{raw_npz}", "--num-calib", "32", "--mean",
                  "0.5,0.5,0.5", "--std", "0.25,0.25,0.25", "-o", str(q)]) == 0
+    report = verify_model(str(q), VerifyOptions(data=f"npz:{raw_npz}"))
+    assert report.preprocessing["mean"] == [0.5] * 3 and report.preprocessing["origin"] == "options"
     with pytest.raises(EfrapError, match="holds model-ready arrays"):
         verify_model(str(q), VerifyOptions(data=f"npz:{ready_npz}"))
 
