@@ -247,3 +247,53 @@ def test_audit_refuses_a_model_without_integer_weights(tiny_fp: Path, capsys: py
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no integer weight" in err[0]
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- an unfinished scan
+
+
+ZOO_QCB = Path(__file__).resolve().parents[1] / "models" / "zoo" / "fmnist_compartifact_w4a4.onnx"
+
+
+def test_a_scan_that_did_not_finish_makes_the_audit_inconclusive() -> None:
+    # The fresh search flags class 0 on Q alone, but the budget cut the scan short: the
+    # partial evidence decides nothing, neither a flag nor "clean".
+    partial = CASES["rounding-backdoor"]
+    cut = FakeScan(partial.verdict, partial.confidence, partial.target, partial.defended, cut_short=True)
+    verdict = decide(evidence_from_scan(cut), AuditThresholds())
+    assert verdict.verdict == "inconclusive" and verdict.flagged
+    clean_but_cut = FakeScan("inconclusive", 0.0, None, CASES["clean"].defended, cut_short=True)
+    verdict = decide(evidence_from_scan(clean_but_cut), AuditThresholds())
+    assert verdict.verdict == "inconclusive" and "time budget (1 s) ran out" in verdict.reasons[0]
+
+    # A report that does not say whether it finished is not a finished scan (fail closed).
+    class Silent(FakeScan):
+        def to_json(self, trigger_file: object = None) -> dict:
+            data = super().to_json(trigger_file)
+            del data["cut_short"]
+            return data
+
+    assert decide(evidence_from_scan(Silent("clean", 0.9, None, CASES["clean"].defended)),
+                  AuditThresholds()).verdict == "inconclusive"
+
+
+def test_tiny_budget_audit_is_inconclusive_and_exits_1(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # Measured before: "efrap audit ... --budget 120" said clean (cut_short only in the JSON).
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.integers(0, 256, (400, 28, 28), dtype=np.uint8),
+             y=(np.arange(400) % 10).astype(np.int64))
+    q_path, out = tmp_path / "q.onnx", tmp_path / "audit.json"
+    images = rng.standard_normal((64, 1, 28, 28)).astype(np.float32)
+    qdq, _, _ = quantize_model(onnx.load(str(ZOO_QCB)), images, QuantizeOptions(scheme=PRESETS["w4a4"]))
+    onnx.save(qdq, str(q_path))
+    code = main(["audit", str(ZOO_QCB), str(q_path), "--scheme", "w4a4", "--calib",
+                 f"npz:{tmp_path / 'data.npz'}", "--num-calib", "128", "--holdout", "64", "--budget", "1e-9",
+                 "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 1
+    assert "verdict: inconclusive (FLAGGED)" in printed and "classes not searched: 0, 1, 2" in printed
+    report = json.loads(out.read_text())
+    assert report["verdict"] == "inconclusive" and report["flagged"]
+    assert report["evidence"]["complete"] is False
+    assert report["scan"]["verdict"] == "inconclusive" and report["scan"]["cut_short"] is True

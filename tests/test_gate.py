@@ -4,6 +4,7 @@ and a tiny end-to-end run with a stand-in scan (reports written, exit code by th
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,9 @@ import pipeline.cli.commands.gate as gate_cli
 from pipeline.base.trigger import PatternTrigger, checkerboard
 from pipeline.cli.main import main
 from pipeline.gate import load_gate_config
+from pipeline.scan import VerdictRule, decide, not_findings, run_test
 from tests.conftest import export_tiny
+from validators.gate import Gate
 
 GOOD = """model = "tiny.onnx"
 data = "npz:data.npz"
@@ -135,9 +138,10 @@ class FakeVerdict:
 class FakeScanReport:
     """A stand-in for pipeline.scan.ScanReport: the attributes and JSON keys the gate reads."""
 
-    def __init__(self, verdict: str, trigger: PatternTrigger | None) -> None:
+    def __init__(self, verdict: str, trigger: PatternTrigger | None, extra: dict | None = None) -> None:
         self.verdict = FakeVerdict(verdict, 0 if trigger is not None else None, 0.9, "a <b>stand-in</b> scan")
         self.trigger = trigger
+        self.extra = extra or {}
 
     def to_json(self, trigger_file: str | None = None) -> dict:
         per_class = {str(c): {"drift": 0.0, "searched": True, "differential_size": 0.01 if c == 0 else 0.2,
@@ -152,15 +156,16 @@ class FakeScanReport:
                                                          for c in range(10)}}},
                 "settings": {"rule": {"threshold": 2.0}}, "data": "npz", "holdout_images": 32,
                 "onnxruntime": {"opt_level": "faithful", "provider": "CPUExecutionProvider"}, "seconds": 0.1,
-                "cut_short": self.verdict.verdict == "inconclusive"}
+                "cut_short": self.verdict.verdict == "inconclusive", **self.extra}
 
 
-def _fake(verdict: str, calls: list) -> object:
-    trigger = checkerboard(4, 28, 28, 1, target=0, margin=1)
+def _fake(verdict: str, calls: list, trigger: PatternTrigger | None = None, extra: dict | None = None,
+          no_trigger: bool = False) -> object:
+    trigger = None if no_trigger else trigger or checkerboard(4, 28, 28, 1, target=0, margin=1)
 
     def scan(model: str, options: object, defended: str | None = None) -> FakeScanReport:
         calls.append((model, options, defended))
-        return FakeScanReport(verdict, trigger)
+        return FakeScanReport(verdict, trigger, extra)
 
     return scan
 
@@ -211,3 +216,90 @@ def test_fp_backdoor_verdict_fails_the_release(folder: Path, monkeypatch: pytest
     report = json.loads((folder / "out" / "report.json").read_text())
     verdict = report["checks"][0]
     assert verdict["name"] == "scan verdict" and not verdict["passed"] and "no rounding" in verdict["why"]
+
+
+# ---------------------------------------------------------------------------- evidence or nothing
+
+
+ZOO_QCB = Path(__file__).resolve().parents[1] / "models" / "zoo" / "fmnist_compartifact_w4a4.onnx"
+
+
+def test_a_scan_the_budget_stops_fails_the_gate(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Measured before: [scan] budget = 1.0 on this model let 0 of 9 searches run, the verdict
+    # was clean, the trigger check "not measurable ... pass", and the gate PASSED (exit 0).
+    rng = np.random.default_rng(0)
+    np.savez(folder / "zoo.npz", x=rng.integers(0, 256, (400, 28, 28), dtype=np.uint8),
+             y=(np.arange(400) % 10).astype(np.int64))
+    text = (GOOD.replace('"tiny.onnx"', f'"{ZOO_QCB}"').replace("npz:data.npz", "npz:zoo.npz")
+            .replace('scheme = "w8a8"', 'scheme = "w4a4"')
+            .replace("[preprocess]\nmean = [0.5]\nstd = [0.25]\n", "")
+            .replace("budget = 5.0\nnum_calib = 64", "budget = 1e-9\nnum_calib = 128\nholdout = 64")
+            .replace('method = "efrap"\niters = 2', 'method = "nearest"'))
+    assert main(["gate", str(_write(folder, text.format(thresholds=PASSING)))]) == 1
+    printed = capsys.readouterr().out
+    assert printed.startswith("# efrap gate: FAILED") and "PASSED" not in printed
+    report = json.loads((folder / "out" / "report.json").read_text())
+    assert not report["passed"] and report["exit_code"] == 1
+    verdict, trigger = report["checks"][0], report["checks"][1]
+    assert verdict["value"] == "inconclusive" and not verdict["passed"] and "did not finish" in verdict["why"]
+    assert trigger["value"] is None and not trigger["passed"] and "not measurable" in trigger["why"]
+    assert report["scan"]["report"]["coverage"]["classes"]["not searched"] == list(range(10))
+    markdown, page = (folder / "out" / "summary.md").read_text(), (folder / "out" / "report.html").read_text()
+    for text in (markdown, page):
+        assert "The scan is inconclusive: no search ran" in text and "not searched" in text
+        assert "An inconclusive scan fails the gate" in text
+
+
+def test_no_recovered_trigger_fails_the_trigger_check(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gate_cli, "scan_model", _fake("clean", [], no_trigger=True))
+    assert main(["gate", str(_write(folder, GOOD.format(thresholds=PASSING)))]) == 1
+    report = json.loads((folder / "out" / "report.json").read_text())
+    check = next(c for c in report["checks"] if c["name"] == "recovered trigger on the defended model")
+    assert check["value"] is None and not check["passed"] and check["why"].startswith("not measurable")
+    assert report["checks"][0]["passed"]  # the verdict itself (clean, finished) passes: the figure fails
+
+
+def test_a_scan_report_that_does_not_say_it_finished_fails(folder: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # Fail closed: no cut_short in the report, or a verdict the gate does not know.
+    for i, extra in enumerate(({"cut_short": None}, {"verdict": "probably-fine"})):
+        monkeypatch.setattr(gate_cli, "scan_model", _fake("clean", [], extra=extra))
+        config = _write(folder, GOOD.format(thresholds=PASSING).replace('"out"', f'"out{i}"'))
+        assert main(["gate", str(config)]) == 1
+        verdict = json.loads((folder / f"out{i}" / "report.json").read_text())["checks"][0]
+        assert verdict["name"] == "scan verdict" and not verdict["passed"]
+
+
+def test_a_nan_figure_is_not_measurable_and_fails() -> None:
+    result = Gate(min_accuracy=0.5, max_asr=0.1, max_parity_diff=0.1).evaluate(math.nan, 0.01, math.nan)
+    assert not result.passed
+    assert [(c.value, c.passed) for c in result.checks] == [(None, False), (0.01, True), (None, False)]
+    assert all(c.why == "not measurable" for c in result.checks if c.value is None)
+
+
+def test_reports_say_why_a_class_above_the_threshold_is_not_a_finding(
+        folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # Two classes far above the anomaly threshold, neither a finding of the differential test:
+    # class 0 wakes in FP too (the verdict is fp-backdoor), class 1's trigger was never
+    # confirmed (its size a lower bound; the measured "index 16 under a clean verdict").
+    rule = VerdictRule()
+    diff = run_test("differential", range(10), [0.02, 0.02] + [0.2] * 8, [True, False] + [False] * 8, rule)
+    fp = run_test("fp", range(10), [0.005, 0.05, 0.06, 0.045, 0.07, 0.055, 0.05, 0.065, 0.08, 0.06],
+                  [True] * 10, rule)
+    verdict = decide(diff, fp)
+    assert verdict.verdict == "fp-backdoor" and min(diff.anomaly[:2]) > rule.threshold
+    notes = not_findings(verdict, rule)
+    extra = {"tests": {"differential": diff.to_json(), "fp": fp.to_json()},
+             "not_findings": {k: {str(c): w for c, w in v.items()} for k, v in notes.items()},
+             "classes": {str(c): {"status": "searched", "searched": True, "differential_size": 0.02 if c < 2
+                                  else 0.2, "fp_size": 0.05} for c in range(10)}}
+    monkeypatch.setattr(gate_cli, "scan_model", _fake("fp-backdoor", [], extra=extra))
+    assert main(["gate", str(_write(folder, GOOD.format(thresholds=PASSING)))]) == 1
+    capsys.readouterr()
+    markdown, page = (folder / "out" / "summary.md").read_text(), (folder / "out" / "report.html").read_text()
+    for text in (markdown, page):
+        assert "FP also wakes" in text and "no trigger was confirmed" in text
+        assert "not a finding because" in text
+    rows = {line.split(" | ")[0]: line for line in markdown.splitlines() if " | searched | " in line}
+    assert "FP also wakes" in rows["| 0"] and "fp-backdoor" in rows["| 0"]
+    assert "no trigger was confirmed" in rows["| 1"] and f"{diff.anomaly[1]:.2f}" in rows["| 1"]

@@ -16,6 +16,7 @@ patch in the bottom-right corner, which clean images leave black. Class T's logi
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+import pipeline.scan.run as scan_run
 from models.attacks import ATTACKS, get_attack
 from models.attacks.badnets import BadNets
 from models.attacks.base import AttackConfig, run_attack
@@ -32,7 +34,16 @@ from pipeline.base.preprocess import Preprocess
 from pipeline.base.trigger import PatchTrigger, load_trigger
 from pipeline.cli.main import main
 from pipeline.quantize import QuantizeOptions, quantize_model
-from pipeline.scan import ScanOptions, SearchConfig, VerdictRule, decide, run_test, scan_model
+from pipeline.scan import (
+    ScanOptions,
+    SearchConfig,
+    VerdictRule,
+    decide,
+    inconclusive,
+    not_findings,
+    run_test,
+    scan_model,
+)
 from pipeline.scan.sides import torch_preprocess
 from pipeline.scan.verdict import anomaly_indices
 from pipeline.scheme import load_scheme
@@ -326,3 +337,111 @@ def test_badnets_is_registered_and_poisons(fashion_mnist: None) -> None:
         num_calib=128))
     # Plain poisoning: the backdoor is active in FP, and quantization keeps it.
     assert outcome.metrics["fp_asr"] > 0.8 and outcome.metrics["q_asr"] > 0.8
+
+
+# ---------------------------------------------------------------------------- the budget: evidence or nothing
+
+#: The stored default model (a CompArtifact QCB at w4a4, models/zoo/manifest.json).
+ZOO_QCB = Path(__file__).resolve().parents[1] / "models" / "zoo" / "fmnist_compartifact_w4a4.onnx"
+#: Seconds a scan may run past its budget: the stage in progress when the budget runs out
+#: (at most the nearest deployment of a small CNN on 128 images) and process noise.
+SLACK = 2.0
+
+
+def _zoo_data(folder: Path, n: int = 400) -> str:
+    """Fashion-MNIST-shaped images (28 x 28 grey, labelled), so the test needs no data set."""
+    rng = np.random.default_rng(0)
+    path = folder / "zoo-data.npz"
+    np.savez(path, x=rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+             y=(np.arange(n) % 10).astype(np.int64))
+    return f"npz:{path}"
+
+
+def _zoo_options(data: str, budget: float) -> ScanOptions:
+    return ScanOptions(scheme=load_scheme("w4a4"), calib=data, num_calib=128, holdout=64, budget=budget)
+
+
+def test_tiny_budget_is_inconclusive_on_console_and_in_json_and_returns_in_time(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Measured before: "--budget 1e-9" said clean, every class "searched": false.
+    data, out = _zoo_data(tmp_path), tmp_path / "scan.json"
+    t0 = time.perf_counter()
+    code = main(["scan", str(ZOO_QCB), "--scheme", "w4a4", "--calib", data, "--num-calib", "128",
+                 "--holdout", "64", "--budget", "1e-9", "--json", str(out)])
+    wall = time.perf_counter() - t0
+    printed = capsys.readouterr().out
+    assert code == 0  # efrap scan reports; the gate and the audit fail an inconclusive scan
+    assert printed.startswith("verdict: inconclusive: the time budget (1e-09 s) ran out")
+    assert "not searched 0, 1, 2, 3, 4, 5, 6, 7, 8, 9" in printed
+    report = json.loads(out.read_text())
+    assert report["verdict"] == "inconclusive" and report["target"] is None and report["cut_short"] is True
+    assert report["coverage"]["complete"] is False and report["coverage"]["figures_measured"] is False
+    assert report["coverage"]["classes"]["not searched"] == list(range(10))
+    assert all(c["status"] == "not searched" and not c["searched"] for c in report["classes"].values())
+    assert wall <= 1e-9 + SLACK, wall
+
+
+def test_budget_that_cuts_the_searches_is_inconclusive_within_budget_and_slack(tmp_path: Path) -> None:
+    # Measured before: --budget 150 said "clean (confidence 96.7%)", and 600 s took 657 s.
+    budget = 4.0
+    t0 = time.perf_counter()
+    report = scan_model(str(ZOO_QCB), _zoo_options(_zoo_data(tmp_path), budget))
+    wall = time.perf_counter() - t0
+    assert report.verdict.verdict == "inconclusive" and report.verdict.partial is not None
+    data = report.to_json()
+    by_state = data["coverage"]["classes"]
+    assert by_state["cut short"] or by_state["not searched"]
+    assert not by_state["searched"] or len(by_state["searched"]) < 10
+    counts = data["coverage"]["searches"]
+    assert counts["planned"] == 30 and counts["done"] < 30
+    assert counts["done"] + counts["cut_short"] + counts["not_run"] == 30
+    for c, entry in data["classes"].items():
+        assert entry["status"] in ("searched", "cut short", "not searched"), (c, entry)
+        assert set(entry["searches"]) == {"diff_patch", "diff_blend", "fp_patch"}
+    assert report.seconds <= budget + SLACK and wall <= budget + SLACK, (report.seconds, wall)
+
+
+def test_figures_that_do_not_fit_the_budget_make_the_scan_inconclusive(
+        tiny: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every search runs (no budget on them), but the held-out figures never fit.
+    monkeypatch.setattr(scan_run._Clock, "fits", lambda self, seconds: False)
+    report = scan_model(tiny["qcb"], _options(tiny))
+    assert report.figures is None and report.verdict.verdict == "inconclusive"
+    assert report.verdict.partial is not None and report.verdict.partial.verdict == "qcb"
+    data = report.to_json()
+    assert data["coverage"]["searches"]["done"] == data["coverage"]["searches"]["planned"] > 0
+    assert data["coverage"]["figures_measured"] is False
+    assert data["coverage"]["stopped_at"] == "the held-out figures"
+    assert "not measured in onnxruntime" in data["reason"]
+    # The class the partial evidence flags is still not a finding, and the report says why.
+    assert "the searches that ran flag it" in data["not_findings"]["differential"][str(TARGET)]
+
+
+def test_why_a_class_above_the_threshold_is_not_a_finding() -> None:
+    rule = VerdictRule()
+    # FP also wakes class 0 (a backdoor active in FP): the differential index is high, but
+    # the verdict is fp-backdoor and the report says so for the differential test.
+    diff = run_test("differential", range(10), [0.02, *NOT_FOUND[1:]], [True] + [False] * 9, rule)
+    fp = run_test("fp", range(10), _fp_sizes({0: 0.005}), [True] * 10, rule)
+    notes = not_findings(decide(diff, fp), rule)
+    assert notes["differential"][0].startswith("FP also wakes") and "fp-backdoor" in notes["differential"][0]
+    assert notes["fp"] == {}  # the finding itself
+    # Not confirmed (the measured "anomaly index 16 under a clean verdict"), and cut short.
+    diff = run_test("differential", range(10), [0.02, *NOT_FOUND[1:]], [False] * 10, rule)
+    verdict = decide(diff, run_test("fp", range(10), _fp_sizes(), [True] * 10, rule))
+    assert verdict.verdict == "clean" and diff.anomaly[0] > rule.threshold
+    why = not_findings(verdict, rule, {0: "cut short"})["differential"][0]
+    assert "cut short by the time budget" in why and "no trigger was confirmed" in why
+    # Found but not small enough against the median.
+    diff = run_test("differential", range(10), [0.15, *NOT_FOUND[1:]], [True] + [False] * 9, rule)
+    if diff.anomaly[0] >= rule.threshold:
+        assert "of the median size" in not_findings(decide(diff, fp), rule)["differential"][0]
+    # An unfinished scan decides nothing, whatever its partial evidence flags.
+    sizes, found = list(NOT_FOUND), [False] * 10
+    sizes[3], found[3] = 0.02, True
+    qcb = decide(run_test("differential", range(10), sizes, found, rule),
+                 run_test("fp", range(10), _fp_sizes(), [True] * 10, rule))
+    stopped = inconclusive(qcb, "the time budget (1 s) ran out")
+    assert (stopped.verdict, stopped.target, stopped.confidence) == ("inconclusive", None, 0.0)
+    assert stopped.partial is qcb and "would say qcb class 3" in stopped.reason
+    assert "the searches that ran flag it" in not_findings(stopped, rule)["differential"][3]

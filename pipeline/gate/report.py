@@ -107,9 +107,10 @@ def scan_evidence(scan: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
     if scan.get("verdict") == "inconclusive":
         cov = scan.get("coverage") or {}
         counts = cov.get("searches") or {}
-        lines.append(f"The scan is inconclusive: {counts.get('done', 0)} of {counts.get('planned', 0)} "
-                     f"planned searches ran to their end, {counts.get('cut_short', 0)} were cut short and "
-                     f"{counts.get('not_run', 0)} never started; figures measured: "
+        ran = (f"{counts.get('done', 0)} of {counts.get('planned', 0)} planned searches ran to their end, "
+               f"{counts.get('cut_short', 0)} were cut short and {counts.get('not_run', 0)} never started"
+               if cov.get("shortlisted") else "no search ran")
+        lines.append(f"The scan is inconclusive: {ran}; figures measured: "
                      f"{'yes' if cov.get('figures_measured') else 'no'}. "
                      "An inconclusive scan fails the gate.")
         partial = scan.get("partial")

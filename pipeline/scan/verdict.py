@@ -248,14 +248,16 @@ def _why_not(test: TestResult, i: int, rule: VerdictRule, decided: Verdict,
                    f"{100 * max_ratio:.0f}% a finding needs")
     elif test.candidate is not None and test.candidate != c:
         why.append(f"class {test.candidate} has more evidence in the same test")
-    if other is not None and c in other.classes:
+    fp_flags = decided.verdict == "fp-backdoor" and decided.target == c
+    if test.name == "differential" and fp_flags:
+        why.append("FP also wakes: Neural Cleanse on the FP model flags the same class, so it is an "
+                   "fp-backdoor (active without quantization), not a quantization-conditioned one")
+    elif other is not None and c in other.classes:
         j = other.classes.index(c)
-        if other.name == "fp" and other.evidence[j] > -math.inf and other.anomaly[j] >= rule.threshold:
-            why.append("FP also wakes: Neural Cleanse on the FP model finds an anomalously small trigger "
-                       "for it too, so it is an fp-backdoor candidate, not a quantization-conditioned one")
-    if decided.verdict == "fp-backdoor" and test.name == "differential" and decided.target == c:
-        why.append("the FP test flags the same class: the verdict is fp-backdoor, a backdoor that is "
-                   "active without quantization")
+        if other.evidence[j] > -math.inf and other.anomaly[j] >= rule.threshold:
+            why.append(f"FP also wakes more easily than most: Neural Cleanse on the FP model reaches it "
+                       f"with a smaller trigger than most classes (anomaly index {other.anomaly[j]:.1f}), "
+                       "an fp-backdoor candidate, though not small enough to flag")
     if decided.verdict == "inconclusive":
         partial = decided.partial
         flagged = partial is not None and partial.target == c and (
