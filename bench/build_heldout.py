@@ -6,6 +6,11 @@ Each entry is built by an `efrap attack` (QCB and poisoned models) or `efrap tra
 (clean models) child process; trigger files are written first into the cache. A model
 whose file exists is skipped, so a killed build resumes. `manifest.json` in the cache
 lists every model with its command, trigger, sha256 and build time.
+
+An entry with ``data = "fmnist32"`` is trained on Fashion-MNIST padded to 32x32 and
+repeated to three channels (`bench/corpus_data.py`, the corpus's CIFAR-style input),
+written once into the cache as ``fmnist32.npz`` (uint8) and read by `efrap attack`
+as ``npz:`` data; its trigger is made for 3 x 32 x 32 images.
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.child import run_child
+from bench.corpus_data import fmnist32
 from pipeline.base.safe_io import file_sha256, write_json
 from pipeline.base.trigger import PatchTrigger, blended, checkerboard, save_trigger
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "bench/heldout.toml"
-#: Fashion-MNIST images: one channel, 28 x 28.
-SHAPE = (1, 28, 28)
+#: Image shape (channels, height, width) of each `data` an entry may name.
+SHAPES = {"fashion-mnist": (1, 28, 28), "fmnist32": (3, 32, 32)}
 
 
 def default_cache() -> Path:
@@ -36,11 +42,32 @@ def default_cache() -> Path:
     return Path(os.environ.get("EFRAP_HELDOUT_CACHE", Path.home() / ".cache/efrap-onnx/heldout"))
 
 
-def write_trigger(spec: dict, path: Path) -> Path:
+def data_spec(entry: dict, cache: Path) -> str:
+    """The `--data` spec of an entry (writing the padded 32x32 set into the cache once)."""
+    data = entry.get("data", "fashion-mnist")
+    if data not in SHAPES:
+        raise SystemExit(f"{SPEC}: {entry['name']}: unknown data '{data}'")
+    if data == "fashion-mnist":
+        return data
+    path = cache / "fmnist32.npz"
+    if not path.exists():
+        arrays = {}
+        for split in ("train", "test"):
+            x, y = fmnist32(split)
+            # Pixels are k/255 exactly (padded uint8 images), so uint8 loses nothing.
+            arrays[f"x_{split}"] = np.round(x * 255).astype(np.uint8)
+            arrays[f"y_{split}"] = y
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+    return f"npz:{path}"
+
+
+def write_trigger(spec: dict, path: Path, shape: tuple[int, int, int]) -> Path:
     """The entry's trigger file (patch JSON, or a pattern trigger with its npz)."""
     spec = dict(spec)
     kind = spec.pop("kind")
-    channels, height, width = SHAPE
+    channels, height, width = shape
     if kind == "patch":
         trigger = PatchTrigger(**spec)
     elif kind == "checkerboard":
@@ -61,10 +88,13 @@ def command(kind: str, entry: dict, cache: Path) -> list[str]:
         return ["train", "--arch", entry["arch"], "--width", str(entry["width"]),
                 "--seed", str(entry["seed"]), "--epochs", str(entry["epochs"]),
                 "-o", str(out.with_suffix(".pt")), "--onnx", str(out)]
-    trig = write_trigger(entry["trigger"], cache / f"{entry['name']}.spec-trigger.json")
+    trig = write_trigger(entry["trigger"], cache / f"{entry['name']}.spec-trigger.json",
+                         SHAPES[entry.get("data", "fashion-mnist")])
     argv = ["attack", "--method", entry["attack"], "--arch", entry["arch"], "--width", str(entry["width"]),
             "--scheme", entry["scheme"], "--seed", str(entry["seed"]), "--epochs", str(entry["epochs"]),
             "--trigger", str(trig), "-o", str(out)]
+    if "data" in entry:
+        argv += ["--data", data_spec(entry, cache)]
     if "steps_per_epoch" in entry:
         argv += ["--steps-per-epoch", str(entry["steps_per_epoch"])]
     if "inflate" in entry:
