@@ -990,6 +990,21 @@ def stdout_closed_pipe(f: Path) -> Setup:
 
 
 @case("attack and export")
+def attack_fp_asr_warning(f: Path) -> Setup:
+    # Random labels and two steps: the backdoor answers in full precision too.
+    quick_attack_data(f)
+
+    def check(run: Run) -> str:
+        if not any(line.startswith("warning: ") and "attack success" in line
+                   for line in run.stderr.splitlines()):
+            return "no warning about the FP attack success"
+        return "" if "efrap.attack.warning" in metadata(run.folder / "qcb.onnx") else \
+            "warning not recorded in the model's metadata"
+
+    return Setup(QUICK_ATTACK, expect=(0,), outputs=("qcb.onnx", "qcb.pt", "qcb.trigger.json"), check=check)
+
+
+@case("attack and export")
 def export_attack_checkpoint(f: Path) -> Setup:
     quick_attack_data(f)
     code = run_quietly(QUICK_ATTACK, f)

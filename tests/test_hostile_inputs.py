@@ -32,6 +32,7 @@ ISSUE_CASES = {
     "verify | head -c 1 gives a traceback": "stdout_closed_pipe",
     "attack --train-limit 2100 ... raises ValueError (total_steps)": "attack_train_limit_no_batch",
     "efrap export refuses the .pt that efrap attack writes": "export_attack_checkpoint",
+    "attack writes a QCB awake in FP with no warning": "attack_fp_asr_warning",
     "a manifest's model inside its own output folder is deleted before it is read":
         "batch_model_in_output_folder",
     "efrap batch results.json --out . overwrites the manifest": "batch_manifest_is_results_json",

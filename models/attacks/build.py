@@ -7,8 +7,9 @@ it) and the trigger file (OUT.trigger.json).
 
 A QCB must look clean in full precision. When the FP model's attack success on the
 test split is above `MAX_FP_ASR`, the backdoor is not dormant (too little training
-data or too few steps, usually): the model is still written, with a warning printed
-and recorded in its metadata (``efrap.attack.warning``) and checkpoint meta.
+data or too few steps, usually): the model is still written, with the warning
+recorded in its metadata (``efrap.attack.warning``), its checkpoint meta and
+`BuiltModel.warning`, which `efrap attack` prints.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from converters.export import export_onnx
 from models.attacks.base import Attack, AttackConfig, AttackOutcome, evaluate, run_attack
 from pipeline.base import data as data_mod
 from pipeline.base.errors import EfrapError
-from pipeline.base.progress import log
 from pipeline.base.safe_io import write_bytes
 from pipeline.base.trigger import load_trigger, save_trigger
 from pipeline.calibration import image_indices, sample_seed
@@ -104,9 +104,7 @@ def build_qcb(attack: Attack, cfg: AttackConfig, out: str) -> BuiltModel:
         "init": Path(cfg.init).name if cfg.init else None, "carrier": cfg.carrier,
         "inflate": cfg.inflate,
     }
-    warning = fp_asr_warning(metrics)
-    if warning is not None:
-        log(f"warning: {onnx_path}: {warning}")
+    warning = fp_asr_warning(metrics)  # the caller shows it (efrap attack prints it)
     save_trigger(trig, trig_path)
     metadata = {
         "efrap.attack": attack.name,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from models.architectures import ARCHITECTURES
 from models.attacks import ATTACKS, ROUNDING_ATTACKS, get_attack
@@ -108,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
           f"({attack.name} for {built.scheme}, {built.seconds:.0f}s)")
     print(f"test set, simulated deployment: FP CDA {100 * m['fp_cda']:.2f}% ASR {100 * m['fp_asr']:.2f}% "
           f"| quantized ({built.scheme}, nearest) CDA {100 * m['q_cda']:.2f}% ASR {100 * m['q_asr']:.2f}%")
+    if built.warning is not None:
+        print(f"warning: {built.onnx_path}: {built.warning}", file=sys.stderr)
     return 0
 
 
