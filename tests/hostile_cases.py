@@ -916,6 +916,62 @@ def attack_train_limit_no_batch(f: Path) -> Setup:
                  message="--train-limit 2100 leaves fewer than one batch")
 
 
+# One count, one cap, wherever it is written (pipeline/base/limits.py): the command line,
+# a gate config and a batch manifest refuse the same value, before any output.
+
+
+@case("numbers and caps")
+def gate_defend_iters_too_many(f: Path) -> Setup:
+    base(f)
+    text(f / "gate.toml", gate_toml(f"[defend]\niters = {10**12}\n"))
+    return Setup(["gate", "gate.toml"], message="defend.iters must be at most 1,000,000")
+
+
+@case("numbers and caps")
+def gate_verify_limit_too_many(f: Path) -> Setup:
+    base(f)
+    text(f / "gate.toml", gate_toml(f"[verify]\nlimit = {2**62}\n"))
+    return Setup(["gate", "gate.toml"], message="verify.limit must be at most 10,000,000")
+
+
+@case("numbers and caps")
+def batch_limit_too_many(f: Path) -> Setup:
+    base(f)
+    text(f / "b.toml", manifest_toml(f'[[model]]\npath = "m.onnx"\nlimit = {2**62}'))
+    return Setup(["batch", "b.toml", "--out", "out"], message="limit must be at most 10,000,000")
+
+
+@case("numbers and caps")
+def scan_max_targets_two(f: Path) -> Setup:
+    base(f)
+    return Setup(["scan", "m.onnx", "--scheme", "w8a8", "--calib", "npz:d.npz", "--max-targets", "2"],
+                 message="--max-targets must be at least 3")
+
+
+@case("numbers and caps")
+def scan_num_calib_four(f: Path) -> Setup:
+    # The scan needs 8 calibration images (a quarter checks the triggers), as scan.num_calib.
+    base(f)
+    return Setup(["scan", "m.onnx", "--scheme", "w8a8", "--calib", "npz:d.npz", "--num-calib", "4"],
+                 message="argument --num-calib must be at least 8")
+
+
+@case("numbers and caps")
+def gate_scan_num_calib_four(f: Path) -> Setup:
+    base(f)
+    text(f / "gate.toml", gate_toml("[scan]\nnum_calib = 4\n"))
+    return Setup(["gate", "gate.toml"], message="scan.num_calib must be at least 8")
+
+
+@case("numbers and caps")
+def batch_num_calib_four_with_scan(f: Path) -> Setup:
+    # The batch's scan calibrates on the model's num_calib images: refused when the manifest
+    # is read (was: the batch ran, and the scan column said "error").
+    base(f)
+    text(f / "b.toml", manifest_toml('[[model]]\npath = "m.onnx"\nscan = true\nnum_calib = 4'))
+    return Setup(["batch", "b.toml", "--out", "out"], message="num_calib must be at least 8 while scan is on")
+
+
 # ----------------------------------------------------------------------------- hangs and memory
 
 

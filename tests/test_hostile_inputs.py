@@ -15,10 +15,13 @@ a warning that quiet progress would hide).
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
 
+from pipeline.cli.args import COUNT_CAPS
+from pipeline.cli.main import build_parser
 from tests.hostile_cases import CASES, Run, judge, prepare, run_case
 
 #: The cases the issue names, in its words, and the case that holds each.
@@ -41,9 +44,16 @@ ISSUE_CASES = {
     "--mean without --std warns 'no preprocessing given'": "mean_without_std",
     "a duplicate key in a gate config": "gate_config_duplicate_key",
     "iterations capped in the CLI": "defend_iters_too_many",
+    "iterations capped in a gate config": "gate_defend_iters_too_many",
     "iterations capped in a batch manifest": "batch_iters_too_many",
     "images capped in the CLI": "num_calib_too_many",
+    "images capped in a gate config": "gate_verify_limit_too_many",
+    "images capped in a batch manifest": "batch_limit_too_many",
+    "targets capped in the CLI": "scan_max_targets_two",
     "targets capped in a gate config": "gate_max_targets_two",
+    "scan calibration capped in the CLI": "scan_num_calib_four",
+    "scan calibration capped in a gate config": "gate_scan_num_calib_four",
+    "scan calibration capped in a batch manifest": "batch_num_calib_four_with_scan",
 }
 
 
@@ -75,3 +85,20 @@ def test_every_group_has_cases() -> None:
     assert {"data loss", "duplicate keys", "numbers and caps", "hangs and memory", "output streams",
             "attack and export", "preprocessing"} <= groups
 
+
+def test_every_count_option_has_a_cap() -> None:
+    # An integer option the caps do not know would take any size, and start work on it.
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    uncapped = []
+    for command, parser in sub.choices.items():
+        for action in parser._actions:
+            if action.type is None or not action.option_strings:
+                continue
+            try:
+                value = action.type("5")
+            except (argparse.ArgumentTypeError, ValueError, TypeError):
+                continue
+            if isinstance(value, int) and not isinstance(value, bool) \
+                    and action.option_strings[-1] not in COUNT_CAPS:
+                uncapped.append(f"{command} {action.option_strings[-1]}")
+    assert not uncapped

@@ -5,7 +5,12 @@ against its cap where it enters, before any work starts, so a typo like
 ``iters = 1000000000000`` is refused in one line instead of running until killed.
 The command line (`pipeline.cli.args`), the gate config (`pipeline.gate.config`) and
 the batch manifest (`pipeline.batch.manifest`) all read the caps from here, so one
-value is accepted or refused the same way wherever it is written.
+value is accepted or refused the same way wherever it is written: the scan's
+calibration images, for one, are `SCAN_CALIB` in ``efrap scan``/``efrap audit``, a
+gate's ``scan.num_calib`` and a manifest's ``num_calib`` while its scan is on.
+
+A time budget (seconds) is a limit, not work: a larger one only stops later, so it is
+checked finite and positive everywhere, with no upper cap.
 """
 
 from __future__ import annotations

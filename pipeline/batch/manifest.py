@@ -309,10 +309,16 @@ def _job(values: dict[str, Any], where: str, base: Path) -> ModelJob:
         verify_gate = Gate(min_accuracy=gate.get("min_accuracy"), max_asr=gate.get("max_asr"))
     except EfrapError as exc:
         raise EfrapError(f"{where}: {exc}") from None
+    scan = values.get("scan", True)
+    if scan and options.num_calib < limits.SCAN_CALIB.low:
+        # The scan calibrates on the same images; refused here, not after the batch has begun.
+        raise EfrapError(f"{where}.num_calib must be at least {limits.SCAN_CALIB.low:,} while scan is "
+                         f"on ({limits.SCAN_CALIB.what}; scan = false skips the scan), got "
+                         f"{options.num_calib:,}")
     return ModelJob(name=name, path=values["path"], trigger=values.get("trigger"), options=options,
                     guard=guard, data=data, limit=values.get("limit"),
                     opt_level=values.get("opt_level", "faithful"), gate=verify_gate,
-                    verify_fp=values.get("verify_fp", True), scan=values.get("scan", True),
+                    verify_fp=values.get("verify_fp", True), scan=scan,
                     scan_budget=values.get("scan_budget"),
                     scheme_spec=scheme_spec)
 

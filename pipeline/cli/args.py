@@ -38,15 +38,21 @@ COUNT_CAPS: dict[str, limits.Cap] = {
     "--threads": limits.WORKERS,
     "--seed": limits.SEED,
 }
+#: Where one command counts something else under the same option: the scan's calibration
+#: images (a gate config's scan.num_calib has the same cap).
+COMMAND_CAPS: dict[str, dict[str, limits.Cap]] = {
+    "scan": {"--num-calib": limits.SCAN_CALIB},
+    "audit": {"--num-calib": limits.SCAN_CALIB},
+}
 
 
-def check_counts(args: argparse.Namespace) -> None:
-    """Refuse any count option outside its cap (`COUNT_CAPS`).
+def check_counts(args: argparse.Namespace, command: str | None = None) -> None:
+    """Refuse any count option outside its cap (`COUNT_CAPS`, then `COMMAND_CAPS[command]`).
 
     Raises:
         EfrapError: the first option out of range, named as on the command line.
     """
-    for option, cap in COUNT_CAPS.items():
+    for option, cap in {**COUNT_CAPS, **COMMAND_CAPS.get(command or "", {})}.items():
         value = getattr(args, option[2:].replace("-", "_"), None)
         if value is not None:
             cap.check(value, f"argument {option}")
@@ -65,8 +71,10 @@ class Parser(argparse.ArgumentParser):
                          ) -> tuple[argparse.Namespace, list[str]]:
         """Parse, then check every count against its cap (before any command runs)."""
         parsed, extra = super().parse_known_args(args, namespace)
+        # A sub-command's parser is "efrap CMD"; the top one knows the command from its namespace.
+        command = self.prog.split()[-1] if " " in self.prog else getattr(parsed, "command", None)
         try:
-            check_counts(parsed)
+            check_counts(parsed, command)
         except EfrapError as exc:
             self.error(str(exc))
         return parsed, extra
