@@ -16,8 +16,8 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 EFRAP_FASHION_MNIST_DIR="$PWD/.gpu/fashion-mnist"
 if ls .gpu/wheels/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/efrap-site .gpu/wheels/*.whl || exit 2
-  export PYTHONPATH="/tmp/efrap-site:$PWD"
+    --target .gpu/site .gpu/wheels/*.whl || exit 2
+  export PYTHONPATH="$PWD/.gpu/site:$PWD"
 else
   export PYTHONPATH="$PWD"
 fi
