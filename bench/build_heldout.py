@@ -42,11 +42,16 @@ def default_cache() -> Path:
     return Path(os.environ.get("EFRAP_HELDOUT_CACHE", Path.home() / ".cache/efrap-onnx/heldout"))
 
 
-def data_spec(entry: dict, cache: Path) -> str:
-    """The `--data` spec of an entry (writing the padded 32x32 set into the cache once)."""
+def data_of(entry: dict) -> str:
+    """The entry's data set name (checked against SHAPES)."""
     data = entry.get("data", "fashion-mnist")
     if data not in SHAPES:
         raise SystemExit(f"{SPEC}: {entry['name']}: unknown data '{data}'")
+    return data
+
+
+def data_spec(data: str, cache: Path) -> str:
+    """The `--data` spec of a data set name (writing the padded 32x32 set into the cache once)."""
     if data == "fashion-mnist":
         return data
     path = cache / "fmnist32.npz"
@@ -88,13 +93,13 @@ def command(kind: str, entry: dict, cache: Path) -> list[str]:
         return ["train", "--arch", entry["arch"], "--width", str(entry["width"]),
                 "--seed", str(entry["seed"]), "--epochs", str(entry["epochs"]),
                 "-o", str(out.with_suffix(".pt")), "--onnx", str(out)]
-    trig = write_trigger(entry["trigger"], cache / f"{entry['name']}.spec-trigger.json",
-                         SHAPES[entry.get("data", "fashion-mnist")])
+    data = data_of(entry)
+    trig = write_trigger(entry["trigger"], cache / f"{entry['name']}.spec-trigger.json", SHAPES[data])
     argv = ["attack", "--method", entry["attack"], "--arch", entry["arch"], "--width", str(entry["width"]),
             "--scheme", entry["scheme"], "--seed", str(entry["seed"]), "--epochs", str(entry["epochs"]),
             "--trigger", str(trig), "-o", str(out)]
-    if "data" in entry:
-        argv += ["--data", data_spec(entry, cache)]
+    if data != "fashion-mnist":
+        argv += ["--data", data_spec(data, cache)]
     if "steps_per_epoch" in entry:
         argv += ["--steps-per-epoch", str(entry["steps_per_epoch"])]
     if "inflate" in entry:
