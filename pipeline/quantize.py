@@ -8,6 +8,10 @@ its loss reads) and returns notes about what it did, which go into the metadata.
 Every random choice derives from the one seed in `QuantizeOptions`
 (`pipeline.base.seeds.derive`): which calibration images, which activation values
 the observers sample, and each layer's batches during learned rounding.
+
+A run that reads data keeps a per-layer checkpoint beside its output
+(`pipeline.checkpoint`); a killed run resumes from its last finished layer and writes
+the same bytes as one that was never interrupted.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -27,13 +32,26 @@ from pipeline.base.device import DEVICES, pick_device
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import fixed_batch, image_input, load_model, model_files, save_model, set_metadata
 from pipeline.base.preprocess import PreparedImages, Preprocess, ready, resolve
-from pipeline.base.progress import Progress
+from pipeline.base.progress import Progress, RunClock, format_seconds, log
 from pipeline.base.provenance import versions
-from pipeline.base.runtime import PROVIDERS
+from pipeline.base.runtime import PROVIDERS, pick_provider
 from pipeline.base.safe_io import check_outputs
 from pipeline.base.seeds import derive
+from pipeline.base.threads import session_threads
 from pipeline.bn_fold import pre_bn_error_scale, read_bn_factors
 from pipeline.calibration import activation_qparams, calibrate, holdout_indices, image_indices, sample_seed
+from pipeline.checkpoint import (
+    LayerRecord,
+    LayerStore,
+    array_sha256,
+    check_folder,
+    checkpoint_folder,
+    code_sha256,
+    file_sha256,
+    remove_folder,
+    rng_state,
+    set_rng_state,
+)
 from pipeline.graph import QuantLayer, QuantPlan, analyze
 from pipeline.observers import observe_weight
 from pipeline.prepare import check_finite, prepare_model
@@ -121,7 +139,14 @@ class LayerSummary:
 
 @dataclass(frozen=True)
 class QuantizeSummary:
-    """A run's settings, per-layer results and timings (reports and metadata)."""
+    """A run's settings, per-layer results and timings (reports and metadata).
+
+    Attributes:
+        threads: torch's intra-op threads during the run (float sums depend on it).
+        session_threads: onnxruntime sessions' threads (0: onnxruntime's default).
+        resumed: Layers restored from a checkpoint (their seconds are those they took
+            when they ran; `rounding_seconds` counts them too).
+    """
 
     options: QuantizeOptions
     num_calib: int
@@ -130,6 +155,9 @@ class QuantizeSummary:
     layers: tuple[LayerSummary, ...]
     calibration_seconds: float
     rounding_seconds: float
+    threads: int = 0
+    session_threads: int = 0
+    resumed: int = 0
 
     @property
     def learned(self) -> bool:
@@ -148,6 +176,8 @@ class QuantizeSummary:
                         **s.stats, **s.notes} for s in self.layers],
             "calibration_seconds": round(self.calibration_seconds, 3),
             "rounding_seconds": round(self.rounding_seconds, 3),
+            "threads": {"torch": self.threads, "onnxruntime": self.session_threads},
+            "resumed_layers": self.resumed,
             "versions": versions(),
         }
 
@@ -260,6 +290,8 @@ class _Rounder:
     bn_factors: dict[str, np.ndarray]
     constants: dict[str, QuantizedConstant]
     done: dict[str, QuantizedLayer] = field(default_factory=dict)
+    store: LayerStore | None = None
+    clock: RunClock | None = None
 
     def problem(self, layer: QuantLayer, wqp: QParams, bias: torch.Tensor | None) -> LayerProblem:
         """The layer's problem, holding what the method asked for."""
@@ -310,7 +342,33 @@ class _Rounder:
             self._set_output_scale(layer, result.output_scale)
         summary = LayerSummary(layer.node, layer.op, tq.bits, time.perf_counter() - start,
                                dict(ql.stats), dict(result.notes))
+        if self.clock is not None:
+            self.clock.finish(index - 1, summary.seconds)
+        if self.store is not None:
+            self.store.save(index, LayerRecord(
+                layer.node, ql, result.output_scale,
+                {"op": summary.op, "bits": summary.bits, "seconds": summary.seconds,
+                 "stats": summary.stats, "notes": summary.notes},
+                rng_state(self.device)))
         return ql, summary
+
+    def restore(self, index: int, layer: QuantLayer) -> tuple[QuantizedLayer, LayerSummary] | None:
+        """Layer `index` as the checkpoint holds it, put in place as `round` would leave it
+        (None: not in the checkpoint)."""
+        record = self.store.load(index, layer.node) if self.store is not None else None
+        if record is None:
+            return None
+        self.done[layer.node] = record.quantized
+        if record.output_scale is not None:
+            self._set_output_scale(layer, record.output_scale)
+        set_rng_state(record.rng, self.device)
+        if self.clock is not None:
+            self.clock.finish(index - 1)
+        s = record.summary
+        return record.quantized, LayerSummary(
+            layer.node, str(s["op"]), int(s["bits"]), float(s["seconds"]),  # type: ignore[arg-type]
+            {k: float(v) for k, v in s["stats"].items()},  # type: ignore[union-attr]
+            {k: str(v) for k, v in s["notes"].items()})  # type: ignore[union-attr]
 
     def _set_output_scale(self, layer: QuantLayer, scale: float) -> None:
         """Use a learned output step size from now on: in later layers' inputs and biases,
@@ -326,18 +384,22 @@ class _Rounder:
         config = self.options.config
         if "data" not in self.method.needs(config):
             return self.method(problem, config)
+        clock = self.clock
         bar = Progress(f"layer {index}/{len(self.plan.layers)} {layer.node} ({self.method.name}, "
-                       f"{bits}-bit)", total=config.iters)
+                       f"{bits}-bit)", total=config.iters,
+                       run_remaining=None if clock is None else
+                       lambda fraction, elapsed: clock.remaining(index - 1, fraction, elapsed))
 
         def report(step: int, terms: dict[str, float]) -> None:
             bar.update(step - bar.count, " ".join(f"{k} {v:.4g}" for k, v in terms.items()))
 
         result = self.method(problem, config, progress=report)
+        left = "" if clock is None or index == len(self.plan.layers) else \
+            f", run ETA {format_seconds(clock.remaining(index - 1, 1.0, bar.elapsed))}"
         bar.close(f"flipped {100 * result.stats.get('flip_fraction', 0.0):.2f}%, "
                   f"rec {result.stats.get('rec_nearest', 0.0):.4g} (nearest) -> "
-                  f"{result.stats.get('rec_final', 0.0):.4g}")
+                  f"{result.stats.get('rec_final', 0.0):.4g}{left}")
         return result
-
 
 def _rounder(prepared: onnx.ModelProto, plan: QuantPlan, act_qp: dict[str, QParams],
              constants: dict[str, QuantizedConstant], images: np.ndarray, options: QuantizeOptions,
@@ -364,8 +426,44 @@ def _rounder(prepared: onnx.ModelProto, plan: QuantPlan, act_qp: dict[str, QPara
     )
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Where a run keeps its per-layer checkpoint (`pipeline.checkpoint`), and what it reads.
+
+    Attributes:
+        folder: The checkpoint folder (`checkpoint_folder(output)`, checked with
+            `check_folder`).
+        model_sha256: sha256 of the input model's files (`file_sha256`).
+    """
+
+    folder: Path
+    model_sha256: str
+
+
+def run_key(options: QuantizeOptions, model_sha256: str, images: Inputs, norm: Preprocess,
+            device: torch.device) -> dict[str, object]:
+    """Everything that shapes a run's output, for its checkpoint's key.
+
+    The calibration inputs enter by their sha256 (which covers the data set, the count,
+    the seed's choice of images and the preprocessing); thread counts because float
+    sums depend on them; the source of the packages that compute the numbers because a
+    checkpoint from other code would not give the same bytes.
+    """
+    o = options
+    return {
+        "model_sha256": model_sha256, "method": o.method, "scheme": o.scheme.to_json(),
+        "rounding": asdict(o.config), "seed": o.seed, "calib": o.calib, "num_calib": o.num_calib,
+        "calibration_sha256": array_sha256(images), "preprocess": o.preprocess,
+        "preprocessing": norm.to_json(), "exclude": list(o.exclude), "weight_storage": o.weight_storage,
+        "device": str(device), "provider": pick_provider(o.provider),
+        "threads": {"torch": torch.get_num_threads(), "onnxruntime": session_threads()},
+        "versions": versions(), "code_sha256": code_sha256(),
+    }
+
+
 def quantize_model(model: onnx.ModelProto, images: object, options: QuantizeOptions,
                    source: str = "model", preprocess: Preprocess | None = None,
+                   resume: Resume | None = None,
                    ) -> tuple[onnx.ModelProto, QuantResult, QuantizeSummary]:
     """Quantize a loaded FP model.
 
@@ -377,6 +475,9 @@ def quantize_model(model: onnx.ModelProto, images: object, options: QuantizeOpti
         source: Name used in error messages.
         preprocess: How `images` were preprocessed (recorded in the output); None: the
             model's own (or the options'), as `calibration_images` resolves it.
+        resume: Where to keep a per-layer checkpoint, for a run that reads data (None:
+            none). Layers it holds under the same key are restored, not computed; the
+            caller removes it (`remove_folder`) once the output is written.
 
     Returns:
         The QDQ model, the QuantResult it was written from (on the prepared graph)
@@ -396,23 +497,42 @@ def quantize_model(model: onnx.ModelProto, images: object, options: QuantizeOpti
 
     torch.manual_seed(derive(options.seed, "torch"))
     rounder = _rounder(prepared, plan, act_qp, constants, images, options, source)
+    # The layers of one run take the same number of steps: each counts alike in the ETA.
+    rounder.clock = RunClock([1.0] * len(plan.layers))
+    if resume is not None and "data" in rounder.needs:
+        rounder.store = LayerStore(resume.folder, run_key(options, resume.model_sha256, images, norm,
+                                                          rounder.device))
     t1 = time.perf_counter()
     layers: dict[str, QuantizedLayer] = {}
     summaries = []
+    restored = 0
     try:
         for i, layer in enumerate(plan.layers, 1):
-            layers[layer.node], summary = rounder.round(i, layer)
+            # Only an unbroken run of finished layers from the first is restored: a layer
+            # is computed from the integers of every layer before it.
+            found = rounder.restore(i, layer) if restored == i - 1 else None
+            if found is not None:
+                restored += 1
+            elif restored == i - 1 and restored:
+                log(f"checkpoint {rounder.store.folder if rounder.store else ''}: layers 1-{restored} "
+                    f"of {len(plan.layers)} restored, resuming at layer {i}")
+            layers[layer.node], summary = found or rounder.round(i, layer)
             summaries.append(summary)
     finally:
         if rounder.sampler is not None:
             rounder.sampler.close()
-    t_round = time.perf_counter() - t1
+    if restored and restored == len(plan.layers):
+        log(f"checkpoint {rounder.store.folder if rounder.store else ''}: all {restored} layers restored")
+    # Restored layers count with the seconds they took when they ran.
+    t_round = time.perf_counter() - t1 + sum(s.seconds for s in summaries[:restored])
 
     result = QuantResult(plan=plan, act_qparams=act_qp, layers=layers, constants=constants)
     qdq = to_qdq(prepared, result, options.weight_storage)
     summary = QuantizeSummary(options=options, num_calib=len(images), preprocess=norm,
                               device=str(rounder.device), layers=tuple(summaries),
-                              calibration_seconds=t_calib, rounding_seconds=t_round)
+                              calibration_seconds=t_calib, rounding_seconds=t_round,
+                              threads=torch.get_num_threads(), session_threads=session_threads(),
+                              resumed=restored)
     set_metadata(qdq, summary.metadata())
     return qdq, result, summary
 
@@ -436,20 +556,34 @@ class GuardOptions:
 
 
 def quantize_file(model_path: str, out_path: str, options: QuantizeOptions,
-                  guard: GuardOptions | None = None) -> tuple[QuantizeSummary, GuardReport | None]:
+                  guard: GuardOptions | None = None, resume: bool = True,
+                  ) -> tuple[QuantizeSummary, GuardReport | None]:
     """The `efrap quantize` / `efrap defend` job: read, quantize, check, write atomically.
 
     With `guard`, the output is compared with the FP model on held-out images and the
     result goes into its `efrap.guard` metadata; the output is written either way.
 
+    A run that reads data keeps a per-layer checkpoint in ``OUT.ckpt`` beside the
+    output (`pipeline.checkpoint`): run again after a kill, it restores the layers
+    finished under the same key and writes the same bytes; the folder is removed once
+    the output is written.
+
+    Args:
+        resume: Keep and use the checkpoint (False: neither read nor write one).
+
     Returns:
         The summary, and the guard's report (None without `guard`).
     """
-    check_outputs({"output": out_path}, [*model_files(model_path), *data_mod.spec_files(options.calib)])
+    inputs = [*model_files(model_path), *data_mod.spec_files(options.calib)]
+    check_outputs({"output": out_path}, inputs)
+    folder = check_folder(checkpoint_folder(out_path), inputs) if resume else None
     model = load_model(model_path)
     images, pre = calibration_images(model, options.calib, options.num_calib, options.seed, model_path,
                                      options.preprocess)
-    qdq, _, summary = quantize_model(model, images, options, model_path, pre)
+    state = None
+    if folder is not None and "data" in run_needs(options.method, options.config):
+        state = Resume(folder, file_sha256(model_files(model_path)))
+    qdq, _, summary = quantize_model(model, images, options, model_path, pre, state)
     report = None
     if guard is not None:
         inputs, labels = holdout_images(model, options.calib, options.num_calib, guard.images, options.seed,
@@ -458,4 +592,6 @@ def quantize_file(model_path: str, out_path: str, options: QuantizeOptions,
                                fixed_batch(model))
         set_metadata(qdq, {"efrap.guard": report.to_json()})
     save_model(qdq, out_path)
+    if state is not None:
+        remove_folder(state.folder)
     return summary, report

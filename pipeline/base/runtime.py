@@ -16,6 +16,7 @@ import onnxruntime as ort
 import torch
 
 from pipeline.base.errors import EfrapError
+from pipeline.base.threads import session_threads, set_session_threads
 
 PROVIDERS = ("auto", "cpu", "cuda")
 
@@ -61,19 +62,20 @@ def pick_provider(provider: str = "auto") -> str:
     return "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
 
 
-_default_threads = 0
-
-
 def set_default_threads(threads: int) -> None:
-    """Intra-op threads of every session made without its own count (0: onnxruntime's default).
+    """Threads of every session made without its own count (0: `OMP_NUM_THREADS`, else
+    onnxruntime's default).
 
     Processes that run side by side (efrap batch --jobs) each take their share of the
-    cores instead of one thread per core each.
+    cores instead of one thread per core each. `pipeline.base.threads.apply_threads`
+    sets this together with torch's count.
     """
-    global _default_threads
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
-        raise EfrapError(f"threads must be a non-negative integer, got {threads!r}")
-    _default_threads = threads
+    set_session_threads(threads)
+
+
+def default_threads() -> int:
+    """Intra-op threads a session made without its own count gets (0: onnxruntime's default)."""
+    return session_threads()
 
 
 def make_session(
@@ -91,7 +93,8 @@ def make_session(
         model: A ModelProto, serialized bytes or a file path.
         opt_level: "faithful" (no optimization), "basic" or "all".
         provider: "auto", "cpu" or "cuda".
-        threads: Intra-op threads (None: `set_default_threads`'s, 0: onnxruntime's default).
+        threads: Intra-op and inter-op threads (None: `default_threads()`: the count set by
+            `--threads`, else `OMP_NUM_THREADS`; 0: onnxruntime's default).
         optimized_path: If set, onnxruntime writes the optimized graph there.
         config: onnxruntime session config entries (`add_session_config_entry`), e.g.
             {"optimization.disable_specified_optimizers": "QDQPropagationTransformer"}.
@@ -103,7 +106,11 @@ def make_session(
         raise EfrapError(f"unknown optimization level '{opt_level}': use {', '.join(OPT_LEVELS)}")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = OPT_LEVELS[opt_level]
-    opts.intra_op_num_threads = _default_threads if threads is None else threads
+    count = default_threads() if threads is None else threads
+    opts.intra_op_num_threads = count
+    # Inter-op threads only run in ORT_PARALLEL mode; set alike so that a count asked
+    # for is the count used whichever mode a session runs in.
+    opts.inter_op_num_threads = count
     opts.log_severity_level = 3
     opts.enable_cpu_mem_arena = arena
     if optimized_path:
