@@ -28,14 +28,12 @@ from dataclasses import asdict, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pipeline.base.errors import EfrapError, one_line
 from pipeline.base.onnx_io import model_files
 from pipeline.base.progress import log
 from pipeline.base.provenance import versions
-from pipeline.base.runtime import set_default_threads
 from pipeline.base.safe_io import json_ready, write_json
+from pipeline.base.threads import apply_threads
 from pipeline.batch.manifest import ModelJob
 from pipeline.quantize import quantize_file
 from validators.verify import VerifyOptions, VerifyReport, verify_model
@@ -72,8 +70,7 @@ def limit_threads(threads: int) -> None:
     """
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise EfrapError(f"threads must be a positive integer, got {threads!r}")
-    torch.set_num_threads(threads)
-    set_default_threads(threads)
+    apply_threads(threads)
 
 
 @contextlib.contextmanager

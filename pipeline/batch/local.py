@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pipeline.base.errors import EfrapError
 from pipeline.base.progress import Progress
+from pipeline.base.threads import env_threads
 from pipeline.batch.job import LOG_FILE, redirect_output, run_job
 from pipeline.batch.manifest import Manifest
 from pipeline.batch.report import BatchRun, finish, summary_line
@@ -41,14 +42,15 @@ def cores() -> int:
 
 
 def threads_per_job(jobs: int, threads: int | None = None) -> int:
-    """`threads` when given, else the cores shared out among `jobs` (at least 1 each)."""
+    """`threads` when given, else `OMP_NUM_THREADS`, else the cores shared out among `jobs`
+    (at least 1 each)."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise EfrapError(f"--jobs must be a positive integer, got {jobs!r}")
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise EfrapError(f"--threads must be a positive integer, got {threads!r}")
         return threads
-    return max(1, cores() // jobs)
+    return env_threads() or max(1, cores() // jobs)
 
 
 def _die_with_parent(parent: int) -> None:

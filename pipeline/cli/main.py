@@ -2,9 +2,10 @@
 
 Each sub-command lives in its own module under `pipeline.cli.commands` and exposes
 `register(subparsers)`, which adds its parser and sets `func`; `COMMANDS` lists them
-in the order --help shows them. A user mistake prints one line and exits 2; a
-failed gate exits 1; SIGTERM is turned into an exit that runs every clean-up, so
-no temporary file is left behind. Text that cannot be encoded for the terminal (a
+in the order --help shows them. Every command takes `--threads N` (default
+`OMP_NUM_THREADS`), applied to torch and onnxruntime before it runs. A user mistake
+prints one line and exits 2; a failed gate exits 1; SIGTERM is turned into an exit
+that runs every clean-up, so no temporary file is left behind. Text that cannot be encoded for the terminal (a
 non-ASCII file name under ``LC_ALL=C``) is printed escaped, never as a traceback; a
 standard output that cannot be written (a closed pipe: ``| head -c 1``; a full device:
 ``> /dev/full``) ends the command with one line on stderr and exit 2.
@@ -24,6 +25,7 @@ from types import FrameType
 
 from pipeline import __version__
 from pipeline.base.errors import EfrapError, one_line
+from pipeline.base.threads import add_threads_arg, apply_threads, resolve_threads
 from pipeline.cli.args import Parser
 from pipeline.cli.commands import (
     attack,
@@ -40,6 +42,8 @@ from pipeline.cli.commands import (
 )
 
 COMMANDS = (demo, train, attack, export, quantize, defend, verify, batch, scan, audit, gate)
+#: Commands whose --threads means something else: batch's is per model (docs/BATCH.md).
+OWN_THREADS = ("batch",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for command in COMMANDS:
         command.register(sub)
+    # One --threads for every command, applied in `main` before the command runs.
+    for name, command_parser in sub.choices.items():
+        if name not in OWN_THREADS:
+            add_threads_arg(command_parser)
     return parser
 
 
@@ -116,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
+        if args.command not in OWN_THREADS:
+            apply_threads(resolve_threads(args.threads))
         result = args.func(args)
         sys.stdout.flush()  # here, so a failed write is reported like any other error
     except EfrapError as exc:

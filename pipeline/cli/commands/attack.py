@@ -16,7 +16,6 @@ from pipeline.base.device import DEVICES
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import model_files
 from pipeline.base.safe_io import check_outputs
-from pipeline.base.threads import add_threads_arg, apply_threads, resolve_threads
 from pipeline.base.trigger import load_trigger, trigger_files
 from pipeline.cli.args import (
     above_one,
@@ -85,7 +84,6 @@ def run_rounding(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     """Run one attack and write the FP ONNX, its checkpoint and its trigger."""
     _check_options(args, args.method in ROUNDING_ATTACKS)
-    apply_threads(resolve_threads(args.threads))
     if args.method in ROUNDING_ATTACKS:
         return run_rounding(args)
     onnx_path, ckpt_path, trig_path = output_paths(args.output)
@@ -157,7 +155,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", choices=DEVICES,
                    help="where to train: auto (CUDA when torch sees a GPU), cpu or cuda "
                    "(default auto)")
-    add_threads_arg(p)
     g = p.add_argument_group(
         "rounding-only attacks (qura)", "QuRA (NDSS 2026): the attacker is the quantizer; the FP model stays "
         "clean and the backdoor is written only through which way weights round (each within one step "

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.base.errors import EfrapError
+from pipeline.base.threads import env_threads, thread_count
 from pipeline.batch import load_manifest, run_local, run_ray, text_table
 from pipeline.cli.args import positive_int
 
@@ -19,7 +20,8 @@ def run(args: argparse.Namespace) -> int:
         if args.jobs is not None:
             raise EfrapError("--jobs runs models side by side on this machine; with --ray, Ray schedules "
                              "them (--threads sets each task's CPUs)")
-        result = run_ray(manifest, out, args.ray, threads=args.threads or 1, retry_failed=args.retry_failed)
+        result = run_ray(manifest, out, args.ray, threads=args.threads or env_threads() or 1,
+                         retry_failed=args.retry_failed)
     else:
         result = run_local(manifest, out, jobs=args.jobs or 1, threads=args.threads,
                            retry_failed=args.retry_failed)
@@ -43,9 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output folder (default batch-<manifest name>); an existing one is resumed")
     p.add_argument("--jobs", type=positive_int, default=None,
                    help="models run side by side on this machine, each in its own process (default 1)")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch and onnxruntime threads per model (default: cores // jobs; with --ray, "
-                   "1: the CPUs each task asks for)")
+    p.add_argument("--threads", type=thread_count, default=None,
+                   help="torch and onnxruntime threads per model (default: OMP_NUM_THREADS if set, else "
+                   "cores // jobs; with --ray, 1: the CPUs each task asks for)")
     p.add_argument("--ray", metavar="ADDRESS",
                    help="run as Ray tasks: 'auto' (the running cluster), 'local' (start Ray on this "
                    "machine) or an address (ray://host:10001); needs pip install 'efrap-onnx[ray]'")

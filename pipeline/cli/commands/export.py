@@ -7,13 +7,11 @@ import argparse
 from converters.export import export_onnx
 from models.train import load_checkpoint
 from pipeline.base.safe_io import check_outputs
-from pipeline.base.threads import add_threads_arg, apply_threads, resolve_threads
 
 
 def run(args: argparse.Namespace) -> int:
     """Export a checkpoint written by `efrap train` or `efrap attack`."""
     check_outputs({"-o": args.output}, [args.checkpoint])
-    apply_threads(resolve_threads(args.threads))
     model, meta = load_checkpoint(args.checkpoint)
     shape = (meta["in_channels"], meta["image_size"], meta["image_size"])
     norm = meta["normalization"]
@@ -36,5 +34,4 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "difference against torch.")
     p.add_argument("checkpoint", help="checkpoint (.pt) from efrap train or efrap attack")
     p.add_argument("-o", "--output", required=True, help="ONNX file to write")
-    add_threads_arg(p)
     p.set_defaults(func=run)

@@ -50,6 +50,9 @@ def add_common_quant_args(p: argparse.ArgumentParser, default_scheme: str) -> No
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="torch device for learned rounding (default: CUDA when available)")
     p.add_argument("--summary", help="also write the run summary (per-layer stats) as JSON here")
+    p.add_argument("--no-resume", action="store_true",
+                   help="neither use nor keep the per-layer checkpoint OUTPUT.ckpt that lets a killed "
+                   "run with learned rounding or pruning resume from its last finished layer")
     add_exclude_arg(p)
     add_preprocess_args(p)
 
@@ -105,6 +108,9 @@ def print_summary(summary: QuantizeSummary, output: str) -> None:
                   if layer.stats.get("pruned_units") else "")
         print(f"  {layer.layer:<28} {layer.op:<6} {layer.bits}-bit  "
               f"flipped {100 * layer.flip_fraction:6.2f}%  {layer.seconds:.1f}s{pruned}")
+    if summary.resumed:
+        print(f"resumed: {summary.resumed} of {len(summary.layers)} layers restored from the checkpoint "
+              "(their seconds are those of the run that computed them)")
     print(f"wrote {output} ({summary.options.method}, scheme {summary.options.scheme.name}, seed "
           f"{summary.options.seed}, calibration {summary.calibration_seconds:.1f}s, rounding "
           f"{summary.rounding_seconds:.1f}s)")
@@ -139,7 +145,7 @@ def quantize_with(args: argparse.Namespace, method: str, guard: GuardOptions | N
         rounding=rounding_config(args, defaults or get_method(method).defaults), device=args.device,
         preprocess=preprocess_options(args), exclude=exclusions(args),
     )
-    summary, report = quantize_file(args.model, args.output, options, guard)
+    summary, report = quantize_file(args.model, args.output, options, guard, resume=not args.no_resume)
     print_summary(summary, args.output)
     if report is not None:
         print_guard(report)

@@ -10,14 +10,12 @@ from models.architectures import ARCHITECTURES, build_model
 from models.train import save_checkpoint, train_classifier
 from pipeline.base.data import load_dataset, normalization_for, spec_files
 from pipeline.base.safe_io import check_outputs
-from pipeline.base.threads import add_threads_arg, apply_threads, resolve_threads
 from pipeline.cli.args import positive_float, positive_int, seed_number, width_factor
 
 
 def run(args: argparse.Namespace) -> int:
     """Train, save the checkpoint, optionally export to ONNX."""
     check_outputs({"-o": args.output, "--onnx": args.onnx}, spec_files(args.data))
-    apply_threads(resolve_threads(args.threads))
     start = time.perf_counter()
     train, test = load_dataset(args.data, "train"), load_dataset(args.data, "test")
     c, h, _ = train.images.shape[1:]
@@ -54,5 +52,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=positive_float, default=0.05, help="peak learning rate (default 0.05)")
     p.add_argument("-o", "--output", required=True, help="checkpoint to write (.pt)")
     p.add_argument("--onnx", help="also export the model to this ONNX file")
-    add_threads_arg(p)
     p.set_defaults(func=run)
