@@ -21,7 +21,7 @@ import onnx
 from pipeline.base import data as data_mod
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import fixed_batch
-from pipeline.base.progress import Progress
+from pipeline.base.progress import Progress, log
 from pipeline.base.runtime import make_session
 from pipeline.base.seeds import derive
 from pipeline.graph import QuantPlan
@@ -43,13 +43,25 @@ def image_indices(total: int, n: int, seed: int) -> np.ndarray:
     return data_mod.sample_indices(total, min(n, total), derive(seed, "calibration-images"))
 
 
+class NoHoldout(EfrapError):
+    """Every image of the data set went into calibration: none is left to check on."""
+
+
 def holdout_indices(total: int, num_calib: int, n: int, seed: int) -> np.ndarray:
-    """`n` training images a run with `seed` did not calibrate on (for checking the result)."""
+    """`n` training images a run with `seed` did not calibrate on (for checking the result).
+
+    Fewer are left than asked for: all of them, with one line saying so.
+
+    Raises:
+        NoHoldout: calibration used every image.
+    """
     taken = np.zeros(total, bool)
     taken[image_indices(total, num_calib, seed)] = True
     free = np.flatnonzero(~taken)
     if len(free) == 0:
-        raise EfrapError(f"no image is left for a held-out check: all {total} were used for calibration")
+        raise NoHoldout(f"no image is left for a held-out check: all {total} were used for calibration")
+    if len(free) < n:
+        log(f"held-out check: {n} images asked for, {len(free)} left after calibration; using {len(free)}")
     pick = data_mod.sample_indices(len(free), min(n, len(free)), derive(seed, "holdout-images"))
     return free[pick]
 

@@ -39,7 +39,14 @@ from pipeline.base.safe_io import check_outputs
 from pipeline.base.seeds import derive
 from pipeline.base.threads import session_threads
 from pipeline.bn_fold import pre_bn_error_scale, read_bn_factors
-from pipeline.calibration import activation_qparams, calibrate, holdout_indices, image_indices, sample_seed
+from pipeline.calibration import (
+    NoHoldout,
+    activation_qparams,
+    calibrate,
+    holdout_indices,
+    image_indices,
+    sample_seed,
+)
 from pipeline.checkpoint import (
     LayerRecord,
     LayerStore,
@@ -63,7 +70,7 @@ from pipeline.rounding import RoundingConfig, RoundingMethod, get_method, run_ne
 from pipeline.rounding.base import LayerProblem, RoundingResult
 from pipeline.sampler import OrtSampler
 from pipeline.scheme import Scheme
-from validators.guard import GuardLimits, GuardReport, check_defense
+from validators.guard import GuardLimits, GuardReport, check_defense, unmeasured
 
 
 @dataclass(frozen=True)
@@ -539,7 +546,8 @@ def quantize_model(model: onnx.ModelProto, images: object, options: QuantizeOpti
 
 @dataclass(frozen=True)
 class GuardOptions:
-    """The defended model's own check (validators.guard), on held-out training images.
+    """The output's own check (validators.guard), on held-out training images: every
+    output's fidelity to FP, clean accuracy where there are labels, and the limits.
 
     Attributes:
         limits: The budget (max agreement drop, min accuracy).
@@ -557,11 +565,13 @@ class GuardOptions:
 
 def quantize_file(model_path: str, out_path: str, options: QuantizeOptions,
                   guard: GuardOptions | None = None, resume: bool = True,
-                  ) -> tuple[QuantizeSummary, GuardReport | None]:
+                  ) -> tuple[QuantizeSummary, GuardReport]:
     """The `efrap quantize` / `efrap defend` job: read, quantize, check, write atomically.
 
-    With `guard`, the output is compared with the FP model on held-out images and the
-    result goes into its `efrap.guard` metadata; the output is written either way.
+    Every output is compared with the FP model on held-out images (`guard`, default
+    `GuardOptions()`: 1,000 images, no limits) and the result goes into its
+    `efrap.guard` metadata; the output is written either way. When calibration used
+    every image, nothing is measured: the report says so and every limit set fails.
 
     A run that reads data keeps a per-layer checkpoint in ``OUT.ckpt`` beside the
     output (`pipeline.checkpoint`): run again after a kill, it restores the layers
@@ -572,8 +582,9 @@ def quantize_file(model_path: str, out_path: str, options: QuantizeOptions,
         resume: Keep and use the checkpoint (False: neither read nor write one).
 
     Returns:
-        The summary, and the guard's report (None without `guard`).
+        The summary, and the check's report.
     """
+    guard = guard or GuardOptions()
     inputs = [*model_files(model_path), *data_mod.spec_files(options.calib)]
     check_outputs({"output": out_path}, inputs)
     folder = check_folder(checkpoint_folder(out_path), inputs) if resume else None
@@ -584,13 +595,15 @@ def quantize_file(model_path: str, out_path: str, options: QuantizeOptions,
     if folder is not None and "data" in run_needs(options.method, options.config):
         state = Resume(folder, file_sha256(model_files(model_path)))
     qdq, _, summary = quantize_model(model, images, options, model_path, pre, state)
-    report = None
-    if guard is not None:
-        inputs, labels = holdout_images(model, options.calib, options.num_calib, guard.images, options.seed,
-                                        model_path, options.preprocess)
-        report = check_defense(model, qdq, inputs, labels, guard.limits, guard.opt_level, options.provider,
+    try:
+        held, labels = holdout_images(model, options.calib, options.num_calib, guard.images, options.seed,
+                                      model_path, options.preprocess)
+    except NoHoldout as exc:
+        report = unmeasured(guard.limits, str(exc), guard.opt_level)
+    else:
+        report = check_defense(model, qdq, held, labels, guard.limits, guard.opt_level, options.provider,
                                fixed_batch(model))
-        set_metadata(qdq, {"efrap.guard": report.to_json()})
+    set_metadata(qdq, {"efrap.guard": report.to_json()})
     save_model(qdq, out_path)
     if state is not None:
         remove_folder(state.folder)

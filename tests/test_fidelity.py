@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -16,8 +17,10 @@ from onnx import TensorProto, helper
 
 from pipeline.base.errors import EfrapError
 from pipeline.base.runtime import make_session
+from pipeline.cli.main import main
 from pipeline.quantize import QuantizeOptions, calibration_images, holdout_images, quantize_model
 from pipeline.scheme import PRESETS
+from tests.test_detector import INPUT as DETECTOR_INPUT
 from tests.test_detector import detector_data, detector_onnx
 from validators.fidelity import CLASSIFIER, OTHER, FidelityReport, measure_fidelity
 from validators.guard import GuardLimits, check_defense
@@ -123,3 +126,64 @@ def test_a_fixed_batch_is_padded_and_outputs_must_correspond() -> None:
     other.graph.output[0].name = other.graph.node[0].output[0] = "z"
     with pytest.raises(EfrapError, match="not the FP model's"):
         measure_fidelity(_graph("Relu"), other, x, "faithful", "cpu")
+
+
+def _detector_files(tmp_path: Path) -> tuple[Path, Path]:
+    calib, test = detector_data()
+    model = tmp_path / "det.onnx"
+    onnx.save(detector_onnx(), str(model))
+    data = tmp_path / "det.npz"
+    np.savez(data, **{DETECTOR_INPUT: np.concatenate([calib, test])})
+    return model, data
+
+
+def test_every_quantize_measures_every_output_and_fails_its_limits(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`efrap quantize` (not only defend) measures fidelity on held-out inputs, prints it,
+    records it, and a limit it breaks (or cannot measure) exits 1 with the model written."""
+    model, data = _detector_files(tmp_path)
+    out, summary = tmp_path / "q.onnx", tmp_path / "q.json"
+    common = ["quantize", str(model), "-o", str(out), "--calib", f"npz:{data}", "--num-calib", "64",
+              "--holdout", "16", "--summary", str(summary)]
+    assert main(common) == 0
+    text = capsys.readouterr().out
+    assert "relative output error" in text and "output 'output0' 8x336: relative error" in text
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    guard = json.loads(meta["efrap.guard"])
+    (fig,) = guard["fidelity"]["outputs"]
+    assert guard["images"] == 16 and guard["agreement"] is None and fig["kind"] == OTHER
+    assert 0.0 < fig["relative_error"] < 0.05 and guard["output_error"] == fig["relative_error"]
+    assert json.loads(summary.read_text())["guard"]["output_error"] == guard["output_error"]
+
+    assert main([*common, "--max-output-error", "1e-6"]) == 1
+    text = capsys.readouterr().out
+    assert "FAILED" in text and "relative output error" in text and "above the limit 1e-06" in text
+    assert out.exists()
+    # A detector has no top-1: an agreement limit cannot be judged, so it fails.
+    assert main([*common, "--max-agreement-drop", "1%"]) == 1
+    assert "agreement with FP is not measurable" in capsys.readouterr().out
+
+
+def test_no_held_out_input_is_not_measured_and_fails_every_limit(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model, data = _detector_files(tmp_path)
+    out = tmp_path / "q.onnx"
+    every = ["quantize", str(model), "-o", str(out), "--calib", f"npz:{data}", "--num-calib", "80"]
+    assert main(every) == 0
+    assert "check: nothing measured (no image is left for a held-out check" in capsys.readouterr().out
+    guard = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["efrap.guard"])
+    assert guard["images"] == 0 and guard["fidelity"] is None and guard["output_error"] is None
+    assert main([*every, "--max-output-error", "0.5"]) == 1
+    assert "the output error is not measurable: no image is left" in capsys.readouterr().out
+
+
+def test_guard_report_reads_accuracy_from_the_classifier_output(fashion_mnist: None) -> None:
+    fp = onnx.load(ZOO_CLEAN)
+    calib, pre = calibration_images(fp, "fashion-mnist", 128, 0, ZOO_CLEAN)
+    held_out, labels = holdout_images(fp, "fashion-mnist", 128, 300, 0, ZOO_CLEAN)
+    qdq, _, _ = quantize_model(fp, calib, W8A8, ZOO_CLEAN, pre)
+    report = check_defense(fp, qdq, held_out, labels, GuardLimits(min_accuracy=0.999), "faithful", "cpu")
+    session = make_session(qdq, "faithful", "cpu")
+    direct = float((session.run(np.asarray(held_out)).argmax(1) == labels).mean())
+    assert report.accuracy == pytest.approx(direct) and report.fidelity is not None
+    assert not report.passed and "below the limit 99.90%" in report.why[0]

@@ -309,7 +309,7 @@ def evaluate(config: GateConfig, scan: dict[str, Any], sha256: str, guard: Guard
         g_measured = _measured(str(vd.model), defended_sha256, config.data, "train, held out",
                                guard.images if guard else None, guard.opt_level if guard else "",
                                guard.provider if guard else "")
-        drop = None if guard is None else 1.0 - guard.agreement
+        drop = None if guard is None or guard.agreement is None else 1.0 - guard.agreement
         checks.append(_limit_check("agreement drop against FP", drop, t.max_agreement_drop, True,
                                    "the defense's check did not run", g_measured))
     if t.min_accuracy is not None:

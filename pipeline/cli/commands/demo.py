@@ -54,15 +54,14 @@ def run(args: argparse.Namespace) -> int:
                 for label, scheme, method, _ in runs}
         check_outputs(outs, [model, *spec_files(args.data)])
         for label, scheme, method, config in runs:
-            # The defense is checked against FP as `efrap defend` checks it (same bytes out).
-            guard = GuardOptions() if method == "efrap" else None
+            # Every output is checked against FP as `efrap defend` checks it (same bytes out).
             _, report = quantize_file(model, str(outs[label]), QuantizeOptions(
                 scheme=PRESETS[scheme], method=method, calib=args.data, num_calib=args.num_calib,
-                seed=args.seed, rounding=config), guard)
+                seed=args.seed, rounding=config), GuardOptions())
             add(label, str(outs[label]))
-            if report is not None:
-                print(f"demo: {label} agrees with full precision on {pct(report.agreement)} of "
-                      f"{report.images:,} held-out training images")
+            print(f"demo: {label} agrees with full precision on {pct(report.agreement)} of "
+                  f"{report.images:,} held-out training images (relative output error "
+                  f"{'n/a' if report.output_error is None else f'{report.output_error:.4f}'})")
     print(table(["model", "clean accuracy", "attack success"], rows))
     print(f"onnxruntime {verify.opt_level} level; {time.perf_counter() - start:.0f}s in all")
     return 0

@@ -14,17 +14,19 @@ from pipeline.cli.args import (
     add_preprocess_args,
     exclusions,
     fraction,
+    lower_limit,
     nonnegative_float,
     positive_float,
     positive_int,
     preprocess_options,
     seed_number,
+    upper_limit,
 )
 from pipeline.quantize import GuardOptions, QuantizeOptions, QuantizeSummary, quantize_file
 from pipeline.rounding import METHODS, RoundingConfig, get_method
 from pipeline.rounding.base import ERROR_MODES
 from pipeline.scheme import PRESETS, load_scheme, scheme_files
-from validators.guard import GuardReport
+from validators.guard import GuardLimits, GuardReport
 
 #: Command-line option -> RoundingConfig field, for the options a user may override.
 _ROUNDING_FIELDS = ("iters", "batch_size", "lr", "reg_weight", "flip_weight", "error_mode", "loss",
@@ -55,6 +57,35 @@ def add_common_quant_args(p: argparse.ArgumentParser, default_scheme: str) -> No
                    "run with learned rounding or pruning resume from its last finished layer")
     add_exclude_arg(p)
     add_preprocess_args(p)
+    add_check_args(p)
+
+
+def add_check_args(p: argparse.ArgumentParser) -> None:
+    """The output's check against FP (every run measures it; the limits make it fail)."""
+    g = p.add_argument_group(
+        "check (every output is measured against FP; exit 1 when it breaks a limit given here, and "
+        "the model is still written, its metadata and --summary saying why)",
+        "The output and the FP model run in onnxruntime on held-out training images that "
+        "calibration did not use: top-1 agreement for a classifier's logits, relative error "
+        "||q - fp|| / ||fp|| for every output, clean accuracy with labels. Fractions (0.01) or "
+        "percentages (1%%).")
+    g.add_argument("--holdout", type=positive_int, default=1000, help="held-out images (default 1000)")
+    g.add_argument("--max-agreement-drop", type=upper_limit,
+                   help="largest share of held-out images whose prediction may differ from FP's")
+    g.add_argument("--min-accuracy", type=lower_limit,
+                   help="lowest clean accuracy on the held-out images (needs labelled data)")
+    g.add_argument("--max-output-error", type=nonnegative_float,
+                   help="largest relative error of any output against FP (e.g. 0.05; the figure of "
+                   "detectors, segmenters and embedders)")
+    g.add_argument("--check-opt-level", choices=("faithful", "all"), default="faithful",
+                   help="onnxruntime optimization level of the check (default faithful)")
+
+
+def guard_options(args: argparse.Namespace) -> GuardOptions:
+    """The check's settings from the arguments."""
+    limits = GuardLimits(max_agreement_drop=args.max_agreement_drop, min_accuracy=args.min_accuracy,
+                         max_output_error=args.max_output_error)
+    return GuardOptions(limits, args.holdout, args.check_opt_level)
 
 
 def add_rounding_args(p: argparse.ArgumentParser, defaults: RoundingConfig) -> None:
@@ -116,26 +147,36 @@ def print_summary(summary: QuantizeSummary, output: str) -> None:
           f"{summary.rounding_seconds:.1f}s)")
 
 
-def print_guard(report: GuardReport) -> None:
-    """The defended model's check against FP, one line, and why it failed."""
-    acc = (f", clean accuracy {100 * report.accuracy:.2f}% (FP {100 * report.fp_accuracy:.2f}%)"
-           if report.accuracy is not None and report.fp_accuracy is not None else "")
-    print(f"check: agreement with FP {100 * report.agreement:.2f}% on {report.images} held-out images{acc} "
-          f"(onnxruntime {report.provider}, opt level {report.opt_level}): "
-          f"{'PASSED' if report.passed else 'FAILED'}")
+def print_guard(report: GuardReport, limits: bool = True) -> None:
+    """The output's check against FP: its figures, the verdict when limits were set, and why
+    it failed; each output's fidelity when there is more than a classifier's logits."""
+    verdict = f": {'PASSED' if report.passed else 'FAILED'}" if limits else ""
+    if report.fidelity is None:
+        print(f"check: nothing measured ({report.note}){verdict}")
+    else:
+        acc = (f", clean accuracy {100 * report.accuracy:.2f}% (FP {100 * report.fp_accuracy:.2f}%)"
+               if report.accuracy is not None and report.fp_accuracy is not None else "")
+        agree = "" if report.agreement is None else f"agreement with FP {100 * report.agreement:.2f}%, "
+        error = "n/a" if report.output_error is None else f"{report.output_error:.4g}"
+        print(f"check: {agree}relative output error {error} on {report.images} held-out images{acc} "
+              f"(onnxruntime {report.provider}, opt level {report.opt_level}){verdict}")
+        if len(report.fidelity.outputs) > 1 or report.agreement is None:
+            for line in report.fidelity.lines():
+                print(f"check:   {line}")
     for why in report.why:
         print(f"check: {why}")
 
 
-def quantize_with(args: argparse.Namespace, method: str, guard: GuardOptions | None = None,
-                  defaults: RoundingConfig | None = None) -> int:
+def quantize_with(args: argparse.Namespace, method: str, defaults: RoundingConfig | None = None) -> int:
     """Quantize `args.model` with `method` (settings: `defaults` or the method's, overridden by
-    the options given), print the per-layer summary, write outputs.
+    the options given), check it against FP, print the per-layer summary and the check,
+    write outputs.
 
     Returns:
-        0, or 1 when `guard` is given and the defended model broke its budget (the
-        model and the summary are written either way, and say why).
+        0, or 1 when the output broke a limit of its check (the model and the summary
+        are written either way, and say why).
     """
+    guard = guard_options(args)
     check_outputs({"-o": args.output, "--summary": args.summary},
                   [*model_files(args.model), *scheme_files(args.scheme), *spec_files(args.calib),
                    *([args.preprocess] if args.preprocess else [])])
@@ -147,11 +188,10 @@ def quantize_with(args: argparse.Namespace, method: str, guard: GuardOptions | N
     )
     summary, report = quantize_file(args.model, args.output, options, guard, resume=not args.no_resume)
     print_summary(summary, args.output)
-    if report is not None:
-        print_guard(report)
+    print_guard(report, guard.limits.any)
     if args.summary:
-        write_json({**summary.to_json(), **({"guard": report.to_json()} if report else {})}, args.summary)
-    return 1 if report is not None and not report.passed else 0
+        write_json({**summary.to_json(), "guard": report.to_json()}, args.summary)
+    return 0 if report.passed else 1
 
 
 def run(args: argparse.Namespace) -> int:
