@@ -23,10 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "errors in grid steps and flip weight 0.02) and release (the release's settings: 10,000 "
         "iterations per layer, batch 32, Adam lr 1e-3, regulariser 0.01 with b = 2, flip weight 1, "
         "element-wise errors in the conv weight's pre-BN units when the model records its BN "
-        "factors, output step sizes learned at 4e-5). Options below override the preset. The "
+        "factors, output step sizes learned at 4e-5) and fast (the default's loss and pruning on "
+        "sampled (image, position) rows: 2,000 steps at lr 5e-3, a layer stops once its rounding "
+        "settles; a candidate, docs/DEFENSE.md). Options below override the preset. The "
         "defended model is then compared with FP on held-out images (the check below).")
     p.add_argument("--preset", choices=tuple(EFRAP_PRESETS), default="default",
-                   help="EFRAP settings: default (the project's rule) or release (default: default)")
+                   help="EFRAP settings: default (the project's rule), release or fast (default: default)")
     add_common_quant_args(p, "w4a4")
     add_rounding_args(p, EFRAP_PRESETS["default"])
     p.set_defaults(func=run)
