@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     "pipeline.gate": 4,
     "pipeline.scan": 4,
     "pipeline.batch": 4,
+    "pipeline.selfcheck": 4,
     "models": 5,
     "pipeline.cli": 6,
 }

@@ -4,12 +4,70 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli.commands.quantize import add_common_quant_args, add_rounding_args, quantize_with
+from pipeline.base.errors import EfrapError
+from pipeline.base.safe_io import write_json
+from pipeline.cli.args import positive_float
+from pipeline.cli.commands.quantize import (
+    ROUNDING_FIELDS,
+    add_common_quant_args,
+    add_rounding_args,
+    guard_options,
+    print_guard,
+    print_summary,
+    quantize_options,
+    quantize_with,
+)
 from pipeline.rounding.efrap import EFRAP_PRESETS
+from pipeline.scan import scan_model
+from pipeline.selfcheck import CANDIDATES, ORDER, CandidateResult, SelfCheckOptions, self_checking_defend
+
+
+def _candidates(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in CANDIDATES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"'{text}': candidates are a comma-separated list of "
+                                         f"{', '.join(CANDIDATES)}")
+    return names
+
+
+def print_candidate(result: CandidateResult) -> None:
+    """One candidate's outcome as soon as it exists: verdict, strongest trigger, agreement, time."""
+    asr = "none measured" if result.strongest_asr is None else f"{100 * result.strongest_asr:.2f}%"
+    agree = "n/a" if result.guard.agreement is None else f"{100 * result.guard.agreement:.2f}%"
+    print(f"self-check: {result.name} ({result.method}): audit {result.verdict}, strongest trigger on it "
+          f"{asr}, agreement with FP {agree}: {'PASSED' if result.passed else 'FAILED'} "
+          f"(rounding {result.rounding_seconds:.0f}s, audit {result.audit_seconds:.0f}s)", flush=True)
+    if not result.passed:
+        for why in result.reasons:
+            print(f"self-check:   {why}")
+
+
+def run_self_check(args: argparse.Namespace) -> int:
+    """Round the candidates in order, audit each, ship the first that passes; exit 1 when none does."""
+    if args.preset != "default" or any(getattr(args, f, None) is not None for f in ROUNDING_FIELDS
+                                       if f != "iters"):
+        raise EfrapError("--self-check rounds its own candidates (--candidates); of the rounding "
+                         "options it takes only --iters")
+    options = quantize_options(args, "efrap", EFRAP_PRESETS["default"])
+    check = SelfCheckOptions(candidates=args.candidates, budget=args.check_budget, iters=args.iters)
+    outcome = self_checking_defend(args.model, args.output, options, guard_options(args), check, scan_model,
+                                   resume=not args.no_resume, on_candidate=print_candidate)
+    print_summary(outcome.summary, args.output)
+    print_guard(outcome.guard)
+    verdict = (f"shipped '{outcome.shipped}', the first candidate that passed" if outcome.passed else
+               f"FAILED: no candidate passed; wrote the one with the weakest trigger, '{outcome.shipped}'")
+    print(f"self-check: {verdict}")
+    if args.summary:
+        write_json({**outcome.summary.to_json(), "guard": outcome.guard.to_json(),
+                    "self_check": outcome.to_json()}, args.summary)
+    return 0 if outcome.passed else 1
 
 
 def run(args: argparse.Namespace) -> int:
     """Quantize with EFRAP and check the result against FP on held-out images."""
+    if args.self_check:
+        return run_self_check(args)
     return quantize_with(args, "efrap", EFRAP_PRESETS[args.preset])
 
 
@@ -31,4 +89,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="EFRAP settings: default (the project's rule), release or fast (default: default)")
     add_common_quant_args(p, "w4a4")
     add_rounding_args(p, EFRAP_PRESETS["default"])
+    g = p.add_argument_group(
+        "self-check (docs/DEFENSE.md, \"The self-check\")",
+        "Round the candidates in order and audit each deployed candidate against FP without a "
+        "trigger (efrap audit: the scan's differential search with the candidate as the quantized "
+        "side), with the check above; ship the first whose audit is clean and whose check passes. "
+        "When none passes, the one with the weakest trigger is written and the command exits 1.")
+    g.add_argument("--self-check", action="store_true", help="check the output and try the next candidate")
+    g.add_argument("--candidates", type=_candidates, default=ORDER, metavar="LIST",
+                   help=f"candidates in order (default {','.join(ORDER)}; any of {', '.join(CANDIDATES)})")
+    g.add_argument("--check-budget", type=positive_float, default=None, metavar="SECONDS",
+                   help="seconds each candidate's audit may take (default: no limit); an audit cut "
+                   "short is inconclusive and fails its candidate")
     p.set_defaults(func=run)

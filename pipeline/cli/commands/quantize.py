@@ -29,7 +29,7 @@ from pipeline.scheme import PRESETS, load_scheme, scheme_files
 from validators.guard import GuardLimits, GuardReport
 
 #: Command-line option -> RoundingConfig field, for the options a user may override.
-_ROUNDING_FIELDS = ("iters", "batch_size", "lr", "reg_weight", "flip_weight", "error_mode", "loss",
+ROUNDING_FIELDS = ("iters", "batch_size", "lr", "reg_weight", "flip_weight", "error_mode", "loss",
                     "act_lr", "rec_guard", "prune_rare")
 
 
@@ -125,7 +125,7 @@ def add_rounding_args(p: argparse.ArgumentParser, defaults: RoundingConfig) -> N
 
 def rounding_config(args: argparse.Namespace, defaults: RoundingConfig) -> RoundingConfig:
     """Defaults overridden by the arguments that were given (checked by RoundingConfig)."""
-    given = {f: getattr(args, f) for f in _ROUNDING_FIELDS if getattr(args, f, None) is not None}
+    given = {f: getattr(args, f) for f in ROUNDING_FIELDS if getattr(args, f, None) is not None}
     if getattr(args, "error_units", None) is not None:
         given["error_units"] = args.error_units.replace("-", "_")
     return replace(defaults, **given)
@@ -167,6 +167,20 @@ def print_guard(report: GuardReport, limits: bool = True) -> None:
         print(f"check: {why}")
 
 
+def quantize_options(args: argparse.Namespace, method: str, defaults: RoundingConfig | None = None
+                     ) -> QuantizeOptions:
+    """The run's options from the arguments, after checking that no output overwrites an input."""
+    check_outputs({"-o": args.output, "--summary": args.summary},
+                  [*model_files(args.model), *scheme_files(args.scheme), *spec_files(args.calib),
+                   *([args.preprocess] if args.preprocess else [])])
+    return QuantizeOptions(
+        scheme=load_scheme(args.scheme), method=method, calib=args.calib,
+        num_calib=args.num_calib, seed=args.seed, weight_storage=args.weight_storage,
+        rounding=rounding_config(args, defaults or get_method(method).defaults), device=args.device,
+        preprocess=preprocess_options(args), exclude=exclusions(args),
+    )
+
+
 def quantize_with(args: argparse.Namespace, method: str, defaults: RoundingConfig | None = None) -> int:
     """Quantize `args.model` with `method` (settings: `defaults` or the method's, overridden by
     the options given), check it against FP, print the per-layer summary and the check,
@@ -177,15 +191,7 @@ def quantize_with(args: argparse.Namespace, method: str, defaults: RoundingConfi
         are written either way, and say why).
     """
     guard = guard_options(args)
-    check_outputs({"-o": args.output, "--summary": args.summary},
-                  [*model_files(args.model), *scheme_files(args.scheme), *spec_files(args.calib),
-                   *([args.preprocess] if args.preprocess else [])])
-    options = QuantizeOptions(
-        scheme=load_scheme(args.scheme), method=method, calib=args.calib,
-        num_calib=args.num_calib, seed=args.seed, weight_storage=args.weight_storage,
-        rounding=rounding_config(args, defaults or get_method(method).defaults), device=args.device,
-        preprocess=preprocess_options(args), exclude=exclusions(args),
-    )
+    options = quantize_options(args, method, defaults)
     summary, report = quantize_file(args.model, args.output, options, guard, resume=not args.no_resume)
     print_summary(summary, args.output)
     print_guard(report, guard.limits.any)
