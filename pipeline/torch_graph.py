@@ -499,7 +499,11 @@ class TorchGraph:
         for name, value in feeds.items():
             values[name] = fake_quant_qp(value, act_quant[name]) if name in act_quant else value
         order = self._needed(outputs, set(values))
-        for idx in order:
+        # Each tensor is dropped after its last reader: a forward without gradients then
+        # holds only the live tensors, not every activation of the graph (GBs at 224 x 224).
+        last_read = {name: step for step, idx in enumerate(order) for name in self.nodes[idx].input if name}
+        wanted = set(outputs)
+        for step, idx in enumerate(order):
             node = self.nodes[idx]
             args: list[Tensor | None] = []
             for name in node.input:
@@ -518,6 +522,9 @@ class TorchGraph:
                 results = _OPS[node.op_type](*args, attrs=self.attrs[idx], **extra)
             for name, value in zip(node.output, results, strict=False):
                 values[name] = fake_quant_qp(value, act_quant[name]) if name in act_quant else value
+            for name in node.input:
+                if name and last_read.get(name) == step and name not in wanted:
+                    values.pop(name, None)
         return {o: values[o] for o in outputs}
 
 

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
+from pipeline.base import budget
+
 T = TypeVar("T")
 
 #: Outside a terminal: fewest seconds between two progress lines of a stage ...
@@ -130,10 +132,15 @@ class Progress:
         return time.perf_counter() - self._start
 
     def update(self, n: int = 1, postfix: str | None = None) -> None:
-        """Advance by `n` steps, optionally replacing the trailing text."""
+        """Advance by `n` steps, optionally replacing the trailing text.
+
+        Raises:
+            OutOfTime: inside `pipeline.base.budget.within`, once its deadline has passed.
+        """
         self.count += n
         if postfix is not None:
             self.postfix = postfix
+        budget.check()
         if _quiet:
             return
         now = time.perf_counter()

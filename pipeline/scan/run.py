@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import torch
 
-from pipeline.base import checks
+from pipeline.base import budget, checks
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import check_logits, fixed_batch, image_input, load_model
 from pipeline.base.preprocess import PreparedImages, Preprocess
@@ -40,6 +40,7 @@ from pipeline.base.seeds import derive
 from pipeline.base.trigger import PatternTrigger
 from pipeline.prepare import prepare_model
 from pipeline.quantize import QuantizeOptions, calibration_images, holdout_images, quantize_model
+from pipeline.scan.images import ImageSet, batch_for
 from pipeline.scan.report import Coverage, DefendedScan, Figures, ScanReport, class_states, recovered_trigger
 from pipeline.scan.search import FAMILIES, Found, SearchConfig, drift, search_class
 from pipeline.scan.sides import Side, fp_side, nearest_side, qdq_side
@@ -132,9 +133,9 @@ class ScanOptions:
 class _Data:
     """The scan's images in [0, 1] and their FP clean predictions."""
 
-    opt_x: torch.Tensor
+    opt_x: ImageSet
     opt_y: torch.Tensor
-    eval_x: torch.Tensor
+    eval_x: ImageSet
     eval_y: torch.Tensor
 
 
@@ -162,23 +163,22 @@ class _Clock:
         return time.perf_counter() + seconds <= self.end
 
 
-def _raw(images: object, what: str) -> np.ndarray:
+def _raw(images: object, what: str) -> ImageSet:
     """Images in [0, 1] behind model-ready inputs (the trigger is stamped before preprocessing)."""
     if not isinstance(images, PreparedImages):
         raise EfrapError(f"{what}: the scan stamps triggers on images in [0, 1] before preprocessing; "
                          "give a data set (fashion-mnist, cifar10:PATH, imagefolder:PATH, ...), not "
                          "model-ready arrays")
-    return images.dataset.take(images.index)
+    return ImageSet(images.dataset, images.index)
 
 
-def _split(raw: np.ndarray, labels: torch.Tensor, options: ScanOptions) -> _Data:
+def _split(raw: ImageSet, labels: torch.Tensor, options: ScanOptions) -> _Data:
     """Optimisation and evaluation images, chosen with the seed."""
     n = len(raw)
     n_eval = max(1, min(options.eval_images, n // 4))
     perm = np.random.default_rng(derive(options.seed, "scan-eval")).permutation(n)
     ev, opt = np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
-    x = torch.from_numpy(raw)
-    return _Data(x[opt], labels[opt], x[ev], labels[ev])
+    return _Data(raw.subset(opt), labels[opt], raw.subset(ev), labels[ev])
 
 
 def _search(wake: Side, keep: Side | None, data: _Data, target: int, family: str, options: ScanOptions,
@@ -203,7 +203,7 @@ def shortlist(fp: Side, q: Side, data: _Data, drifts: np.ndarray, options: ScanO
     pool = [int(c) for c in np.argsort(-drifts, kind="stable")[: 4 * options.max_targets]]
     probe = SearchConfig(**{**asdict(options.search), "steps": options.probe_steps,
                             "patience": options.probe_steps, "cost_init": 1e-6})
-    small = _Data(data.opt_x, data.opt_y, data.eval_x[:64], data.eval_y[:64])
+    small = _Data(data.opt_x, data.opt_y, data.eval_x.subset(slice(0, 64)), data.eval_y[:64])
     scores = []
     bar = Progress(f"scan: probing {len(pool)} of {classes} classes", total=len(pool))
     for c in pool:
@@ -246,11 +246,25 @@ def _best(results: list[Found]) -> Found | None:
     return max(results, key=lambda f: f.success)
 
 
-def _figures(trigger: PatternTrigger, raw: np.ndarray, pre: Preprocess, sessions: dict[str, Session],
+def _logits(sessions: dict[str, Session], raw: ImageSet, pre: Preprocess,
+            trigger: PatternTrigger | None = None) -> dict[str, np.ndarray]:
+    """Each session's logits on `raw` (stamped with `trigger` first, when given), chunk by
+    chunk: only one chunk of model-ready inputs exists at a time."""
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in sessions}
+    # onnxruntime's arena grows to the largest batch it ran: a few images at 224 x 224.
+    for chunk in raw.chunks(batch_for(tuple(raw.shape[1:]))):
+        budget.check()
+        inputs = pre.apply(trigger.apply(chunk) if trigger is not None else chunk)
+        for name, s in sessions.items():
+            parts[name].append(s.run(inputs))
+    return {name: np.concatenate(p) for name, p in parts.items()}
+
+
+def _figures(trigger: PatternTrigger, raw: ImageSet, pre: Preprocess, sessions: dict[str, Session],
              fp_pred: np.ndarray, clean: dict[str, np.ndarray]) -> Figures:
     """The trigger's attack success in onnxruntime on held-out images."""
-    inputs = pre.apply(trigger.apply(raw))
-    asr = {name: attack_success(s.run(inputs), fp_pred, trigger.target).rate for name, s in sessions.items()}
+    logits = _logits(sessions, raw, pre, trigger)
+    asr = {name: attack_success(logits[name], fp_pred, trigger.target).rate for name in sessions}
     agreement = {name: float((pred == fp_pred).mean()) for name, pred in clean.items()}
     return Figures(asr=asr, agreement=agreement, images=len(raw),
                    non_target_images=int((fp_pred != trigger.target).sum()))
@@ -287,8 +301,8 @@ class _State:
     model: onnx.ModelProto
     images: object
     pre: Preprocess
-    raw: np.ndarray
-    raw_hold: np.ndarray
+    raw: ImageSet
+    raw_hold: ImageSet
     clock: _Clock
     classes: int
     defended_path: str | None = None
@@ -327,7 +341,7 @@ def _build_sides(st: _State) -> None:
         st.model_path, st.pre)
     st.fp = fp_side(prepare_model(st.model, st.model_path), st.pre, st.model_path, options.search.relu_slope)
     st.q = nearest_side(st.fp, result)
-    fp_logits, q_logits = st.fp.logits(torch.from_numpy(st.raw)), st.q.logits(torch.from_numpy(st.raw))
+    fp_logits, q_logits = st.fp.logits(st.raw), st.q.logits(st.raw)
     if fp_logits.shape[1] < 2:
         raise EfrapError(f"{st.model_path}: the scan needs a classifier with at least 2 classes")
     st.classes = int(fp_logits.shape[1])
@@ -349,12 +363,10 @@ def _measure_clean(st: _State) -> None:
     if st.defended_model is not None:
         st.sessions["defended"] = make_session(st.defended_model, options.opt_level, options.provider)
     t0 = time.perf_counter()
-    clean_in = st.pre.apply(st.raw_hold)
-    st.clean = {name: s.run(clean_in).argmax(1) for name, s in st.sessions.items()}
+    st.clean = {name: logits.argmax(1) for name, logits in _logits(st.sessions, st.raw_hold, st.pre).items()}
     st.pass_seconds = time.perf_counter() - t0
-    hold_t = torch.from_numpy(st.raw_hold)
-    st.parity = {"fp": float((st.fp.logits(hold_t).argmax(1).numpy() != st.clean["fp"]).mean()),
-                 "nearest": float((st.q.logits(hold_t).argmax(1).numpy() != st.clean["nearest"]).mean())}
+    st.parity = {"fp": float((st.fp.logits(st.raw_hold).argmax(1).numpy() != st.clean["fp"]).mean()),
+                 "nearest": float((st.q.logits(st.raw_hold).argmax(1).numpy() != st.clean["nearest"]).mean())}
 
 
 def _run_searches(st: _State) -> None:
@@ -390,7 +402,14 @@ def _build(st: _State) -> None:
         if clock.out():
             st.stopped = stage
             return
-        step(st)
+        try:
+            # A stage of minutes (calibrating, a pass over the images) stops at the deadline.
+            with budget.within(clock.end):
+                step(st)
+        except budget.OutOfTime:
+            st.stopped = stage
+            st.sessions = {}  # the figures need every clean prediction
+            return
     if options.budget is not None:
         # The searches end early enough for the triggered figures (one pass, two with a defended model).
         passes = 2 if st.defended_model is not None else 1

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.base import checks
+from pipeline.scan.images import ImageSet, batch_for
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 FAMILIES = ("patch", "blend")
@@ -239,13 +240,16 @@ def _hits(wake: Model, keep: Model | None, x: torch.Tensor, labels: torch.Tensor
     return loss, hit
 
 
-def success_rate(wake: Model, keep: Model | None, images: torch.Tensor, labels: torch.Tensor,
-                 target: int, mask: torch.Tensor, pattern: torch.Tensor, batch_size: int = 256) -> float:
+def success_rate(wake: Model, keep: Model | None, images: torch.Tensor | ImageSet, labels: torch.Tensor,
+                 target: int, mask: torch.Tensor, pattern: torch.Tensor,
+                 batch_size: int | None = None) -> float:
     """Share of `images` (not of class `target` by `labels`) that the trigger sends to `target`
-    on `wake` while `keep` keeps their label."""
+    on `wake` while `keep` keeps their label (in batches of `batch_size`, default `batch_for`
+    their size)."""
     idx = torch.nonzero(labels != target).reshape(-1)
     if len(idx) == 0:
         return 0.0
+    batch_size = batch_size or batch_for(tuple(images.shape[1:]))
     hits = 0
     with torch.no_grad():
         for i in range(0, len(idx), batch_size):
@@ -255,8 +259,8 @@ def success_rate(wake: Model, keep: Model | None, images: torch.Tensor, labels: 
     return hits / len(idx)
 
 
-def search_class(wake: Model, keep: Model | None, images: torch.Tensor, labels: torch.Tensor,
-                 eval_images: torch.Tensor, eval_labels: torch.Tensor, target: int, family: str,
+def search_class(wake: Model, keep: Model | None, images: torch.Tensor | ImageSet, labels: torch.Tensor,
+                 eval_images: torch.Tensor | ImageSet, eval_labels: torch.Tensor, target: int, family: str,
                  cfg: SearchConfig, seed: int, deadline: float = math.inf, stop: float = math.inf) -> Found:
     """Optimise the smallest trigger of `family` for `target` (see the module docstring).
 

@@ -27,11 +27,13 @@ import onnx
 import torch
 import torch.nn.functional as F
 
+from pipeline.base import budget
 from pipeline.base.errors import EfrapError, NotSupported
 from pipeline.base.preprocess import Preprocess
 from pipeline.prepare import prepare_model
 from pipeline.qmath import QParams
 from pipeline.quantized import QuantResult
+from pipeline.scan.images import ImageSet, batch_for
 from pipeline.torch_graph import TorchGraph
 
 
@@ -82,10 +84,15 @@ class Side:
         out = self.graph.run(feeds, weights=self.weights, act_quant=self.act_quant)[self.graph.outputs[0]]
         return out.reshape(out.shape[0], -1)
 
-    def logits(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """Logits of many images, without gradients, in batches."""
+    def logits(self, images: torch.Tensor | ImageSet, batch_size: int | None = None) -> torch.Tensor:
+        """Logits of many images, without gradients, in batches (default: `batch_for` their size)."""
+        step = batch_size or batch_for(tuple(images.shape[1:]))
+        parts = []
         with torch.no_grad():
-            return torch.cat([self(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+            for i in range(0, len(images), step):
+                budget.check()
+                parts.append(self(images[i : i + step]))
+        return torch.cat(parts)
 
 
 def _graph(model: onnx.ModelProto, source: str, relu_slope: float) -> TorchGraph:
