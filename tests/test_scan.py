@@ -26,11 +26,14 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import pipeline.scan.run as scan_run
+import pipeline.scan.sides as sides_mod
 from models.attacks import ATTACKS, get_attack
 from models.attacks.badnets import BadNets
 from models.attacks.base import AttackConfig, run_attack
+from pipeline.base import budget
 from pipeline.base.errors import EfrapError
 from pipeline.base.preprocess import Preprocess
+from pipeline.base.progress import Progress
 from pipeline.base.trigger import PatchTrigger, load_trigger
 from pipeline.cli.main import main
 from pipeline.quantize import QuantizeOptions, quantize_model
@@ -318,8 +321,8 @@ def test_cli_bad_inputs(tiny: dict[str, str], tmp_path: Path, capsys: pytest.Cap
     missing = str(tmp_path / "none.onnx")
     _fails(["scan", missing, "--scheme", "w8a8", *base], capsys, [report, trig], "no such")
     _fails(["scan", tiny["qcb"], "--scheme", "w5a5", *base], capsys, [report, trig], "w5a5")
-    for budget in ("-1", "0", "nan", "soon"):
-        _fails(["scan", tiny["qcb"], "--scheme", "w8a8", "--budget", budget, *base], capsys, [report, trig],
+    for bad in ("-1", "0", "nan", "soon"):
+        _fails(["scan", tiny["qcb"], "--scheme", "w8a8", "--budget", bad, *base], capsys, [report, trig],
                "--budget")
     _fails(["scan", tiny["qcb"], "--scheme", "w8a8", "--calib", tiny["data"], "--json", tiny["qcb"]], capsys,
            [], "would overwrite the input")
@@ -399,6 +402,37 @@ def test_budget_that_cuts_the_searches_is_inconclusive_within_budget_and_slack(t
         assert entry["status"] in ("searched", "cut short", "not searched"), (c, entry)
         assert set(entry["searches"]) == {"diff_patch", "diff_blend", "fp_patch"}
     assert report.seconds <= budget + SLACK and wall <= budget + SLACK, (report.seconds, wall)
+
+
+def test_budget_stops_a_long_stage_between_its_batches(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage of minutes (here the simulation's pass over the calibration images, made slow)
+    stops at the deadline, not at its end: the budget bounds the wall time."""
+    monkeypatch.setattr(sides_mod, "batch_for", lambda shape: 1)
+    original = sides_mod.Side.__call__
+
+    def slow(self: sides_mod.Side, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.05)  # 128 batches: 6.4 s, beyond the budget
+        return original(self, x)
+
+    monkeypatch.setattr(sides_mod.Side, "__call__", slow)
+    budget = 2.0
+    t0 = time.perf_counter()
+    report = scan_model(str(ZOO_QCB), _zoo_options(_zoo_data(tmp_path), budget))
+    wall = time.perf_counter() - t0
+    data = report.to_json()
+    assert report.verdict.verdict == "inconclusive"
+    assert data["coverage"]["stopped_at"] == "the nearest deployment"
+    assert wall <= budget + SLACK, wall
+
+
+def test_budget_check_outside_and_inside_a_deadline() -> None:
+    budget.check()  # no deadline: nothing happens
+    with budget.within(time.perf_counter() + 60.0):
+        budget.check()
+        with budget.within(time.perf_counter() - 1.0), pytest.raises(budget.OutOfTime):
+            Progress("stage", total=2).update()
+        budget.check()  # the outer deadline again
 
 
 def test_figures_that_do_not_fit_the_budget_make_the_scan_inconclusive(
