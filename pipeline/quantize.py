@@ -223,17 +223,30 @@ def calibration_array(data: object, input_name: str) -> np.ndarray | PreparedIma
 
     Args:
         data: An array (N x ...); an onnxruntime `CalibrationDataReader` (anything with
-            `get_next()` returning {input name: batch} until None); or any iterable of
-            batches or of such dicts.
+            `get_next()` returning {input name: batch} until None; its `rewind()`, when it
+            has one, is called first); or any iterable of batches or of such dicts.
         input_name: The model's input name (the key of dict batches).
 
     Raises:
-        EfrapError: no batches, or batches that are not float arrays of one shape.
+        EfrapError: no batches, a dict batch without `input_name`, or batches that are
+            not float arrays of one shape.
     """
     if isinstance(data, np.ndarray | PreparedImages):
         return data  # type: ignore[return-value]
-    source = iter(data.get_next, None) if hasattr(data, "get_next") else data  # type: ignore[attr-defined]
-    batches = [b[input_name] if isinstance(b, dict) else b for b in source]  # type: ignore[union-attr]
+    if hasattr(data, "get_next"):
+        if callable(getattr(data, "rewind", None)):
+            data.rewind()  # type: ignore[attr-defined]  # a reader another quantizer read to its end
+        source = iter(data.get_next, None)  # type: ignore[attr-defined]
+    else:
+        source = data  # type: ignore[assignment]
+    batches = []
+    for batch in source:  # type: ignore[union-attr]
+        if isinstance(batch, dict):
+            if input_name not in batch:
+                raise EfrapError(f"calibration data: a batch has no input '{input_name}' (it has "
+                                 f"{', '.join(map(str, batch)) or 'no keys'})")
+            batch = batch[input_name]
+        batches.append(batch)
     if not batches:
         raise EfrapError("calibration data: no batches")
     try:
