@@ -93,7 +93,8 @@ def main() -> None:
             for r in runs.values()]
     print(f"efrap scan, MobileNetV3-Small at 224x224 (10 classes), {args.num_calib} calibration and "
           f"{args.holdout} held-out images, {args.threads} threads")
-    print(table(["budget s", "exit", "wall s", "peak resident MiB", f"<= {PEAK_GOAL_MIB} MiB", "verdict"], rows))
+    headers = ["budget s", "exit", "wall s", "peak resident MiB", f"<= {PEAK_GOAL_MIB} MiB", "verdict"]
+    print(table(headers, rows))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_results({"model": "mobilenet_v3_small 224x224, 10 classes, random weights", "threads": args.threads,

@@ -211,7 +211,8 @@ Inputs = np.ndarray | PreparedImages
 
 
 def _data_images(model: onnx.ModelProto, spec: str, choose: Callable[[int], np.ndarray], source: str,
-                 preprocess: dict | None) -> tuple[Inputs, np.ndarray | None, Preprocess]:
+                 preprocess: dict | None, announce: bool = True
+                 ) -> tuple[Inputs, np.ndarray | None, Preprocess]:
     """Model-ready inputs of data set `spec` at the indices `choose(total)`, with their labels."""
     image = image_input(model, source)
     ready_arrays = data_mod.model_inputs(spec, image.name)
@@ -223,7 +224,7 @@ def _data_images(model: onnx.ModelProto, spec: str, choose: Callable[[int], np.n
         pre = ready(resolve(model, image, preprocess, source, announce=False))
         return ready_arrays[choose(len(ready_arrays))], None, pre
     dataset = data_mod.load_dataset(spec, "train")
-    pre = resolve(model, image, preprocess, source)
+    pre = resolve(model, image, preprocess, source, announce=announce)
     data_mod.check_fits(dataset, pre.nchw_shape(image), source)
     idx = choose(len(dataset.labels))
     return PreparedImages(dataset, idx, pre), dataset.labels[idx], pre
@@ -246,12 +247,15 @@ def calibration_images(model: onnx.ModelProto, spec: str, n: int, seed: int, sou
 
 
 def holdout_images(model: onnx.ModelProto, spec: str, num_calib: int, n: int, seed: int,
-                   source: str = "model", preprocess: dict | None = None
+                   source: str = "model", preprocess: dict | None = None, announce: bool = True
                    ) -> tuple[np.ndarray | PreparedImages, np.ndarray | None]:
-    """`n` model-ready training images of `spec` that calibration did not use, and their labels."""
+    """`n` model-ready training images of `spec` that calibration did not use, and their labels.
+
+    `announce`: print the preprocessing's warnings (False where calibration already did).
+    """
     checks.integer(n, "number of held-out images", low=1)
     images, labels, _ = _data_images(model, spec, lambda total: holdout_indices(total, num_calib, n, seed),
-                                     source, preprocess)
+                                     source, preprocess, announce)
     return images, labels
 
 
@@ -260,17 +264,30 @@ def calibration_array(data: object, input_name: str) -> np.ndarray | PreparedIma
 
     Args:
         data: An array (N x ...); an onnxruntime `CalibrationDataReader` (anything with
-            `get_next()` returning {input name: batch} until None); or any iterable of
-            batches or of such dicts.
+            `get_next()` returning {input name: batch} until None; its `rewind()`, when it
+            has one, is called first); or any iterable of batches or of such dicts.
         input_name: The model's input name (the key of dict batches).
 
     Raises:
-        EfrapError: no batches, or batches that are not float arrays of one shape.
+        EfrapError: no batches, a dict batch without `input_name`, or batches that are
+            not float arrays of one shape.
     """
     if isinstance(data, np.ndarray | PreparedImages):
         return data  # type: ignore[return-value]
-    source = iter(data.get_next, None) if hasattr(data, "get_next") else data  # type: ignore[attr-defined]
-    batches = [b[input_name] if isinstance(b, dict) else b for b in source]  # type: ignore[union-attr]
+    if hasattr(data, "get_next"):
+        if callable(getattr(data, "rewind", None)):
+            data.rewind()  # type: ignore[attr-defined]  # a reader another quantizer read to its end
+        source = iter(data.get_next, None)  # type: ignore[attr-defined]
+    else:
+        source = data  # type: ignore[assignment]
+    batches = []
+    for batch in source:  # type: ignore[union-attr]
+        if isinstance(batch, dict):
+            if input_name not in batch:
+                raise EfrapError(f"calibration data: a batch has no input '{input_name}' (it has "
+                                 f"{', '.join(map(str, batch)) or 'no keys'})")
+            batch = batch[input_name]
+        batches.append(batch)
     if not batches:
         raise EfrapError("calibration data: no batches")
     try:
@@ -597,7 +614,7 @@ def quantize_file(model_path: str, out_path: str, options: QuantizeOptions,
     qdq, _, summary = quantize_model(model, images, options, model_path, pre, state)
     try:
         held, labels = holdout_images(model, options.calib, options.num_calib, guard.images, options.seed,
-                                      model_path, options.preprocess)
+                                      model_path, options.preprocess, announce=False)
     except NoHoldout as exc:
         report = unmeasured(guard.limits, str(exc), guard.opt_level)
     else:

@@ -27,6 +27,7 @@ from onnx import numpy_helper
 from pipeline.base.errors import EfrapError, NotSupported
 from pipeline.prepare import prepare_model
 from pipeline.qmath import QParams, fake_quant_qp, quantize
+from validators.verify import Reference
 
 Tensor = torch.Tensor
 _OPS: dict[str, Callable[..., list[Tensor]]] = {}
@@ -541,3 +542,7 @@ def simulate_logits(model: onnx.ModelProto, images: np.ndarray, batch_size: int 
             feeds = {graph.inputs[0]: torch.from_numpy(images[i : i + batch_size])}
             outs.append(graph.run(feeds)[graph.outputs[0]].numpy())
     return np.concatenate(outs)
+
+
+#: The pipeline's own simulation as a parity reference (`efrap verify --reference`, `pipeline.api.verify`).
+SIMULATION = Reference("pytorch simulation", simulate_logits)

@@ -8,7 +8,8 @@ From the bottom up:
 2. ``pipeline``: schemes, quantization arithmetic, observers, the plan, calibration, the
    torch simulation, reconstruction and the rounding methods;
 3. ``converters``: torch -> ONNX export and the QDQ writer;
-4. ``pipeline.quantize``: the orchestration (FP ONNX -> QDQ ONNX);
+4. ``pipeline.quantize``: the orchestration (FP ONNX -> QDQ ONNX), and ``pipeline.api`` over it
+   (the drop-in for onnxruntime's quantize_static, defend, scan, verify);
 5. ``models``: architectures, training, the red team's attacks, the stored zoo;
 6. ``pipeline.cli``: the command line.
 
@@ -39,6 +40,7 @@ LAYERS: dict[str, int] = {
     "pipeline.scan": 4,
     "pipeline.batch": 4,
     "pipeline.selfcheck": 4,
+    "pipeline.api": 4,
     "models": 5,
     "pipeline.cli": 6,
 }

@@ -18,13 +18,10 @@ from pipeline.cli.args import (
     seed_number,
     upper_limit,
 )
-from pipeline.torch_graph import simulate_logits
+from pipeline.torch_graph import SIMULATION
 from validators.gate import Gate
 from validators.report import pct, table
-from validators.verify import Reference, VerifyOptions, VerifyReport, verify_model
-
-#: The parity reference `--reference` asks for: the pipeline's own simulation.
-SIMULATION = Reference("pytorch simulation", simulate_logits)
+from validators.verify import VerifyOptions, VerifyReport, verify_model
 
 
 def _figure(value: float | None, why: str | None) -> str:
