@@ -34,9 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.base.errors import EfrapError
 from pipeline.base.progress import log
-from pipeline.base.safe_io import NAME_MAX, PathLike, atomic_write, inside, same_file
+from pipeline.base.safe_io import NAME_MAX, PathLike, atomic_write, check_work_folder
 from pipeline.qmath import QParams
 from pipeline.quantized import QuantizedLayer
 
@@ -95,29 +94,9 @@ def code_sha256() -> str:
 
 
 def check_folder(folder: PathLike, inputs: Iterable[PathLike | None]) -> Path:
-    """Refuse a checkpoint folder that is, holds or lies inside an input, or is something else.
-
-    Raises:
-        EfrapError: an input is the folder or lies inside it, the folder lies inside an
-            input folder, or the path exists and is not a checkpoint folder.
-    """
-    path = Path(folder)
-    for raw in inputs:
-        if raw is None:
-            continue
-        src = Path(raw)
-        if same_file(path, src) or inside(src, path):
-            raise EfrapError(f"{path}: the checkpoint folder would hold the input {src}; choose "
-                             "another output")
-        if src.is_dir() and inside(path, src):
-            raise EfrapError(f"{path}: the checkpoint folder would be inside the input folder {src}")
-    if path.is_symlink() or (path.exists() and not path.is_dir()):
-        raise EfrapError(f"{path}: exists and is not a checkpoint folder; remove it or choose "
-                         "another output")
-    if path.is_dir() and any(path.iterdir()) and not (path / KEY_FILE).is_file():
-        raise EfrapError(f"{path}: a folder that is not a checkpoint of this program is in the "
-                         "way; remove it or choose another output")
-    return path
+    """Refuse a checkpoint folder that is, holds or lies inside an input, or is something else
+    (`check_work_folder`, marked by its key file)."""
+    return check_work_folder(folder, inputs, KEY_FILE, "checkpoint")
 
 
 def _canonical(value: object) -> object:

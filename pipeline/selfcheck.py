@@ -32,7 +32,7 @@ from pipeline.base import data as data_mod
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import load_model, model_files, save_model, set_metadata
 from pipeline.base.progress import log
-from pipeline.base.safe_io import check_outputs, inside, same_file
+from pipeline.base.safe_io import check_outputs, check_work_folder
 from pipeline.quantize import GuardOptions, QuantizeOptions, QuantizeSummary, quantize_file
 from pipeline.rounding import RoundingConfig
 from pipeline.rounding.adaround import ADAROUND_DEFAULTS
@@ -194,25 +194,10 @@ def _strongest(audit: AuditReport) -> float | None:
 
 
 def work_folder(out_path: str | Path, inputs: list[Path]) -> Path:
-    """``OUT.selfcheck`` beside the output, checked: never an input, never someone else's folder.
-
-    Raises:
-        EfrapError: the path is a file or a link, holds or lies inside an input, or is a
-            non-empty folder this program did not make.
-    """
+    """``OUT.selfcheck`` beside the output, checked by `check_work_folder` (never an input,
+    never someone else's folder)."""
     out = Path(out_path)
-    folder = out.with_name(out.name + SUFFIX)
-    for src in inputs:
-        if same_file(folder, src) or inside(src, folder):
-            raise EfrapError(f"{folder}: the self-check folder would hold the input {src}; choose another "
-                             "output")
-    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-        raise EfrapError(f"{folder}: exists and is not a self-check folder; remove it or choose another "
-                         "output")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / MARKER).is_file():
-        raise EfrapError(f"{folder}: a folder that is not a self-check of this program is in the way; "
-                         "remove it or choose another output")
-    return folder
+    return check_work_folder(out.with_name(out.name + SUFFIX), inputs, MARKER, "self-check")
 
 
 def _remove(folder: Path) -> None:

@@ -247,3 +247,34 @@ def file_sha256(path: PathLike) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def check_work_folder(folder: PathLike, inputs: Iterable[PathLike | None], marker: str, what: str) -> Path:
+    """Refuse a folder of this program's own work files (a resume checkpoint, the self-check's
+    candidates) that is, holds or lies inside an input, or is something else.
+
+    Args:
+        folder: The folder (it need not exist).
+        inputs: The run's inputs.
+        marker: The file that marks a non-empty folder as this program's.
+        what: What the folder is, for messages ("checkpoint").
+
+    Raises:
+        EfrapError: an input is the folder or lies inside it, the folder lies inside an
+            input folder, or the path exists and is not such a folder.
+    """
+    path = Path(folder)
+    for raw in inputs:
+        if raw is None:
+            continue
+        src = Path(raw)
+        if same_file(path, src) or inside(src, path):
+            raise EfrapError(f"{path}: the {what} folder would hold the input {src}; choose another output")
+        if src.is_dir() and inside(path, src):
+            raise EfrapError(f"{path}: the {what} folder would be inside the input folder {src}")
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise EfrapError(f"{path}: exists and is not a {what} folder; remove it or choose another output")
+    if path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
+        raise EfrapError(f"{path}: a folder that is not a {what} of this program is in the way; remove it "
+                         "or choose another output")
+    return path
