@@ -81,7 +81,7 @@ HELD_OUT_WHOLE_RULE = frozenset({"h9_small_cnn_adaptive_w4a8", "h10_small_cnn_co
 FLOORS, GOALS = (5.0, 2.0), (2.0, 1.0)
 HEADERS = ["model", "scheme", "FP CDA/ASR", "nearest CDA/ASR", "adaround CDA/ASR", "lac CDA/ASR",
            "efrap release CDA/ASR", "efrap default unpruned CDA/ASR", "efrap default CDA/ASR",
-           "default: floors / goals", "winner"]
+           "efrap fast CDA/ASR", "default: floors / goals", "winner"]
 
 
 @dataclass(frozen=True)

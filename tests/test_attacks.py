@@ -132,12 +132,13 @@ def test_unknown_attack_is_a_one_line_error(tmp_path: Path) -> None:
 
 
 #: The papers' QCB attacks. BadNets is an FP backdoor (tests/test_scan.py); the attacks built
-#: to survive learned rounding have their own short runs (tests/test_robust_attacks.py).
+#: to survive learned rounding have their own short runs (tests/test_robust_attacks.py,
+#: tests/test_attack_pruneaware.py).
 PAPER_QCBS = ("compartifact", "pqbackdoor", "quantization")
 
 
 def test_every_attack_has_short_run_tests() -> None:
-    assert set(ATTACKS) == {*PAPER_QCBS, "badnets", "robust", "dormant", "adaptive"}
+    assert set(ATTACKS) == {*PAPER_QCBS, "badnets", "robust", "dormant", "adaptive", "pruneaware"}
 
 
 @pytest.mark.parametrize("name", PAPER_QCBS)

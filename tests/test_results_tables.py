@@ -47,6 +47,12 @@ def test_the_unpruned_ablation_is_shown_but_never_wins() -> None:
     assert "91.00 / 0.50" in results.render([row], "cmd", 0)
 
 
+def test_every_row_has_a_cell_under_every_header() -> None:
+    table = [line for line in results.render([_row("m", 91.0, default=(90.5, 1.5))], "cmd", 0).splitlines()
+             if line.startswith("|")]
+    assert len({line.count("|") for line in table}) == 1, table
+
+
 def test_defense_summary_reads_every_section_and_counts_held_out_apart(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sections = {

@@ -17,6 +17,7 @@ from models.attacks.base import Attack
 from models.attacks.compartifact import CompArtifact
 from models.attacks.dormant import DormantBackdoor
 from models.attacks.pqbackdoor import PQBackdoor
+from models.attacks.pruneaware import PruneAwareBackdoor
 from models.attacks.quantization import QuantizationBackdoor
 from models.attacks.qura import ROUNDING_ATTACKS as ROUNDING_ATTACKS  # rounding-only: --model FP.onnx
 from models.attacks.robust import RobustBackdoor
@@ -30,6 +31,7 @@ ATTACKS: dict[str, type[Attack]] = {
     RobustBackdoor.name: RobustBackdoor,
     DormantBackdoor.name: DormantBackdoor,
     AdaptiveBackdoor.name: AdaptiveBackdoor,
+    PruneAwareBackdoor.name: PruneAwareBackdoor,
 }
 
 
