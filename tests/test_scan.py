@@ -26,6 +26,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import pipeline.scan.run as scan_run
+import pipeline.scan.search as search_mod
 import pipeline.scan.sides as sides_mod
 from models.attacks import ATTACKS, get_attack
 from models.attacks.badnets import BadNets
@@ -47,6 +48,7 @@ from pipeline.scan import (
     run_test,
     scan_model,
 )
+from pipeline.scan.images import grad_batch_for
 from pipeline.scan.sides import torch_preprocess
 from pipeline.scan.verdict import anomaly_indices
 from pipeline.scheme import load_scheme
@@ -479,3 +481,32 @@ def test_why_a_class_above_the_threshold_is_not_a_finding() -> None:
     assert (stopped.verdict, stopped.target, stopped.confidence) == ("inconclusive", None, 0.0)
     assert stopped.partial is qcb and "would say qcb class 3" in stopped.reason
     assert "the searches that ran flag it" in not_findings(stopped, rule)["differential"][3]
+
+
+def test_micro_batched_search_step_has_the_whole_batch_gradient() -> None:
+    """A search step split into micro-batches (large images) accumulates the gradient the
+    whole batch gives in one pass, and the same success per image."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 5))
+    keep = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(4 * 6 * 6, 5))
+    images, labels = torch.rand(20, 3, 8, 8), torch.randint(0, 5, (20,))
+    batch = torch.arange(2, 13)
+    grads, outs = [], []
+    for micro in (len(batch), 4, 1):
+        gen = torch.Generator().manual_seed(1)
+        trig = search_mod._Trigger("patch", (3, 8, 8), search_mod.SearchConfig(), gen)
+        out = search_mod._step_gradients(model, keep, images, labels, batch, 2, trig, 0.3, micro)
+        grads.append((trig.mask_logits.grad.clone(), trig.pattern_logits.grad.clone()))
+        outs.append(out)
+    for (mask_grad, pattern_grad), out in zip(grads[1:], outs[1:], strict=True):
+        assert torch.allclose(mask_grad, grads[0][0], rtol=1e-5, atol=1e-7)
+        assert torch.allclose(pattern_grad, grads[0][1], rtol=1e-5, atol=1e-7)
+        assert torch.equal(out[0], outs[0][0]) and torch.equal(out[3], outs[0][3])
+    assert float(grads[0][0].abs().sum()) > 0
+
+
+def test_gradient_passes_split_large_images_only() -> None:
+    assert grad_batch_for((1, 28, 28)) >= 32 and grad_batch_for((3, 32, 32)) >= 32
+    assert grad_batch_for((3, 224, 224)) == (1 << 20) // (3 * 224 * 224)

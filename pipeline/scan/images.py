@@ -23,12 +23,22 @@ MAX_BATCH = 256
 #: ... and most input values in one (2**22: 256 images at 3 x 32 x 32 and below, 27 at
 #: 3 x 224 x 224), so that a large model's live activations stay a few hundred MB.
 BATCH_VALUES = 1 << 22
+#: Most input values in one pass whose activations are kept for a backward pass (2**20:
+#: 32 images at 3 x 32 x 32 and below, so a 32-image search step there is one pass; 6 at
+#: 3 x 224 x 224, where a 32-image step is split into micro-batches).
+GRAD_VALUES = 1 << 20
 
 
 def batch_for(image_shape: tuple[int, ...]) -> int:
     """Images per forward pass without gradients for images of `image_shape` (C x H x W)."""
     values = max(1, int(np.prod(image_shape)))
     return max(1, min(MAX_BATCH, BATCH_VALUES // values))
+
+
+def grad_batch_for(image_shape: tuple[int, ...]) -> int:
+    """Images per forward-and-backward pass for images of `image_shape` (C x H x W)."""
+    values = max(1, int(np.prod(image_shape)))
+    return max(1, GRAD_VALUES // values)
 
 
 class ImageSet:

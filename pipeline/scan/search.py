@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.base import checks
-from pipeline.scan.images import ImageSet, batch_for
+from pipeline.scan.images import ImageSet, batch_for, grad_batch_for
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 FAMILIES = ("patch", "blend")
@@ -240,6 +240,37 @@ def _hits(wake: Model, keep: Model | None, x: torch.Tensor, labels: torch.Tensor
     return loss, hit
 
 
+def _step_gradients(wake: Model, keep: Model | None, images: torch.Tensor | ImageSet,
+                    labels: torch.Tensor, batch: torch.Tensor, target: int, trig: _Trigger,
+                    cost: float, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Accumulate the gradient of one step's loss on `trig`'s logits, `micro` images per
+    forward-and-backward pass.
+
+    The step's loss is the mean over its batch plus `cost` times the mask's size, so each
+    micro-batch's mean is weighted by its share of the batch and the size term joins the
+    last one: the gradient is the whole batch's (up to float summation order), while only
+    `micro` images' activations are alive at once. Where the batch fits one pass (every
+    image size up to 3 x 32 x 32 at the default 32 images) this is the single pass it
+    always was, bit for bit.
+
+    Returns:
+        (per-image success, mask, pattern, size) of the step, before it is taken.
+    """
+    hits = []
+    for i in range(0, len(batch), micro):
+        part = batch[i : i + micro]
+        mask, pattern = trig.mask(), trig.pattern()
+        loss, hit = _hits(wake, keep, stamp(images[part], mask, pattern), labels[part], target)
+        if len(part) < len(batch):
+            loss = loss * (len(part) / len(batch))
+        if i + micro >= len(batch):
+            size = mask.mean()
+            loss = loss + cost * size
+        loss.backward()
+        hits.append(hit)
+    return torch.cat(hits), mask.detach(), pattern.detach(), size.detach()
+
+
 def success_rate(wake: Model, keep: Model | None, images: torch.Tensor | ImageSet, labels: torch.Tensor,
                  target: int, mask: torch.Tensor, pattern: torch.Tensor,
                  batch_size: int | None = None) -> float:
@@ -292,6 +323,7 @@ def search_class(wake: Model, keep: Model | None, images: torch.Tensor | ImageSe
     window: list[float] = []
     best_window = 0.0
     steps, cut = 0, False
+    micro = grad_batch_for(tuple(images.shape[1:]))
     for step in range(cfg.steps):
         if len(pool) == 0:
             break
@@ -299,12 +331,10 @@ def search_class(wake: Model, keep: Model | None, images: torch.Tensor | ImageSe
             cut = True
             break
         batch = pool[torch.randint(len(pool), (min(cfg.batch_size, len(pool)),), generator=gen)]
-        mask, pattern = trig.mask(), trig.pattern()
-        loss, hit = _hits(wake, keep, stamp(images[batch], mask, pattern), labels[batch], target)
-        size = mask.mean()
         opt.zero_grad(set_to_none=True)
         trig.mask_logits.grad = None
-        (loss + cost * size).backward()
+        hit, mask, pattern, size = _step_gradients(
+            wake, keep, images, labels, batch, target, trig, cost, micro)
         opt.step()
         mask_opt.step()
         steps = step + 1
