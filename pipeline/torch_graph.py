@@ -484,6 +484,7 @@ class TorchGraph:
         outputs: Iterable[str] | None = None,
         weights: Mapping[str, Tensor] | None = None,
         act_quant: Mapping[str, QParams] | None = None,
+        footprint: dict[str, int] | None = None,
     ) -> dict[str, Tensor]:
         """Compute `outputs` (default: the graph outputs) from `feeds`.
 
@@ -493,6 +494,9 @@ class TorchGraph:
             weights: Initializer overrides.
             act_quant: Tensors to fake-quantize as soon as they exist (feeds included;
                 re-quantizing an already quantized tensor is an exact identity).
+            footprint: When given, filled with "live" (the most values alive at once) and
+                "total" (every value computed: what a backward pass keeps), so that
+                callers can size their batches by the model's activations, not its input.
         """
         outputs = list(outputs or self.outputs)
         act_quant = act_quant or {}
@@ -523,6 +527,12 @@ class TorchGraph:
                 results = _OPS[node.op_type](*args, attrs=self.attrs[idx], **extra)
             for name, value in zip(node.output, results, strict=False):
                 values[name] = fake_quant_qp(value, act_quant[name]) if name in act_quant else value
+            if footprint is not None:
+                # The op's inputs and outputs are alive together, before the inputs are dropped.
+                produced = sum(v.numel() for v in results if isinstance(v, Tensor))
+                footprint["total"] = footprint.get("total", 0) + produced
+                live = sum(v.numel() for v in values.values() if isinstance(v, Tensor))
+                footprint["live"] = max(footprint.get("live", 0), live)
             for name in node.input:
                 if name and last_read.get(name) == step and name not in wanted:
                     values.pop(name, None)

@@ -48,7 +48,7 @@ from pipeline.scan import (
     run_test,
     scan_model,
 )
-from pipeline.scan.images import grad_batch_for
+from pipeline.scan.images import batch_for, grad_batch_for
 from pipeline.scan.sides import torch_preprocess
 from pipeline.scan.verdict import anomaly_indices
 from pipeline.scheme import load_scheme
@@ -410,7 +410,7 @@ def test_budget_stops_a_long_stage_between_its_batches(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A stage of minutes (here the simulation's pass over the calibration images, made slow)
     stops at the deadline, not at its end: the budget bounds the wall time."""
-    monkeypatch.setattr(sides_mod, "batch_for", lambda shape: 1)
+    monkeypatch.setattr(sides_mod, "batch_for", lambda shape, live=None: 1)
     original = sides_mod.Side.__call__
 
     def slow(self: sides_mod.Side, x: torch.Tensor) -> torch.Tensor:
@@ -510,3 +510,22 @@ def test_micro_batched_search_step_has_the_whole_batch_gradient() -> None:
 def test_gradient_passes_split_large_images_only() -> None:
     assert grad_batch_for((1, 28, 28)) >= 32 and grad_batch_for((3, 32, 32)) >= 32
     assert grad_batch_for((3, 224, 224)) == (1 << 20) // (3 * 224 * 224)
+
+
+def test_footprint_counts_live_and_total_activations_and_sizes_the_batches() -> None:
+    # x (1x8 values) -> Relu a (8) -> Relu b (8) -> Concat(a, b) c (16): x and a are dropped
+    # after their last reader, so at most a, b and c (32 values) are alive at once.
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8])
+    c = helper.make_tensor_value_info("c", TensorProto.FLOAT, [None, 16])
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="r1"),
+             helper.make_node("Relu", ["a"], ["b"], name="r2"),
+             helper.make_node("Concat", ["a", "b"], ["c"], name="cat", axis=1)]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [c]))
+    counts: dict[str, int] = {}
+    TorchGraph(model).run({"x": torch.ones(1, 8)}, footprint=counts)
+    assert counts == {"total": 32, "live": 32}
+    # A model that holds 50x its input at once takes fewer images than its input size alone gives.
+    assert batch_for((3, 224, 224)) == 27
+    assert batch_for((3, 224, 224), live=50 * 3 * 224 * 224) == (1 << 26) // (50 * 3 * 224 * 224)
+    assert grad_batch_for((3, 224, 224), total=10**8) == 1
+    assert batch_for((1, 28, 28), live=50_176) == 256 and grad_batch_for((1, 28, 28), total=2 * 94_346) >= 32

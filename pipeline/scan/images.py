@@ -21,24 +21,42 @@ CHUNK = 64
 #: Most images in one forward pass without gradients ...
 MAX_BATCH = 256
 #: ... and most input values in one (2**22: 256 images at 3 x 32 x 32 and below, 27 at
-#: 3 x 224 x 224), so that a large model's live activations stay a few hundred MB.
+#: 3 x 224 x 224) ...
 BATCH_VALUES = 1 << 22
+#: ... and most activation values alive at once in one (2**26, 256 MB of float32), where the
+#: model's activations are known: a network that keeps 224 x 224 through its first blocks
+#: holds 50 times its input at once (MobileNetV3-Small with a stride-1 stem: 9 images).
+#: Every 32 x 32 network the scan's figures were measured on stays at 256 images.
+LIVE_VALUES = 1 << 26
 #: Most input values in one pass whose activations are kept for a backward pass (2**20:
 #: 32 images at 3 x 32 x 32 and below, so a 32-image search step there is one pass; 6 at
-#: 3 x 224 x 224, where a 32-image step is split into micro-batches).
+#: 3 x 224 x 224, where a 32-image step is split into micro-batches) ...
 GRAD_VALUES = 1 << 20
+#: ... and most activation values kept for it (2**27 over the sides of a step, 512 MB of
+#: float32), where the models' activations are known: a ResNet-18 or a MobileNetV2 at
+#: 32 x 32 keeps its 32-image step in one pass; at 224 x 224 a step runs image by image.
+GRAD_TOTAL = 1 << 27
 
 
-def batch_for(image_shape: tuple[int, ...]) -> int:
-    """Images per forward pass without gradients for images of `image_shape` (C x H x W)."""
+def batch_for(image_shape: tuple[int, ...], live: int | None = None) -> int:
+    """Images per forward pass without gradients for images of `image_shape` (C x H x W)
+    through a model holding at most `live` activation values per image at once (None:
+    unknown, the input alone decides)."""
     values = max(1, int(np.prod(image_shape)))
-    return max(1, min(MAX_BATCH, BATCH_VALUES // values))
+    batch = min(MAX_BATCH, BATCH_VALUES // values)
+    if live is not None:
+        batch = min(batch, LIVE_VALUES // max(1, live))
+    return max(1, batch)
 
 
-def grad_batch_for(image_shape: tuple[int, ...]) -> int:
-    """Images per forward-and-backward pass for images of `image_shape` (C x H x W)."""
+def grad_batch_for(image_shape: tuple[int, ...], total: int | None = None) -> int:
+    """Images per forward-and-backward pass for images of `image_shape` (C x H x W) through
+    models computing `total` activation values per image together (None: unknown)."""
     values = max(1, int(np.prod(image_shape)))
-    return max(1, GRAD_VALUES // values)
+    batch = GRAD_VALUES // values
+    if total is not None:
+        batch = min(batch, GRAD_TOTAL // max(1, total))
+    return max(1, batch)
 
 
 class ImageSet:

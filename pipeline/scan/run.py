@@ -43,7 +43,7 @@ from pipeline.quantize import QuantizeOptions, calibration_images, holdout_image
 from pipeline.scan.images import ImageSet, batch_for
 from pipeline.scan.report import Coverage, DefendedScan, Figures, ScanReport, class_states, recovered_trigger
 from pipeline.scan.search import FAMILIES, Found, SearchConfig, drift, search_class
-from pipeline.scan.sides import Side, fp_side, nearest_side, qdq_side
+from pipeline.scan.sides import Side, batches, fp_side, nearest_side, qdq_side
 from pipeline.scan.verdict import TestResult, VerdictRule, decide, inconclusive, run_test
 from pipeline.scheme import Scheme
 from validators.metrics import attack_success
@@ -185,8 +185,9 @@ def _search(wake: Side, keep: Side | None, data: _Data, target: int, family: str
             deadline: float, stop: float, cfg: SearchConfig | None = None) -> Found:
     mode = "fp" if keep is None else f"diff-{wake.name}"
     seed = derive(options.seed, "scan", mode, family, str(target))
+    sizes = batches([wake] if keep is None else [wake, keep], tuple(data.opt_x.shape[1:]))
     return search_class(wake, keep, data.opt_x, data.opt_y, data.eval_x, data.eval_y, target, family,
-                        cfg or options.search, seed, deadline, stop)
+                        cfg or options.search, seed, deadline, stop, sizes)
 
 
 def shortlist(fp: Side, q: Side, data: _Data, drifts: np.ndarray, options: ScanOptions,
@@ -247,12 +248,13 @@ def _best(results: list[Found]) -> Found | None:
 
 
 def _logits(sessions: dict[str, Session], raw: ImageSet, pre: Preprocess,
-            trigger: PatternTrigger | None = None) -> dict[str, np.ndarray]:
-    """Each session's logits on `raw` (stamped with `trigger` first, when given), chunk by
-    chunk: only one chunk of model-ready inputs exists at a time."""
+            trigger: PatternTrigger | None = None, batch: int | None = None) -> dict[str, np.ndarray]:
+    """Each session's logits on `raw` (stamped with `trigger` first, when given), `batch`
+    images at a time (default: `batch_for` their size): only one chunk of model-ready
+    inputs exists at a time."""
     parts: dict[str, list[np.ndarray]] = {name: [] for name in sessions}
     # onnxruntime's arena grows to the largest batch it ran: a few images at 224 x 224.
-    for chunk in raw.chunks(batch_for(tuple(raw.shape[1:]))):
+    for chunk in raw.chunks(batch or batch_for(tuple(raw.shape[1:]))):
         budget.check()
         inputs = pre.apply(trigger.apply(chunk) if trigger is not None else chunk)
         for name, s in sessions.items():
@@ -260,10 +262,15 @@ def _logits(sessions: dict[str, Session], raw: ImageSet, pre: Preprocess,
     return {name: np.concatenate(p) for name, p in parts.items()}
 
 
+def _ort_batch(st: _State) -> int | None:
+    """Images per onnxruntime pass: sized by the FP model's activations once its side exists."""
+    return None if st.fp is None else st.fp.logits_batch(tuple(st.raw.shape[1:]))
+
+
 def _figures(trigger: PatternTrigger, raw: ImageSet, pre: Preprocess, sessions: dict[str, Session],
-             fp_pred: np.ndarray, clean: dict[str, np.ndarray]) -> Figures:
-    """The trigger's attack success in onnxruntime on held-out images."""
-    logits = _logits(sessions, raw, pre, trigger)
+             fp_pred: np.ndarray, clean: dict[str, np.ndarray], batch: int | None = None) -> Figures:
+    """The trigger's attack success in onnxruntime on held-out images (`batch` at a time)."""
+    logits = _logits(sessions, raw, pre, trigger, batch)
     asr = {name: attack_success(logits[name], fp_pred, trigger.target).rate for name in sessions}
     agreement = {name: float((pred == fp_pred).mean()) for name, pred in clean.items()}
     return Figures(asr=asr, agreement=agreement, images=len(raw),
@@ -363,7 +370,8 @@ def _measure_clean(st: _State) -> None:
     if st.defended_model is not None:
         st.sessions["defended"] = make_session(st.defended_model, options.opt_level, options.provider)
     t0 = time.perf_counter()
-    st.clean = {name: logits.argmax(1) for name, logits in _logits(st.sessions, st.raw_hold, st.pre).items()}
+    st.clean = {name: logits.argmax(1) for name, logits in _logits(st.sessions, st.raw_hold, st.pre,
+                                                                      batch=_ort_batch(st)).items()}
     st.pass_seconds = time.perf_counter() - t0
     st.parity = {"fp": float((st.fp.logits(st.raw_hold).argmax(1).numpy() != st.clean["fp"]).mean()),
                  "nearest": float((st.q.logits(st.raw_hold).argmax(1).numpy() != st.clean["nearest"]).mean())}
@@ -507,7 +515,8 @@ def scan_model(model_path: str, options: ScanOptions, defended: str | None = Non
     if trigger is not None and st.sessions:
         if clock.fits(st.figure_seconds()):
             log("scan: measuring in onnxruntime on held-out images")
-            figures = _figures(trigger, st.raw_hold, pre, st.sessions, st.clean["fp"], st.clean)
+            figures = _figures(trigger, st.raw_hold, pre, st.sessions, st.clean["fp"], st.clean,
+                               _ort_batch(st))
         else:
             st.stopped = st.stopped or "the held-out figures"
     coverage = Coverage(planned=st.planned, defended_planned=st.defended_planned,
@@ -528,7 +537,7 @@ def scan_model(model_path: str, options: ScanOptions, defended: str | None = Non
         own = None
         if own_found is not None and st.sessions and clock.fits(st.figure_seconds()):
             own = (own_found, _figures(recovered_trigger(own_found), st.raw_hold, pre, st.sessions,
-                                       st.clean["fp"], st.clean))
+                                       st.clean["fp"], st.clean, _ort_batch(st)))
         d_states = class_states(st.classes, st.defended_planned, st.targets is not None, st.defended_searches)
         d_complete = (verdict.verdict != "inconclusive" and own is not None
                       and all(v in ("searched", "not shortlisted") for v in d_states.values()))

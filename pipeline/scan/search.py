@@ -292,7 +292,8 @@ def success_rate(wake: Model, keep: Model | None, images: torch.Tensor | ImageSe
 
 def search_class(wake: Model, keep: Model | None, images: torch.Tensor | ImageSet, labels: torch.Tensor,
                  eval_images: torch.Tensor | ImageSet, eval_labels: torch.Tensor, target: int, family: str,
-                 cfg: SearchConfig, seed: int, deadline: float = math.inf, stop: float = math.inf) -> Found:
+                 cfg: SearchConfig, seed: int, deadline: float = math.inf, stop: float = math.inf,
+                 batches: tuple[int, int] | None = None) -> Found:
     """Optimise the smallest trigger of `family` for `target` (see the module docstring).
 
     Args:
@@ -310,6 +311,9 @@ def search_class(wake: Model, keep: Model | None, images: torch.Tensor | ImageSe
             of the time budget).
         stop: time.perf_counter() value after which no check on the evaluation images
             starts (the end of the whole budget); a search stopped by either is cut short.
+        batches: (images per pass without gradients, images per forward-and-backward
+            pass), sized by the models' activations (`pipeline.scan.sides.batches`); None:
+            from the image size alone.
     """
     checks.string(family, "trigger family", FAMILIES)
     start = time.perf_counter()
@@ -323,7 +327,8 @@ def search_class(wake: Model, keep: Model | None, images: torch.Tensor | ImageSe
     window: list[float] = []
     best_window = 0.0
     steps, cut = 0, False
-    micro = grad_batch_for(tuple(images.shape[1:]))
+    shape = tuple(images.shape[1:])
+    check_batch, micro = batches or (batch_for(shape), grad_batch_for(shape))
     for step in range(cfg.steps):
         if len(pool) == 0:
             break
@@ -361,14 +366,15 @@ def search_class(wake: Model, keep: Model | None, images: torch.Tensor | ImageSe
             cut = True
             break
         _, mask_i, pattern_i = order[i]
-        rate_i = success_rate(wake, keep, eval_images, eval_labels, target, mask_i, pattern_i)
+        rate_i = success_rate(wake, keep, eval_images, eval_labels, target, mask_i, pattern_i, check_batch)
         if rate_i >= rate or rate_i >= cfg.confirm:
             rate, keep_mask, keep_pattern = rate_i, mask_i, pattern_i
         if rate_i >= cfg.confirm:
             found = True
             break
     if not order and time.perf_counter() < stop:
-        rate = success_rate(wake, keep, eval_images, eval_labels, target, keep_mask, keep_pattern)
+        rate = success_rate(wake, keep, eval_images, eval_labels, target, keep_mask, keep_pattern,
+                            check_batch)
     elif not order:
         cut = True
     # Not found: a near miss (at least half the confirmation rate) needs more than the size

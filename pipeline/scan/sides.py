@@ -21,7 +21,7 @@ that no clean image switches on.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import onnx
 import torch
@@ -33,7 +33,7 @@ from pipeline.base.preprocess import Preprocess
 from pipeline.prepare import prepare_model
 from pipeline.qmath import QParams
 from pipeline.quantized import QuantResult
-from pipeline.scan.images import ImageSet, batch_for
+from pipeline.scan.images import ImageSet, batch_for, grad_batch_for
 from pipeline.torch_graph import TorchGraph
 
 
@@ -77,6 +77,7 @@ class Side:
         self.pre = pre
         self.weights = weights
         self.act_quant = act_quant
+        self._footprints: dict[tuple[int, ...], dict[str, int]] = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N x classes) of images `x` in [0, 1]."""
@@ -84,15 +85,40 @@ class Side:
         out = self.graph.run(feeds, weights=self.weights, act_quant=self.act_quant)[self.graph.outputs[0]]
         return out.reshape(out.shape[0], -1)
 
+    def footprint(self, image_shape: tuple[int, ...]) -> dict[str, int]:
+        """Activation values per image of `image_shape` (C x H x W): "live" (most alive at
+        once) and "total" (all of them), from one image through the graph (cached)."""
+        if image_shape not in self._footprints:
+            counts: dict[str, int] = {}
+            with torch.no_grad():
+                feeds = {self.graph.inputs[0]: torch_preprocess(self.pre, torch.zeros(1, *image_shape))}
+                self.graph.run(feeds, weights=self.weights, act_quant=self.act_quant, footprint=counts)
+            self._footprints[image_shape] = counts
+        return self._footprints[image_shape]
+
+    def logits_batch(self, image_shape: tuple[int, ...]) -> int:
+        """Images per pass without gradients through this model (`batch_for`)."""
+        return batch_for(image_shape, self.footprint(image_shape)["live"])
+
     def logits(self, images: torch.Tensor | ImageSet, batch_size: int | None = None) -> torch.Tensor:
-        """Logits of many images, without gradients, in batches (default: `batch_for` their size)."""
-        step = batch_size or batch_for(tuple(images.shape[1:]))
+        """Logits of many images, without gradients, in batches (default: `batch_for` their
+        size and this model's activations)."""
+        step = batch_size or self.logits_batch(tuple(images.shape[1:]))
         parts = []
         with torch.no_grad():
             for i in range(0, len(images), step):
                 budget.check()
                 parts.append(self(images[i : i + step]))
         return torch.cat(parts)
+
+
+def batches(sides: Sequence[Side], image_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(images per pass without gradients, images per forward-and-backward pass) for images
+    of `image_shape` through `sides`: passes without gradients run one side at a time, a
+    search step keeps every side's activations for its backward pass."""
+    prints = [side.footprint(image_shape) for side in sides]
+    return (batch_for(image_shape, max(p["live"] for p in prints)),
+            grad_batch_for(image_shape, sum(p["total"] for p in prints)))
 
 
 def _graph(model: onnx.ModelProto, source: str, relu_slope: float) -> TorchGraph:
