@@ -10,9 +10,11 @@ quantized with each method at its own settings (the release's 10,000 iterations 
 unless --iters): `nearest`; `adaround` (reconstruction alone); `lac` (learned continuous
 offsets); EFRAP's `release` preset; `unpruned`, the default preset without its rare-unit
 pruning (the rule's first part; not a candidate for the winner); EFRAP's `default` preset
-(the project's rule, docs/DEFENSE.md). All verified with the model's trigger at optimization level `faithful`
-on the CPU provider. CDA is clean accuracy, ASR attack success over test images whose
-label is not the target, both in percent. The default defense is checked against the
+(the project's rule, docs/DEFENSE.md); `qvec` (QVec, its scale lambda searched on held-out
+clean images, docs/DEFENSE.md "QVec"; the chosen lambda is recorded with its figures). All
+verified with the model's trigger at optimization level `faithful` on the CPU provider. CDA
+is clean accuracy, ASR attack success over test images whose label is not the target, both
+in percent. The default defense is checked against the
 floors (ASR at most 5%, CDA within 2 points of FP) and the goals (2% and 1 point); the
 winner of a row is the method with the highest CDA among those that meet the goals
 (equal CDA: the lower ASR), else the lowest ASR among those that meet the floors.
@@ -64,8 +66,10 @@ METHODS: dict[str, tuple[str, RoundingConfig | None]] = {
     "default": ("efrap", EFRAP_DEFAULT),
     # The default rule at a cost that follows the weights (positions, fewer steps): a candidate.
     "fast": ("efrap", EFRAP_FAST),
+    # QVec: no learned rounding; its scale is searched on clean held-out images.
+    "qvec": ("qvec", None),
 }
-DEFENSES = ("adaround", "lac", "release", "default")
+DEFENSES = ("adaround", "lac", "release", "default", "qvec")
 DEFENSE_DOC = ROOT / "docs/DEFENSE.md"
 #: The sections whose rows docs/DEFENSE.md summarises, in order, and what each is to the
 #: default rule: the stored zoo it was chosen on, and models built after it was fixed.
@@ -81,7 +85,7 @@ HELD_OUT_WHOLE_RULE = frozenset({"h9_small_cnn_adaptive_w4a8", "h10_small_cnn_co
 FLOORS, GOALS = (5.0, 2.0), (2.0, 1.0)
 HEADERS = ["model", "scheme", "FP CDA/ASR", "nearest CDA/ASR", "adaround CDA/ASR", "lac CDA/ASR",
            "efrap release CDA/ASR", "efrap default unpruned CDA/ASR", "efrap default CDA/ASR",
-           "efrap fast CDA/ASR", "default: floors / goals", "winner"]
+           "efrap fast CDA/ASR", "qvec CDA/ASR", "default: floors / goals", "winner"]
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,10 @@ def measure_subject(s: Subject, iters: int | None, seed: int, limit: int | None,
         row[label]["seconds"] = round(time.perf_counter() - t0, 1)
         if config is not None:
             row[label]["iters"] = config.iters
+        searched = get_metadata(load_model(out)).get("efrap.search")
+        if searched is not None:
+            record = json.loads(searched)
+            row[label][record["setting"]] = record["chosen"]
         log(f"{s.name} {label}: CDA {row[label]['cda']:.2f} ASR {row[label]['asr']:.2f}")
     return row
 
@@ -190,7 +198,8 @@ def render(results: list[dict], command: str, seed: int) -> str:
         rows.append([r["model"], r["scheme"], pair(r["fp"]), *(pair(r.get(m)) for m in METHODS),
                      verdict, winner])
     iters = {m: next((r[m]["iters"] for r in results if m in r and "iters" in r[m]), None)
-             for m in DEFENSES}
+             for m in DEFENSES if METHODS[m][1] is not None}
+    lambdas = [f"{r['model']} {r['qvec']['lambda']:g}" for r in results if "lambda" in r.get("qvec", {})]
     met, goals = default_tally(results)
     lines = [f"Command: `{command}`", "", "| " + " | ".join(HEADERS) + " |",
              "|" + "---|" * len(HEADERS)]
@@ -199,6 +208,8 @@ def render(results: list[dict], command: str, seed: int) -> str:
               f"; one seed ({seed}) for every run: the 1,024 calibration images, the values the "
               f"observers sample and learned rounding's batches. The default defense meets the floors "
               f"on {met} and the goals on {goals} of {len(results)} models.", "",
+              *([f"QVec's lambda, chosen by its search (docs/DEFENSE.md, \"QVec\"): {', '.join(lambdas)}.",
+                 ""] if lambdas else []),
               f"Versions: {json.dumps(versions(), sort_keys=True)}"]
     return "\n".join(lines)
 

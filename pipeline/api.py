@@ -378,7 +378,8 @@ def quantize_static(
             {input name: batch} until None; `rewind()` is called first when it has one, so a
             reader another quantizer used can be passed again.
         rounding: "nearest" (onnxruntime's rounding, the default), "adaround", "efrap"
-            (the project's defense: `preset` "default" unless given) or "lac".
+            (the project's defense: `preset` "default" unless given) or "lac"; not "qvec",
+            whose scale search needs held-out images a calibration reader does not give.
         preset: EFRAP settings (`pipeline.rounding.efrap.EFRAP_PRESETS`).
         iters: Iterations per layer of learned rounding.
         scheme: A preset name, scheme file or Scheme instead of the type arguments; those
@@ -432,6 +433,9 @@ def quantize_static(
         mapped if scheme is None else _given_scheme(scheme, mapped, w_type, a_type, per_channel, honoured)
     )
     method, config = _rounding_config(rounding, preset, iters)
+    if "search" in get_method(method).needs(config):
+        raise ValueError(f"rounding='{method}' chooses its setting on held-out training images, which a "
+                         "calibration reader does not give; use quantize_file or efrap quantize")
     storage = (
         weight_storage if weight_storage is not None else ("int4" if TYPE_GRIDS[w_type][0] == 4 else "int8")
     )

@@ -55,15 +55,45 @@ def holdout_indices(total: int, num_calib: int, n: int, seed: int) -> np.ndarray
     Raises:
         NoHoldout: calibration used every image.
     """
-    taken = np.zeros(total, bool)
-    taken[image_indices(total, num_calib, seed)] = True
-    free = np.flatnonzero(~taken)
+    free = _unused(total, num_calib, seed)
     if len(free) == 0:
         raise NoHoldout(f"no image is left for a held-out check: all {total} were used for calibration")
     if len(free) < n:
         log(f"held-out check: {n} images asked for, {len(free)} left after calibration; using {len(free)}")
-    pick = data_mod.sample_indices(len(free), min(n, len(free)), derive(seed, "holdout-images"))
-    return free[pick]
+    return free[_holdout_pick(free, n, seed)]
+
+
+def search_indices(total: int, num_calib: int, holdout: int, n: int, seed: int) -> np.ndarray:
+    """`n` training images that neither calibration nor the held-out check of `holdout`
+    images uses, for a method's setting search (the check stays independent of the search).
+
+    Fewer are left than asked for: all of them, with one line saying so.
+
+    Raises:
+        NoHoldout: calibration and the check use every image.
+    """
+    free = _unused(total, num_calib, seed)
+    left = np.setdiff1d(free, free[_holdout_pick(free, holdout, seed)]) if len(free) else free
+    if len(left) == 0:
+        raise NoHoldout(f"no image is left for the setting search: calibration ({min(num_calib, total)}) "
+                        f"and the held-out check use all {total}")
+    if len(left) < n:
+        log(f"setting search: {n} images asked for, {len(left)} left after calibration and the held-out "
+            f"check; using {len(left)}")
+    pick = data_mod.sample_indices(len(left), min(n, len(left)), derive(seed, "search-images"))
+    return left[pick]
+
+
+def _unused(total: int, num_calib: int, seed: int) -> np.ndarray:
+    """The training images a run with `seed` did not calibrate on (sorted)."""
+    taken = np.zeros(total, bool)
+    taken[image_indices(total, num_calib, seed)] = True
+    return np.flatnonzero(~taken)
+
+
+def _holdout_pick(free: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Which of the `free` images the held-out check of `n` images takes (positions in `free`)."""
+    return data_mod.sample_indices(len(free), min(n, len(free)), derive(seed, "holdout-images"))
 
 
 def sample_seed(seed: int) -> int:

@@ -12,13 +12,19 @@ the observers sample, and each layer's batches during learned rounding.
 A run that reads data keeps a per-layer checkpoint beside its output
 (`pipeline.checkpoint`); a killed run resumes from its last finished layer and writes
 the same bytes as one that was never interrupted.
+
+A method that needs "search" (QVec) has one setting chosen on the whole quantized model
+(`pipeline.rounding.search`): calibration runs once, every layer is rounded at each
+candidate value, each candidate's QDQ model is measured on clean held-out images in
+onnxruntime, and the method's rule keeps one; the orchestrator never learns what the
+setting means.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +52,7 @@ from pipeline.calibration import (
     holdout_indices,
     image_indices,
     sample_seed,
+    search_indices,
 )
 from pipeline.checkpoint import (
     LayerRecord,
@@ -68,6 +75,7 @@ from pipeline.rare_units import prune_rare_inputs
 from pipeline.reconstruct import Head, build_problem
 from pipeline.rounding import RoundingConfig, RoundingMethod, get_method, run_needs
 from pipeline.rounding.base import LayerProblem, RoundingResult
+from pipeline.rounding.search import SearchRecord, SearchTrial, clean_figure, searched
 from pipeline.sampler import OrtSampler
 from pipeline.scheme import Scheme
 from validators.guard import GuardLimits, GuardReport, check_defense, unmeasured
@@ -106,6 +114,10 @@ class QuantizeOptions:
 
     def __post_init__(self) -> None:
         get_method(self.method)
+        needs = run_needs(self.method, self.config)
+        if "search" in needs and "data" in needs:
+            raise EfrapError(f"method '{self.method}' searches its setting by rounding every layer again "
+                             "for each candidate, without data: rare-unit pruning is not combined with it")
         checks.integer(self.num_calib, "number of calibration images", low=1)
         checks.integer(self.seed, "seed", low=0)
         checks.string(self.weight_storage, "weight storage", WEIGHT_STORAGES)
@@ -153,6 +165,9 @@ class QuantizeSummary:
         session_threads: onnxruntime sessions' threads (0: onnxruntime's default).
         resumed: Layers restored from a checkpoint (their seconds are those they took
             when they ran; `rounding_seconds` counts them too).
+        search: What a searched method's setting search measured and kept (None: the
+            method has no search); `layers` are then the kept candidate's and
+            `rounding_seconds` counts every candidate with its measurement.
     """
 
     options: QuantizeOptions
@@ -165,6 +180,7 @@ class QuantizeSummary:
     threads: int = 0
     session_threads: int = 0
     resumed: int = 0
+    search: SearchRecord | None = None
 
     @property
     def learned(self) -> bool:
@@ -185,6 +201,7 @@ class QuantizeSummary:
             "rounding_seconds": round(self.rounding_seconds, 3),
             "threads": {"torch": self.threads, "onnxruntime": self.session_threads},
             "resumed_layers": self.resumed,
+            **({"search": self.search.to_json()} if self.search is not None else {}),
             "versions": versions(),
         }
 
@@ -200,6 +217,7 @@ class QuantizeSummary:
             "efrap.weight_storage": o.weight_storage,
             "efrap.rounding": asdict(o.config) if self.learned else {},
             "efrap.flip_fraction": {s.layer: round(s.flip_fraction, 6) for s in self.layers},
+            **({"efrap.search": self.search.metadata()} if self.search is not None else {}),
             "efrap.versions": versions(),
         }
         for key in sorted({k for s in self.layers for k in s.notes}):
@@ -257,6 +275,36 @@ def holdout_images(model: onnx.ModelProto, spec: str, num_calib: int, n: int, se
     images, labels, _ = _data_images(model, spec, lambda total: holdout_indices(total, num_calib, n, seed),
                                      source, preprocess, announce)
     return images, labels
+
+
+@dataclass(frozen=True)
+class SearchImages:
+    """Clean held-out images a searched method's candidates are measured on.
+
+    Attributes:
+        images: Model-ready inputs, neither calibration's nor the output check's.
+        labels: Their labels (None: unlabelled; the search then compares agreement with FP).
+        opt_level: onnxruntime optimization level of the measurement.
+    """
+
+    images: Inputs
+    labels: np.ndarray | None
+    opt_level: str = "faithful"
+
+
+def search_images(model: onnx.ModelProto, spec: str, num_calib: int, holdout: int, n: int, seed: int,
+                  source: str = "model", preprocess: dict | None = None) -> SearchImages:
+    """`n` model-ready training images of `spec` for a setting search: neither calibration's
+    nor those of the held-out check of `holdout` images (`pipeline.calibration.search_indices`).
+
+    Raises:
+        NoHoldout: none is left.
+    """
+    checks.integer(n, "number of search images", low=1)
+    images, labels, _ = _data_images(
+        model, spec, lambda total: search_indices(total, num_calib, holdout, n, seed), source, preprocess,
+        announce=False)
+    return SearchImages(images, labels)
 
 
 def calibration_array(data: object, input_name: str) -> np.ndarray | PreparedImages:
@@ -425,6 +473,54 @@ class _Rounder:
                   f"{result.stats.get('rec_final', 0.0):.4g}{left}")
         return result
 
+
+def _search(model: onnx.ModelProto, base: _Rounder, search: SearchImages
+            ) -> tuple[dict[str, QuantizedLayer], list[LayerSummary], SearchRecord]:
+    """Round every layer at each value of the method's setting, measure each whole model on the
+    held-out images against FP, keep the value the method's rule picks.
+
+    Only the candidate kept so far is held (the rule keeps the last qualifying value), so
+    memory holds at most two candidates' integers whatever the grid's length.
+    """
+    method = searched(base.method)
+    grid = method.search
+    trials: list[SearchTrial] = []
+    figures: list[float] = []
+    figure_name = ""
+    kept: tuple[dict[str, QuantizedLayer], list[LayerSummary]] | None = None
+    for value in grid.grid:
+        start = time.perf_counter()
+        # A fresh run of every layer on the shared calibration, grids and constants; no ETA
+        # clock, since the candidates are quick and their count is the grid's.
+        rounder = replace(base, method=method.at(value), done={}, clock=None)
+        layers, summaries = {}, []
+        for i, layer in enumerate(base.plan.layers, 1):
+            layers[layer.node], summary = rounder.round(i, layer)
+            summaries.append(summary)
+        qdq = to_qdq(base.prepared, QuantResult(base.plan, base.act_qp, layers, base.constants),
+                     base.options.weight_storage)
+        report = check_defense(model, qdq, search.images, search.labels, GuardLimits(), search.opt_level,
+                               base.options.provider, fixed_batch(model))
+        name, figure = clean_figure(report)
+        if figure_name and name != figure_name:
+            raise EfrapError(f"the {grid.setting} search measured {figure_name} on one candidate and {name} "
+                             "on another")
+        figure_name = name
+        figures.append(figure)
+        weights = sum(ql.q.size for ql in layers.values())
+        flipped = sum(s.flip_fraction * layers[s.layer].q.size for s in summaries)
+        trials.append(SearchTrial(value, report.accuracy, report.agreement, flipped / max(weights, 1),
+                                  time.perf_counter() - start))
+        if grid.qualifies(figures[0], figure):
+            kept = layers, summaries
+        log(f"{base.method.name}: {grid.setting} {value:g}: clean {name} {100 * figure:.2f}% "
+            f"({trials[-1].seconds:.1f}s)")
+    assert kept is not None  # the first value always qualifies
+    record = SearchRecord(base.method.name, grid, figure_name, tuple(trials), grid.pick(figures),
+                          len(search.images), search.opt_level)
+    return kept[0], kept[1], record
+
+
 def _rounder(prepared: onnx.ModelProto, plan: QuantPlan, act_qp: dict[str, QParams],
              constants: dict[str, QuantizedConstant], images: np.ndarray, options: QuantizeOptions,
              source: str) -> _Rounder:
@@ -487,7 +583,7 @@ def run_key(options: QuantizeOptions, model_sha256: str, images: Inputs, norm: P
 
 def quantize_model(model: onnx.ModelProto, images: object, options: QuantizeOptions,
                    source: str = "model", preprocess: Preprocess | None = None,
-                   resume: Resume | None = None,
+                   resume: Resume | None = None, search: SearchImages | None = None,
                    ) -> tuple[onnx.ModelProto, QuantResult, QuantizeSummary]:
     """Quantize a loaded FP model.
 
@@ -502,10 +598,15 @@ def quantize_model(model: onnx.ModelProto, images: object, options: QuantizeOpti
         resume: Where to keep a per-layer checkpoint, for a run that reads data (None:
             none). Layers it holds under the same key are restored, not computed; the
             caller removes it (`remove_folder`) once the output is written.
+        search: Clean held-out images for a method that searches a setting (QVec;
+            `search_images` chooses them); ignored by other methods.
 
     Returns:
         The QDQ model, the QuantResult it was written from (on the prepared graph)
         and the run's summary.
+
+    Raises:
+        EfrapError: the method searches a setting and `search` is None.
     """
     image = image_input(model, source)
     images = calibration_array(images, image.name)
@@ -521,6 +622,9 @@ def quantize_model(model: onnx.ModelProto, images: object, options: QuantizeOpti
 
     torch.manual_seed(derive(options.seed, "torch"))
     rounder = _rounder(prepared, plan, act_qp, constants, images, options, source)
+    if "search" in rounder.needs and search is None:
+        raise EfrapError(f"method '{options.method}' chooses its setting on clean held-out images, and "
+                         "none were given (quantize_file and the command line choose them)")
     # The layers of one run take the same number of steps: each counts alike in the ETA.
     rounder.clock = RunClock([1.0] * len(plan.layers))
     if resume is not None and "data" in rounder.needs:
@@ -528,20 +632,24 @@ def quantize_model(model: onnx.ModelProto, images: object, options: QuantizeOpti
                                                           rounder.device))
     t1 = time.perf_counter()
     layers: dict[str, QuantizedLayer] = {}
-    summaries = []
+    summaries: list[LayerSummary] = []
     restored = 0
+    record: SearchRecord | None = None
     try:
-        for i, layer in enumerate(plan.layers, 1):
-            # Only an unbroken run of finished layers from the first is restored: a layer
-            # is computed from the integers of every layer before it.
-            found = rounder.restore(i, layer) if restored == i - 1 else None
-            if found is not None:
-                restored += 1
-            elif restored == i - 1 and restored:
-                log(f"checkpoint {rounder.store.folder if rounder.store else ''}: layers 1-{restored} "
-                    f"of {len(plan.layers)} restored, resuming at layer {i}")
-            layers[layer.node], summary = found or rounder.round(i, layer)
-            summaries.append(summary)
+        if search is not None and "search" in rounder.needs:
+            layers, summaries, record = _search(model, rounder, search)
+        else:
+            for i, layer in enumerate(plan.layers, 1):
+                # Only an unbroken run of finished layers from the first is restored: a layer
+                # is computed from the integers of every layer before it.
+                found = rounder.restore(i, layer) if restored == i - 1 else None
+                if found is not None:
+                    restored += 1
+                elif restored == i - 1 and restored:
+                    log(f"checkpoint {rounder.store.folder if rounder.store else ''}: layers 1-{restored} "
+                        f"of {len(plan.layers)} restored, resuming at layer {i}")
+                layers[layer.node], summary = found or rounder.round(i, layer)
+                summaries.append(summary)
     finally:
         if rounder.sampler is not None:
             rounder.sampler.close()
@@ -556,7 +664,7 @@ def quantize_model(model: onnx.ModelProto, images: object, options: QuantizeOpti
                               device=str(rounder.device), layers=tuple(summaries),
                               calibration_seconds=t_calib, rounding_seconds=t_round,
                               threads=torch.get_num_threads(), session_threads=session_threads(),
-                              resumed=restored)
+                              resumed=restored, search=record)
     set_metadata(qdq, summary.metadata())
     return qdq, result, summary
 
@@ -609,9 +717,18 @@ def quantize_file(model_path: str, out_path: str, options: QuantizeOptions,
     images, pre = calibration_images(model, options.calib, options.num_calib, options.seed, model_path,
                                      options.preprocess)
     state = None
-    if folder is not None and "data" in run_needs(options.method, options.config):
+    needs = run_needs(options.method, options.config)
+    if folder is not None and "data" in needs:
         state = Resume(folder, file_sha256(model_files(model_path)))
-    qdq, _, summary = quantize_model(model, images, options, model_path, pre, state)
+    held_search = None
+    if "search" in needs:
+        wanted = searched(get_method(options.method)).search.images
+        try:
+            held_search = search_images(model, options.calib, options.num_calib, guard.images, wanted,
+                                        options.seed, model_path, options.preprocess)
+        except NoHoldout as exc:
+            raise EfrapError(f"method '{options.method}': {exc}") from None
+    qdq, _, summary = quantize_model(model, images, options, model_path, pre, state, held_search)
     try:
         held, labels = holdout_images(model, options.calib, options.num_calib, guard.images, options.seed,
                                       model_path, options.preprocess, announce=False)

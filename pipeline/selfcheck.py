@@ -34,10 +34,11 @@ from pipeline.base.onnx_io import load_model, model_files, save_model, set_metad
 from pipeline.base.progress import log
 from pipeline.base.safe_io import check_outputs, check_work_folder
 from pipeline.quantize import GuardOptions, QuantizeOptions, QuantizeSummary, quantize_file
-from pipeline.rounding import RoundingConfig
+from pipeline.rounding import RoundingConfig, run_needs
 from pipeline.rounding.adaround import ADAROUND_DEFAULTS
 from pipeline.rounding.efrap import EFRAP_DEFAULT, EFRAP_FAST, EFRAP_RELEASE
 from pipeline.rounding.lac import LAC_DEFAULTS
+from pipeline.rounding.qvec import QVec
 from pipeline.scan import ScanOptions
 from validators.guard import GuardReport
 
@@ -62,13 +63,14 @@ class Candidate:
 
 
 #: Every candidate by name: the default rule, the papers' methods at their settings, the
-#: release's settings, the fast form.
+#: release's settings, the fast form, QVec with its scale search (docs/DEFENSE.md, "QVec").
 CANDIDATES: dict[str, Candidate] = {c.name: c for c in (
     Candidate("default", "efrap", EFRAP_DEFAULT),
     Candidate("adaround", "adaround", ADAROUND_DEFAULTS),
     Candidate("lac", "lac", LAC_DEFAULTS),
     Candidate("release", "efrap", EFRAP_RELEASE),
     Candidate("fast", "efrap", EFRAP_FAST),
+    Candidate("qvec", "qvec", QVec.defaults),
 )}
 
 #: The fixed order (docs/DEFENSE.md "The self-check"): the default first, then by how often
@@ -255,8 +257,10 @@ def self_checking_defend(model_path: str, out_path: str, options: QuantizeOption
         cand = CANDIDATES[name]
         config = replace(cand.config, iters=check.iters) if check.iters is not None else cand.config
         path = folder / f"{name}.onnx"
+        steps = (f"{config.iters} iterations per layer" if "data" in run_needs(cand.method, config)
+                 else "no learned rounding")
         log(f"self-check: candidate {len(results) + 1}/{len(check.candidates)} '{name}' "
-            f"({cand.method}, {config.iters} iterations per layer)")
+            f"({cand.method}, {steps})")
         t0 = time.perf_counter()
         summary, report = quantize_file(model_path, str(path), replace(options, method=cand.method,
                                                                        rounding=config), guard, resume)

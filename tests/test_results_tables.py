@@ -47,6 +47,15 @@ def test_the_unpruned_ablation_is_shown_but_never_wins() -> None:
     assert "91.00 / 0.50" in results.render([row], "cmd", 0)
 
 
+def test_qvec_has_a_column_can_win_and_its_lambda_is_said() -> None:
+    row = _row("m", 91.0, default=(90.0, 1.5), qvec=(90.6, 1.0))
+    row["qvec"]["lambda"] = 1.5
+    assert results.checks_of(row) == ("met / met", "qvec")
+    text = results.render([row], "cmd", 0)
+    assert "| qvec CDA/ASR |" in text and "90.60 / 1.00" in text and "m 1.5." in text
+    assert "qvec" not in text.split("Iterations per layer:")[1].split(";")[0]
+
+
 def test_every_row_has_a_cell_under_every_header() -> None:
     table = [line for line in results.render([_row("m", 91.0, default=(90.5, 1.5))], "cmd", 0).splitlines()
              if line.startswith("|")]

@@ -1,4 +1,5 @@
-"""Registry of rounding methods: nearest first, then the learned ones (AdaRound, EFRAP)."""
+"""Registry of rounding methods: nearest first, then the learned ones (AdaRound, EFRAP, LAC), then
+QVec (data-free per layer, its scale searched on the whole model)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ from pipeline.rounding.base import (
 from pipeline.rounding.efrap import Efrap
 from pipeline.rounding.lac import Lac
 from pipeline.rounding.nearest import NearestRounding
+from pipeline.rounding.qvec import QVec
 
 METHODS: dict[str, RoundingMethod] = {
     "nearest": NearestRounding(),
     "adaround": AdaRound(),
     "efrap": Efrap(),
     "lac": Lac(),
+    "qvec": QVec(),
 }
 
 

@@ -33,8 +33,10 @@ ProgressCallback = Callable[[int, dict[str, float]], None]
 
 #: What a method can ask the orchestrator for (`RoundingMethod.needs`):
 #: cached layer inputs/targets and a forward function ("data"), each folded conv's
-#: BatchNorm factors ("bn_factors"), and what a loss reads ("output_grads", "head").
-NEEDS = frozenset({"data", "bn_factors", "output_grads", "head"})
+#: BatchNorm factors ("bn_factors"), what a loss reads ("output_grads", "head"), and one
+#: setting chosen by measuring the whole quantized model on clean held-out images ("search":
+#: the method is then a pipeline.rounding.search.Searched, e.g. QVec's scale).
+NEEDS = frozenset({"data", "bn_factors", "output_grads", "head", "search"})
 ERROR_MODES = ("element", "neuron")
 ERROR_UNITS = ("pre_bn", "exported", "steps")
 #: What one optimization step's batch holds: whole cached images (the release) or rows of

@@ -139,6 +139,8 @@ def print_summary(summary: QuantizeSummary, output: str) -> None:
                   if layer.stats.get("pruned_units") else "")
         print(f"  {layer.layer:<28} {layer.op:<6} {layer.bits}-bit  "
               f"flipped {100 * layer.flip_fraction:6.2f}%  {layer.seconds:.1f}s{pruned}")
+    for line in summary.search.lines() if summary.search is not None else ():
+        print(line)
     if summary.resumed:
         print(f"resumed: {summary.resumed} of {len(summary.layers)} layers restored from the checkpoint "
               "(their seconds are those of the run that computed them)")
@@ -212,6 +214,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "method, and write QDQ ONNX (integer weights feeding DequantizeLinear).")
     add_common_quant_args(p, "w8a8")
     p.add_argument("--method", default="nearest", choices=tuple(METHODS),
-                   help=f"rounding method: {', '.join(METHODS)} (default nearest)")
+                   help=f"rounding method: {', '.join(METHODS)} (default nearest; qvec chooses its "
+                   "scale on held-out training images, docs/DEFENSE.md \"QVec\")")
     add_rounding_args(p, RoundingConfig())
     p.set_defaults(func=run)
