@@ -32,7 +32,7 @@ from pipeline.base.device import DEVICES, pick_device
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import fixed_batch, image_input, load_model, model_files, save_model, set_metadata
 from pipeline.base.preprocess import PreparedImages, Preprocess, ready, resolve
-from pipeline.base.progress import Progress, RunClock, format_seconds, log
+from pipeline.base.progress import Progress, RunClock, format_seconds, log, warn_once
 from pipeline.base.provenance import versions
 from pipeline.base.runtime import PROVIDERS, pick_provider
 from pipeline.base.safe_io import check_outputs
@@ -213,7 +213,8 @@ Inputs = np.ndarray | PreparedImages
 def _data_images(model: onnx.ModelProto, spec: str, choose: Callable[[int], np.ndarray], source: str,
                  preprocess: dict | None, announce: bool = True
                  ) -> tuple[Inputs, np.ndarray | None, Preprocess]:
-    """Model-ready inputs of data set `spec` at the indices `choose(total)`, with their labels."""
+    """Model-ready inputs of data set `spec` at the indices `choose(total)`, with their labels
+    (None: model-ready arrays, or images without labels)."""
     image = image_input(model, source)
     ready_arrays = data_mod.model_inputs(spec, image.name)
     if ready_arrays is not None:
@@ -223,11 +224,13 @@ def _data_images(model: onnx.ModelProto, spec: str, choose: Callable[[int], np.n
                              f"model's input {image.shape[1:]}")
         pre = ready(resolve(model, image, preprocess, source, announce=False))
         return ready_arrays[choose(len(ready_arrays))], None, pre
-    dataset = data_mod.load_dataset(spec, "train")
     pre = resolve(model, image, preprocess, source, announce=announce)
+    # The resize is known first: an image folder of mixed sizes is resized as it is read.
+    dataset = data_mod.load_images(spec, "train", pre.resize)
     data_mod.check_fits(dataset, pre.nchw_shape(image), source)
-    idx = choose(len(dataset.labels))
-    return PreparedImages(dataset, idx, pre), dataset.labels[idx], pre
+    idx = choose(len(dataset))
+    labels = dataset.labels[idx] if isinstance(dataset, data_mod.Dataset) else None
+    return PreparedImages(dataset, idx, pre), labels, pre
 
 
 def calibration_images(model: onnx.ModelProto, spec: str, n: int, seed: int, source: str = "model",
@@ -235,14 +238,22 @@ def calibration_images(model: onnx.ModelProto, spec: str, n: int, seed: int, sou
     """`n` model-ready calibration inputs from data set `spec`, chosen with the run's seed.
 
     An npz keyed by the model's input name is taken as it is (modelopt's convention);
-    any other data set's training split is preprocessed as the model expects.
+    any other data set's training split is preprocessed as the model expects. No labels
+    are needed. Where the data hold fewer than `n` images, all of them are used, with
+    one warning saying how many.
 
     Returns:
         The inputs and the preprocessing they went through (origin "data" for ready arrays).
     """
     checks.integer(n, "number of calibration images", low=1)
-    images, _, pre = _data_images(model, spec, lambda total: image_indices(total, n, seed), source,
-                                  preprocess)
+
+    def choose(total: int) -> np.ndarray:
+        if total < n:
+            warn_once(f"{source}: {n:,} calibration images asked for, {spec} has {total:,}: "
+                      f"calibrating on those {total:,}")
+        return image_indices(total, n, seed)
+
+    images, _, pre = _data_images(model, spec, choose, source, preprocess)
     return images, pre
 
 
@@ -608,6 +619,12 @@ def quantize_file(model_path: str, out_path: str, options: QuantizeOptions,
     model = load_model(model_path)
     images, pre = calibration_images(model, options.calib, options.num_calib, options.seed, model_path,
                                      options.preprocess)
+    labelled = isinstance(images, PreparedImages) and isinstance(images.dataset, data_mod.Dataset)
+    if guard.limits.min_accuracy is not None and not labelled:
+        # Refused before the run: the check could only fail it, after all the rounding.
+        raise EfrapError(f"{options.calib}: a minimum clean accuracy (--min-accuracy) needs labelled "
+                         "images and these have none; limit the agreement with FP "
+                         "(--max-agreement-drop) or the output error (--max-output-error) instead")
     state = None
     if folder is not None and "data" in run_needs(options.method, options.config):
         state = Resume(folder, file_sha256(model_files(model_path)))

@@ -134,8 +134,8 @@ def verify_model(model_path: str, options: VerifyOptions) -> VerifyReport:
     Raises:
         EfrapError: unreadable model or data, data that does not fit the model,
             labels or a trigger target the model has no class for, model-ready arrays
-            instead of images, or a model quantized from model-ready arrays that
-            records no preprocessing of raw images when none is given.
+            instead of images, images without labels, or a model quantized from
+            model-ready arrays that records no preprocessing of raw images when none is given.
     """
     model = load_model(model_path)
     image = image_input(model, model_path)
@@ -146,8 +146,8 @@ def verify_model(model_path: str, options: VerifyOptions) -> VerifyReport:
         raise EfrapError(f"{options.data}: holds model-ready arrays ('{image.name}', no labels); verify "
                          "takes labelled images in [0, 1] (x/y or x_test/y_test) and preprocesses them "
                          "as the model records")
-    dataset = data_mod.load_dataset(options.data, "test")
     norm = resolve(model, image, options.preprocess, model_path)
+    dataset = data_mod.load_dataset(options.data, "test", norm.resize)
     data_mod.check_fits(dataset, norm.nchw_shape(image), model_path)
     images, labels, choice = _pick(dataset, options.limit, options.seed)
     session = make_session(model, options.opt_level, options.provider)

@@ -26,6 +26,8 @@ LOG_GAP = 5.0
 LOG_EVERY = 30.0
 
 _quiet = False
+#: Warnings already printed by `warn_once` in this process.
+_warned: set[str] = set()
 
 
 def set_quiet(quiet: bool) -> None:
@@ -38,6 +40,18 @@ def log(message: str) -> None:
     """Print one status line to stderr."""
     if not _quiet:
         print(message, file=sys.stderr, flush=True)
+
+
+def warn_once(message: str) -> None:
+    """Print ``warning: MESSAGE`` to stderr the first time this process meets `message`.
+
+    For facts about the inputs that every stage reading them would repeat (each of a
+    self-checking defend's candidates and its audit reads the same calibration data).
+    """
+    if _quiet or message in _warned:
+        return
+    _warned.add(message)
+    log(f"warning: {message}")
 
 
 def format_seconds(seconds: float | None) -> str:

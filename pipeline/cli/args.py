@@ -38,6 +38,13 @@ COUNT_CAPS: dict[str, limits.Cap] = {
     "--threads": limits.WORKERS,
     "--seed": limits.SEED,
 }
+#: The data specs that serve calibration (pipeline.base.data), for --help: labels optional.
+CALIB_SPECS = ("fashion-mnist, mnist:PATH, cifar10:PATH, imagefolder:PATH (PATH/train/<class>/*.png, or "
+               "image files directly in PATH: no labels), npz:FILE (x_train with or without y_train, x with "
+               "or without y, or a single array)")
+#: The data specs of labelled test images, for --help.
+TEST_SPECS = ("fashion-mnist, mnist:PATH, cifar10:PATH, imagefolder:PATH (PATH/test/<class>/*.png), "
+              "npz:FILE (x_test and y_test, or x and y)")
 #: Where one command counts something else under the same option: the scan's calibration
 #: images (a gate config's scan.num_calib has the same cap).
 COMMAND_CAPS: dict[str, dict[str, limits.Cap]] = {
@@ -196,7 +203,9 @@ def add_preprocess_args(p: argparse.ArgumentParser) -> None:
                    help="multiply [0, 1] pixels by this first (255 for models that take 0-255)")
     g.add_argument("--channel-order", choices=CHANNEL_ORDERS, help="rgb or bgr")
     g.add_argument("--layout", choices=LAYOUTS, help="the input's layout (default: from its shape)")
-    g.add_argument("--resize", type=_size, metavar="HxW", help="resize images to HEIGHTxWIDTH first")
+    g.add_argument("--resize", type=_size, metavar="HxW",
+                   help="resize images to HEIGHTxWIDTH first (an image folder of mixed sizes needs it: "
+                   "each image is resized as it is read)")
 
 
 def preprocess_options(args: argparse.Namespace) -> dict | None:

@@ -10,6 +10,7 @@ from pipeline.base.device import DEVICES
 from pipeline.base.onnx_io import model_files
 from pipeline.base.safe_io import check_outputs, write_json
 from pipeline.cli.args import (
+    CALIB_SPECS,
     add_exclude_arg,
     add_preprocess_args,
     exclusions,
@@ -41,9 +42,11 @@ def add_common_quant_args(p: argparse.ArgumentParser, default_scheme: str) -> No
                    help=f"preset ({', '.join(PRESETS)}) or a .json/.toml scheme file "
                    f"(default {default_scheme})")
     p.add_argument("--calib", default="fashion-mnist",
-                   help="calibration data spec, training split (default fashion-mnist)")
+                   help=f"calibration data, training split (default fashion-mnist): {CALIB_SPECS}; only "
+                   "--min-accuracy needs labels")
     p.add_argument("--num-calib", type=positive_int, default=1024,
-                   help="calibration images (default 1024)")
+                   help="calibration images (default 1024; where the data hold fewer, all of them, with "
+                   "a warning)")
     p.add_argument("--seed", type=seed_number, default=0,
                    help="the run's one seed: calibration images, value sampling, learned "
                    "rounding's batches (default 0)")
