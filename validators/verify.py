@@ -153,7 +153,7 @@ def verify_model(model_path: str, options: VerifyOptions) -> VerifyReport:
     session = make_session(model, options.opt_level, options.provider)
     t0 = time.perf_counter()
     clean_in = norm.apply(images)
-    logits = session.run(clean_in)
+    logits = session.run(clean_in, desc=f"verify: {model_path} on clean test images")
     if logits.ndim != 2:
         raise EfrapError(f"{model_path}: output has shape {logits.shape}; expected batch x classes")
     classes = logits.shape[1]
@@ -170,7 +170,8 @@ def verify_model(model_path: str, options: VerifyOptions) -> VerifyReport:
         if trigger.target >= classes:
             raise EfrapError(f"trigger target {trigger.target} is not a class of this model "
                              f"({classes} classes)")
-        triggered = session.run(norm.apply(trigger.apply(images)))
+        triggered = session.run(norm.apply(trigger.apply(images)),
+                                desc=f"verify: {model_path} on triggered test images")
         attack = attack_success(triggered, labels, trigger.target)
         if why := why_not_measurable(triggered, "triggered"):
             missing["asr"] = why
