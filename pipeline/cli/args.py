@@ -66,7 +66,15 @@ def check_counts(args: argparse.Namespace, command: str | None = None) -> None:
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr and exit code 2."""
+    """An ArgumentParser whose errors are one line on stderr and exit code 2, and whose --help
+    ends with `glossary` as it is written (its line breaks kept)."""
+
+    glossary: str = ""
+
+    def format_help(self) -> str:
+        """argparse's help, then the glossary."""
+        text = super().format_help()
+        return f"{text}\n{self.glossary}\n" if self.glossary else text
 
     def error(self, message: str) -> NoReturn:
         """Print `efrap CMD: error: MESSAGE` (one line) and exit 2."""
