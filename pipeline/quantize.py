@@ -153,6 +153,8 @@ class QuantizeSummary:
         session_threads: onnxruntime sessions' threads (0: onnxruntime's default).
         resumed: Layers restored from a checkpoint (their seconds are those they took
             when they ran; `rounding_seconds` counts them too).
+        unpacked_four_bit: Weights on grids of 4 bits or fewer written one to a byte
+            (int8 weight storage); 0 with int4 storage, which packs two to a byte.
     """
 
     options: QuantizeOptions
@@ -165,6 +167,7 @@ class QuantizeSummary:
     threads: int = 0
     session_threads: int = 0
     resumed: int = 0
+    unpacked_four_bit: int = 0
 
     @property
     def learned(self) -> bool:
@@ -567,9 +570,16 @@ def quantize_model(model: onnx.ModelProto, images: object, options: QuantizeOpti
                               device=str(rounder.device), layers=tuple(summaries),
                               calibration_seconds=t_calib, rounding_seconds=t_round,
                               threads=torch.get_num_threads(), session_threads=session_threads(),
-                              resumed=restored)
+                              resumed=restored, unpacked_four_bit=_unpacked_four_bit(result, options))
     set_metadata(qdq, summary.metadata())
     return qdq, result, summary
+
+
+def _unpacked_four_bit(result: QuantResult, options: QuantizeOptions) -> int:
+    """How many weights on grids of 4 bits or fewer the QDQ writer stores one to a byte."""
+    if options.weight_storage == "int4":
+        return 0
+    return sum(int(layer.q.size) for layer in result.layers.values() if layer.qparams.bits <= 4)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
 """Data as users have it, through `efrap quantize` on the stored clean model: a flat folder of
 images, mixed sizes with --resize, an npz of images without labels, fewer images than asked
-for."""
+for; and what the run says about 4-bit weights in int8 containers."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +87,22 @@ def test_fewer_images_than_asked_for_warn_once(tmp_path: Path, capsys: pytest.Ca
     assert "calibrate: done" in captured.err and " 20 images" in captured.err
     # All 20 went into calibration: the check says it measured nothing.
     assert "nothing measured" in captured.out
+
+
+def test_four_bit_weights_in_int8_containers_get_a_size_hint(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--scheme", "w4a8", "--num-calib", "32"]
+    unpacked, packed = tmp_path / "int8.onnx", tmp_path / "int4.onnx"
+    assert _quantize(*args, "-o", str(unpacked)) == 0
+    hint = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(hint) == 1 and "4-bit weights in int8 containers" in hint[0]
+    assert "--weight-storage int4" in hint[0]
+    assert _quantize(*args, "-o", str(packed), "--weight-storage", "int4") == 0
+    assert "int8 containers" not in capsys.readouterr().out
+    # The saving it announces is the one packing gives.
+    kib = float(re.search(r"about ([\d.]+) KiB smaller", hint[0]).group(1))  # type: ignore[union-attr]
+    saved = unpacked.stat().st_size - packed.stat().st_size
+    assert kib * 1024 == pytest.approx(saved, rel=0.05)
+    # An 8-bit scheme has nothing to pack.
+    assert _quantize("--num-calib", "32", "-o", str(tmp_path / "w8.onnx")) == 0
+    assert "note:" not in capsys.readouterr().out
