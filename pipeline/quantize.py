@@ -38,7 +38,7 @@ from pipeline.base.device import DEVICES, pick_device
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import fixed_batch, image_input, load_model, model_files, save_model, set_metadata
 from pipeline.base.preprocess import PreparedImages, Preprocess, ready, resolve
-from pipeline.base.progress import Progress, RunClock, format_seconds, log
+from pipeline.base.progress import Progress, RunClock, format_seconds, log, warn_once
 from pipeline.base.provenance import versions
 from pipeline.base.runtime import PROVIDERS, pick_provider
 from pipeline.base.safe_io import check_outputs
@@ -168,6 +168,8 @@ class QuantizeSummary:
         search: What a searched method's setting search measured and kept (None: the
             method has no search); `layers` are then the kept candidate's and
             `rounding_seconds` counts every candidate with its measurement.
+        unpacked_four_bit: Weights on grids of 4 bits or fewer written one to a byte
+            (int8 weight storage); 0 with int4 storage, which packs two to a byte.
     """
 
     options: QuantizeOptions
@@ -181,6 +183,7 @@ class QuantizeSummary:
     session_threads: int = 0
     resumed: int = 0
     search: SearchRecord | None = None
+    unpacked_four_bit: int = 0
 
     @property
     def learned(self) -> bool:
@@ -231,7 +234,8 @@ Inputs = np.ndarray | PreparedImages
 def _data_images(model: onnx.ModelProto, spec: str, choose: Callable[[int], np.ndarray], source: str,
                  preprocess: dict | None, announce: bool = True
                  ) -> tuple[Inputs, np.ndarray | None, Preprocess]:
-    """Model-ready inputs of data set `spec` at the indices `choose(total)`, with their labels."""
+    """Model-ready inputs of data set `spec` at the indices `choose(total)`, with their labels
+    (None: model-ready arrays, or images without labels)."""
     image = image_input(model, source)
     ready_arrays = data_mod.model_inputs(spec, image.name)
     if ready_arrays is not None:
@@ -241,11 +245,13 @@ def _data_images(model: onnx.ModelProto, spec: str, choose: Callable[[int], np.n
                              f"model's input {image.shape[1:]}")
         pre = ready(resolve(model, image, preprocess, source, announce=False))
         return ready_arrays[choose(len(ready_arrays))], None, pre
-    dataset = data_mod.load_dataset(spec, "train")
     pre = resolve(model, image, preprocess, source, announce=announce)
+    # The resize is known first: an image folder of mixed sizes is resized as it is read.
+    dataset = data_mod.load_images(spec, "train", pre.resize)
     data_mod.check_fits(dataset, pre.nchw_shape(image), source)
-    idx = choose(len(dataset.labels))
-    return PreparedImages(dataset, idx, pre), dataset.labels[idx], pre
+    idx = choose(len(dataset))
+    labels = dataset.labels[idx] if isinstance(dataset, data_mod.Dataset) else None
+    return PreparedImages(dataset, idx, pre), labels, pre
 
 
 def calibration_images(model: onnx.ModelProto, spec: str, n: int, seed: int, source: str = "model",
@@ -253,14 +259,22 @@ def calibration_images(model: onnx.ModelProto, spec: str, n: int, seed: int, sou
     """`n` model-ready calibration inputs from data set `spec`, chosen with the run's seed.
 
     An npz keyed by the model's input name is taken as it is (modelopt's convention);
-    any other data set's training split is preprocessed as the model expects.
+    any other data set's training split is preprocessed as the model expects. No labels
+    are needed. Where the data hold fewer than `n` images, all of them are used, with
+    one warning saying how many.
 
     Returns:
         The inputs and the preprocessing they went through (origin "data" for ready arrays).
     """
     checks.integer(n, "number of calibration images", low=1)
-    images, _, pre = _data_images(model, spec, lambda total: image_indices(total, n, seed), source,
-                                  preprocess)
+
+    def choose(total: int) -> np.ndarray:
+        if total < n:
+            warn_once(f"{source}: {n:,} calibration images asked for, {spec} has {total:,}: "
+                      f"calibrating on those {total:,}")
+        return image_indices(total, n, seed)
+
+    images, _, pre = _data_images(model, spec, choose, source, preprocess)
     return images, pre
 
 
@@ -664,9 +678,17 @@ def quantize_model(model: onnx.ModelProto, images: object, options: QuantizeOpti
                               device=str(rounder.device), layers=tuple(summaries),
                               calibration_seconds=t_calib, rounding_seconds=t_round,
                               threads=torch.get_num_threads(), session_threads=session_threads(),
-                              resumed=restored, search=record)
+                              resumed=restored, search=record,
+                              unpacked_four_bit=_unpacked_four_bit(result, options))
     set_metadata(qdq, summary.metadata())
     return qdq, result, summary
+
+
+def _unpacked_four_bit(result: QuantResult, options: QuantizeOptions) -> int:
+    """How many weights on grids of 4 bits or fewer the QDQ writer stores one to a byte."""
+    if options.weight_storage == "int4":
+        return 0
+    return sum(int(layer.q.size) for layer in result.layers.values() if layer.qparams.bits <= 4)
 
 
 @dataclass(frozen=True)
@@ -716,6 +738,12 @@ def quantize_file(model_path: str, out_path: str, options: QuantizeOptions,
     model = load_model(model_path)
     images, pre = calibration_images(model, options.calib, options.num_calib, options.seed, model_path,
                                      options.preprocess)
+    labelled = isinstance(images, PreparedImages) and isinstance(images.dataset, data_mod.Dataset)
+    if guard.limits.min_accuracy is not None and not labelled:
+        # Refused before the run: the check could only fail it, after all the rounding.
+        raise EfrapError(f"{options.calib}: a minimum clean accuracy (--min-accuracy) needs labelled "
+                         "images and these have none; limit the agreement with FP "
+                         "(--max-agreement-drop) or the output error (--max-output-error) instead")
     state = None
     needs = run_needs(options.method, options.config)
     if folder is not None and "data" in needs:

@@ -40,6 +40,7 @@ import torch
 
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import graph_inputs
+from pipeline.base.progress import QUICK_PASS, Progress
 from pipeline.base.runtime import make_session
 
 #: Target size of one onnxruntime call's output (bytes).
@@ -133,6 +134,14 @@ Rows = torch.Tensor | DiskRows
 Source = Callable[[int, int], np.ndarray]
 
 
+def _counted(batches: Iterator[np.ndarray], bar: Progress) -> Iterator[np.ndarray]:
+    """`batches` as they come, counted on `bar` (its ETA), which closes after the last."""
+    for part in batches:
+        bar.update(len(part))
+        yield part
+    bar.close()
+
+
 def _rows_source(rows: Rows) -> Source:
     """Rows [start, stop) of a kept tensor as a numpy array."""
     if isinstance(rows, DiskRows):
@@ -199,6 +208,8 @@ class OrtSampler:
     def _collect(self, tensor: str, batches: Iterator[np.ndarray]) -> Rows:
         """The batches as one cache: in memory up to `ram_bytes`, else spilled to a file."""
         n = len(self.images)
+        bar = Progress(f"onnxruntime: '{tensor}' for {n:,} images", total=n, min_seconds=QUICK_PASS)
+        batches = _counted(batches, bar)
         first = next(batches)
         if first.dtype != np.float32:
             raise EfrapError(f"tensor '{tensor}' is {first.dtype}, not float32")

@@ -9,9 +9,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from pipeline.base.data import check_fits, load_dataset, normalization_for, normalize, sample_indices
+from pipeline.base.data import (
+    Dataset,
+    check_fits,
+    load_dataset,
+    load_images,
+    normalization_for,
+    normalize,
+    sample_indices,
+    spec_files,
+)
 from pipeline.base.errors import EfrapError
+from pipeline.base.resize import resize_images
 
 
 def _write_idx(path: Path, arr: np.ndarray, gz: bool) -> None:
@@ -68,8 +79,6 @@ def test_cifar10_refuses_code(tmp_path: Path) -> None:
 
 
 def test_imagefolder(tmp_path: Path) -> None:
-    from PIL import Image
-
     rng = np.random.default_rng(0)
     for split, n in (("train", 3), ("test", 2)):
         for cls in ("cat", "dog"):
@@ -119,3 +128,61 @@ def test_real_fashion_mnist(fashion_mnist: None) -> None:
     assert train.images.shape == (60_000, 1, 28, 28) and test.images.shape == (10_000, 1, 28, 28)
     assert train.num_classes == 10 and np.bincount(test.labels).tolist() == [1000] * 10
     assert normalization_for(train) == ([0.286], [0.353])
+
+
+def _png(path: Path, shape: tuple[int, ...], value: int | None = None, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, shape, dtype=np.uint8) if value is None else np.full(shape, value, np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def test_flat_image_folder_has_no_labels(tmp_path: Path) -> None:
+    for i in range(5):
+        _png(tmp_path / "calib" / f"{i}.png", (28, 28), seed=i)
+    spec = f"imagefolder:{tmp_path / 'calib'}"
+    images = load_images(spec, "train")
+    assert not isinstance(images, Dataset) and images.shape == (5, 1, 28, 28) and len(images) == 5
+    assert spec_files(spec) == [tmp_path / "calib"]  # nothing may be written inside it
+    with pytest.raises(EfrapError, match=r"imagefolder:.*calib: a flat folder of images has no labels.*"
+                                         r"PATH/test/<class>"):
+        load_dataset(spec, "test")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EfrapError, match="no images in"):
+        load_images(f"imagefolder:{tmp_path / 'empty'}", "train")
+
+
+def test_mixed_sizes_need_a_size_and_get_the_preprocessing_resize(tmp_path: Path) -> None:
+    _png(tmp_path / "mixed" / "a.png", (28, 28), seed=1)
+    _png(tmp_path / "mixed" / "b.png", (40, 30), seed=2)
+    spec = f"imagefolder:{tmp_path / 'mixed'}"
+    with pytest.raises(EfrapError, match=r"differ in size \(28x28, 40x30\); give --resize HxW"):
+        load_images(spec, "train")
+    images = load_images(spec, "train", (28, 28))
+    assert images.shape == (2, 1, 28, 28) and images.raw.dtype == np.uint8
+    stored_a = np.asarray(Image.open(tmp_path / "mixed" / "a.png"))
+    np.testing.assert_array_equal(images.raw[0, 0], stored_a)  # already the size: untouched
+    b = np.asarray(Image.open(tmp_path / "mixed" / "b.png")).astype(np.float32)[None, None] / 255.0
+    expected = np.clip(np.rint(resize_images(b, (28, 28)) * 255.0), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(images.raw[1:], expected)
+    _png(tmp_path / "mixed" / "c.png", (28, 28, 3), seed=3)
+    with pytest.raises(EfrapError, match="mixes grey and colour"):
+        load_images(spec, "train", (28, 28))
+
+
+def test_npz_without_labels_serves_calibration_only(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    only_x = tmp_path / "x_train.npz"
+    np.savez(only_x, x_train=rng.integers(0, 256, (6, 28, 28), dtype=np.uint8))
+    single = tmp_path / "single.npz"
+    np.savez(single, rng.random((4, 28, 28, 3), dtype=np.float32))  # saved as arr_0
+    assert load_images(f"npz:{only_x}", "train").shape == (6, 1, 28, 28)
+    assert load_images(f"npz:{single}", "train").shape == (4, 3, 28, 28)
+    assert not isinstance(load_images(f"npz:{single}", "train"), Dataset)
+    with pytest.raises(EfrapError, match=r"its train images have no labels.*x_train and y_train"):
+        load_dataset(f"npz:{only_x}", "train")
+    with pytest.raises(EfrapError, match=r"needs arrays x_test/y_test or x/y"):
+        load_images(f"npz:{only_x}", "test")
+    labelled = tmp_path / "xy.npz"
+    np.savez(labelled, x=np.zeros((3, 28, 28), np.uint8), y=np.arange(3))
+    assert isinstance(load_images(f"npz:{labelled}", "train"), Dataset)

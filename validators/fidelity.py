@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from pipeline.base.errors import EfrapError
+from pipeline.base.progress import QUICK_PASS, Progress
 from pipeline.base.runtime import make_session
 
 #: What an output is measured as.
@@ -182,6 +183,7 @@ def measure_fidelity(fp: onnx.ModelProto, quantized: onnx.ModelProto, inputs: ob
     sums = {name: _Sums() for name in names}
     step = batch or 256
     total = len(inputs)  # type: ignore[arg-type]
+    bar = Progress("check: FP and quantized models on held-out images", total=total, min_seconds=QUICK_PASS)
     for start in range(0, total, step):
         feed = np.asarray(inputs[start : start + step])  # type: ignore[index]
         n = len(feed)
@@ -195,5 +197,7 @@ def measure_fidelity(fp: onnx.ModelProto, quantized: onnx.ModelProto, inputs: ob
                                  f"for {len(feed)} inputs: no batch dimension to compare by")
             sums[name].add(a[name][:n], b[name][:n],
                            None if labels is None else np.asarray(labels)[start : start + n])
+        bar.update(n)
+    bar.close(f"{total:,} images")
     return FidelityReport(images=total, opt_level=opt_level, provider=q_session.provider,
                           outputs=tuple(_figures(name, sums[name], labels is not None) for name in names))

@@ -134,8 +134,8 @@ def verify_model(model_path: str, options: VerifyOptions) -> VerifyReport:
     Raises:
         EfrapError: unreadable model or data, data that does not fit the model,
             labels or a trigger target the model has no class for, model-ready arrays
-            instead of images, or a model quantized from model-ready arrays that
-            records no preprocessing of raw images when none is given.
+            instead of images, images without labels, or a model quantized from
+            model-ready arrays that records no preprocessing of raw images when none is given.
     """
     model = load_model(model_path)
     image = image_input(model, model_path)
@@ -146,14 +146,14 @@ def verify_model(model_path: str, options: VerifyOptions) -> VerifyReport:
         raise EfrapError(f"{options.data}: holds model-ready arrays ('{image.name}', no labels); verify "
                          "takes labelled images in [0, 1] (x/y or x_test/y_test) and preprocesses them "
                          "as the model records")
-    dataset = data_mod.load_dataset(options.data, "test")
     norm = resolve(model, image, options.preprocess, model_path)
+    dataset = data_mod.load_dataset(options.data, "test", norm.resize)
     data_mod.check_fits(dataset, norm.nchw_shape(image), model_path)
     images, labels, choice = _pick(dataset, options.limit, options.seed)
     session = make_session(model, options.opt_level, options.provider)
     t0 = time.perf_counter()
     clean_in = norm.apply(images)
-    logits = session.run(clean_in)
+    logits = session.run(clean_in, desc=f"verify: {model_path} on clean test images")
     if logits.ndim != 2:
         raise EfrapError(f"{model_path}: output has shape {logits.shape}; expected batch x classes")
     classes = logits.shape[1]
@@ -170,7 +170,8 @@ def verify_model(model_path: str, options: VerifyOptions) -> VerifyReport:
         if trigger.target >= classes:
             raise EfrapError(f"trigger target {trigger.target} is not a class of this model "
                              f"({classes} classes)")
-        triggered = session.run(norm.apply(trigger.apply(images)))
+        triggered = session.run(norm.apply(trigger.apply(images)),
+                                desc=f"verify: {model_path} on triggered test images")
         attack = attack_success(triggered, labels, trigger.target)
         if why := why_not_measurable(triggered, "triggered"):
             missing["asr"] = why

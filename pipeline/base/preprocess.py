@@ -39,14 +39,13 @@ from typing import Any
 
 import numpy as np
 import onnx
-import torch
-import torch.nn.functional as F
 
 from pipeline.base import checks
-from pipeline.base.data import Dataset, normalize
+from pipeline.base.data import Images, normalize
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import META_PREFIX, ImageInput, get_metadata
 from pipeline.base.progress import log
+from pipeline.base.resize import resize_images
 
 NORMALIZATION_KEY = META_PREFIX + "normalization"
 PREPROCESSING_KEY = META_PREFIX + "preprocessing"
@@ -93,9 +92,7 @@ class Preprocess:
         """Model-ready inputs (float32, in `layout`) from N x C x H x W images in [0, 1]."""
         x = images
         if self.resize is not None and tuple(x.shape[2:]) != self.resize:
-            with torch.no_grad():
-                x = F.interpolate(torch.from_numpy(np.ascontiguousarray(x, np.float32)), size=self.resize,
-                                  mode="bilinear", align_corners=False, antialias=True).numpy()
+            x = resize_images(x, self.resize)
         if self.input_scale != 1.0:
             x = x * np.float32(self.input_scale)
         if self.channel_order == "bgr":
@@ -369,12 +366,12 @@ class PreparedImages:
     resolution costs the stored pixels plus one batch.
 
     Args:
-        dataset: The data set.
+        dataset: The data set (labelled or not).
         index: Which of its images, in order.
         pre: Their preprocessing.
     """
 
-    def __init__(self, dataset: Dataset, index: np.ndarray, pre: Preprocess) -> None:
+    def __init__(self, dataset: Images, index: np.ndarray, pre: Preprocess) -> None:
         self.dataset = dataset
         self.index = np.asarray(index)
         self.pre = pre

@@ -26,6 +26,8 @@ LOG_GAP = 5.0
 LOG_EVERY = 30.0
 
 _quiet = False
+#: Warnings already printed by `warn_once` in this process.
+_warned: set[str] = set()
 
 
 def set_quiet(quiet: bool) -> None:
@@ -38,6 +40,18 @@ def log(message: str) -> None:
     """Print one status line to stderr."""
     if not _quiet:
         print(message, file=sys.stderr, flush=True)
+
+
+def warn_once(message: str) -> None:
+    """Print ``warning: MESSAGE`` to stderr the first time this process meets `message`.
+
+    For facts about the inputs that every stage reading them would repeat (each of a
+    self-checking defend's candidates and its audit reads the same calibration data).
+    """
+    if _quiet or message in _warned:
+        return
+    _warned.add(message)
+    log(f"warning: {message}")
 
 
 def format_seconds(seconds: float | None) -> str:
@@ -111,11 +125,15 @@ class Progress:
         total: Number of steps, if known.
         run_remaining: For a stage of a longer run: (fraction of this stage done,
             seconds spent on it) -> seconds left in the run (see `RunClock.remaining`).
+        min_seconds: A stage that ends sooner prints no end line (a pass over images that
+            is long only for a large model or data set stays silent when it is quick).
     """
 
     def __init__(self, desc: str, total: int | None = None,
-                 run_remaining: Callable[[float, float], float | None] | None = None) -> None:
+                 run_remaining: Callable[[float, float], float | None] | None = None,
+                 min_seconds: float = 0.0) -> None:
         self.desc = desc
+        self.min_seconds = min_seconds
         self.total = total
         self.count = 0
         self.postfix = ""
@@ -188,13 +206,18 @@ class Progress:
         text = summary if summary is not None else self.postfix
         if self._tty:
             sys.stderr.write("\r\x1b[K")
-        log(f"{self.desc}: done in {elapsed:.1f}s {text}".rstrip())
+        if elapsed >= self.min_seconds:
+            log(f"{self.desc}: done in {elapsed:.1f}s {text}".rstrip())
 
     def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+#: Passes over images shorter than this print no end line (`Progress.min_seconds`).
+QUICK_PASS = LOG_GAP
 
 
 def track(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:

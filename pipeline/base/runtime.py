@@ -16,6 +16,7 @@ import onnxruntime as ort
 import torch
 
 from pipeline.base.errors import EfrapError
+from pipeline.base.progress import QUICK_PASS, Progress
 from pipeline.base.threads import session_threads, set_session_threads
 
 PROVIDERS = ("auto", "cpu", "cuda")
@@ -36,12 +37,19 @@ class Session:
     opt_level: str
     input_name: str
 
-    def run(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Logits for a batch of preprocessed inputs, in chunks."""
-        outs = [
-            self.session.run(None, {self.input_name: x[i : i + batch_size]})[0]
-            for i in range(0, len(x), batch_size)
-        ]
+    def run(self, x: np.ndarray, batch_size: int = 256, desc: str | None = None) -> np.ndarray:
+        """Logits for a batch of preprocessed inputs, in chunks.
+
+        `desc`: show the pass's progress and ETA under this name when it is long (None: silent).
+        """
+        bar = Progress(desc, total=len(x), min_seconds=QUICK_PASS) if desc is not None else None
+        outs = []
+        for i in range(0, len(x), batch_size):
+            outs.append(self.session.run(None, {self.input_name: x[i : i + batch_size]})[0])
+            if bar is not None:
+                bar.update(len(outs[-1]))
+        if bar is not None:
+            bar.close(f"{len(x):,} images")
         return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
 
 

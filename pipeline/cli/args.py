@@ -38,6 +38,13 @@ COUNT_CAPS: dict[str, limits.Cap] = {
     "--threads": limits.WORKERS,
     "--seed": limits.SEED,
 }
+#: The data specs that serve calibration (pipeline.base.data), for --help: labels optional.
+CALIB_SPECS = ("fashion-mnist, mnist:PATH, cifar10:PATH, imagefolder:PATH (PATH/train/<class>/*.png, or "
+               "image files directly in PATH: no labels), npz:FILE (x_train with or without y_train, x with "
+               "or without y, or a single array)")
+#: The data specs of labelled test images, for --help.
+TEST_SPECS = ("fashion-mnist, mnist:PATH, cifar10:PATH, imagefolder:PATH (PATH/test/<class>/*.png), "
+              "npz:FILE (x_test and y_test, or x and y)")
 #: Where one command counts something else under the same option: the scan's calibration
 #: images (a gate config's scan.num_calib has the same cap).
 COMMAND_CAPS: dict[str, dict[str, limits.Cap]] = {
@@ -59,7 +66,15 @@ def check_counts(args: argparse.Namespace, command: str | None = None) -> None:
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr and exit code 2."""
+    """An ArgumentParser whose errors are one line on stderr and exit code 2, and whose --help
+    ends with `glossary` as it is written (its line breaks kept)."""
+
+    glossary: str = ""
+
+    def format_help(self) -> str:
+        """argparse's help, then the glossary."""
+        text = super().format_help()
+        return f"{text}\n{self.glossary}\n" if self.glossary else text
 
     def error(self, message: str) -> NoReturn:
         """Print `efrap CMD: error: MESSAGE` (one line) and exit 2."""
@@ -196,7 +211,9 @@ def add_preprocess_args(p: argparse.ArgumentParser) -> None:
                    help="multiply [0, 1] pixels by this first (255 for models that take 0-255)")
     g.add_argument("--channel-order", choices=CHANNEL_ORDERS, help="rgb or bgr")
     g.add_argument("--layout", choices=LAYOUTS, help="the input's layout (default: from its shape)")
-    g.add_argument("--resize", type=_size, metavar="HxW", help="resize images to HEIGHTxWIDTH first")
+    g.add_argument("--resize", type=_size, metavar="HxW",
+                   help="resize images to HEIGHTxWIDTH first (an image folder of mixed sizes needs it: "
+                   "each image is resized as it is read)")
 
 
 def preprocess_options(args: argparse.Namespace) -> dict | None:

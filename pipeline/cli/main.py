@@ -8,7 +8,9 @@ prints one line and exits 2; a failed gate exits 1; SIGTERM is turned into an ex
 that runs every clean-up, so no temporary file is left behind. Text that cannot be encoded for the terminal (a
 non-ASCII file name under ``LC_ALL=C``) is printed escaped, never as a traceback; a
 standard output that cannot be written (a closed pipe: ``| head -c 1``; a full device:
-``> /dev/full``) ends the command with one line on stderr and exit 2.
+``> /dev/full``) ends the command with one line on stderr and exit 2. ``efrap --help``
+ends with a glossary of every figure the commands print, each sub-command's with its
+own (`pipeline.cli.glossary`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from pipeline.cli.commands import (
     train,
     verify,
 )
+from pipeline.cli.glossary import COMMAND_TERMS, glossary
 
 COMMANDS = (demo, train, attack, export, quantize, defend, verify, batch, scan, audit, gate)
 #: Commands whose --threads means something else: batch's is per model (docs/BATCH.md).
@@ -64,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, command_parser in sub.choices.items():
         if name not in OWN_THREADS:
             add_threads_arg(command_parser)
+        if name in COMMAND_TERMS:
+            command_parser.glossary = glossary(COMMAND_TERMS[name])
+    parser.glossary = glossary()
     return parser
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from pipeline.audit import ScanReportLike
 from pipeline.base import data as data_mod
@@ -137,12 +138,15 @@ def _read_inputs(config: GateConfig) -> None:
     file is a one-line user mistake before anything is written."""
     where = "model"
     try:
-        load_model(config.model)
+        model = load_model(config.model)
         where = "scheme"
         load_scheme(config.scheme)
+        where = "preprocess"
+        size = _resize(config, model)
         where = "data"
-        for split in ("train", "test"):
-            data_mod.load_dataset(config.data, split)
+        # Calibration needs no labels; verification does.
+        data_mod.load_images(config.data, "train", size)
+        data_mod.load_dataset(config.data, "test", size)
     except EfrapError as exc:
         raise EfrapError(f"{config.source}: {where}: {exc}") from None
 
@@ -211,9 +215,16 @@ def _measured(model: str, sha256: str, data: str, split: str, images: int | None
             "opt_level": opt_level, "provider": provider}
 
 
-def _test_images(config: GateConfig) -> tuple[np.ndarray, np.ndarray]:
+def _resize(config: GateConfig, model: onnx.ModelProto) -> tuple[int, int] | None:
+    """The size the FP model's preprocessing resizes to (an image folder of mixed sizes is
+    resized to it as it is read)."""
+    return resolve(model, image_input(model, str(config.model)), config.preprocess, str(config.model),
+                   announce=False).resize
+
+
+def _test_images(config: GateConfig, size: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
     """The test images and labels `verify_model` measures (the same choice as its --limit)."""
-    test = data_mod.load_dataset(config.data, "test")
+    test = data_mod.load_dataset(config.data, "test", size)
     limit = config.verify.limit
     if limit is None or limit >= len(test.labels):
         return test.images, test.labels
@@ -227,7 +238,7 @@ def _per_class(config: GateConfig, defended: Path, trigger: AnyTrigger | None
     fp_model, d_model = load_model(config.model), load_model(defended)
     pre = resolve(fp_model, image_input(fp_model, str(config.model)), config.preprocess, str(config.model),
                   announce=False)
-    images, labels = _test_images(config)
+    images, labels = _test_images(config, pre.resize)
     v = config.verify
     fp_s = make_session(fp_model, v.opt_level, v.provider)
     d_s = make_session(d_model, v.opt_level, v.provider)

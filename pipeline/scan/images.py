@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from pipeline.base.data import Dataset
+from pipeline.base.data import Images
 
 #: Images converted at once where a whole set is read in order (onnxruntime passes).
 CHUNK = 64
@@ -71,7 +71,7 @@ class ImageSet:
         index: Which of its images, in order.
     """
 
-    def __init__(self, dataset: Dataset, index: np.ndarray) -> None:
+    def __init__(self, dataset: Images, index: np.ndarray) -> None:
         self.dataset = dataset
         self.index = np.asarray(index)
         self.shape = (len(self.index), *dataset.shape[1:])

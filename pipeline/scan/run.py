@@ -32,7 +32,7 @@ from pipeline.base import budget, checks
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import check_logits, fixed_batch, image_input, load_model
 from pipeline.base.preprocess import PreparedImages, Preprocess
-from pipeline.base.progress import Progress, log
+from pipeline.base.progress import QUICK_PASS, Progress, log
 from pipeline.base.provenance import versions
 from pipeline.base.runtime import OPT_LEVELS, PROVIDERS, Session, make_session
 from pipeline.base.safe_io import file_sha256
@@ -253,12 +253,17 @@ def _logits(sessions: dict[str, Session], raw: ImageSet, pre: Preprocess,
     images at a time (default: `batch_for` their size): only one chunk of model-ready
     inputs exists at a time."""
     parts: dict[str, list[np.ndarray]] = {name: [] for name in sessions}
+    kind = "triggered" if trigger is not None else "clean"
+    bar = Progress(f"scan: {', '.join(sessions)} in onnxruntime on {kind} held-out images", total=len(raw),
+                   min_seconds=QUICK_PASS)
     # onnxruntime's arena grows to the largest batch it ran: a few images at 224 x 224.
     for chunk in raw.chunks(batch or batch_for(tuple(raw.shape[1:]))):
         budget.check()
         inputs = pre.apply(trigger.apply(chunk) if trigger is not None else chunk)
         for name, s in sessions.items():
             parts[name].append(s.run(inputs))
+        bar.update(len(chunk))
+    bar.close(f"{len(raw):,} images")
     return {name: np.concatenate(p) for name, p in parts.items()}
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from pipeline.base import budget
 from pipeline.base.errors import EfrapError, NotSupported
 from pipeline.base.preprocess import Preprocess
+from pipeline.base.progress import QUICK_PASS, Progress
 from pipeline.prepare import prepare_model
 from pipeline.qmath import QParams
 from pipeline.quantized import QuantResult
@@ -105,10 +106,14 @@ class Side:
         size and this model's activations)."""
         step = batch_size or self.logits_batch(tuple(images.shape[1:]))
         parts = []
+        bar = Progress(f"scan: the {self.name} side's simulation on {len(images):,} images",
+                       total=len(images), min_seconds=QUICK_PASS)
         with torch.no_grad():
             for i in range(0, len(images), step):
                 budget.check()
                 parts.append(self(images[i : i + step]))
+                bar.update(len(parts[-1]))
+        bar.close()
         return torch.cat(parts)
 
 

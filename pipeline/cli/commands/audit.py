@@ -11,6 +11,7 @@ from pipeline.base.onnx_io import model_files
 from pipeline.base.runtime import PROVIDERS
 from pipeline.base.safe_io import check_outputs, write_json
 from pipeline.cli.args import (
+    CALIB_SPECS,
     add_preprocess_args,
     positive_float,
     positive_int,
@@ -88,7 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("quantized", help="the QDQ ONNX model to audit")
     p.add_argument("--json", help="write the full report as JSON here")
     p.add_argument("--calib", default="fashion-mnist",
-                   help="clean unlabelled images for the scan, training split (default fashion-mnist)")
+                   help=f"clean images for the scan, training split, no labels needed (default "
+                   f"fashion-mnist): {CALIB_SPECS}")
     p.add_argument("--scheme", default="w8a8",
                    help=f"the scheme Q claims (the scan's nearest model): preset ({', '.join(PRESETS)}) or "
                    "a .json/.toml file (default w8a8; a warning says when Q's grids are not the scheme's)")

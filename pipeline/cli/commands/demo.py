@@ -38,14 +38,17 @@ def run(args: argparse.Namespace) -> int:
 
     def add(label: str, path: str) -> None:
         report = verify_model(path, verify)
-        rows.append([label, pct(report.clean_accuracy), pct(report.attack_success_rate)])
+        row = [label, pct(report.clean_accuracy), pct(report.attack_success_rate)]
+        rows.append(row)
+        # Each row as soon as it exists, flushed: a pipe or a CI log sees it now, not at the end.
+        print(f"demo: {label}: clean accuracy {row[1]}, attack success {row[2]}", flush=True)
 
     add("full precision", model)
     runs = [(f"nearest {scheme}", scheme, "nearest", None) for scheme in ("w8a8", "w4a4")]
     if entry.kind == "qcb" and entry.scheme:
         iters = args.iters or DEMO_ITERS
         print(f"demo: the default defense (EFRAP, docs/DEFENSE.md) under {entry.scheme}, the scheme "
-              f"the backdoor targets, {iters:,} iterations per layer (--iters to change)")
+              f"the backdoor targets, {iters:,} iterations per layer (--iters to change)", flush=True)
         runs.append((f"efrap default {entry.scheme}", entry.scheme, "efrap",
                      replace(get_method("efrap").defaults, iters=iters)))
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             add(label, str(outs[label]))
             print(f"demo: {label} agrees with full precision on {pct(report.agreement)} of "
                   f"{report.images:,} held-out training images (relative output error "
-                  f"{'n/a' if report.output_error is None else f'{report.output_error:.4f}'})")
+                  f"{'n/a' if report.output_error is None else f'{report.output_error:.4f}'})", flush=True)
     print(table(["model", "clean accuracy", "attack success"], rows))
     print(f"onnxruntime {verify.opt_level} level; {time.perf_counter() - start:.0f}s in all")
     return 0

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from pathlib import Path
 
 from pipeline.base.data import spec_files
 from pipeline.base.device import DEVICES
 from pipeline.base.onnx_io import model_files
 from pipeline.base.safe_io import check_outputs, write_json
 from pipeline.cli.args import (
+    CALIB_SPECS,
     add_exclude_arg,
     add_preprocess_args,
     exclusions,
@@ -41,9 +43,11 @@ def add_common_quant_args(p: argparse.ArgumentParser, default_scheme: str) -> No
                    help=f"preset ({', '.join(PRESETS)}) or a .json/.toml scheme file "
                    f"(default {default_scheme})")
     p.add_argument("--calib", default="fashion-mnist",
-                   help="calibration data spec, training split (default fashion-mnist)")
+                   help=f"calibration data, training split (default fashion-mnist): {CALIB_SPECS}; only "
+                   "--min-accuracy needs labels")
     p.add_argument("--num-calib", type=positive_int, default=1024,
-                   help="calibration images (default 1024)")
+                   help="calibration images (default 1024; where the data hold fewer, all of them, with "
+                   "a warning)")
     p.add_argument("--seed", type=seed_number, default=0,
                    help="the run's one seed: calibration images, value sampling, learned "
                    "rounding's batches (default 0)")
@@ -147,6 +151,27 @@ def print_summary(summary: QuantizeSummary, output: str) -> None:
     print(f"wrote {output} ({summary.options.method}, scheme {summary.options.scheme.name}, seed "
           f"{summary.options.seed}, calibration {summary.calibration_seconds:.1f}s, rounding "
           f"{summary.rounding_seconds:.1f}s)")
+    if summary.unpacked_four_bit:
+        print(four_bit_hint(summary.unpacked_four_bit, output))
+
+
+def four_bit_hint(weights: int, output: str) -> str:
+    """The one line saying that 4-bit weights sit in int8 containers and how much packing saves."""
+    saved = weights // 2
+    size = Path(output).stat().st_size if Path(output).is_file() else 0
+    share = f", {100 * saved / size:.0f}% of this file" if size else ""
+    return (f"note: this file stores its {weights:,} 4-bit weights in int8 containers, one byte each; "
+            f"--weight-storage int4 packs two to a byte, about {_size(saved)} smaller{share} "
+            "(int8 containers run faster on CPU)")
+
+
+def _size(n: int) -> str:
+    """A byte count for people: "870 B", "28.5 KiB", "1.8 MiB"."""
+    if n < 1024:
+        return f"{n} B"
+    if n < 1 << 20:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / (1 << 20):.1f} MiB"
 
 
 def print_guard(report: GuardReport, limits: bool = True) -> None:

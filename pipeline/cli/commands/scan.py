@@ -12,6 +12,7 @@ from pipeline.base.runtime import PROVIDERS
 from pipeline.base.safe_io import check_outputs, write_json
 from pipeline.base.trigger import save_trigger
 from pipeline.cli.args import (
+    CALIB_SPECS,
     add_preprocess_args,
     positive_float,
     positive_int,
@@ -109,7 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheme", required=True,
                    help=f"the deployment's scheme: preset ({', '.join(PRESETS)}) or a .json/.toml file")
     p.add_argument("--calib", required=True,
-                   help="clean unlabelled images, training split (data spec, e.g. fashion-mnist)")
+                   help=f"clean images, training split, no labels needed: {CALIB_SPECS}")
     p.add_argument("--json", help="write the full report as JSON here")
     p.add_argument("--trigger-out", metavar="T.json",
                    help="write the recovered trigger here (its pattern and mask in T.npz beside it)")

@@ -11,6 +11,7 @@ from pipeline.base.runtime import PROVIDERS
 from pipeline.base.safe_io import check_outputs, write_json
 from pipeline.base.trigger import trigger_files
 from pipeline.cli.args import (
+    TEST_SPECS,
     add_preprocess_args,
     lower_limit,
     positive_int,
@@ -84,7 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "simulation, and an optional pass/fail gate (exit 1 on failure; a value "
                        "that cannot be measured fails its check).")
     p.add_argument("model", help="ONNX model (FP or QDQ)")
-    p.add_argument("--data", default="fashion-mnist", help="data spec, test split (default fashion-mnist)")
+    p.add_argument("--data", default="fashion-mnist",
+                   help=f"labelled test images, test split (default fashion-mnist): {TEST_SPECS}")
     p.add_argument("--trigger", help="trigger file (JSON): also measure attack success")
     p.add_argument("--opt-level", choices=("faithful", "all"), default="faithful",
                    help="faithful: optimizations off (exact QDQ semantics); all: what a "
