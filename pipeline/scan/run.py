@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import torch
 
-from pipeline.base import budget, checks
+from pipeline.base import budget, checks, memory
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import check_logits, fixed_batch, image_input, load_model
 from pipeline.base.preprocess import PreparedImages, Preprocess
@@ -370,10 +370,13 @@ def _measure_clean(st: _State) -> None:
     triggered figures after the searches are given."""
     assert st.qdq is not None and st.fp is not None and st.q is not None
     options = st.options
-    st.sessions = {"fp": make_session(st.model, options.opt_level, options.provider),
-                   "nearest": make_session(st.qdq, options.opt_level, options.provider)}
+    # No arena: each pass's buffers go back when it ends, instead of the largest batch's
+    # high-water mark staying resident for the rest of the scan.
+    st.sessions = {"fp": make_session(st.model, options.opt_level, options.provider, arena=False),
+                   "nearest": make_session(st.qdq, options.opt_level, options.provider, arena=False)}
     if st.defended_model is not None:
-        st.sessions["defended"] = make_session(st.defended_model, options.opt_level, options.provider)
+        st.sessions["defended"] = make_session(st.defended_model, options.opt_level, options.provider,
+                                               arena=False)
     t0 = time.perf_counter()
     st.clean = {name: logits.argmax(1) for name, logits in _logits(st.sessions, st.raw_hold, st.pre,
                                                                       batch=_ort_batch(st)).items()}
@@ -399,6 +402,7 @@ def _run_searches(st: _State) -> None:
             st.stopped = "the searches"
             break
         found = _search(wake, keep, st.data, c, family, options, clock.next_deadline(), clock.search_end)
+        memory.trim()  # one search's activations and gradients are not the next one's floor
         (st.defended_searches if wake is st.defended_side else st.searches).setdefault(c, []).append(found)
         size = f"size {found.size:.3f}" if found.found else "none"
         label = "fp" if keep is None else f"{wake.name} vs fp"
@@ -419,6 +423,7 @@ def _build(st: _State) -> None:
             # A stage of minutes (calibrating, a pass over the images) stops at the deadline.
             with budget.within(clock.end):
                 step(st)
+            memory.trim()
         except budget.OutOfTime:
             st.stopped = stage
             st.sessions = {}  # the figures need every clean prediction
