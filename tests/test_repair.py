@@ -138,6 +138,7 @@ def test_outlier_units_threshold_cap_and_small_layers() -> None:
     assert outlier_units(planted, rule).tolist() == [5, 17], "3.0 is an outlier but below the 4x minimum"
     assert outlier_units(planted, RepairSettings(max_share=0.03)).tolist() == [5], "capped: largest first"
     assert outlier_units(base, rule).tolist() == []
+    assert outlier_units(base * 10.0, rule).tolist() == [], "a whole layer 10x apart is no outlier"
     assert outlier_units(planted[:7], rule).tolist() == [], "fewer than 8 units are not judged"
     with pytest.raises(EfrapError):
         RepairSettings(min_ratio=0.5)
