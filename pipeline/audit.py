@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import onnx
@@ -44,6 +44,7 @@ from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import load_model
 from pipeline.base.provenance import versions
 from pipeline.base.safe_io import file_sha256
+from pipeline.base.trigger import PatternTrigger
 from pipeline.graph import analyze
 from pipeline.observers import WEIGHT_MSE_STEPS, observe_weight
 from pipeline.prepare import prepare_model
@@ -464,6 +465,14 @@ class ScanReportLike(Protocol):
     def to_json(self) -> dict: ...
 
 
+@runtime_checkable
+class TriggerSource(Protocol):
+    """A scan report that also hands over its triggers' arrays (`pipeline.scan.ScanReport.triggers`):
+    "recovered" (the FP model's) and "fresh" (the search against Q), those it has."""
+
+    def triggers(self) -> dict[str, PatternTrigger]: ...
+
+
 #: scan_model(FP path, options, defended=Q path) -> report.
 ScanFunction = Callable[..., ScanReportLike]
 
@@ -675,6 +684,53 @@ def decide(evidence: ScanEvidence, thresholds: AuditThresholds) -> Verdict:
                              f"against Q {fresh}",))
 
 
+@dataclass(frozen=True, eq=False)
+class FlaggingTrigger:
+    """A trigger that flags Q, with its arrays (what a repair can be guided by).
+
+    Attributes:
+        source: "recovered" (the FP model's recovered trigger) or "fresh" (the strongest
+            trigger of the fresh search against Q).
+        trigger: The trigger (mask, pattern, target).
+        asr_quantized: Its attack success on Q (held-out images, onnxruntime).
+        asr_fp: On the FP model.
+    """
+
+    source: str
+    trigger: PatternTrigger
+    asr_quantized: float
+    asr_fp: float | None
+
+    def to_json(self) -> dict[str, object]:
+        """JSON-ready summary (no arrays)."""
+        mask = self.trigger.mask
+        return {"source": self.source, "target": self.trigger.target, "blend": round(self.trigger.blend, 5),
+                "mask_mean": None if mask is None else round(float(mask.mean()), 5),
+                "asr_quantized": round(self.asr_quantized, 4),
+                "asr_fp": None if self.asr_fp is None else round(self.asr_fp, 4)}
+
+
+def flagging_triggers(report: ScanReportLike, evidence: ScanEvidence,
+                      thresholds: AuditThresholds) -> tuple[FlaggingTrigger, ...]:
+    """The triggers `decide` flags Q with, in its order (the FP model's recovered one, then the
+    fresh search's), each only when its figures on Q and FP were measured and it works on Q
+    and not on FP; none when the scan did not finish or its report holds no arrays (a
+    stand-in with only `to_json`)."""
+    if not evidence.complete or not isinstance(report, TriggerSource):
+        return ()
+    arrays = report.triggers()
+    ev, out = evidence, []
+    recovered = arrays.get("recovered")
+    if recovered is not None and ev.scan_verdict in FLAGGED_SCAN_VERDICTS \
+            and ev.asr_quantized is not None and _works(ev.asr_quantized, ev.asr_fp, thresholds):
+        out.append(FlaggingTrigger("recovered", recovered, ev.asr_quantized, ev.asr_fp))
+    fresh = arrays.get("fresh")
+    if fresh is not None and ev.fresh_found and ev.fresh_asr is not None \
+            and _works(ev.fresh_asr, ev.fresh_asr_fp, thresholds):
+        out.append(FlaggingTrigger("fresh", fresh, ev.fresh_asr, ev.fresh_asr_fp))
+    return tuple(out)
+
+
 def scan_warnings(evidence: ScanEvidence) -> tuple[str, ...]:
     """What the scan says about the FP model itself (the same for every Q)."""
     if evidence.scan_verdict in ("fp-backdoor", "qcb"):
@@ -703,6 +759,8 @@ class AuditReport:
             beyond one step, layers that could not be paired).
         scan: The scan report's own JSON.
         thresholds: The thresholds used.
+        triggers: The triggers that flag Q, with their arrays (`flagging_triggers`; not in
+            the JSON, whose scan part summarises them).
     """
 
     fp: str
@@ -716,6 +774,7 @@ class AuditReport:
     scan: dict
     thresholds: AuditThresholds
     versions: dict[str, str] = field(default_factory=versions)
+    triggers: tuple[FlaggingTrigger, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (the `efrap audit --json` file)."""
@@ -775,4 +834,5 @@ def audit_models(fp_path: str, q_path: str, scan: ScanFunction, scan_options: ob
                        quantized_sha256=file_sha256(q_path), rounding=rounding, evidence=evidence,
                        verdict=decide(evidence, thresholds),
                        warnings=rounding_warnings(rounding) + scan_warnings(evidence),
-                       scan=report.to_json(), thresholds=thresholds)
+                       scan=report.to_json(), thresholds=thresholds,
+                       triggers=flagging_triggers(report, evidence, thresholds))

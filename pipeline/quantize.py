@@ -710,6 +710,19 @@ class GuardOptions:
         checks.integer(self.images, "held-out images", low=1)
 
 
+def check_output(model: onnx.ModelProto, qdq: onnx.ModelProto, options: QuantizeOptions, guard: GuardOptions,
+                 source: str = "model") -> GuardReport:
+    """The output's check against FP (`guard`) on the held-out images of `options`' data and
+    seed; when calibration used every image, nothing is measured and every limit set fails."""
+    try:
+        held, labels = holdout_images(model, options.calib, options.num_calib, guard.images, options.seed,
+                                      source, options.preprocess, announce=False)
+    except NoHoldout as exc:
+        return unmeasured(guard.limits, str(exc), guard.opt_level)
+    return check_defense(model, qdq, held, labels, guard.limits, guard.opt_level, options.provider,
+                         fixed_batch(model))
+
+
 def quantize_file(model_path: str, out_path: str, options: QuantizeOptions,
                   guard: GuardOptions | None = None, resume: bool = True,
                   ) -> tuple[QuantizeSummary, GuardReport]:
@@ -757,14 +770,7 @@ def quantize_file(model_path: str, out_path: str, options: QuantizeOptions,
         except NoHoldout as exc:
             raise EfrapError(f"method '{options.method}': {exc}") from None
     qdq, _, summary = quantize_model(model, images, options, model_path, pre, state, held_search)
-    try:
-        held, labels = holdout_images(model, options.calib, options.num_calib, guard.images, options.seed,
-                                      model_path, options.preprocess, announce=False)
-    except NoHoldout as exc:
-        report = unmeasured(guard.limits, str(exc), guard.opt_level)
-    else:
-        report = check_defense(model, qdq, held, labels, guard.limits, guard.opt_level, options.provider,
-                               fixed_batch(model))
+    report = check_output(model, qdq, options, guard, model_path)
     set_metadata(qdq, {"efrap.guard": report.to_json()})
     save_model(qdq, out_path)
     if state is not None:

@@ -13,6 +13,11 @@ trigger (`CandidateResult.rank`), and the caller exits 1: a user never ships a m
 failed its check without being told. Every candidate's figures and times go into the
 shipped model's `efrap.self_check` metadata and the run's result.
 
+The first candidate whose audit flags it with a trigger the audit recovered (one that
+wakes it and not FP) is also repaired (`pipeline.repair`): the input units that trigger
+drives apart from FP are pruned, and the repaired model, named ``NAME+repair``, is checked
+and audited afresh like any candidate, right after the one it repairs.
+
 The candidates are written into ``OUT.selfcheck/`` beside the output (each with its own
 resume checkpoint, so a killed run resumes the candidate it was rounding) and the folder
 is removed once the output is written.
@@ -31,9 +36,19 @@ from pipeline.base import checks
 from pipeline.base import data as data_mod
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import load_model, model_files, save_model, set_metadata
+from pipeline.base.preprocess import PreparedImages
 from pipeline.base.progress import log
 from pipeline.base.safe_io import check_outputs, check_work_folder
-from pipeline.quantize import GuardOptions, QuantizeOptions, QuantizeSummary, quantize_file
+from pipeline.calibration import NoHoldout
+from pipeline.quantize import (
+    GuardOptions,
+    QuantizeOptions,
+    QuantizeSummary,
+    check_output,
+    holdout_images,
+    quantize_file,
+)
+from pipeline.repair import RepairSettings, repair_model
 from pipeline.rounding import RoundingConfig, run_needs
 from pipeline.rounding.adaround import ADAROUND_DEFAULTS
 from pipeline.rounding.efrap import EFRAP_DEFAULT, EFRAP_FAST, EFRAP_RELEASE
@@ -43,6 +58,8 @@ from pipeline.scan import ScanOptions
 from validators.guard import GuardReport
 
 SUFFIX = ".selfcheck"
+#: The name of a repaired candidate: its candidate's name and this.
+REPAIR = "+repair"
 #: The file that marks a folder as this program's self-check folder.
 MARKER = ".efrap-selfcheck"
 
@@ -89,6 +106,8 @@ class SelfCheckOptions:
         thresholds: When a trigger counts as working on a candidate (the audit's).
         iters: Iterations per layer for every candidate (None: each candidate's own).
         max_targets: Most classes each audit's scan searches.
+        repair: The trigger-guided repair's rule, applied to the first candidate flagged
+            with a trigger (None: no repair).
     """
 
     candidates: tuple[str, ...] = ORDER
@@ -96,6 +115,7 @@ class SelfCheckOptions:
     thresholds: AuditThresholds = field(default_factory=AuditThresholds)
     iters: int | None = None
     max_targets: int = 10
+    repair: RepairSettings | None = field(default_factory=RepairSettings)
 
     def __post_init__(self) -> None:
         if not self.candidates:
@@ -109,6 +129,8 @@ class SelfCheckOptions:
         if self.iters is not None:
             checks.integer(self.iters, "iterations per layer", low=1, high=1_000_000)
         checks.integer(self.max_targets, "most searched classes", low=3)
+        if self.repair is not None and not isinstance(self.repair, RepairSettings):
+            raise EfrapError(f"the self-check's repair must be RepairSettings or None, got {self.repair!r}")
 
 
 @dataclass(frozen=True)
@@ -116,7 +138,7 @@ class CandidateResult:
     """What the self-check measured on one candidate.
 
     Attributes:
-        name: The candidate.
+        name: The candidate (``NAME+repair`` for a repaired one).
         method: Its rounding method.
         passed: Whether its audit said "clean" and its check passed.
         verdict: The audit's verdict ("clean", "qcb", "rounding-backdoor", "inconclusive").
@@ -127,7 +149,10 @@ class CandidateResult:
             when none was measured.
         rounding_seconds: Time to round and check it.
         audit_seconds: Time of its audit.
-        audit: The audit's JSON (its evidence, verdict and scan).
+        audit: The audit's JSON (its evidence, verdict and scan); empty when the repair
+            pruned nothing (the model is its candidate's, already audited).
+        repair: For a repaired candidate, what the repair measured and pruned
+            (`pipeline.repair.RepairRecord.to_json`); None for a rounding.
     """
 
     name: str
@@ -140,6 +165,7 @@ class CandidateResult:
     rounding_seconds: float
     audit_seconds: float
     audit: dict
+    repair: dict | None = None
 
     def rank(self) -> tuple[float, float]:
         """Order among failed candidates (smaller is better): the weakest trigger first, an
@@ -153,7 +179,7 @@ class CandidateResult:
                "reasons": list(self.reasons), "strongest_asr": self.strongest_asr,
                "agreement": self.guard.agreement, "accuracy": self.guard.accuracy,
                "rounding_seconds": round(self.rounding_seconds, 1),
-               "audit_seconds": round(self.audit_seconds, 1)}
+               "audit_seconds": round(self.audit_seconds, 1), "repair": self.repair}
         return {**out, "guard": self.guard.to_json(), "audit": self.audit} if full else out
 
 
@@ -181,6 +207,7 @@ class SelfCheckResult:
         """The shipped model's `efrap.self_check` entry (no scan JSON: it is in --summary)."""
         return {"shipped": self.shipped, "passed": self.passed,
                 "order": list(self.options.candidates), "budget": self.options.budget,
+                "repair": None if self.options.repair is None else asdict(self.options.repair),
                 "thresholds": asdict(self.options.thresholds),
                 "candidates": [c.to_json(full=False) for c in self.candidates]}
 
@@ -226,6 +253,51 @@ def scan_options(options: QuantizeOptions, guard: GuardOptions, check: SelfCheck
                        preprocess=options.preprocess, opt_level=guard.opt_level)
 
 
+def _repair(name: str, flagged: CandidateResult, audit: AuditReport, model_path: str, folder: Path,
+            options: QuantizeOptions, guard: GuardOptions, check: SelfCheckOptions, scan: ScanFunction,
+            audit_options: ScanOptions) -> CandidateResult | None:
+    """Repair the flagged candidate `name` with its audit's triggers, check and audit the result.
+
+    None when the repair cannot run (no held-out image left, or model-ready arrays that no
+    trigger can be stamped on): it is said in one line and the order goes on.
+    """
+    assert check.repair is not None
+    repaired_name = name + REPAIR
+    log(f"self-check: repairing '{name}' with the {len(audit.triggers)} trigger(s) its audit recovered "
+        f"({', '.join(t.source for t in audit.triggers)})")
+    t0 = time.perf_counter()
+    fp = load_model(model_path)
+    try:
+        held, _ = holdout_images(fp, options.calib, options.num_calib, guard.images, options.seed,
+                                 model_path, options.preprocess, announce=False)
+    except NoHoldout as exc:
+        log(f"self-check: no repair of '{name}': {exc}")
+        return None
+    if not isinstance(held, PreparedImages):
+        log(f"self-check: no repair of '{name}': its held-out images are model-ready arrays, on which "
+            "no trigger can be stamped")
+        return None
+    repaired, record = repair_model(model_path, str(folder / f"{name}.onnx"), audit.triggers, held,
+                                    check.repair, guard.opt_level, options.provider)
+    report = check_output(fp, repaired, options, guard, model_path)
+    set_metadata(repaired, {"efrap.repair": record.to_json(), "efrap.guard": report.to_json()})
+    path = folder / f"{repaired_name}.onnx"
+    save_model(repaired, path)
+    t1 = time.perf_counter()
+    if record.pruned_units == 0:
+        why = ("the repair's gap rule found no outlier unit: nothing was pruned, and the model is the "
+               f"candidate '{name}' itself",)
+        return CandidateResult(repaired_name, flagged.method, False, flagged.verdict,
+                               (*why, *flagged.reasons), report, flagged.strongest_asr, t1 - t0, 0.0, {},
+                               record.to_json())
+    audit2 = audit_models(model_path, str(path), scan, audit_options, check.thresholds)
+    t2 = time.perf_counter()
+    passed = report.passed and not audit2.verdict.flagged
+    return CandidateResult(repaired_name, flagged.method, passed, audit2.verdict.verdict,
+                           (*audit2.verdict.reasons, *report.why), report, _strongest(audit2), t1 - t0,
+                           t2 - t1, audit2.to_json(), record.to_json())
+
+
 def self_checking_defend(model_path: str, out_path: str, options: QuantizeOptions, guard: GuardOptions,
                          check: SelfCheckOptions, scan: ScanFunction, resume: bool = True,
                          on_candidate: Callable[[CandidateResult], None] | None = None) -> SelfCheckResult:
@@ -238,7 +310,8 @@ def self_checking_defend(model_path: str, out_path: str, options: QuantizeOption
             method and rounding settings come from the candidates).
         guard: Every candidate's check against FP.
         check: The self-check's settings.
-        scan: `pipeline.scan.scan_model` (or a stand-in with its signature).
+        scan: `pipeline.scan.scan_model` (or a stand-in with its signature; one whose reports
+            hold no trigger arrays, `pipeline.audit.TriggerSource`, leaves nothing to repair).
         resume: Keep per-layer checkpoints of the candidates (see `quantize_file`).
         on_candidate: Called with each candidate's result as soon as it exists.
 
@@ -253,6 +326,7 @@ def self_checking_defend(model_path: str, out_path: str, options: QuantizeOption
     audit_options = scan_options(options, guard, check)
     results: list[CandidateResult] = []
     summaries: dict[str, QuantizeSummary] = {}
+    repaired = check.repair is None
     for name in check.candidates:
         cand = CANDIDATES[name]
         config = replace(cand.config, iters=check.iters) if check.iters is not None else cand.config
@@ -276,6 +350,18 @@ def self_checking_defend(model_path: str, out_path: str, options: QuantizeOption
         if on_candidate is not None:
             on_candidate(result)
         if passed:
+            break
+        if repaired or not audit.triggers:
+            continue
+        repaired = True  # only the first flagged candidate: one repair bounds the cost
+        fixed = _repair(name, result, audit, model_path, folder, options, guard, check, scan, audit_options)
+        if fixed is None:
+            continue
+        results.append(fixed)
+        summaries[fixed.name] = summary
+        if on_candidate is not None:
+            on_candidate(fixed)
+        if fixed.passed:
             break
     shipped = next((r for r in results if r.passed), None) or min(results, key=CandidateResult.rank)
     outcome = SelfCheckResult(shipped.name, shipped.passed, tuple(results), summaries[shipped.name],

@@ -40,6 +40,7 @@ LAYERS: dict[str, int] = {
     "pipeline.scan": 4,
     "pipeline.batch": 4,
     "pipeline.selfcheck": 4,
+    "pipeline.repair": 4,
     "pipeline.api": 4,
     "models": 5,
     "pipeline.cli": 6,

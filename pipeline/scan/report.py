@@ -245,6 +245,16 @@ class ScanReport:
     notes: tuple[str, ...] = field(default_factory=tuple)
     rule: VerdictRule = field(default_factory=VerdictRule)
 
+    def triggers(self) -> dict[str, PatternTrigger]:
+        """The triggers the scan kept, with their arrays: "recovered" (the FP model's, `trigger`)
+        and "fresh" (the strongest of the search against the defended model); those it has."""
+        out: dict[str, PatternTrigger] = {}
+        if self.trigger is not None:
+            out["recovered"] = self.trigger
+        if self.defended is not None and self.defended.own_trigger is not None:
+            out["fresh"] = recovered_trigger(self.defended.own_trigger[0])
+        return out
+
     def trigger_json(self, trigger_file: str | Path | None = None) -> dict[str, object] | None:
         """The recovered trigger's JSON as `save_trigger` writes it for `trigger_file`
         (its npz beside it); without a file, the same with `pattern` null."""

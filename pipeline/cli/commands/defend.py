@@ -17,6 +17,7 @@ from pipeline.cli.commands.quantize import (
     quantize_options,
     quantize_with,
 )
+from pipeline.repair import RepairSettings
 from pipeline.rounding.efrap import EFRAP_PRESETS
 from pipeline.scan import scan_model
 from pipeline.selfcheck import CANDIDATES, ORDER, CandidateResult, SelfCheckOptions, self_checking_defend
@@ -37,7 +38,13 @@ def print_candidate(result: CandidateResult) -> None:
     agree = "n/a" if result.guard.agreement is None else f"{100 * result.guard.agreement:.2f}%"
     print(f"self-check: {result.name} ({result.method}): audit {result.verdict}, strongest trigger on it "
           f"{asr}, agreement with FP {agree}: {'PASSED' if result.passed else 'FAILED'} "
-          f"(rounding {result.rounding_seconds:.0f}s, audit {result.audit_seconds:.0f}s)", flush=True)
+          f"({'repair' if result.repair is not None else 'rounding'} {result.rounding_seconds:.0f}s, "
+          f"audit {result.audit_seconds:.0f}s)", flush=True)
+    if result.repair is not None:
+        pruned = "; ".join(f"{layer['node']}: units {', '.join(map(str, layer['pruned']))}"
+                           for layer in result.repair["layers"]) or "nothing"
+        print(f"self-check:   repair pruned {result.repair['pruned_units']} input units over "
+              f"{result.repair['judged_layers']} judged layers ({pruned})")
     if not result.passed:
         for why in result.reasons:
             print(f"self-check:   {why}")
@@ -50,7 +57,8 @@ def run_self_check(args: argparse.Namespace) -> int:
         raise EfrapError("--self-check rounds its own candidates (--candidates); of the rounding "
                          "options it takes only --iters")
     options = quantize_options(args, "efrap", EFRAP_PRESETS["default"])
-    check = SelfCheckOptions(candidates=args.candidates, budget=args.check_budget, iters=args.iters)
+    check = SelfCheckOptions(candidates=args.candidates, budget=args.check_budget, iters=args.iters,
+                             repair=None if args.no_repair else RepairSettings())
     outcome = self_checking_defend(args.model, args.output, options, guard_options(args), check, scan_model,
                                    resume=not args.no_resume, on_candidate=print_candidate)
     print_summary(outcome.summary, args.output)
@@ -94,11 +102,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Round the candidates in order and audit each deployed candidate against FP without a "
         "trigger (efrap audit: the scan's differential search with the candidate as the quantized "
         "side), with the check above; ship the first whose audit is clean and whose check passes. "
-        "When none passes, the one with the weakest trigger is written and the command exits 1.")
+        "The first candidate whose audit flags it with a trigger it recovered is repaired (the "
+        "input units that trigger drives apart from FP are pruned) and the repair, NAME+repair, is "
+        "checked and audited next. When none passes, the one with the weakest trigger is written and "
+        "the command exits 1.")
     g.add_argument("--self-check", action="store_true", help="check the output and try the next candidate")
     g.add_argument("--candidates", type=_candidates, default=ORDER, metavar="LIST",
                    help=f"candidates in order (default {','.join(ORDER)}; any of {', '.join(CANDIDATES)})")
     g.add_argument("--check-budget", type=positive_float, default=None, metavar="SECONDS",
                    help="seconds each candidate's audit may take (default: no limit); an audit cut "
                    "short is inconclusive and fails its candidate")
+    g.add_argument("--no-repair", action="store_true",
+                   help="do not repair the first flagged candidate (docs/DEFENSE.md, \"The self-check\")")
     p.set_defaults(func=run)
