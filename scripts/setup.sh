@@ -18,6 +18,12 @@ if ! $PY -c "import torch" >/dev/null 2>&1; then
   echo "setup: installing PyTorch 2.13.0 (CPU)"
   $PY -m pip install -q torch==2.13.0
 fi
+# tests/test_wheel.py installs the built wheel into a fresh virtual environment (venv with pip).
+if ! $PY -c "import ensurepip, venv" >/dev/null 2>&1; then
+  echo "setup: installing python3-venv (Debian), for the wheel test's virtual environment"
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq python3-venv >/dev/null
+fi
 echo "setup: installing efrap-onnx with its dev extra"
 $PY -m pip install -q -e ".[dev]"
 # pyenv only sees new console scripts (efrap) after a rehash.

@@ -1,1 +1,3 @@
 """Validators: onnxruntime checks, metrics, the gate and reports."""
+
+__efrap_onnx__ = True  # efrap_onnx.packages checks for this line: the package is efrap-onnx's

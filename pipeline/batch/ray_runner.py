@@ -1,6 +1,6 @@
 """Run a batch on a Ray cluster: one Ray task per model, results in the same layout as a local run.
 
-Ray is an optional extra (``pip install efrap-onnx[ray]``); it is imported only here,
+Ray is an optional extra (the wheel's ``[ray]``, or ``pip install 'ray>=2.60'``); it is imported only here,
 inside the functions that use it. Each task runs `run_job` in a temporary folder on
 its worker and returns the files it wrote; the driver writes them into ``--out``,
 the result last, so the output folder need not be shared with the workers. The
@@ -81,7 +81,7 @@ def run_ray(manifest: Manifest, out: str | Path, address: str | None = "auto", t
     try:
         import ray
     except ImportError:
-        raise EfrapError("--ray needs Ray: pip install 'efrap-onnx[ray]'") from None
+        raise EfrapError("--ray needs Ray: pip install 'ray>=2.60' (the wheel's [ray] extra)") from None
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise EfrapError(f"--threads must be a positive integer, got {threads!r}")
     started = time.perf_counter()

@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "cores // jobs; with --ray, 1: the CPUs each task asks for)")
     p.add_argument("--ray", metavar="ADDRESS",
                    help="run as Ray tasks: 'auto' (the running cluster), 'local' (start Ray on this "
-                   "machine) or an address (ray://host:10001); needs pip install 'efrap-onnx[ray]'")
+                   "machine) or an address (ray://host:10001); needs Ray: pip install 'ray>=2.60'")
     p.add_argument("--retry-failed", action="store_true",
                    help="run again the models whose stored result failed (default: skip them too)")
     p.set_defaults(func=run)
