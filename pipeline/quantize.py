@@ -245,10 +245,13 @@ def _data_images(model: onnx.ModelProto, spec: str, choose: Callable[[int], np.n
                              f"model's input {image.shape[1:]}")
         pre = ready(resolve(model, image, preprocess, source, announce=False))
         return ready_arrays[choose(len(ready_arrays))], None, pre
-    pre = resolve(model, image, preprocess, source, announce=announce)
+    pre = resolve(model, image, preprocess, source, announce=False)
     # The resize is known first: an image folder of mixed sizes is resized as it is read.
     dataset = data_mod.load_images(spec, "train", pre.resize)
     data_mod.check_fits(dataset, pre.nchw_shape(image), source)
+    if announce:
+        # The preprocessing's warnings once the data are read: a mistake in them is one line alone.
+        resolve(model, image, preprocess, source)
     idx = choose(len(dataset))
     labels = dataset.labels[idx] if isinstance(dataset, data_mod.Dataset) else None
     return PreparedImages(dataset, idx, pre), labels, pre

@@ -146,9 +146,11 @@ def verify_model(model_path: str, options: VerifyOptions) -> VerifyReport:
         raise EfrapError(f"{options.data}: holds model-ready arrays ('{image.name}', no labels); verify "
                          "takes labelled images in [0, 1] (x/y or x_test/y_test) and preprocesses them "
                          "as the model records")
-    norm = resolve(model, image, options.preprocess, model_path)
+    norm = resolve(model, image, options.preprocess, model_path, announce=False)
     dataset = data_mod.load_dataset(options.data, "test", norm.resize)
     data_mod.check_fits(dataset, norm.nchw_shape(image), model_path)
+    # The preprocessing's warnings once the data are read: a mistake in them is one line alone.
+    resolve(model, image, options.preprocess, model_path)
     images, labels, choice = _pick(dataset, options.limit, options.seed)
     session = make_session(model, options.opt_level, options.provider)
     t0 = time.perf_counter()
