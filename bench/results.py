@@ -31,6 +31,7 @@ every measured model, stored and held out) is regenerated from all of them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -45,6 +46,7 @@ from models.zoo import load_manifest, trigger_path, zoo_path
 from pipeline.base.onnx_io import get_metadata, load_model
 from pipeline.base.progress import log
 from pipeline.base.provenance import versions
+from pipeline.base.safe_io import file_sha256
 from pipeline.quantize import QuantizeOptions, quantize_file
 from pipeline.rounding import RoundingConfig
 from pipeline.rounding.adaround import ADAROUND_DEFAULTS
@@ -129,26 +131,43 @@ def measure(path: str, trigger: str, data: str, limit: int | None) -> dict[str, 
 
 def measure_subject(s: Subject, iters: int | None, seed: int, limit: int | None, tmp: str,
                     methods: tuple[str, ...] = tuple(METHODS)) -> dict:
-    """Every method on one model."""
+    """Every method on one model.
+
+    Each method's output goes to `tmp` with its per-layer checkpoint, and its figures to
+    ``NAME.METHOD.row.json`` beside it, keyed by the model's sha256 and the settings: with a
+    kept folder (--work) a killed run resumes from the last finished layer, and a method
+    already measured is read back instead of run again.
+    """
     scheme = load_scheme(s.scheme)
     row: dict = {"model": s.name, "scheme": s.scheme, "carrier": s.carrier,
                  "fp": measure(s.path, s.trigger, s.data, limit)}
+    model_sha = file_sha256(s.path)
     for label in methods:
         method, config = METHODS[label]
         if config is not None and iters is not None:
             config = replace(config, iters=iters)
         out = str(Path(tmp) / f"{s.name}.{label}.onnx")
+        saved = Path(tmp) / f"{s.name}.{label}.row.json"
+        key = {"model_sha256": model_sha, "method": label, "iters": None if config is None else config.iters,
+               "seed": seed, "limit": limit}
+        if saved.exists() and json.loads(saved.read_text())["key"] == key:
+            row[label] = json.loads(saved.read_text())["figures"]
+            log(f"{s.name} {label}: read back from {saved.name}")
+            continue
         t0 = time.perf_counter()
-        quantize_file(s.path, out, QuantizeOptions(scheme=scheme, method=method, calib=s.data,
-                                                   seed=seed, rounding=config))
+        summary, _ = quantize_file(s.path, out, QuantizeOptions(scheme=scheme, method=method, calib=s.data,
+                                                                seed=seed, rounding=config))
         row[label] = measure(out, s.trigger, s.data, limit)
         row[label]["seconds"] = round(time.perf_counter() - t0, 1)
+        if summary.resumed:  # the seconds are this run's only; the restored layers' are in the summary
+            row[label]["resumed_layers"] = summary.resumed
         if config is not None:
             row[label]["iters"] = config.iters
         searched = get_metadata(load_model(out)).get("efrap.search")
         if searched is not None:
             record = json.loads(searched)
             row[label][record["setting"]] = record["chosen"]
+        saved.write_text(json.dumps({"key": key, "figures": row[label]}))
         log(f"{s.name} {label}: CDA {row[label]['cda']:.2f} ASR {row[label]['asr']:.2f}")
     return row
 
@@ -286,15 +305,20 @@ def main() -> None:
                         help="combine the JSON files of earlier partial runs instead of measuring: "
                              "other models (two --names halves run side by side) or other methods "
                              "on the same models")
+    parser.add_argument("--work", default=None,
+                        help="keep every output, its per-layer checkpoint and its figures in this "
+                        "folder, so a killed run resumes where it stopped (default: a temporary folder)")
     args = parser.parse_args()
     if args.merge:
         merge(args.merge, args.json, Path(args.doc))
         return
     section = args.section or ("heldout" if args.models else "zoo")
     subjects = file_subjects(args.models) if args.models else zoo_subjects(args.names)
-    with tempfile.TemporaryDirectory() as tmp:
-        methods = tuple(m for m in METHODS if m in {*args.methods, "nearest"})
-        results = [measure_subject(s, args.iters, args.seed, args.limit, tmp, methods)
+    methods = tuple(m for m in METHODS if m in {*args.methods, "nearest"})
+    with contextlib.ExitStack() as stack:
+        work = args.work or stack.enter_context(tempfile.TemporaryDirectory())
+        Path(work).mkdir(parents=True, exist_ok=True)
+        results = [measure_subject(s, args.iters, args.seed, args.limit, work, methods)
                    for s in subjects]
     command = "python bench/results.py" + (f" --iters {args.iters}" if args.iters else "") + (
         f" --limit {args.limit}" if args.limit else "") + (

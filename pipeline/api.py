@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import onnx
 
 from pipeline.base import checks
-from pipeline.base.data import spec_files
+from pipeline.base.data import DEFAULT_DATA, spec_files
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import image_input, load_model, model_files, save_model
 from pipeline.base.preprocess import ready, resolve
@@ -53,8 +53,9 @@ from pipeline.quantize import (
 )
 from pipeline.rounding import METHODS, RoundingConfig, get_method
 from pipeline.rounding.efrap import EFRAP_PRESETS
+from pipeline.rounding.settings import method_settings
 from pipeline.scan import ScanOptions, ScanReport, SearchConfig, scan_model
-from pipeline.scheme import Scheme, load_scheme, scheme_files, scheme_from_dict
+from pipeline.scheme import DEFAULT_SCHEME, Scheme, load_scheme, scheme_files, scheme_from_dict
 from pipeline.torch_graph import SIMULATION
 from validators.gate import Gate
 from validators.guard import GuardLimits, GuardReport
@@ -283,11 +284,11 @@ def _rounding_config(rounding: object, preset: str | None, iters: int | None) ->
         if method != "efrap":
             raise ValueError(f"preset applies to rounding='efrap' only, not '{method}'")
         _checked("preset", lambda: checks.string(preset, "preset", tuple(EFRAP_PRESETS)))
-    config = EFRAP_PRESETS[preset] if preset is not None else get_method(method).defaults
+    config = method_settings(method, preset)
     if iters is not None:
         if "data" not in get_method(method).needs(config):
             raise ValueError(f"iters applies to learned rounding only, not rounding='{method}'")
-        config = _checked("iters", lambda: replace(config, iters=iters))
+        config = _checked("iters", lambda: method_settings(method, preset, {"iters": iters}))
     return method, config
 
 
@@ -512,8 +513,8 @@ def defend(
     model_input: PathArg,
     model_output: PathArg,
     *,
-    scheme: str | Scheme = "w4a4",
-    calib: str = "fashion-mnist",
+    scheme: str | Scheme = DEFAULT_SCHEME,
+    calib: str = DEFAULT_DATA,
     num_calib: int = 1024,
     seed: int = 0,
     preset: str = "default",
@@ -534,7 +535,7 @@ def defend(
     Args:
         model_input: The FP ONNX model.
         model_output: Where to write the defended QDQ model.
-        scheme: Preset name, scheme file or Scheme (default w4a4, as the command).
+        scheme: Preset name, scheme file or Scheme (default w8a8, as the command).
         calib: Data spec of the calibration images (training split).
         num_calib: Calibration images.
         seed: The run's one seed.
@@ -588,8 +589,8 @@ def defend(
 def scan(
     model_input: PathArg,
     *,
-    scheme: str | Scheme,
-    calib: str = "fashion-mnist",
+    scheme: str | Scheme = DEFAULT_SCHEME,
+    calib: str = DEFAULT_DATA,
     num_calib: int = 1024,
     seed: int = 0,
     budget: float | None = None,
@@ -603,7 +604,7 @@ def scan(
 
     Args:
         model_input: The FP ONNX model.
-        scheme: The deployment's scheme (preset name, scheme file or Scheme).
+        scheme: The deployment's scheme (preset name, scheme file or Scheme; default w8a8, as the command).
         calib: Clean unlabelled images (data spec, training split).
         num_calib: Calibration images, as for quantization.
         seed: The scan's one seed.
@@ -650,7 +651,7 @@ def scan(
 def verify(
     model_input: PathArg,
     *,
-    data: str = "fashion-mnist",
+    data: str = DEFAULT_DATA,
     trigger: PathArg | None = None,
     opt_level: str = "faithful",
     provider: str = "auto",

@@ -173,6 +173,9 @@ PRESETS: dict[str, Scheme] = {
         "[-8, 7] grid, uint8 activations",
     ),
 }
+#: The scheme every command and config uses when none is named: 8-bit weights and activations,
+#: as onnxruntime's quantize_static and modelopt default to.
+DEFAULT_SCHEME = "w8a8"
 
 
 _FIELD_CHECKS = {

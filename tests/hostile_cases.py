@@ -731,7 +731,7 @@ def npz_object_images(f: Path) -> Setup:
 def scheme_toml_unknown_key(f: Path) -> Setup:
     base(f)
     return Setup(q("--scheme", text(f / "s.toml", "[weight]\nbits = 8\nsymetric = true\n"
-                                                  "[activation]\nbits = 8\n")), message="unknown keys")
+                                                  "[activation]\nbits = 8\n")), message="unknown key")
 
 
 @case("more")

@@ -71,11 +71,11 @@ def _manifest(folder: Path, text: str, name: str = "batch.toml") -> Path:
 
 
 @pytest.mark.parametrize(("text", "expect"), [
-    ("[defualts]\n[[model]]\npath = 'a.onnx'\n", "unknown keys ['defualts']"),
-    ("[[model]]\npath = 'a.onnx'\niter = 5\n", "model[0]: unknown keys ['iter']"),
+    ("[defualts]\n[[model]]\npath = 'a.onnx'\n", "unknown key 'defualts' (did you mean 'defaults'?)"),
+    ("[[model]]\npath = 'a.onnx'\niter = 5\n", "model[0]: unknown key 'iter'"),
     ("[[model]]\npath = 'a.onnx'\nnum_calib = 8.0\n", "model[0].num_calib must be an integer"),
     ("[[model]]\npath = 'a.onnx'\nverify_fp = 'false'\n", "model[0].verify_fp must be true or false"),
-    ("[defaults.rounding]\niterz = 3\n[[model]]\npath = 'a.onnx'\n", "defaults.rounding: unknown keys"),
+    ("[defaults.rounding]\niterz = 3\n[[model]]\npath = 'a.onnx'\n", "defaults.rounding: unknown key 'iterz' (did you mean 'iters'?)"),
     ("[defaults.rounding]\niters = '200'\n[[model]]\npath = 'a.onnx'\n",
      "defaults.rounding.iters must be an integer"),
     ("[[model]]\npath = 'a.onnx'\nmethod = 'efrapp'\n", "model[0].method must be one of"),

@@ -71,7 +71,7 @@ def _write(folder: Path, text: str, name: str = "gate.toml") -> Path:
 BAD = {
     "unknown top-level key": (GOOD.format(thresholds=PASSING) + 'colour = "red"\n', "colour"),
     "unknown key in a table": (GOOD.format(thresholds="max_asr = 0.1"),
-                               "thresholds: unknown keys ['max_asr']"),
+                               "thresholds: unknown key 'max_asr' (did you mean 'max_trigger_asr'?)"),
     "integer written as a string": (GOOD.replace("num_calib = 64\n\n[defend]", 'num_calib = "64"\n\n[defend]')
                                     .format(thresholds=PASSING), "scan.num_calib must be an integer"),
     "integer written as a float": (GOOD.replace("iters = 2", "iters = 2.0").format(thresholds=PASSING),

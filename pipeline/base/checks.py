@@ -8,6 +8,7 @@ be an integer (never 8.0), a number must be finite.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -134,7 +135,9 @@ def table(value: object, what: str, known: set[str] | frozenset[str] | None = No
     if known is not None:
         unknown = sorted(set(value) - set(known))
         if unknown:
-            raise EfrapError(f"{what}: unknown keys {unknown}")
+            hints = [f"'{key}' (did you mean '{close[0]}'?)" if (close := difflib.get_close_matches(
+                str(key), sorted(known), n=1)) else f"'{key}'" for key in unknown]
+            raise EfrapError(f"{what}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(hints)}")
     return value
 
 

@@ -41,6 +41,8 @@ from pipeline.base.errors import EfrapError
 from pipeline.base.image_folder import folder_inputs, read_folder, regular_file
 
 Split = Literal["train", "test"]
+#: The data set every command and config uses when none is named.
+DEFAULT_DATA = "fashion-mnist"
 #: Most bytes the arrays of one npz file may declare (checked before any is decompressed:
 #: a small file of deflated zeros can declare gigabytes). Larger data sets: idx files or
 #: an image folder.

@@ -7,6 +7,7 @@ and a list of ``[[model]]`` tables that may override any default::
     data = "fashion-mnist"        # verification data (test split); calibration too unless `calib`
     scheme = "w4a4"               # preset or a .toml/.json scheme file
     method = "efrap"              # efrap is `efrap defend`; nearest, adaround, lac are `efrap quantize`
+    preset = "default"            # EFRAP's settings, as `efrap defend --preset`: default, release, fast
     [defaults.rounding]
     iters = 200
     [defaults.gate]
@@ -40,13 +41,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from converters.qdq import WEIGHT_STORAGES
 from pipeline.base import checks, limits
-from pipeline.base.data import parse_spec
+from pipeline.base.data import DEFAULT_DATA, parse_spec
 from pipeline.base.device import DEVICES
 from pipeline.base.errors import EfrapError
 from pipeline.base.preprocess import from_table
@@ -54,8 +55,10 @@ from pipeline.base.runtime import PROVIDERS
 from pipeline.base.safe_io import file_sha256
 from pipeline.base.trigger import trigger_files
 from pipeline.quantize import GuardOptions, QuantizeOptions
-from pipeline.rounding import METHODS, RoundingConfig, get_method, run_needs
-from pipeline.scheme import PRESETS, load_scheme
+from pipeline.rounding import METHODS, RoundingConfig, run_needs
+from pipeline.rounding.efrap import EFRAP_PRESETS
+from pipeline.rounding.settings import OVERRIDABLE, method_settings
+from pipeline.scheme import DEFAULT_SCHEME, PRESETS, load_scheme
 from validators.gate import Gate
 from validators.guard import GuardLimits
 
@@ -65,18 +68,18 @@ SETTINGS_FORMAT = 1
 MAX_MODELS = 10_000
 #: Largest seed (torch, numpy and the seed derivation all take a 63-bit integer).
 MAX_SEED = limits.SEED.high
-#: Caps of the counts of a [model.rounding] table (the command line's caps too).
-_ROUNDING_CAPS = {"iters": limits.ITERS, "batch_size": limits.BATCH}
 #: A model's name is its output folder's name: portable, no path separators, no leading dot.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 OPT_LEVELS = ("faithful", "all")
 #: Keys of [defaults] and of each [[model]]; `name`, `path` and `trigger` belong to a model only.
-SETTING_KEYS = frozenset({"data", "calib", "scheme", "method", "num_calib", "seed", "weight_storage",
+SETTING_KEYS = frozenset({"data", "calib", "scheme", "method", "preset", "num_calib", "seed",
+                          "weight_storage",
                           "device", "provider", "exclude", "holdout", "limit", "opt_level", "verify_fp",
                           "scan", "scan_budget", "rounding", "preprocess", "gate"})
 MODEL_KEYS = SETTING_KEYS | {"name", "path", "trigger"}
 GATE_KEYS = frozenset({"max_agreement_drop", "min_accuracy", "max_asr"})
-_ROUNDING_FIELDS = {f.name: f.type for f in fields(RoundingConfig)}
+#: The [rounding] table's keys (`pipeline.rounding.settings.OVERRIDABLE`) and their types.
+_ROUNDING_FIELDS = {f.name: f.type for f in fields(RoundingConfig) if f.name in OVERRIDABLE}
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,7 @@ class ModelJob:
     verify_fp: bool = True
     scan: bool = True
     scan_budget: float | None = None
-    scheme_spec: str = "w4a4"
+    scheme_spec: str = DEFAULT_SCHEME
 
     @property
     def step(self) -> str:
@@ -201,8 +204,8 @@ def _rounding(raw: object, what: str) -> dict[str, Any]:
     for key, value in table.items():
         kind = _ROUNDING_FIELDS[key]
         if kind == "int":
-            cap = _ROUNDING_CAPS.get(key)
-            out[key] = cap.check(value, f"{what}.{key}") if cap else checks.integer(value, f"{what}.{key}")
+            # Its range (a cap where it has one) is RoundingConfig's check, made when the job is built.
+            out[key] = checks.integer(value, f"{what}.{key}")
         elif kind == "float":
             # 1 and 1.0 are one setting: stored as a float, so both give one key.
             out[key] = checks.finite(value, f"{what}.{key}")  # type: ignore[arg-type]
@@ -226,6 +229,8 @@ def _settings(raw: object, where: str, base: Path, known: frozenset[str]) -> dic
             out[key] = _spec(checks.string(value, what), base, what)
         elif key == "method":
             out[key] = checks.string(value, what, tuple(METHODS))
+        elif key == "preset":
+            out[key] = checks.string(value, what, tuple(EFRAP_PRESETS))
         elif key in ("num_calib", "holdout", "limit"):
             out[key] = limits.IMAGES.check(value, what)
         elif key == "seed":
@@ -290,14 +295,14 @@ def _job(values: dict[str, Any], where: str, base: Path) -> ModelJob:
         raise EfrapError(f"{where}.name '{name}' must be 1-100 letters, digits, '.', '_' or '-' and "
                          "start with a letter or digit (it names the model's output folder)")
     method = values.get("method", "efrap")
-    defaults = get_method(method).defaults
-    scheme_spec, scheme = _scheme(values.get("scheme", "w4a4"), base, f"{where}.scheme")
-    data = values.get("data", "fashion-mnist")
+    scheme_spec, scheme = _scheme(values.get("scheme", DEFAULT_SCHEME), base, f"{where}.scheme")
+    data = values.get("data", DEFAULT_DATA)
     gate = values.get("gate", {})
     try:
         # The checks of these classes name the field; the prefix names the model.
-        rounding = replace(defaults, **{k: float(v) if _ROUNDING_FIELDS[k] == "float" else v
-                                        for k, v in values.get("rounding", {}).items()})
+        rounding = method_settings(method, values.get("preset"),
+                                   {k: float(v) if _ROUNDING_FIELDS[k] == "float" else v
+                                    for k, v in values.get("rounding", {}).items()})
         options = QuantizeOptions(
             scheme=scheme, method=method, calib=values.get("calib", data),
             num_calib=values.get("num_calib", 1024), seed=values.get("seed", 0),

@@ -17,8 +17,10 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from pipeline.base import checks, limits
+from pipeline.base.data import DEFAULT_DATA
 from pipeline.base.errors import EfrapError, one_line
 from pipeline.base.preprocess import CHANNEL_ORDERS, LAYOUTS, from_table
+from pipeline.scheme import DEFAULT_SCHEME, PRESETS
 
 #: The cap of every count option, by its name: any command that takes the option gets the
 #: same cap (`Parser` checks it after parsing), and gate configs and batch manifests read
@@ -240,3 +242,29 @@ def add_exclude_arg(p: argparse.ArgumentParser) -> None:
 def exclusions(args: argparse.Namespace) -> tuple[str, ...]:
     """The --exclude values, split on commas."""
     return tuple(v for item in args.exclude for v in item.split(",") if v)
+
+
+def add_scheme_arg(p: argparse.ArgumentParser, what: str = "the deployment's quantization scheme") -> None:
+    """--scheme, with the one default of every command (`pipeline.scheme.DEFAULT_SCHEME`)."""
+    p.add_argument("--scheme", default=DEFAULT_SCHEME,
+                   help=f"{what}: preset ({', '.join(PRESETS)}) or a .json/.toml scheme file "
+                   f"(default {DEFAULT_SCHEME})")
+
+
+def add_data_arg(p: argparse.ArgumentParser, split: str = "train", note: str = "") -> None:
+    """--data (the data set; --calib is the same option where its training split is read).
+
+    Args:
+        p: The command's parser.
+        split: "train" for commands that calibrate, check or scan on the training split
+            (they also take --calib), "test" for verification.
+        note: A sentence about labels, appended to the help.
+    """
+    if split == "train":
+        p.add_argument("--data", "--calib", dest="calib", default=DEFAULT_DATA, metavar="DATA",
+                       help=f"the data set; its training split is read (default {DEFAULT_DATA}; --calib is "
+                       f"the same option): {CALIB_SPECS}{note}")
+    else:
+        p.add_argument("--data", default=DEFAULT_DATA, metavar="DATA",
+                       help=f"the data set; its labelled test split is read (default {DEFAULT_DATA}): "
+                       f"{TEST_SPECS}{note}")

@@ -62,6 +62,7 @@ from pipeline.base.runtime import PROVIDERS
 from pipeline.base.safe_io import check_output_folder
 from pipeline.rounding import METHODS
 from pipeline.rounding.efrap import EFRAP_PRESETS
+from pipeline.rounding.settings import DEFAULT_PRESET, method_settings
 from pipeline.scheme import PRESETS
 
 #: Scan verdicts (pipeline.scan): a backdoor active in FP always fails, since no rounding fixes it.
@@ -210,11 +211,14 @@ def _defend(raw: object, source: str) -> DefendSettings:
     where = f"{source}: defend"
     t = checks.table(raw, where, _DEFEND)
     method = checks.string(t.get("method", "efrap"), f"{where}.method", tuple(METHODS))
-    preset = checks.string(t.get("preset", "default"), f"{where}.preset", tuple(EFRAP_PRESETS))
-    if "preset" in t and method != "efrap":
-        raise EfrapError(f"{where}.preset: presets are EFRAP's; method is '{method}'")
+    preset = checks.string(t.get("preset", DEFAULT_PRESET), f"{where}.preset", tuple(EFRAP_PRESETS))
+    iters = _count(t, "iters", where, None, limits.ITERS)
+    try:  # the one preset resolution (pipeline.rounding.settings), refused here, before any work
+        method_settings(method, t.get("preset"), None if iters is None else {"iters": iters})
+    except EfrapError as exc:
+        raise EfrapError(f"{where}.preset: {exc}" if "preset" in str(exc) else f"{where}: {exc}") from None
     return DefendSettings(
-        method=method, preset=preset, iters=_count(t, "iters", where, None, limits.ITERS),
+        method=method, preset=preset, iters=iters,
         num_calib=_count(t, "num_calib", where, 1024) or 1024,
         seed=_count(t, "seed", where, 0, limits.SEED) or 0,
         holdout=_count(t, "holdout", where, 1000) or 1000,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,7 @@ from pipeline.base.safe_io import check_outputs, file_sha256
 from pipeline.base.trigger import AnyTrigger, save_trigger
 from pipeline.gate.config import SCAN_VERDICTS, GateConfig
 from pipeline.quantize import GuardOptions, QuantizeOptions, QuantizeSummary, quantize_file
-from pipeline.rounding import get_method
-from pipeline.rounding.efrap import EFRAP_PRESETS
+from pipeline.rounding.settings import PRESET_METHOD, method_settings
 from pipeline.scan import ScanOptions, scan_model
 from pipeline.scheme import load_scheme, scheme_files
 from validators.guard import GuardLimits, GuardReport
@@ -201,8 +200,8 @@ def quantize_options(config: GateConfig) -> QuantizeOptions:
     """The defense's options from the config."""
     d = config.defend
     # As efrap defend: EFRAP's preset (the project's default rule unless the config says release).
-    base = EFRAP_PRESETS[d.preset] if d.method == "efrap" else get_method(d.method).defaults
-    rounding = base if d.iters is None else replace(base, iters=d.iters)
+    rounding = method_settings(d.method, d.preset if d.method == PRESET_METHOD else None,
+                               None if d.iters is None else {"iters": d.iters})
     return QuantizeOptions(scheme=load_scheme(config.scheme), method=d.method, calib=config.data,
                            num_calib=d.num_calib, seed=d.seed, weight_storage=d.weight_storage,
                            rounding=rounding, device=d.device, provider=config.verify.provider,

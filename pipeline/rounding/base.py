@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from pipeline.base import checks
+from pipeline.base import checks, limits
 from pipeline.base.errors import EfrapError
 from pipeline.qmath import QParams
 
@@ -42,6 +42,9 @@ ERROR_UNITS = ("pre_bn", "exported", "steps")
 #: What one optimization step's batch holds: whole cached images (the release) or rows of
 #: (image, position) pairs drawn from a per-layer pool (pipeline.positions; 2-D convs only).
 SAMPLES = ("images", "positions")
+#: The activation-preservation losses' names (their registry: pipeline.rounding.losses.LOSSES),
+#: here so a settings check refuses an unknown loss before any work starts.
+LOSS_NAMES = ("mse", "fisher", "pd")
 #: Largest pool of (image, position) rows per layer.
 MAX_POOL = 1 << 22
 
@@ -110,8 +113,8 @@ class RoundingConfig:
     patience: int = 0
 
     def __post_init__(self) -> None:
-        checks.integer(self.iters, "iters", low=1)
-        checks.integer(self.batch_size, "batch_size", low=1)
+        limits.ITERS.check(self.iters, "iters")
+        limits.BATCH.check(self.batch_size, "batch_size")
         checks.finite(self.lr, "lr", low=0.0, low_open=True)
         checks.finite(self.reg_weight, "reg_weight", low=0.0)
         checks.finite(self.b_start, "b_start", low=0.0, low_open=True)
@@ -122,7 +125,7 @@ class RoundingConfig:
         checks.finite(self.flip_weight, "flip_weight", low=0.0)
         checks.string(self.error_mode, "error_mode", ERROR_MODES)
         checks.string(self.error_units, "error_units", ERROR_UNITS)
-        checks.string(self.loss, "loss")
+        checks.string(self.loss, "loss", LOSS_NAMES)
         checks.finite(self.act_lr, "act_lr", low=0.0)
         checks.finite(self.rec_guard, "rec_guard", low=0.0)
         checks.finite(self.prune_rare, "prune_rare", low=0.0)

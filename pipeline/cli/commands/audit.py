@@ -11,15 +11,16 @@ from pipeline.base.onnx_io import model_files
 from pipeline.base.runtime import PROVIDERS
 from pipeline.base.safe_io import check_outputs, write_json
 from pipeline.cli.args import (
-    CALIB_SPECS,
+    add_data_arg,
     add_preprocess_args,
+    add_scheme_arg,
     positive_float,
     positive_int,
     preprocess_options,
     seed_number,
 )
 from pipeline.scan import ScanOptions, scan_model
-from pipeline.scheme import PRESETS, load_scheme, scheme_files
+from pipeline.scheme import load_scheme, scheme_files
 from validators.report import pct, table
 
 #: How a figure that could not be measured is printed.
@@ -88,18 +89,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("fp", help="the full-precision ONNX model Q was made from")
     p.add_argument("quantized", help="the QDQ ONNX model to audit")
     p.add_argument("--json", help="write the full report as JSON here")
-    p.add_argument("--calib", default="fashion-mnist",
-                   help=f"clean images for the scan, training split, no labels needed (default "
-                   f"fashion-mnist): {CALIB_SPECS}")
-    p.add_argument("--scheme", default="w8a8",
-                   help=f"the scheme Q claims (the scan's nearest model): preset ({', '.join(PRESETS)}) or "
-                   "a .json/.toml file (default w8a8; a warning says when Q's grids are not the scheme's)")
+    add_data_arg(p, note="; clean images for the scan, no labels needed")
+    add_scheme_arg(p, "the scheme Q claims (the scan's nearest model; a warning says when Q's grids are not "
+                   "the scheme's)")
     p.add_argument("--num-calib", type=positive_int, default=1024, help="calibration images (default 1024)")
     p.add_argument("--holdout", type=positive_int, default=1000,
                    help="held-out images for the onnxruntime figures (default 1000)")
     p.add_argument("--budget", type=positive_float, metavar="SECONDS",
                    help="wall-clock limit of the scan; a scan the budget stops makes the audit inconclusive "
-                   "(exit 1)")
+                   "(exit 1) (default: none)")
     p.add_argument("--seed", type=seed_number, default=0, help="the scan's seed (default 0)")
     p.add_argument("--provider", choices=PROVIDERS, default="auto", help="onnxruntime provider")
     p.add_argument("--min-asr", type=_fraction, default=AuditThresholds.min_asr,

@@ -8,7 +8,6 @@ from pipeline.base.errors import EfrapError
 from pipeline.base.safe_io import write_json
 from pipeline.cli.args import positive_float
 from pipeline.cli.commands.quantize import (
-    ROUNDING_FIELDS,
     add_common_quant_args,
     add_rounding_args,
     guard_options,
@@ -16,9 +15,11 @@ from pipeline.cli.commands.quantize import (
     print_summary,
     quantize_options,
     quantize_with,
+    rounding_overrides,
 )
 from pipeline.repair import RepairSettings
 from pipeline.rounding.efrap import EFRAP_PRESETS
+from pipeline.rounding.settings import DEFAULT_PRESET
 from pipeline.scan import scan_model
 from pipeline.selfcheck import CANDIDATES, ORDER, CandidateResult, SelfCheckOptions, self_checking_defend
 
@@ -52,11 +53,10 @@ def print_candidate(result: CandidateResult) -> None:
 
 def run_self_check(args: argparse.Namespace) -> int:
     """Round the candidates in order, audit each, ship the first that passes; exit 1 when none does."""
-    if args.preset != "default" or any(getattr(args, f, None) is not None for f in ROUNDING_FIELDS
-                                       if f != "iters"):
+    if args.preset != DEFAULT_PRESET or set(rounding_overrides(args)) - {"iters"}:
         raise EfrapError("--self-check rounds its own candidates (--candidates); of the rounding "
                          "options it takes only --iters")
-    options = quantize_options(args, "efrap", EFRAP_PRESETS["default"])
+    options = quantize_options(args, "efrap", DEFAULT_PRESET)
     check = SelfCheckOptions(candidates=args.candidates, budget=args.check_budget, iters=args.iters,
                              repair=None if args.no_repair else RepairSettings())
     outcome = self_checking_defend(args.model, args.output, options, guard_options(args), check, scan_model,
@@ -66,9 +66,9 @@ def run_self_check(args: argparse.Namespace) -> int:
     verdict = (f"shipped '{outcome.shipped}', the first candidate that passed" if outcome.passed else
                f"FAILED: no candidate passed; wrote the one with the weakest trigger, '{outcome.shipped}'")
     print(f"self-check: {verdict}")
-    if args.summary:
+    if args.json:
         write_json({**outcome.summary.to_json(), "guard": outcome.guard.to_json(),
-                    "self_check": outcome.to_json()}, args.summary)
+                    "self_check": outcome.to_json()}, args.json)
     return 0 if outcome.passed else 1
 
 
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     """Quantize with EFRAP and check the result against FP on held-out images."""
     if args.self_check:
         return run_self_check(args)
-    return quantize_with(args, "efrap", EFRAP_PRESETS[args.preset])
+    return quantize_with(args, "efrap", args.preset)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -93,9 +93,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "sampled (image, position) rows: 2,000 steps at lr 5e-3, a layer stops once its rounding "
         "settles; a candidate, docs/DEFENSE.md). Options below override the preset. The "
         "defended model is then compared with FP on held-out images (the check below).")
-    p.add_argument("--preset", choices=tuple(EFRAP_PRESETS), default="default",
+    p.add_argument("--preset", choices=tuple(EFRAP_PRESETS), default=DEFAULT_PRESET,
                    help="EFRAP settings: default (the project's rule), release or fast (default: default)")
-    add_common_quant_args(p, "w4a4")
+    add_common_quant_args(p)
     add_rounding_args(p, EFRAP_PRESETS["default"])
     g = p.add_argument_group(
         "self-check (docs/DEFENSE.md, \"The self-check\")",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 
 from pipeline.base.data import spec_files
@@ -11,13 +10,15 @@ from pipeline.base.device import DEVICES
 from pipeline.base.onnx_io import model_files
 from pipeline.base.safe_io import check_outputs, write_json
 from pipeline.cli.args import (
-    CALIB_SPECS,
+    add_data_arg,
     add_exclude_arg,
     add_preprocess_args,
+    add_scheme_arg,
     exclusions,
     fraction,
     lower_limit,
     nonnegative_float,
+    nonnegative_int,
     positive_float,
     positive_int,
     preprocess_options,
@@ -25,26 +26,19 @@ from pipeline.cli.args import (
     upper_limit,
 )
 from pipeline.quantize import GuardOptions, QuantizeOptions, QuantizeSummary, quantize_file
-from pipeline.rounding import METHODS, RoundingConfig, get_method
-from pipeline.rounding.base import ERROR_MODES
-from pipeline.scheme import PRESETS, load_scheme, scheme_files
+from pipeline.rounding import METHODS, RoundingConfig
+from pipeline.rounding.base import ERROR_MODES, ERROR_UNITS, LOSS_NAMES, SAMPLES
+from pipeline.rounding.settings import OVERRIDABLE, method_settings
+from pipeline.scheme import load_scheme, scheme_files
 from validators.guard import GuardLimits, GuardReport
 
-#: Command-line option -> RoundingConfig field, for the options a user may override.
-ROUNDING_FIELDS = ("iters", "batch_size", "lr", "reg_weight", "flip_weight", "error_mode", "loss",
-                    "act_lr", "rec_guard", "prune_rare")
 
-
-def add_common_quant_args(p: argparse.ArgumentParser, default_scheme: str) -> None:
+def add_common_quant_args(p: argparse.ArgumentParser) -> None:
     """Arguments shared by `quantize` and `defend`."""
     p.add_argument("model", help="full-precision ONNX model")
     p.add_argument("-o", "--output", required=True, help="where to write the QDQ ONNX model")
-    p.add_argument("--scheme", default=default_scheme,
-                   help=f"preset ({', '.join(PRESETS)}) or a .json/.toml scheme file "
-                   f"(default {default_scheme})")
-    p.add_argument("--calib", default="fashion-mnist",
-                   help=f"calibration data, training split (default fashion-mnist): {CALIB_SPECS}; only "
-                   "--min-accuracy needs labels")
+    add_scheme_arg(p)
+    add_data_arg(p, note="; only --min-accuracy needs labels")
     p.add_argument("--num-calib", type=positive_int, default=1024,
                    help="calibration images (default 1024; where the data hold fewer, all of them, with "
                    "a warning)")
@@ -55,7 +49,9 @@ def add_common_quant_args(p: argparse.ArgumentParser, default_scheme: str) -> No
                    help="int8 containers (fast on CPU) or packed int4 (small); default int8")
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="torch device for learned rounding (default: CUDA when available)")
-    p.add_argument("--summary", help="also write the run summary (per-layer stats) as JSON here")
+    p.add_argument("--json", "--summary", dest="json",
+                   help="also write the run's report as JSON here: per-layer stats and the check against FP "
+                   "(--summary is the same option)")
     p.add_argument("--no-resume", action="store_true",
                    help="neither use nor keep the per-layer checkpoint OUTPUT.ckpt that lets a killed "
                    "run with learned rounding or pruning resume from its last finished layer")
@@ -68,11 +64,11 @@ def add_check_args(p: argparse.ArgumentParser) -> None:
     """The output's check against FP (every run measures it; the limits make it fail)."""
     g = p.add_argument_group(
         "check (every output is measured against FP; exit 1 when it breaks a limit given here, and "
-        "the model is still written, its metadata and --summary saying why)",
+        "the model is still written, its metadata and --json saying why)",
         "The output and the FP model run in onnxruntime on held-out training images that "
         "calibration did not use: top-1 agreement for a classifier's logits, relative error "
         "||q - fp|| / ||fp|| for every output, clean accuracy with labels. Fractions (0.01) or "
-        "percentages (1%%).")
+        "percentages (1%).")
     g.add_argument("--holdout", type=positive_int, default=1000, help="held-out images (default 1000)")
     g.add_argument("--max-agreement-drop", type=upper_limit,
                    help="largest share of held-out images whose prediction may differ from FP's")
@@ -92,47 +88,68 @@ def guard_options(args: argparse.Namespace) -> GuardOptions:
     return GuardOptions(limits, args.holdout, args.check_opt_level)
 
 
+def _rounding_help(defaults: RoundingConfig) -> dict[str, tuple[dict, str]]:
+    """argparse settings and help of each rounding option, by `RoundingConfig` field."""
+    d = defaults
+    return {
+        "iters": ({"type": positive_int}, f"iterations per layer (default {d.iters}); fewer is faster"),
+        "batch_size": ({"type": positive_int}, f"samples per iteration (default {d.batch_size})"),
+        "lr": ({"type": positive_float}, f"Adam learning rate (default {d.lr:g})"),
+        "reg_weight": ({"type": nonnegative_float},
+                       f"rounding regulariser weight (default {d.reg_weight:g})"),
+        "b_start": ({"type": positive_float}, "regulariser exponent at the end of warm-up, annealed to "
+                    f"--b-end (default {d.b_start:g})"),
+        "b_end": ({"type": positive_float}, f"final regulariser exponent (default {d.b_end:g})"),
+        "warmup": ({"type": nonnegative_float}, "share of the iterations without the regulariser, below 1 "
+                   f"(default {d.warmup:g})"),
+        "flip_weight": ({"type": nonnegative_float},
+                        f"EFRAP flip penalty weight (default {d.flip_weight:g})"),
+        "error_mode": ({"choices": ERROR_MODES}, "truncation-error weighting: element-wise (the release) "
+                       f"or the output channel's norm (default {d.error_mode})"),
+        "loss": ({"choices": LOSS_NAMES}, f"activation-preservation loss (default {d.loss})"),
+        "error_units": ({"choices": tuple(u.replace("_", "-") for u in ERROR_UNITS)},
+                        "units of EFRAP's truncation errors: pre-bn (the release: the conv weight before "
+                        "BatchNorm folding, when the model records its BN factors), exported (the folded "
+                        "weight) or steps (grid steps: the same at any weight scale) (default "
+                        f"{d.error_units.replace('_', '-')})"),
+        "act_lr": ({"type": nonnegative_float}, "learn each layer's output activation step size at this "
+                   "rate (the release's scale_lr 4e-5, cosine decay); 0 keeps the calibrated one (default "
+                   f"{d.act_lr:g})"),
+        "rec_guard": ({"type": nonnegative_float}, "EFRAP's per-layer guard: round a layer again with half "
+                      "the flip weight (up to 3 times) while its reconstruction loss exceeds this many times "
+                      f"nearest rounding's; 0 is off (default {d.rec_guard:g})"),
+        "prune_rare": ({"type": fraction, "metavar": "SHARE"}, "rare-unit pruning, any method: zero the "
+                       "weights reading the input units that fire on the fewest calibration images, "
+                       "together on at most this share of them (a fraction, or a percentage: 3%%; "
+                       f"docs/DEFENSE.md); 0 is off (default {d.prune_rare:g})"),
+        "samples": ({"choices": SAMPLES}, "each step's batch: whole cached images (the release) or rows "
+                    "of (image, position) pairs from every calibration image, for 2-D convs (default "
+                    f"{d.samples})"),
+        "pool": ({"type": positive_int},
+                 f"rows of each layer's pool with --samples positions (default {d.pool})"),
+        "patience": ({"type": nonnegative_int}, "stop a layer once its hard rounding has not changed over "
+                     f"this many checks in the second half of its steps; 0 runs every step (default "
+                     f"{d.patience})"),
+    }
+
+
 def add_rounding_args(p: argparse.ArgumentParser, defaults: RoundingConfig) -> None:
-    """Learned-rounding settings (ignored by nearest)."""
-    g = p.add_argument_group("learned rounding (adaround, efrap)")
-    g.add_argument("--iters", type=positive_int, default=None,
-                   help=f"iterations per layer (default {defaults.iters}); fewer is faster")
-    g.add_argument("--batch-size", type=positive_int, default=None,
-                   help=f"samples per iteration (default {defaults.batch_size})")
-    g.add_argument("--lr", type=positive_float, default=None,
-                   help=f"Adam learning rate (default {defaults.lr})")
-    g.add_argument("--reg-weight", type=nonnegative_float, default=None,
-                   help=f"rounding regulariser weight (default {defaults.reg_weight})")
-    g.add_argument("--flip-weight", type=nonnegative_float, default=None,
-                   help=f"EFRAP flip penalty weight (default {defaults.flip_weight})")
-    g.add_argument("--error-mode", choices=ERROR_MODES, default=None,
-                   help="truncation-error weighting: element-wise (release) or neuron-wise norm")
-    g.add_argument("--error-units", choices=("pre-bn", "exported", "steps"), default=None,
-                   help="units of EFRAP's truncation errors: pre-bn (the release: the conv weight "
-                        "before BatchNorm folding, when the model records its BN factors), exported "
-                        "(the folded weight) or steps (grid steps: the same at any weight scale)")
-    g.add_argument("--loss", default=None,
-                   help=f"activation-preservation loss (default {defaults.loss})")
-    g.add_argument("--rec-guard", type=nonnegative_float, default=None,
-                   help="EFRAP's per-layer guard: round a layer again with half the flip weight "
-                   "(up to 3 times) while its reconstruction loss exceeds this many times nearest "
-                   f"rounding's; 0 is off (default {defaults.rec_guard:g})")
-    g.add_argument("--prune-rare", type=fraction, default=None, metavar="SHARE",
-                   help="rare-unit pruning, any method: zero the weights reading the input units "
-                   "that fire on the fewest calibration images, together on at most this share "
-                   "of them (a fraction, or a percentage: 3%%; docs/DEFENSE.md); 0 is off "
-                   f"(default {defaults.prune_rare:g})")
-    g.add_argument("--act-lr", type=nonnegative_float, default=None,
-                   help="learn each layer's output activation step size at this rate (the release's "
-                   f"scale_lr 4e-5, cosine decay); 0 keeps the calibrated one (default {defaults.act_lr:g})")
+    """One option per `RoundingConfig` field (`pipeline.rounding.settings.OVERRIDABLE`).
+
+    Nearest ignores them, except --prune-rare."""
+    g = p.add_argument_group("learned rounding (adaround, efrap, lac; --prune-rare with any method)")
+    helps = _rounding_help(defaults)
+    for name in OVERRIDABLE:
+        kwargs, text = helps[name]
+        g.add_argument(f"--{name.replace('_', '-')}", default=None, help=text, **kwargs)
 
 
-def rounding_config(args: argparse.Namespace, defaults: RoundingConfig) -> RoundingConfig:
-    """Defaults overridden by the arguments that were given (checked by RoundingConfig)."""
-    given = {f: getattr(args, f) for f in ROUNDING_FIELDS if getattr(args, f, None) is not None}
-    if getattr(args, "error_units", None) is not None:
-        given["error_units"] = args.error_units.replace("-", "_")
-    return replace(defaults, **given)
+def rounding_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The rounding options that were given, as `RoundingConfig` fields."""
+    given = {f: getattr(args, f) for f in OVERRIDABLE if getattr(args, f, None) is not None}
+    if "error_units" in given:
+        given["error_units"] = str(given["error_units"]).replace("-", "_")
+    return given
 
 
 def print_summary(summary: QuantizeSummary, output: str) -> None:
@@ -194,36 +211,35 @@ def print_guard(report: GuardReport, limits: bool = True) -> None:
         print(f"check: {why}")
 
 
-def quantize_options(args: argparse.Namespace, method: str, defaults: RoundingConfig | None = None
-                     ) -> QuantizeOptions:
+def quantize_options(args: argparse.Namespace, method: str, preset: str | None = None) -> QuantizeOptions:
     """The run's options from the arguments, after checking that no output overwrites an input."""
-    check_outputs({"-o": args.output, "--summary": args.summary},
+    check_outputs({"-o": args.output, "--json": args.json},
                   [*model_files(args.model), *scheme_files(args.scheme), *spec_files(args.calib),
                    *([args.preprocess] if args.preprocess else [])])
     return QuantizeOptions(
         scheme=load_scheme(args.scheme), method=method, calib=args.calib,
         num_calib=args.num_calib, seed=args.seed, weight_storage=args.weight_storage,
-        rounding=rounding_config(args, defaults or get_method(method).defaults), device=args.device,
+        rounding=method_settings(method, preset, rounding_overrides(args)), device=args.device,
         preprocess=preprocess_options(args), exclude=exclusions(args),
     )
 
 
-def quantize_with(args: argparse.Namespace, method: str, defaults: RoundingConfig | None = None) -> int:
-    """Quantize `args.model` with `method` (settings: `defaults` or the method's, overridden by
-    the options given), check it against FP, print the per-layer summary and the check,
-    write outputs.
+def quantize_with(args: argparse.Namespace, method: str, preset: str | None = None) -> int:
+    """Quantize `args.model` with `method` (settings: EFRAP's `preset` or the method's defaults,
+    overridden by the options given), check it against FP, print the per-layer summary and
+    the check, write outputs.
 
     Returns:
         0, or 1 when the output broke a limit of its check (the model and the summary
         are written either way, and say why).
     """
     guard = guard_options(args)
-    options = quantize_options(args, method, defaults)
+    options = quantize_options(args, method, preset)
     summary, report = quantize_file(args.model, args.output, options, guard, resume=not args.no_resume)
     print_summary(summary, args.output)
     print_guard(report, guard.limits.any)
-    if args.summary:
-        write_json({**summary.to_json(), "guard": report.to_json()}, args.summary)
+    if args.json:
+        write_json({**summary.to_json(), "guard": report.to_json()}, args.json)
     return 0 if report.passed else 1
 
 
@@ -237,7 +253,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize an FP ONNX model into QDQ ONNX",
                        description="Calibrate in onnxruntime, round weights with the chosen "
                        "method, and write QDQ ONNX (integer weights feeding DequantizeLinear).")
-    add_common_quant_args(p, "w8a8")
+    add_common_quant_args(p)
     p.add_argument("--method", default="nearest", choices=tuple(METHODS),
                    help=f"rounding method: {', '.join(METHODS)} (default nearest; qvec chooses its "
                    "scale on held-out training images, docs/DEFENSE.md \"QVec\")")

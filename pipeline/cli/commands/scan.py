@@ -12,15 +12,16 @@ from pipeline.base.runtime import PROVIDERS
 from pipeline.base.safe_io import check_outputs, write_json
 from pipeline.base.trigger import save_trigger
 from pipeline.cli.args import (
-    CALIB_SPECS,
+    add_data_arg,
     add_preprocess_args,
+    add_scheme_arg,
     positive_float,
     positive_int,
     preprocess_options,
     seed_number,
 )
 from pipeline.scan import CLASS_STATES, ScanOptions, ScanReport, scan_model
-from pipeline.scheme import PRESETS, load_scheme, scheme_files
+from pipeline.scheme import load_scheme, scheme_files
 from validators.report import pct
 
 #: How a figure that could not be measured is printed.
@@ -107,10 +108,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "outliers among the classes; measure the recovered trigger in onnxruntime on held-out images. "
         "See docs/SCAN.md.")
     p.add_argument("model", help="full-precision ONNX model")
-    p.add_argument("--scheme", required=True,
-                   help=f"the deployment's scheme: preset ({', '.join(PRESETS)}) or a .json/.toml file")
-    p.add_argument("--calib", required=True,
-                   help=f"clean images, training split, no labels needed: {CALIB_SPECS}")
+    add_scheme_arg(p)
+    add_data_arg(p, note="; clean images, no labels needed")
     p.add_argument("--json", help="write the full report as JSON here")
     p.add_argument("--trigger-out", metavar="T.json",
                    help="write the recovered trigger here (its pattern and mask in T.npz beside it)")

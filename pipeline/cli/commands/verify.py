@@ -11,7 +11,7 @@ from pipeline.base.runtime import PROVIDERS
 from pipeline.base.safe_io import check_outputs, write_json
 from pipeline.base.trigger import trigger_files
 from pipeline.cli.args import (
-    TEST_SPECS,
+    add_data_arg,
     add_preprocess_args,
     lower_limit,
     positive_int,
@@ -85,8 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "simulation, and an optional pass/fail gate (exit 1 on failure; a value "
                        "that cannot be measured fails its check).")
     p.add_argument("model", help="ONNX model (FP or QDQ)")
-    p.add_argument("--data", default="fashion-mnist",
-                   help=f"labelled test images, test split (default fashion-mnist): {TEST_SPECS}")
+    add_data_arg(p, split="test")
     p.add_argument("--trigger", help="trigger file (JSON): also measure attack success")
     p.add_argument("--opt-level", choices=("faithful", "all"), default="faithful",
                    help="faithful: optimizations off (exact QDQ semantics); all: what a "
@@ -100,7 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=seed_number, default=0, help="seed of --limit's choice (default 0)")
     p.add_argument("--json", help="write the full report as JSON here")
     g = p.add_argument_group("gate (exit 1 when a check fails or cannot be measured)",
-                             "Thresholds are fractions in [0, 1] (0.05) or percentages (5%%).")
+                             "Thresholds are fractions in [0, 1] (0.05) or percentages (5%).")
     g.add_argument("--min-accuracy", type=lower_limit, help="lowest clean accuracy (0.9 or 90%%)")
     g.add_argument("--max-asr", type=upper_limit, help="highest attack success rate (0.05 or 5%%)")
     g.add_argument("--max-parity-diff", type=upper_limit,
