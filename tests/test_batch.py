@@ -12,7 +12,7 @@ import torch
 
 from pipeline.base.runtime import make_session
 from pipeline.base.trigger import paper_trigger, save_trigger
-from pipeline.batch import load_manifest, scan_available
+from pipeline.batch import load_manifest
 from pipeline.batch.job import limit_threads
 from pipeline.batch.local import cores
 from pipeline.batch.ray_runner import task_resources
@@ -75,7 +75,8 @@ def _manifest(folder: Path, text: str, name: str = "batch.toml") -> Path:
     ("[[model]]\npath = 'a.onnx'\niter = 5\n", "model[0]: unknown key 'iter'"),
     ("[[model]]\npath = 'a.onnx'\nnum_calib = 8.0\n", "model[0].num_calib must be an integer"),
     ("[[model]]\npath = 'a.onnx'\nverify_fp = 'false'\n", "model[0].verify_fp must be true or false"),
-    ("[defaults.rounding]\niterz = 3\n[[model]]\npath = 'a.onnx'\n", "defaults.rounding: unknown key 'iterz' (did you mean 'iters'?)"),
+    ("[defaults.rounding]\niterz = 3\n[[model]]\npath = 'a.onnx'\n",
+     "defaults.rounding: unknown key 'iterz' (did you mean 'iters'?)"),
     ("[defaults.rounding]\niters = '200'\n[[model]]\npath = 'a.onnx'\n",
      "defaults.rounding.iters must be an integer"),
     ("[[model]]\npath = 'a.onnx'\nmethod = 'efrapp'\n", "model[0].method must be one of"),
@@ -115,7 +116,7 @@ def test_manifest_defaults_and_overrides(tmp_path: Path) -> None:
     text = "[[model]]\npath = 'a.onnx'\n[model.rounding]\nlr = {}\n"
     one = load_manifest(_manifest(tmp_path, text.format("1"), "one.toml"))
     other = load_manifest(_manifest(tmp_path, text.format("1.0"), "other.toml"))
-    assert one.jobs[0].settings(False) == other.jobs[0].settings(False)
+    assert one.jobs[0].settings() == other.jobs[0].settings()
 
 
 def _rows(out: Path) -> dict[str, dict[str, str]]:
@@ -151,10 +152,7 @@ def test_local_batch_broken_model_resume_and_jobs(tmp_path: Path, capsys: pytest
         assert 0.0 <= float(rows[name]["agreement"]) <= 1.0 and int(rows[name]["out_bytes"]) > 0
     assert results["good"]["scan"]["skipped"] == "scan = false in the manifest"
     scan = results["learned"]["scan"]
-    if scan_available():
-        assert "verdict" in scan and "skipped" not in scan
-    else:
-        assert "pipeline.scan is not in this tree" in scan["skipped"]
+    assert "verdict" in scan and "skipped" not in scan
     table = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in table["rows"]] == ["good", "broken", "learned"]
     html = (out / "index.html").read_text()

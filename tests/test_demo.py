@@ -26,7 +26,8 @@ def test_demo_defense_is_what_defend_writes(fashion_mnist: None, tmp_path: Path,
         assert row in out
     assert "agrees with full precision on" in out
     defended = tmp_path / "defended.onnx"
-    assert main(["defend", str(zoo_path(entry)), "--iters", "30", "--num-calib", "256", "--seed", "0",
+    assert main(["defend", str(zoo_path(entry)), "--scheme", entry.scheme,
+                 "--iters", "30", "--num-calib", "256", "--seed", "0",
                  "-o", str(defended)]) == 0
     demo_model = demo_dir / f"{entry.name}.efrap.w4a4.onnx"
     assert demo_model.read_bytes() == defended.read_bytes()

@@ -288,7 +288,7 @@ def test_defend_then_verify_return_their_reports(tmp_path: Path, fashion_mnist: 
     out = tmp_path / "defended.onnx"
     result = defend(CLEAN, out, num_calib=64, iters=20, holdout=200, max_agreement_drop="10%")
     assert isinstance(result, DefendResult) and isinstance(result.summary, QuantizeSummary)
-    assert result.summary.options.method == "efrap" and result.summary.options.scheme.name == "w4a4"
+    assert result.summary.options.method == "efrap" and result.summary.options.scheme.name == "w8a8"
     assert result.check.images == 200 and result.passed == result.check.passed
     assert out.exists() and "efrap.guard" in get_metadata(onnx.load(str(out)))
 

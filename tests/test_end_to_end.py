@@ -94,7 +94,8 @@ def test_defend_writes_metadata_matches_simulation_and_is_deterministic(
     assert guard["images"] == 200 and guard["passed"] and guard["agreement"] > 0.9
     # The default preset measures every layer's errors in grid steps.
     default = tmp_path / "default.onnx"
-    assert main(["defend", str(clean_model), "--iters", "20", "--num-calib", "128", "--holdout", "100",
+    assert main(["defend", str(clean_model), "--scheme", "w4a4",
+                 "--iters", "20", "--num-calib", "128", "--holdout", "100",
                  "-o", str(default)]) == 0
     meta = {p.key: p.value for p in onnx.load(str(default)).metadata_props}
     assert set(json.loads(meta["efrap.error_units"]).values()) == {"steps"}
@@ -105,7 +106,8 @@ def test_defend_that_breaks_its_budget_exits_one_with_its_report_written(
         clean_model: Path, tmp_path: Path) -> None:
     out, summary = tmp_path / "d.onnx", tmp_path / "d.json"
     # No 20-iteration defense at w4a4 keeps 99.99% of FP's predictions or 99.9% accuracy.
-    code = main(["defend", str(clean_model), "--iters", "20", "--num-calib", "128", "--holdout", "300",
+    code = main(["defend", str(clean_model), "--scheme", "w4a4",
+                 "--iters", "20", "--num-calib", "128", "--holdout", "300",
                  "--max-agreement-drop", "0.01%", "--min-accuracy", "0.999", "--summary", str(summary),
                  "-o", str(out)])
     assert code == 1
@@ -116,6 +118,7 @@ def test_defend_that_breaks_its_budget_exits_one_with_its_report_written(
     assert json.loads(meta["efrap.guard"]) == guard
     # The same defense within a budget it keeps passes.
     ok = tmp_path / "ok.onnx"
-    assert main(["defend", str(clean_model), "--iters", "20", "--num-calib", "128", "--holdout", "300",
+    assert main(["defend", str(clean_model), "--scheme", "w4a4",
+                 "--iters", "20", "--num-calib", "128", "--holdout", "300",
                  "--max-agreement-drop", "50%", "--min-accuracy", "0.5", "-o", str(ok)]) == 0
     assert json.loads({p.key: p.value for p in onnx.load(str(ok)).metadata_props}["efrap.guard"])["passed"]

@@ -42,6 +42,7 @@ LAYERS: dict[str, int] = {
     "pipeline.selfcheck": 4,
     "pipeline.repair": 4,
     "pipeline.api": 4,
+    "pipeline.runner": 4,
     "models": 5,
     "pipeline.cli": 6,
 }

@@ -154,7 +154,8 @@ def test_checkpoint_path_in_the_way_is_refused(tmp_path: Path, tiny: Path, kind:
 def _defend(model: Path, out: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli.main", "defend", str(model), "-o", str(out), "--iters", "300",
+        [sys.executable, "-m", "pipeline.cli.main", "defend", str(model), "-o", str(out), "--scheme", "w4a4",
+         "--iters", "300",
          "--batch-size", "16", "--num-calib", "64", "--holdout", "100", "--threads", "1"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -34,7 +34,8 @@ def _scan_by_candidate(verdicts: dict[str, FakeScan], calls: list[str]):
 
 
 def _defend(tiny: Path, out: Path, *extra: str) -> list[str]:
-    return ["defend", str(tiny), "-o", str(out), "--self-check", "--iters", "20", "--num-calib", "64",
+    return ["defend", str(tiny), "-o", str(out), "--scheme", "w4a4", "--self-check",
+            "--iters", "20", "--num-calib", "64",
             "--holdout", "100", "--threads", "1", *extra]
 
 

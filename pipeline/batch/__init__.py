@@ -8,7 +8,7 @@ result is stored for the same model file and settings (pipeline.batch.store) and
 write results.csv, results.json and index.html (pipeline.batch.report).
 """
 
-from pipeline.batch.job import run_job, scan_available
+from pipeline.batch.job import run_job
 from pipeline.batch.local import run_local
 from pipeline.batch.manifest import Manifest, ModelJob, load_manifest, result_key
 from pipeline.batch.ray_runner import run_ray
@@ -23,6 +23,5 @@ __all__ = [
     "run_job",
     "run_local",
     "run_ray",
-    "scan_available",
     "text_table",
 ]

@@ -24,7 +24,7 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import asdict, fields, is_dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +35,9 @@ from pipeline.base.provenance import versions
 from pipeline.base.safe_io import json_ready, write_json
 from pipeline.base.threads import apply_threads
 from pipeline.batch.manifest import ModelJob
-from pipeline.quantize import quantize_file
-from validators.verify import VerifyOptions, VerifyReport, verify_model
-
-# STEP scan: the trigger-free scan is another engineer's package (pipeline.scan). Where it is in
-# the tree it runs first; where it is not, every model records why its scan was skipped.
-try:
-    from pipeline.scan import ScanOptions, scan_model
-
-    SCAN_MISSING: str | None = None
-except ImportError as _missing:
-    ScanOptions = scan_model = None  # type: ignore[assignment,misc]
-    SCAN_MISSING = f"pipeline.scan is not in this tree ({_missing})"
+from pipeline.runner import defend_step, scan_step, verify_step
+from pipeline.scan import ScanOptions
+from validators.verify import VerifyOptions, VerifyReport
 
 #: Version of result.json's layout.
 RESULT_FORMAT = 1
@@ -55,11 +46,6 @@ OUTPUT_FILE = "model.qdq.onnx"
 LOG_FILE = "log.txt"
 #: Every file a job writes, so a re-run can clear what an older run left.
 JOB_FILES = (RESULT_FILE, OUTPUT_FILE, "summary.json", "verify_fp.json", "verify.json", "scan.json")
-
-
-def scan_available() -> bool:
-    """Whether this tree has the scan (pipeline.scan)."""
-    return SCAN_MISSING is None
 
 
 def limit_threads(threads: int) -> None:
@@ -102,28 +88,25 @@ def _bytes(path: str) -> int:
     return sum(p.stat().st_size for p in model_files(path))
 
 
+def scan_options(job: ModelJob) -> ScanOptions:
+    """The scan's settings from the job's: the nearest model it builds is the one `efrap quantize
+    --method nearest` would write with the same settings."""
+    o = job.options
+    return ScanOptions(scheme=o.scheme, calib=o.calib, num_calib=o.num_calib, seed=o.seed,
+                       holdout=job.guard.images, opt_level=job.opt_level, provider=o.provider,
+                       preprocess=o.preprocess, budget=job.scan_budget)
+
+
 def _scan(job: ModelJob, folder: Path) -> dict[str, Any]:
     """The scan's verdict and target, or why it did not run; never fails the model."""
     if not job.scan:
         return {"verdict": None, "target": None, "skipped": "scan = false in the manifest"}
-    if ScanOptions is None or scan_model is None:
-        return {"verdict": None, "target": None, "skipped": SCAN_MISSING}
-    # The settings the batch knows go to the ScanOptions fields of the same name: the nearest
-    # model the scan builds is then the one `efrap quantize --method nearest` would write.
-    o = job.options
-    known = {"scheme": o.scheme, "calib": o.calib, "num_calib": o.num_calib, "seed": o.seed,
-             "holdout": job.guard.images, "opt_level": job.opt_level, "provider": o.provider,
-             "preprocess": o.preprocess, "budget": job.scan_budget}
-    names = {f.name for f in fields(ScanOptions)} if is_dataclass(ScanOptions) else set()
     try:
-        report = scan_model(job.path, ScanOptions(**{k: v for k, v in known.items() if k in names}))
-        write_json(report.to_json(), folder / "scan.json")
+        scanned = scan_step(Path(job.path), scan_options(job))
+        write_json(scanned.report.to_json(), folder / "scan.json")
     except Exception as exc:  # the scan's own failure is its column's, not the model's
         return {"verdict": None, "target": None, "error": one_line(f"{type(exc).__name__}: {exc}")}
-    verdict, target = report.verdict, getattr(report, "target", None)
-    if not isinstance(verdict, str):  # a Verdict object, which holds the target too
-        verdict, target = getattr(verdict, "verdict", str(verdict)), getattr(verdict, "target", target)
-    return {"verdict": verdict, "target": target}
+    return {"verdict": scanned.report.verdict.verdict, "target": scanned.report.verdict.target}
 
 
 def run_job(job: ModelJob, folder: str | Path, key: str | None, model_sha256: str | None,
@@ -168,7 +151,8 @@ def run_job(job: ModelJob, folder: str | Path, key: str | None, model_sha256: st
         log(f"{job.name}: {job.step} ({job.options.method}, scheme {job.scheme_spec})")
         t0 = time.perf_counter()
         output = folder / OUTPUT_FILE
-        summary, check = quantize_file(job.path, str(output), job.options, job.guard)
+        defended = defend_step(Path(job.path), output, job.options, job.guard)
+        summary, check = defended.summary, defended.guard
         seconds["quantize"] = round(time.perf_counter() - t0, 3)
         seconds["calibration"] = round(summary.calibration_seconds, 3)
         seconds["rounding"] = round(summary.rounding_seconds, 3)
@@ -182,18 +166,17 @@ def run_job(job: ModelJob, folder: str | Path, key: str | None, model_sha256: st
         options = VerifyOptions(data=job.data, trigger=job.trigger, opt_level=job.opt_level,
                                 provider=job.options.provider, limit=job.limit, seed=job.options.seed,
                                 preprocess=job.options.preprocess)
-        if job.verify_fp:
-            t0 = time.perf_counter()
-            fp = verify_model(job.path, options)
-            write_json(fp.to_json(), folder / "verify_fp.json")
-            record["fp"] = _figures(fp)
-            seconds["verify_fp"] = round(time.perf_counter() - t0, 3)
-        t0 = time.perf_counter()
-        out = verify_model(str(output), replace(options, gate=job.gate))
+        verified = verify_step(output, replace(options, gate=job.gate),
+                               Path(job.path) if job.verify_fp else None)
+        if verified.fp is not None and verified.fp_seconds is not None:
+            write_json(verified.fp.to_json(), folder / "verify_fp.json")
+            record["fp"] = _figures(verified.fp)
+            seconds["verify_fp"] = round(verified.fp_seconds, 3)
+        out = verified.output
         write_json(out.to_json(), folder / "verify.json")
         record["output"] = _figures(out)
         record["gate"] = None if out.gate is None else asdict(out.gate)
-        seconds["verify"] = round(time.perf_counter() - t0, 3)
+        seconds["verify"] = round(verified.seconds, 3)
         record["passed"] = (check is None or check.passed) and (out.gate is None or out.gate.passed)
         record["status"] = "done"
     except EfrapError as exc:

@@ -126,7 +126,7 @@ class ModelJob:
         """Whether the method learns the rounding from data (torch work; a GPU helps)."""
         return "data" in run_needs(self.options.method, self.options.config)
 
-    def settings(self, scan_available: bool) -> dict[str, Any]:
+    def settings(self) -> dict[str, Any]:
         """Everything that decides this model's result, as canonical JSON-ready data.
 
         The model file enters the key by its sha256 (`result_key`), the trigger by the
@@ -135,7 +135,7 @@ class ModelJob:
         o = self.options
         return {
             "format": SETTINGS_FORMAT,
-            "steps": [*(["scan"] if self.scan and scan_available else []), self.step, "verify"],
+            "steps": [*(["scan"] if self.scan else []), self.step, "verify"],
             "method": o.method, "scheme": o.scheme.to_json(), "calib": o.calib, "num_calib": o.num_calib,
             "seed": o.seed, "weight_storage": o.weight_storage,
             "rounding": asdict(o.config) if self.learned else {},
@@ -147,7 +147,7 @@ class ModelJob:
             "data": self.data, "limit": self.limit, "opt_level": self.opt_level,
             "gate": {"min_accuracy": self.gate.min_accuracy, "max_asr": self.gate.max_asr},
             "verify_fp": self.verify_fp,
-            "scan_budget": self.scan_budget if self.scan and scan_available else None,
+            "scan_budget": self.scan_budget if self.scan else None,
             "trigger": None if self.trigger is None else
             {p.name: file_sha256(p) for p in trigger_files(self.trigger)},
         }

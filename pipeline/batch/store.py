@@ -48,7 +48,7 @@ from pipeline.base.safe_io import (
     write_json,
 )
 from pipeline.base.trigger import trigger_files
-from pipeline.batch.job import JOB_FILES, LOG_FILE, RESULT_FILE, RESULT_FORMAT, scan_available
+from pipeline.batch.job import JOB_FILES, LOG_FILE, RESULT_FILE, RESULT_FORMAT
 from pipeline.batch.manifest import Manifest, ModelJob, result_key, scheme_path
 
 LOG_NAME = "batch.log"
@@ -136,7 +136,7 @@ def task_for(job: ModelJob) -> Task:
     """
     try:
         sha = file_sha256(job.path)
-        settings = job.settings(scan_available())
+        settings = job.settings()
     except (EfrapError, OSError):
         return Task(job, None, None, None)  # the job reports the same problem as its error
     with contextlib.suppress(EfrapError, OSError):
