@@ -49,9 +49,9 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.child import ChildRun, run_child
-from bench.corpus_data import FMNIST32_MEAN, FMNIST32_STD, fmnist32, text_lines, text_pages
 from bench.corpus_models import default_cache, load_manifest, rapidocr_models
 from bench.portable import write_results
+from models.corpus_data import FMNIST32_MEAN, FMNIST32_STD, fmnist32, text_lines, text_pages
 from pipeline.base.onnx_io import fixed_batch, image_input, load_model
 from pipeline.base.provenance import versions
 from pipeline.base.runtime import make_session

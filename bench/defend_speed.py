@@ -42,10 +42,10 @@ from onnx import numpy_helper, shape_inference
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.child import run_child
-from bench.corpus_data import FMNIST32_MEAN, FMNIST32_STD, fmnist32, text_lines
 from bench.corpus_models import rapidocr_models
 from converters.export import export_onnx
 from models.architectures import build_model
+from models.corpus_data import FMNIST32_MEAN, FMNIST32_STD, fmnist32, text_lines
 from models.zoo import load_manifest, zoo_path
 from pipeline.base.data import load_dataset, sample_indices
 from pipeline.base.provenance import versions

@@ -34,9 +34,9 @@ from onnxruntime.quantization import quantize_static as ort_quantize_static
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.corpus_data import fmnist32
 from bench.corpus_models import default_cache
 from bench.latency import median_latencies
+from models.corpus_data import fmnist32
 from pipeline.api import quantize_static
 from pipeline.base.data import load_dataset, sample_indices
 from pipeline.base.onnx_io import image_input
