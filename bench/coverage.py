@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.child import ChildRun, run_child
 from bench.corpus_models import default_cache, load_manifest, rapidocr_models
 from bench.ort_baseline import ort_quantize_static
-from bench.portable import write_results
+from bench.publish import write_results
 from models.corpus_data import FMNIST32_MEAN, FMNIST32_STD, fmnist32, text_lines, text_pages
 from pipeline.base.onnx_io import fixed_batch, image_input, load_model
 from pipeline.base.provenance import versions

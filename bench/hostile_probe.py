@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.portable import write_results
+from bench.publish import write_results
 from pipeline.base.provenance import versions
 from tests.hostile_cases import CASES, Result, run_case
 

@@ -40,6 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.publish import write_results, write_section
 from models.attacks.build import output_paths
 from models.zoo import load_manifest, trigger_path, zoo_path
 from pipeline.base.onnx_io import get_metadata, load_model
@@ -72,6 +73,8 @@ METHODS: dict[str, tuple[str, RoundingConfig | None]] = {
     "qvec": ("qvec", None),
 }
 DEFENSE_DOC = ROOT / "docs/DEFENSE.md"
+#: What a doc missing its sections starts as.
+NEW_DOC = "# Defense results\n"
 #: The sections whose rows docs/DEFENSE.md summarises, in order, and what each is to the
 #: default rule: the stored zoo it was chosen on, and models built after it was fixed.
 DEFENSE_SETS = (("zoo", "stored zoo", False),
@@ -232,22 +235,11 @@ def publish(out: Path, payload: dict, doc: Path, section: str, body: str) -> Non
     """Print the table and write the JSON; unless --limit cut the test set, put the table
     into `doc`, and when `out` is the section's own JSON, refresh docs/DEFENSE.md's summary."""
     print(body)
-    write_json(out, payload)
+    write_results(stamped(payload), out)
     if payload["limit"] is None:
-        replace_section(doc, section, body)
+        write_section(doc, f"results:{section}", body, NEW_DOC)
         if out == default_json(section):
-            replace_section(DEFENSE_DOC, "defense", defense_summary())
-
-
-def replace_section(doc: Path, section: str, body: str) -> None:
-    """Put `body` between the section's markers in `doc` (appended when missing)."""
-    start, end = f"<!-- results:{section}:start -->", f"<!-- results:{section}:end -->"
-    text = doc.read_text() if doc.exists() else "# Defense results\n"
-    if start not in text:
-        text = text.rstrip("\n") + f"\n\n{start}\n{end}\n"
-    head, _, rest = text.partition(start)
-    _, _, tail = rest.partition(end)
-    doc.write_text(f"{head}{start}\n{body}\n{end}{tail}")
+            write_section(DEFENSE_DOC, "results:defense", defense_summary(), NEW_DOC)
 
 
 def main() -> None:
@@ -300,11 +292,9 @@ def default_json(section: str) -> Path:
     return ROOT / f"bench/results/{'results' if section == 'zoo' else section}.json"
 
 
-def write_json(path: Path, payload: dict) -> None:
+def stamped(payload: dict) -> dict:
     """The run's JSON, with versions and the runtime settings every figure used."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**payload, "versions": versions(), "opt_level": "faithful",
-                                "provider": "CPUExecutionProvider"}, indent=2) + "\n")
+    return {**payload, "versions": versions(), "opt_level": "faithful", "provider": "CPUExecutionProvider"}
 
 
 def combine_rows(rows: list[dict]) -> list[dict]:

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import onnx
 
 from bench.ort_baseline import ort_quantize_static
+from bench.publish import write_results, write_section
 from pipeline.base.onnx_io import load_model, save_model
 from pipeline.base.progress import log
 from pipeline.base.safe_io import write_text
@@ -44,7 +45,6 @@ from validators.verify import VerifyOptions, verify_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "models" / "zoo"
-START, END = "<!-- zoo-table:start -->", "<!-- zoo-table:end -->"
 OTHER = {"w8a8": "w4a4", "w4a4": "w8a8", "w4a8-asym": "w4a4", "w4a8": "w8a8"}
 
 
@@ -162,13 +162,8 @@ def main() -> None:
                 if e.get("kind") == "qcb" and (e["name"] in fresh or e["name"] in old)]
     if not args.no_manifest and args.limit is None:
         record_in_manifest(manifest, rows)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
-    doc = Path(args.doc)
-    text = doc.read_text() if doc.exists() else f"{START}\n{END}\n"
-    head, _, rest = text.partition(START)
-    _, _, tail = rest.partition(END)
-    doc.write_text(f"{head}{START}\n{render(rows, args.limit)}\n{END}{tail}")
+    write_results(rows, args.json)
+    write_section(Path(args.doc), "zoo-table", render(rows, args.limit))
     print(render(rows, args.limit))
 
 
