@@ -34,6 +34,7 @@ from bench.child import run_child
 from bench.publish import portable_text, write_results, write_section
 from pipeline.base.progress import log
 from pipeline.base.provenance import versions
+from validators.report import pct
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path.home() / ".cache" / "efrap-onnx"
@@ -113,7 +114,8 @@ def measure(fp: Path, made: dict[str, dict], work: Path, scheme: str, budget: fl
 
 
 def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f}"
+    """A fraction in percent for a cell whose header says so (no % sign)."""
+    return pct(v, "n/a", unit="")
 
 
 def render(results: dict[str, dict], scheme: str, command: str) -> str:

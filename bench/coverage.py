@@ -50,7 +50,7 @@ from pipeline.base.runtime import make_session
 from pipeline.cli.args import preprocess_options
 from pipeline.cli.main import build_parser
 from pipeline.quantize import calibration_images
-from validators.report import table
+from validators.report import pct, table
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs/COVERAGE.md"
@@ -304,11 +304,6 @@ def goals(rows: list[dict]) -> list[str]:
 
 def render(rows: list[dict], settings: dict) -> str:
     """docs/COVERAGE.md."""
-    def pct(step: dict, key: str = "agreement") -> str:
-        if "error" in step:
-            return "FAILED"
-        return f"{100 * step[key]:.1f}" if key in step else "n/a"
-
     head = ["model", "batch", "MiB", "nearest w8a8", "quantize_static", "nearest w4a8", "adaround w4a8",
             "efrap w4a8", "latency ours/qs (x FP32)", "kernels ours - qs"]
     lines = ["# Coverage: the corpus through every method", "",
@@ -337,8 +332,12 @@ def render(rows: list[dict], settings: dict) -> str:
             if step is None:
                 cells.append("not run")
                 continue
-            cells.append(pct(step) if r.get("classifier", True) else
-                         ("FAILED" if "error" in step else f"err {step['rel_error']:.3f}"))
+            if "error" in step:
+                cells.append("FAILED")
+            elif r.get("classifier", True):
+                cells.append(pct(step.get("agreement"), "n/a", digits=1, unit=""))
+            else:
+                cells.append(f"err {step['rel_error']:.3f}")
         cells.append(ratio)
         diff = lat.get("kernel_difference")
         cells.append("n/a" if diff is None else (", ".join(f"{k} {v:+d}" for k, v in diff.items()) or "same"))
@@ -371,7 +370,6 @@ def render(rows: list[dict], settings: dict) -> str:
 
 def save(rows: list[dict], settings: dict, path: Path) -> None:
     """Write the JSON and regenerate docs/COVERAGE.md from the same rows."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_results({"settings": settings, "rows": rows, "versions": versions()}, path)
     DOC.write_text(render(rows, settings))
 

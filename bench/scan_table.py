@@ -45,6 +45,7 @@ from bench.child import run_child
 from bench.publish import replace_section, write_results
 from pipeline.base.onnx_io import get_metadata
 from pipeline.base.safe_io import write_json, write_text
+from validators.report import pct
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "models" / "zoo"
@@ -220,7 +221,8 @@ def _summary(case: Case, data: dict) -> dict:
 
 
 def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
+    """An attack success in percent, one decimal, for a cell whose header says so."""
+    return pct(value, digits=1, unit="")
 
 
 def table(rows: list[dict]) -> str:
