@@ -4,7 +4,9 @@ Usage: python bench/hostile_probe.py [--only SUBSTRING] [--json bench/results/ho
            [--keep FOLDER]
 
 The cases are defined once, in `tests/hostile_cases.py`, which the tests run too (most
-of them in the test process). Here each case builds its inputs in a folder of its own
+of them in the test process). They live beside the tests, not in the package: they are
+hostile inputs built to attack the CLI, nothing a user calls, and the tests import no
+bench module (tests/test_no_bench_imports.py), so the bench imports them. Here each case builds its inputs in a folder of its own
 (a hand-built 1x28x28 ONNX model, small npz data sets, PNG image folders, scheme,
 trigger, gate and manifest files), runs ``python -m pipeline.cli.main ...`` there, and
 is judged by the same `judge` against the promise: a mistake prints one error line on
