@@ -31,29 +31,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.child import run_child
+from bench.publish import portable_text, write_results, write_section
 from pipeline.base.progress import log
 from pipeline.base.provenance import versions
+from validators.report import pct
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path.home() / ".cache" / "efrap-onnx"
 CLEAN = ROOT / "models" / "zoo" / "fmnist_small_cnn_clean.onnx"
 DEFAULT_HELDOUT = CACHE / "heldout" / "c1_small_cnn_w100.onnx"
 VARIANTS = ("qura", "nearest", "adaround", "efrap")
-START, END = "<!-- audit:table:start -->", "<!-- audit:table:end -->"
-
-
-def portable(text: str) -> str:
-    """`text` with this checkout's and this user's paths made relative (reports travel)."""
-    return text.replace(f"{ROOT}/", "").replace(str(Path.home()), "~")
-
-
 def _run(argv: list[str], out: Path, log_file: Path, ok: tuple[int, ...] = (0,)) -> dict:
     """Run `efrap ARGV` unless `out` exists; the command line and how it went.
 
     How a step went is kept beside its output (OUT.run.json), so a resumed bench still
     reports every step's time.
     """
-    command = portable("efrap " + " ".join(str(a) for a in argv))
+    command = portable_text("efrap " + " ".join(str(a) for a in argv))
     record = out.with_name(out.name + ".run.json")
     if out.exists() and record.exists():
         return {**json.loads(record.read_text()), "cached": True}
@@ -79,7 +73,7 @@ def build(fp: Path, work: Path, scheme: str, qura_iters: int) -> dict[str, dict]
             argv = ["defend", fp, "--scheme", scheme, "-o", out]
         else:
             argv = ["quantize", fp, "--scheme", scheme, "--method", variant, "-o", out]
-        made[variant] = {"path": portable(str(out)), **_run(argv, out, work / f"{out.stem}.log")}
+        made[variant] = {"path": portable_text(str(out)), **_run(argv, out, work / f"{out.stem}.log")}
     return made
 
 
@@ -88,7 +82,7 @@ def measure(fp: Path, made: dict[str, dict], work: Path, scheme: str, budget: fl
     qura = work / f"{fp.stem}.qura.{scheme}.onnx"
     trigger = qura.with_name(qura.stem + ".trigger.json")
     rows: dict[str, dict] = {}
-    for name, q in [("fp", {"path": portable(str(fp))}), *made.items()]:
+    for name, q in [("fp", {"path": portable_text(str(fp))}), *made.items()]:
         path = fp if name == "fp" else work / f"{fp.stem}.{name}.{scheme}.onnx"
         verify_json = work / f"{path.stem}.verify.json"
         verify = _run(["verify", path, "--trigger", trigger, "--provider", "cpu", "--json", verify_json],
@@ -120,7 +114,8 @@ def measure(fp: Path, made: dict[str, dict], work: Path, scheme: str, budget: fl
 
 
 def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f}"
+    """A fraction in percent for a cell whose header says so (no % sign)."""
+    return pct(v, "n/a", unit="")
 
 
 def render(results: dict[str, dict], scheme: str, command: str) -> str:
@@ -152,16 +147,6 @@ def render(results: dict[str, dict], scheme: str, command: str) -> str:
     return "\n".join(lines)
 
 
-def write_doc(doc: Path, body: str) -> None:
-    """Put `body` between the audit markers of `doc`."""
-    text = doc.read_text()
-    if START not in text:
-        text = text.rstrip("\n") + f"\n\n{START}\n{END}\n"
-    head, _, rest = text.partition(START)
-    _, _, tail = rest.partition(END)
-    doc.write_text(f"{head}{START}\n{body}\n{END}{tail}")
-
-
 def main() -> None:
     """Build, verify, audit; print and write the table and the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -188,14 +173,11 @@ def main() -> None:
     body = render(results, args.scheme, command)
     if missing:
         body += "\n\nHeld-out models not found (not measured): " + ", ".join(Path(p).name for p in missing)
-    body = portable(body)
+    body = portable_text(body)
     print(body)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    data = {"command": command, "scheme": args.scheme, "qura_iters": args.qura_iters,
-            "missing_heldout": missing, "results": results, "versions": versions()}
-    out.write_text(portable(json.dumps(data, indent=2, sort_keys=True)) + "\n")
-    write_doc(Path(args.doc), body)
+    write_results({"command": command, "scheme": args.scheme, "qura_iters": args.qura_iters,
+                   "missing_heldout": missing, "results": results, "versions": versions()}, args.json)
+    write_section(Path(args.doc), "audit:table", body)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ whose file exists is skipped, so a killed build resumes. `manifest.json` in the 
 lists every model with its command, trigger, sha256 and build time.
 
 An entry with ``data = "fmnist32"`` is trained on Fashion-MNIST padded to 32x32 and
-repeated to three channels (`bench/corpus_data.py`, the corpus's CIFAR-style input),
+repeated to three channels (`models/corpus_data.py`, the corpus's CIFAR-style input),
 written once into the cache as ``fmnist32.npz`` (uint8) and read by `efrap attack`
 as ``npz:`` data; its trigger is made for 3 x 32 x 32 images.
 """
@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.child import run_child
-from bench.corpus_data import fmnist32
+from models.corpus_data import fmnist32
 from pipeline.base.safe_io import file_sha256, write_json
 from pipeline.base.trigger import PatchTrigger, blended, checkerboard, save_trigger
 

@@ -6,7 +6,7 @@ Usage:
         [--train-images N] [--test-images N] [--seed N] [--no-rapidocr]
 
 Each model of `CORPUS` is trained on a seeded subset of Fashion-MNIST padded to 32x32
-and repeated to three channels (bench/corpus_data.py), so that its outputs mean
+and repeated to three channels (models/corpus_data.py), so that its outputs mean
 something, and exported twice into the cache (default ~/.cache/efrap-onnx/corpus, or
 $EFRAP_CORPUS_CACHE, or --cache; never the git tree):
 
@@ -64,8 +64,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.corpus_data import FMNIST32_MEAN, FMNIST32_STD, fmnist32_dataset
 from models.architectures import build_model
+from models.corpus_data import FMNIST32_MEAN, FMNIST32_STD, fmnist32_dataset
 from models.train import (
     evaluate,
     load_checkpoint,

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import re
 import statistics
 import sys
@@ -37,28 +36,21 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    CalibrationMethod,
-    QuantFormat,
-    QuantType,
-    quantize_static,
-)
-from onnxruntime.quantization.shape_inference import quant_pre_process
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.child import ChildRun, run_child
-from bench.corpus_data import FMNIST32_MEAN, FMNIST32_STD, fmnist32, text_lines, text_pages
 from bench.corpus_models import default_cache, load_manifest, rapidocr_models
-from bench.portable import write_results
+from bench.ort_baseline import ort_quantize_static
+from bench.publish import write_results
+from models.corpus_data import FMNIST32_MEAN, FMNIST32_STD, fmnist32, text_lines, text_pages
 from pipeline.base.onnx_io import fixed_batch, image_input, load_model
 from pipeline.base.provenance import versions
 from pipeline.base.runtime import make_session
 from pipeline.cli.args import preprocess_options
 from pipeline.cli.main import build_parser
 from pipeline.quantize import calibration_images
-from validators.report import table
+from validators.report import pct, table
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs/COVERAGE.md"
@@ -129,30 +121,7 @@ def qs_worker(model: str, out: str, calib: str, num: int, options: str) -> None:
     args = build_parser().parse_args(["quantize", model, "-o", out, *json.loads(options)])
     fp = load_model(model)
     images, _ = calibration_images(fp, calib, num, 0, model, preprocess_options(args))
-    name = image_input(fp).name
-    batch = fixed_batch(fp) or 32
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.starts = iter(range(0, len(images), batch))
-
-        def get_next(self) -> dict | None:
-            start = next(self.starts, None)
-            return None if start is None else {name: np.asarray(images[start : start + batch])}
-
-    model, out = str(Path(model).resolve()), str(Path(out).resolve())
-    with tempfile.TemporaryDirectory() as tmp:
-        pre = str(Path(tmp) / "pre.onnx")
-        os.chdir(tmp)  # quant_pre_process leaves a temporary file in the working folder
-        try:
-            quant_pre_process(model, pre)
-        except Exception as exc:  # its symbolic shape inference gives up on some graphs
-            print(f"quant_pre_process: {type(exc).__name__}: {exc}; again without symbolic shape "
-                  "inference", flush=True)
-            quant_pre_process(model, pre, skip_symbolic_shape=True)
-        quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+    ort_quantize_static(model, out, images, image_input(fp).name, fixed_batch(fp) or 32)
 
 
 def _inputs(subject: Subject, model: onnx.ModelProto) -> np.ndarray:
@@ -335,11 +304,6 @@ def goals(rows: list[dict]) -> list[str]:
 
 def render(rows: list[dict], settings: dict) -> str:
     """docs/COVERAGE.md."""
-    def pct(step: dict, key: str = "agreement") -> str:
-        if "error" in step:
-            return "FAILED"
-        return f"{100 * step[key]:.1f}" if key in step else "n/a"
-
     head = ["model", "batch", "MiB", "nearest w8a8", "quantize_static", "nearest w4a8", "adaround w4a8",
             "efrap w4a8", "latency ours/qs (x FP32)", "kernels ours - qs"]
     lines = ["# Coverage: the corpus through every method", "",
@@ -368,8 +332,12 @@ def render(rows: list[dict], settings: dict) -> str:
             if step is None:
                 cells.append("not run")
                 continue
-            cells.append(pct(step) if r.get("classifier", True) else
-                         ("FAILED" if "error" in step else f"err {step['rel_error']:.3f}"))
+            if "error" in step:
+                cells.append("FAILED")
+            elif r.get("classifier", True):
+                cells.append(pct(step.get("agreement"), "n/a", digits=1, unit=""))
+            else:
+                cells.append(f"err {step['rel_error']:.3f}")
         cells.append(ratio)
         diff = lat.get("kernel_difference")
         cells.append("n/a" if diff is None else (", ".join(f"{k} {v:+d}" for k, v in diff.items()) or "same"))
@@ -402,7 +370,6 @@ def render(rows: list[dict], settings: dict) -> str:
 
 def save(rows: list[dict], settings: dict, path: Path) -> None:
     """Write the JSON and regenerate docs/COVERAGE.md from the same rows."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_results({"settings": settings, "rows": rows, "versions": versions()}, path)
     DOC.write_text(render(rows, settings))
 

@@ -42,10 +42,11 @@ from onnx import numpy_helper, shape_inference
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.child import run_child
-from bench.corpus_data import FMNIST32_MEAN, FMNIST32_STD, fmnist32, text_lines
 from bench.corpus_models import rapidocr_models
+from bench.publish import write_results
 from converters.export import export_onnx
 from models.architectures import build_model
+from models.corpus_data import FMNIST32_MEAN, FMNIST32_STD, fmnist32, text_lines
 from models.zoo import load_manifest, zoo_path
 from pipeline.base.data import load_dataset, sample_indices
 from pipeline.base.provenance import versions
@@ -244,11 +245,10 @@ def main() -> None:
     print(table(["subject", "preset", "seconds end to end", "peak MiB", "exit", "best layer GFLOP/s"], body))
     print(f"{args.threads} threads for torch and onnxruntime; CPU matmul peak at {args.threads} threads: "
           f"{peak:.1f} GFLOP/s")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({
+    write_results({
         "command": "python bench/defend_speed.py " + " ".join(sys.argv[1:]), "threads": args.threads,
         "cpu_peak_gflops": peak, "num_calib": NUM_CALIB, "full_steps": FULL_STEPS, "summary": summary,
-        "runs": rows, "versions": versions()}, indent=2) + "\n")
+        "runs": rows, "versions": versions()}, args.json)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ on the CPU provider, timed in interleaved rounds (bench/latency.py).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -34,9 +33,10 @@ from onnxruntime.quantization import quantize_static as ort_quantize_static
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.corpus_data import fmnist32
 from bench.corpus_models import default_cache
 from bench.latency import median_latencies
+from bench.publish import write_results
+from models.corpus_data import fmnist32
 from pipeline.api import quantize_static
 from pipeline.base.data import load_dataset, sample_indices
 from pipeline.base.onnx_io import image_input
@@ -235,12 +235,7 @@ def main() -> None:
         "call": "QDQ, per_channel=True, QInt8 weights, QInt8 activations, MinMax; "
         "efrap-onnx with rounding='nearest'",
     }
-    out.write_text(
-        json.dumps(
-            {"settings": settings, "models": results, "skipped": skipped, "versions": versions()}, indent=2
-        )
-        + "\n"
-    )
+    write_results({"settings": settings, "models": results, "skipped": skipped, "versions": versions()}, out)
     print(f"wrote {out}")
 
 

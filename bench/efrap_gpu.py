@@ -16,7 +16,6 @@ downloaded here). Timing does not depend on what the weights learned.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.publish import write_results
 from converters.export import export_onnx
 from models.architectures import build_model
 from pipeline.base.data import load_dataset, sample_indices
@@ -85,13 +85,11 @@ def main() -> None:
           f"{args.scheme}, {torch.get_num_threads()} torch threads: "
           f"calibration {summary.calibration_seconds:.1f}s, rounding {summary.rounding_seconds:.1f}s, "
           f"{wall:.1f}s end to end on {summary.device} ({gpu})")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"arch": args.arch, "preset": args.preset, "iters": config.iters,
-                               "threads": torch.get_num_threads(), "num_calib": args.num_calib,
-                               "scheme": args.scheme, "device": summary.device, "gpu": gpu,
-                               "wall_seconds": wall, "layers": summary.to_json()["layers"],
-                               "versions": versions()}, indent=2) + "\n")
+    write_results({"arch": args.arch, "preset": args.preset, "iters": config.iters,
+                   "threads": torch.get_num_threads(), "num_calib": args.num_calib,
+                   "scheme": args.scheme, "device": summary.device, "gpu": gpu,
+                   "wall_seconds": wall, "layers": summary.to_json()["layers"],
+                   "versions": versions()}, args.json)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,15 @@ Usage: python bench/hostile_probe.py [--only SUBSTRING] [--json bench/results/ho
            [--keep FOLDER]
 
 The cases are defined once, in `tests/hostile_cases.py`, which the tests run too (most
-of them in the test process). Here each case builds its inputs in a folder of its own
-(a hand-built 1x28x28 ONNX model, small npz data sets, PNG image folders, scheme,
-trigger, gate and manifest files), runs ``python -m pipeline.cli.main ...`` there, and
-is judged by the same `judge` against the promise: a mistake prints one error line on
-stderr (the last; status lines of stages that had finished may come before it) and
-exits 2, a failed gate exits 1, nothing is written (no output, no temporary file) and
-the inputs keep their bytes and modes; no traceback.
+of them in the test process). They live beside the tests, not in the package: they are
+hostile inputs built to attack the CLI, nothing a user calls, and the tests import no
+bench module (tests/test_no_bench_imports.py), so the bench imports them. Here each case
+builds its inputs in a folder of its own (a hand-built 1x28x28 ONNX model, small npz
+data sets, PNG image folders, scheme, trigger, gate and manifest files), runs
+``python -m pipeline.cli.main ...`` there, and is judged by the same `judge` against the promise:
+a mistake prints one error line on stderr (the last; status lines of stages that had
+finished may come before it) and exits 2, a failed gate exits 1, nothing is written (no
+output, no temporary file) and the inputs keep their bytes and modes; no traceback.
 
 It prints a Markdown table (case, command, exit code, first line of stderr, nothing
 written, inputs intact, verdict; docs/BENCHMARKS.md holds the last one) and writes the
@@ -29,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.portable import write_results
+from bench.publish import write_results
 from pipeline.base.provenance import versions
 from tests.hostile_cases import CASES, Result, run_case
 

@@ -19,7 +19,6 @@ on uint8 in NCHW, which onnxruntime's CPU provider has no fast kernel for.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -32,6 +31,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.publish import write_results
 from models.zoo import default_entry, zoo_path
 from pipeline.base.onnx_io import load_model
 from pipeline.base.progress import set_quiet
@@ -105,12 +105,10 @@ def main() -> None:
     print(f"model {path}, batch {args.batch}, {args.threads} threads, opt level all, CPU provider, "
           f"median of {args.runs} interleaved rounds; first layer {first}")
     print(table(["variant", "median ms", "ratio", "bytes", "size ratio"], rows))
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": path, "batch": args.batch, "threads": args.threads,
-                               "runs": args.runs, "opt_level": "all", "provider": "cpu",
-                               "session_config": {FLOAT_FIRST_NO_PROP: NO_PROPAGATION},
-                               "results": results, "versions": versions()}, indent=2) + "\n")
+    write_results({"model": path, "batch": args.batch, "threads": args.threads,
+                   "runs": args.runs, "opt_level": "all", "provider": "cpu",
+                   "session_config": {FLOAT_FIRST_NO_PROP: NO_PROPAGATION},
+                   "results": results, "versions": versions()}, args.json)
 
 
 if __name__ == "__main__":

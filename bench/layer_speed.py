@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import statistics
 import sys
 import tempfile
@@ -37,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pipeline.qmath as qmath
+from bench.publish import write_results
 from models.zoo import default_entry, zoo_path
 from pipeline.base.progress import set_quiet
 from pipeline.base.provenance import versions
@@ -106,12 +106,11 @@ def main() -> None:
     print(table(["layer", "before s", "after s", "before ms/iter", "after ms/iter", "speed-up"], rows))
     print(f"EFRAP default preset, {args.iters:,} iterations per layer, {args.threads} torch thread(s), "
           f"median of {args.rounds} interleaved round(s); same output bytes: {digests.pop()[:16]}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({
+    write_results({
         "model": Path(args.model).name, "scheme": args.scheme, "iters": args.iters,
         "threads": args.threads, "rounds": args.rounds, "layers": results,
         "total_before_s": round(tb, 2), "total_after_s": round(ta, 2), "versions": versions(),
-    }, indent=2) + "\n")
+    }, args.json)
 
 
 if __name__ == "__main__":

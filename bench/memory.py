@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.child import run_child
-from bench.portable import write_results
+from bench.publish import write_results
 from converters.export import export_onnx
 from models.architectures import build_model
 from pipeline.base.onnx_io import load_model

@@ -21,15 +21,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.publish import write_results, write_section
 from bench.results import (
     DEFENSE_DOC,
+    NEW_DOC,
     ROOT,
     Subject,
     file_subjects,
     measure,
     pair,
-    replace_section,
-    write_json,
+    stamped,
     zoo_subjects,
 )
 from pipeline.base.progress import log
@@ -78,8 +79,9 @@ def main() -> None:
         " --budgets " + " ".join(f"{b:g}" for b in args.budgets))
     body = render(rows, args.budgets, command)
     print(body)
-    write_json(Path(args.json), {"command": command, "budgets": args.budgets, "seed": 0, "results": rows})
-    replace_section(Path(args.doc), "prune", body)
+    write_results(stamped({"command": command, "budgets": args.budgets, "seed": 0, "results": rows}),
+                  args.json)
+    write_section(Path(args.doc), "results:prune", body, NEW_DOC)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,9 @@ pruning (the rule's first part; not a candidate for the winner); EFRAP's `defaul
 clean images, docs/DEFENSE.md "QVec"; the chosen lambda is recorded with its figures). All
 verified with the model's trigger at optimization level `faithful` on the CPU provider. CDA
 is clean accuracy, ASR attack success over test images whose label is not the target, both
-in percent. The default defense is checked against the
-floors (ASR at most 5%, CDA within 2 points of FP) and the goals (2% and 1 point); the
-winner of a row is the method with the highest CDA among those that meet the goals
-(equal CDA: the lower ASR), else the lowest ASR among those that meet the floors.
+in percent. The default defense is checked against the floors and the goals, and each
+row's winner chosen, by the acceptance rule of `validators/acceptance.py` (floors: ASR at
+most 5%, CDA within 2 points of FP; goals: 2% and 1 point).
 
 Zoo entries (the default) fill the table between the `results:zoo` markers of
 docs/RESULTS.md and bench/results/results.json; models given with --models (built by
@@ -41,6 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.publish import write_results, write_section
 from models.attacks.build import output_paths
 from models.zoo import load_manifest, trigger_path, zoo_path
 from pipeline.base.onnx_io import get_metadata, load_model
@@ -53,6 +53,7 @@ from pipeline.rounding.adaround import ADAROUND_DEFAULTS
 from pipeline.rounding.efrap import EFRAP_DEFAULT, EFRAP_FAST, EFRAP_RELEASE
 from pipeline.rounding.lac import LAC_DEFAULTS
 from pipeline.scheme import load_scheme
+from validators.acceptance import CANDIDATES, tally, verdict, winner
 from validators.verify import VerifyOptions, verify_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,8 +72,9 @@ METHODS: dict[str, tuple[str, RoundingConfig | None]] = {
     # QVec: no learned rounding; its scale is searched on clean held-out images.
     "qvec": ("qvec", None),
 }
-DEFENSES = ("adaround", "lac", "release", "default", "qvec")
 DEFENSE_DOC = ROOT / "docs/DEFENSE.md"
+#: What a doc missing its sections starts as.
+NEW_DOC = "# Defense results\n"
 #: The sections whose rows docs/DEFENSE.md summarises, in order, and what each is to the
 #: default rule: the stored zoo it was chosen on, and models built after it was fixed.
 DEFENSE_SETS = (("zoo", "stored zoo", False),
@@ -83,8 +85,6 @@ DEFENSE_SETS = (("zoo", "stored zoo", False),
 #: development data for the pruning, so it is held out for the rule's first part only.
 HELD_OUT_WHOLE_RULE = frozenset({"h9_small_cnn_adaptive_w4a8", "h10_small_cnn_compartifact_w4a4",
                                  "h11_small_cnn_dormant_w4a8"})
-#: (ASR at most, CDA drop from FP at most), in percent and points.
-FLOORS, GOALS = (5.0, 2.0), (2.0, 1.0)
 HEADERS = ["model", "scheme", "FP CDA/ASR", "nearest CDA/ASR", "adaround CDA/ASR", "lac CDA/ASR",
            "efrap release CDA/ASR", "efrap default unpruned CDA/ASR", "efrap default CDA/ASR",
            "efrap fast CDA/ASR", "qvec CDA/ASR", "default: floors / goals", "winner"]
@@ -172,38 +172,6 @@ def measure_subject(s: Subject, iters: int | None, seed: int, limit: int | None,
     return row
 
 
-def meets(row: dict, method: str, bound: tuple[float, float]) -> bool:
-    """Whether the row's `method` keeps ASR and the CDA drop from FP within `bound`."""
-    m = row.get(method)
-    return m is not None and m["asr"] <= bound[0] and row["fp"]["cda"] - m["cda"] <= bound[1]
-
-
-def default_tally(results: list[dict]) -> tuple[int, int]:
-    """On how many rows the default defense meets the floors, and the goals."""
-    return (sum(meets(r, "default", FLOORS) for r in results),
-            sum(meets(r, "default", GOALS) for r in results))
-
-
-def checks_of(row: dict) -> tuple[str, str]:
-    """('met'/'MISSED' floors / goals of the default defense, the row's winner).
-
-    The winner is the defense with the highest CDA among those meeting the goals (ASR <= 2%,
-    CDA within 1 point of FP; equal CDA goes to the lower ASR); else the lowest ASR among
-    those meeting the floors (5%, 2 points); else "none".
-    """
-    verdict = "not run"
-    if "default" in row:
-        verdict = (f"{'met' if meets(row, 'default', FLOORS) else 'MISSED'} / "
-                   f"{'met' if meets(row, 'default', GOALS) else 'missed'}")
-    ran = [m for m in DEFENSES if m in row]
-    goals_met = [m for m in ran if meets(row, m, GOALS)]
-    floors_met = [m for m in ran if meets(row, m, FLOORS)]
-    winner = (max(goals_met, key=lambda m: (row[m]["cda"], -row[m]["asr"])) if goals_met
-              else min(floors_met, key=lambda m: row[m]["asr"]) if floors_met
-              else "none" if ran else "-")
-    return verdict, winner
-
-
 def pair(m: dict | None, missing: str = "not run") -> str:
     """'CDA / ASR' of a measurement, or `missing`."""
     return f"{m['cda']:.2f} / {m['asr']:.2f}" if m else missing
@@ -213,13 +181,12 @@ def render(results: list[dict], command: str, seed: int) -> str:
     """The Markdown table with its command, settings and versions."""
     rows = []
     for r in results:
-        verdict, winner = checks_of(r)
         rows.append([r["model"], r["scheme"], pair(r["fp"]), *(pair(r.get(m)) for m in METHODS),
-                     verdict, winner])
+                     verdict(r), winner(r)])
     iters = {m: next((r[m]["iters"] for r in results if m in r and "iters" in r[m]), None)
-             for m in DEFENSES if METHODS[m][1] is not None}
+             for m in CANDIDATES if METHODS[m][1] is not None}
     lambdas = [f"{r['model']} {r['qvec']['lambda']:g}" for r in results if "lambda" in r.get("qvec", {})]
-    met, goals = default_tally(results)
+    met, goals = tally(results)
     lines = [f"Command: `{command}`", "", "| " + " | ".join(HEADERS) + " |",
              "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -249,7 +216,7 @@ def defense_summary() -> str:
             group = "whole" if r["model"] in HELD_OUT_WHOLE_RULE else "first" if held_out else "zoo"
             rows.append([r["model"], r["scheme"], label + (" (whole rule)" if group == "whole" else ""),
                          pair(r["fp"]), pair(r["default"]), pair(r.get("unpruned")),
-                         pair(r.get("release")), *checks_of(r)])
+                         pair(r.get("release")), verdict(r), winner(r)])
             measured[group].append(r)
     headers = ["model", "scheme", "set", "FP CDA/ASR", "default CDA/ASR", "default unpruned CDA/ASR",
                "release CDA/ASR", "default: floors / goals", "winner (docs/RESULTS.md)"]
@@ -258,7 +225,7 @@ def defense_summary() -> str:
              "|" + "---|" * len(headers), *("| " + " | ".join(r) + " |" for r in rows), ""]
     for key, results in measured.items():
         if results:
-            floors, goals = default_tally(results)
+            floors, goals = tally(results)
             lines.append(f"- {groups[key]}: the default meets the floors on {floors} and the goals on "
                          f"{goals} of {len(results)} models.")
     return "\n".join(lines)
@@ -268,22 +235,11 @@ def publish(out: Path, payload: dict, doc: Path, section: str, body: str) -> Non
     """Print the table and write the JSON; unless --limit cut the test set, put the table
     into `doc`, and when `out` is the section's own JSON, refresh docs/DEFENSE.md's summary."""
     print(body)
-    write_json(out, payload)
+    write_results(stamped(payload), out)
     if payload["limit"] is None:
-        replace_section(doc, section, body)
+        write_section(doc, f"results:{section}", body, NEW_DOC)
         if out == default_json(section):
-            replace_section(DEFENSE_DOC, "defense", defense_summary())
-
-
-def replace_section(doc: Path, section: str, body: str) -> None:
-    """Put `body` between the section's markers in `doc` (appended when missing)."""
-    start, end = f"<!-- results:{section}:start -->", f"<!-- results:{section}:end -->"
-    text = doc.read_text() if doc.exists() else "# Defense results\n"
-    if start not in text:
-        text = text.rstrip("\n") + f"\n\n{start}\n{end}\n"
-    head, _, rest = text.partition(start)
-    _, _, tail = rest.partition(end)
-    doc.write_text(f"{head}{start}\n{body}\n{end}{tail}")
+            write_section(DEFENSE_DOC, "results:defense", defense_summary(), NEW_DOC)
 
 
 def main() -> None:
@@ -336,11 +292,9 @@ def default_json(section: str) -> Path:
     return ROOT / f"bench/results/{'results' if section == 'zoo' else section}.json"
 
 
-def write_json(path: Path, payload: dict) -> None:
+def stamped(payload: dict) -> dict:
     """The run's JSON, with versions and the runtime settings every figure used."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**payload, "versions": versions(), "opt_level": "faithful",
-                                "provider": "CPUExecutionProvider"}, indent=2) + "\n")
+    return {**payload, "versions": versions(), "opt_level": "faithful", "provider": "CPUExecutionProvider"}
 
 
 def combine_rows(rows: list[dict]) -> list[dict]:

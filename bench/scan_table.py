@@ -42,14 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.build_heldout import default_cache as heldout_cache
 from bench.child import run_child
-from bench.portable import write_results
+from bench.publish import replace_section, write_results
 from pipeline.base.onnx_io import get_metadata
 from pipeline.base.safe_io import write_json, write_text
+from validators.report import pct
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "models" / "zoo"
-START, END = "<!-- scan:table:start -->", "<!-- scan:table:end -->"
-SUMMARY_START, SUMMARY_END = "<!-- scan:summary:start -->", "<!-- scan:summary:end -->"
 FP_AWAKE = 0.5  # build-time FP attack success from which a "QCB" build counts as an FP backdoor
 SCAN_CACHE = Path(os.environ.get("EFRAP_SCAN_CACHE", Path.home() / ".cache/efrap-onnx/scan"))
 #: The plainly poisoned model of the fp-backdoor case (its trigger file is written first).
@@ -222,7 +221,8 @@ def _summary(case: Case, data: dict) -> dict:
 
 
 def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
+    """An attack success in percent, one decimal, for a cell whose header says so."""
+    return pct(value, digits=1, unit="")
 
 
 def table(rows: list[dict]) -> str:
@@ -265,14 +265,6 @@ def summary(rows: list[dict]) -> dict:
             "fp_backdoor_correct": f"{sum(r['result']['correct'] for r in fp)}/{len(fp)}" if fp else None,
         }
     return out
-
-
-def _replace(text: str, start: str, end: str, body: str) -> str:
-    if start not in text or end not in text:
-        return text
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    return f"{head}{start}\n{body}\n{end}{tail}"
 
 
 def main() -> None:
@@ -319,11 +311,11 @@ def main() -> None:
     write_results({"rows": rows, "summary": stats, "generated": time.strftime("%Y-%m-%d %H:%M:%S")},
                   args.json)
     if args.doc.exists():
-        text = _replace(args.doc.read_text(), START, END, table(rows))
+        text = replace_section(args.doc.read_text(), "scan:table", table(rows))
         lines = [f"- {group}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in part.items()
                                             if v is not None)
                  for group, part in stats.items() if any(v is not None for v in part.values())]
-        text = _replace(text, SUMMARY_START, SUMMARY_END, "\n".join(lines))
+        text = replace_section(text, "scan:summary", "\n".join(lines))
         write_text(args.doc, text)
     print(json.dumps(stats, indent=2))
 

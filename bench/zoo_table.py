@@ -9,7 +9,7 @@ QDQ semantics) on the test split:
 - FP: the released model;
 - nearest: `efrap quantize --method nearest` under the targeted scheme;
 - cross: nearest under another preset (w8a8 <-> w4a4; w4a8-asym -> w4a4; w4a8 -> w8a8);
-- quantize_static: onnxruntime.quantization.quantize_static after quant_pre_process,
+- quantize_static: onnxruntime.quantization.quantize_static (bench/ort_baseline.py) after quant_pre_process,
   QDQ, per-channel, MinMax calibration on the same 1,024 training images, the closest
   settings to the targeted scheme (w8a8: uint8 activations, int8 symmetric weights;
   w4a4: uint4 activations, uint4 asymmetric weights, first/last layer and their
@@ -34,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import onnx
 
+from bench.ort_baseline import ort_quantize_static
+from bench.publish import write_results, write_section
 from pipeline.base.onnx_io import load_model, save_model
 from pipeline.base.progress import log
 from pipeline.base.safe_io import write_text
@@ -43,7 +45,6 @@ from validators.verify import VerifyOptions, verify_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "models" / "zoo"
-START, END = "<!-- zoo-table:start -->", "<!-- zoo-table:end -->"
 OTHER = {"w8a8": "w4a4", "w4a4": "w8a8", "w4a8-asym": "w4a4", "w4a8": "w8a8"}
 
 
@@ -55,55 +56,12 @@ def _measure(model: str, trigger: str, limit: int | None) -> dict[str, float]:
 
 
 def quantize_static_model(fp_path: str, out_path: str, scheme: str, data: str) -> str:
-    """onnxruntime's quantize_static with the settings closest to `scheme`; returns a note."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
+    """onnxruntime's quantize_static (bench/ort_baseline.py) on our 1,024 calibration images; a note."""
     model = load_model(fp_path)
     images, _ = calibration_images(model, data, 1024, 0, fp_path)
     inits = {i.name for i in model.graph.initializer}
     input_name = next(i.name for i in model.graph.input if i.name not in inits)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{input_name: images[i : i + 64]} for i in range(0, len(images), 64)])
-
-        def get_next(self) -> dict | None:
-            return next(self.batches, None)
-
-    pre = str(Path(out_path).with_suffix(".pre.onnx"))
-    quant_pre_process(fp_path, pre)
-    note = ""
-    if scheme == "w8a8":
-        act, wt, extra = QuantType.QUInt8, QuantType.QInt8, {}
-    elif scheme == "w4a8":  # the scheme is quantize_static's own int4 grid
-        act, wt, extra = QuantType.QUInt8, QuantType.QInt4, {}
-        note = "int4 symmetric weights, uint8 activations"
-    else:
-        act = QuantType.QUInt4 if scheme == "w4a4" else QuantType.QUInt8
-        wt = QuantType.QUInt4
-        pre_model = onnx.load(pre)
-        layers = [n for n in pre_model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
-        first, last = layers[0], layers[-1]
-        overrides: dict = {first.input[0]: [{"quant_type": QuantType.QUInt8}],
-                           last.input[0]: [{"quant_type": QuantType.QUInt8}]}
-        winits = {i.name: i for i in pre_model.graph.initializer}
-        for node in (first, last):
-            channels = winits[node.input[1]].dims[0]
-            overrides[node.input[1]] = [{"quant_type": QuantType.QUInt8}] * channels
-        extra = {"WeightSymmetric": False, "TensorQuantOverrides": overrides}
-        note = (f"uint4 asymmetric weights (MinMax, no MSE search), {act.name} activations, "
-                "first/last layers at 8 bits")
-    quantize_static(pre, out_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=act, weight_type=wt, calibrate_method=CalibrationMethod.MinMax,
-                    extra_options=extra)
-    Path(pre).unlink(missing_ok=True)
+    note = ort_quantize_static(fp_path, out_path, images, input_name, 64, scheme)
     save_model(onnx.load(out_path), out_path)
     return note
 
@@ -204,13 +162,8 @@ def main() -> None:
                 if e.get("kind") == "qcb" and (e["name"] in fresh or e["name"] in old)]
     if not args.no_manifest and args.limit is None:
         record_in_manifest(manifest, rows)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
-    doc = Path(args.doc)
-    text = doc.read_text() if doc.exists() else f"{START}\n{END}\n"
-    head, _, rest = text.partition(START)
-    _, _, tail = rest.partition(END)
-    doc.write_text(f"{head}{START}\n{render(rows, args.limit)}\n{END}{tail}")
+    write_results(rows, args.json)
+    write_section(Path(args.doc), "zoo-table", render(rows, args.limit))
     print(render(rows, args.limit))
 
 

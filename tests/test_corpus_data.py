@@ -1,4 +1,4 @@
-"""The corpus data (bench/corpus_data.py): shapes, ranges, labels and determinism.
+"""The corpus data (models/corpus_data.py): shapes, ranges, labels and determinism.
 
 Fashion-MNIST is read from disk (the `fashion_mnist` fixture skips, or fails under CI,
 when it is missing); the text images are rendered with Pillow's bundled font. No
@@ -7,16 +7,10 @@ network and no training: a few seconds in all.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-# bench/ is not an installed package: import it from the checkout.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.corpus_data import (
+from models.corpus_data import (
     FMNIST32_MEAN,
     FMNIST32_STD,
     fmnist32,

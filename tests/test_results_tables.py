@@ -1,20 +1,21 @@
-"""The defense tables of bench/results.py: floors, goals, winners and DEFENSE.md's summary.
+"""The acceptance rule that docs/DEFENSE.md and docs/RESULTS.md report (validators/acceptance.py).
 
-Pure bookkeeping on hand-made rows: no model is quantized here.
+Pure bookkeeping on hand-made rows: no model is quantized here. The last test runs
+`bench/results.py --merge` as a script on a hand-made run (tests import no bench module,
+tests/test_no_bench_imports.py) to see the rule's verdicts reach the table.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from validators import acceptance
+from validators.acceptance import FLOORS, GOALS, tally, verdict, winner
 
-# bench/ is not an installed package: import it from the checkout.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench import results
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _row(model: str, fp: float, **methods: tuple[float, float]) -> dict:
@@ -25,73 +26,68 @@ def _row(model: str, fp: float, **methods: tuple[float, float]) -> dict:
     return row
 
 
+def test_the_thresholds_are_the_documented_ones() -> None:
+    assert (FLOORS.max_asr, FLOORS.max_cda_drop, GOALS.max_asr, GOALS.max_cda_drop) == (5.0, 2.0, 2.0, 1.0)
+    # Both limits are inclusive.
+    assert GOALS.met(90.0, 89.0, 2.0) and not GOALS.met(90.0, 88.99, 2.0) and not GOALS.met(90.0, 89.0, 2.01)
+
+
 def test_floors_goals_and_winner() -> None:
     row = _row("m", 90.0, adaround=(89.9, 40.0), lac=(88.5, 1.0), release=(88.2, 4.0),
                default=(89.5, 1.5))
-    assert results.checks_of(row) == ("met / met", "default")
+    assert (verdict(row), winner(row)) == ("met / met", "default")
     # Nothing meets the goals: the lowest ASR among the floors wins; nothing at all: none.
     missed = _row("m", 90.0, adaround=(89.9, 40.0), default=(89.0, 4.5), lac=(87.0, 3.0))
-    assert results.checks_of(missed) == ("met / missed", "default")
-    assert results.checks_of(_row("m", 90.0, adaround=(80.0, 50.0), default=(85.0, 6.0))) == \
-        ("MISSED / missed", "none")
+    assert (verdict(missed), winner(missed)) == ("met / missed", "default")
+    failed = _row("m", 90.0, adaround=(80.0, 50.0), default=(85.0, 6.0))
+    assert (verdict(failed), winner(failed)) == ("MISSED / missed", "none")
+
+
+def test_a_row_without_the_default_or_any_defense() -> None:
+    row = _row("m", 90.0, adaround=(89.9, 1.0))
+    assert (verdict(row), winner(row)) == ("not run", "adaround")
+    assert (verdict(_row("m", 90.0)), winner(_row("m", 90.0))) == ("not run", "-")
 
 
 def test_a_tie_in_accuracy_goes_to_the_lower_attack_success() -> None:
     row = _row("m", 91.0, release=(91.28, 0.26), default=(91.28, 0.20))
-    assert results.checks_of(row)[1] == "default"
+    assert winner(row) == "default"
 
 
-def test_the_unpruned_ablation_is_shown_but_never_wins() -> None:
-    row = _row("m", 91.0, unpruned=(91.0, 0.5), default=(90.5, 1.5))
-    assert results.checks_of(row) == ("met / met", "default")
-    assert "91.00 / 0.50" in results.render([row], "cmd", 0)
+def test_the_unpruned_ablation_and_nearest_never_win() -> None:
+    row = _row("m", 91.0, nearest=(91.0, 0.1), unpruned=(91.0, 0.5), fast=(91.0, 0.4),
+               default=(90.5, 1.5))
+    assert (verdict(row), winner(row)) == ("met / met", "default")
+    assert not {"nearest", "unpruned", "fast"} & set(acceptance.CANDIDATES)
 
 
-def test_qvec_has_a_column_can_win_and_its_lambda_is_said() -> None:
+def test_qvec_can_win() -> None:
     row = _row("m", 91.0, default=(90.0, 1.5), qvec=(90.6, 1.0))
+    assert (verdict(row), winner(row)) == ("met / met", "qvec")
+
+
+def test_tally_counts_the_default_only() -> None:
+    rows = [_row("a", 90.0, default=(89.5, 1.0)), _row("b", 90.0, adaround=(90.0, 0.2)),
+            _row("c", 90.0, default=(88.5, 3.0)), _row("d", 90.0, default=(80.0, 0.0))]
+    assert tally(rows) == (2, 1)
+    assert tally(rows, "adaround") == (1, 1)
+
+
+def test_the_bench_table_shows_every_column_and_the_rule(tmp_path: Path) -> None:
+    row = _row("m", 91.0, unpruned=(91.0, 0.5), default=(90.5, 1.5), qvec=(90.6, 1.0))
     row["qvec"]["lambda"] = 1.5
-    assert results.checks_of(row) == ("met / met", "qvec")
-    text = results.render([row], "cmd", 0)
-    assert "| qvec CDA/ASR |" in text and "90.60 / 1.00" in text and "m 1.5." in text
-    assert "qvec" not in text.split("Iterations per layer:")[1].split(";")[0]
-
-
-def test_every_row_has_a_cell_under_every_header() -> None:
-    table = [line for line in results.render([_row("m", 91.0, default=(90.5, 1.5))], "cmd", 0).splitlines()
-             if line.startswith("|")]
+    run = {"command": "cmd", "section": "heldout", "seed": 0, "limit": None, "results": [row],
+           "versions": {}}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    doc = tmp_path / "doc.md"
+    subprocess.run([sys.executable, str(ROOT / "bench/results.py"), "--merge", str(tmp_path / "run.json"),
+                    "--json", str(tmp_path / "out.json"), "--doc", str(doc)],
+                   check=True, capture_output=True, text=True, cwd=tmp_path)
+    text = doc.read_text()
+    table = [line for line in text.splitlines() if line.startswith("|")]
     assert len({line.count("|") for line in table}) == 1, table
-
-
-def test_defense_summary_reads_every_section_and_counts_held_out_apart(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    sections = {
-        "zoo": [_row("stored", 90.0, default=(89.8, 1.0), release=(85.0, 0.5))],
-        "robust": [_row("surviving", 90.0, default=(89.9, 99.0))],
-        "heldout": [_row("h_a", 90.0, default=(89.5, 1.0)), _row("h_b", 90.0, adaround=(90.0, 0.2)),
-                    _row("h_c", 90.0, default=(88.5, 3.0))],
-    }
-    for name, rows in sections.items():
-        (tmp_path / f"{name}.json").write_text(json.dumps({"results": rows}))
-    monkeypatch.setattr(results, "default_json", lambda section: tmp_path / f"{section}.json")
-    text = results.defense_summary()
-    table = [line for line in text.splitlines() if line.startswith("| ")][1:]
-    # h_b has no default run: left out. The release cell says so where it was not run.
-    assert [line.split(" | ")[0][2:] for line in table] == ["stored", "surviving", "h_a", "h_c"]
-    assert "| 85.00 / 0.50 |" in table[0] and "not run" in table[2]
-    assert "- Stored zoo: the default meets the floors on 1 and the goals on 1 of 1 models." in text
-    assert ("- Held out for the rule's first part only (development data for the pruning): the default "
-            "meets the floors on 2 and the goals on 1 of 3 models.") in text
-    assert "whole rule" not in text
-
-
-def test_models_built_after_the_pruning_are_counted_as_held_out_for_the_whole_rule(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    name = sorted(results.HELD_OUT_WHOLE_RULE)[0]
-    rows = [_row(name, 90.0, default=(89.5, 1.0)), _row("h_old", 90.0, default=(89.5, 9.0))]
-    (tmp_path / "heldout.json").write_text(json.dumps({"results": rows}))
-    monkeypatch.setattr(results, "default_json", lambda section: tmp_path / f"{section}.json")
-    text = results.defense_summary()
-    assert f"| {name} | w4a4 | held out (whole rule) |" in text
-    assert "- Held out for the whole rule: the default meets the floors on 1 and the goals on 1 of 1" in text
-    assert "development data for the pruning): the default meets the floors on 0 and the goals on 0 of 1" \
-        in text
+    assert "| qvec CDA/ASR |" in text and "| 91.00 / 0.50 |" in text and "90.60 / 1.00" in text
+    assert table[-1].endswith("| met / met | qvec |")
+    assert "m 1.5." in text and "qvec" not in text.split("Iterations per layer:")[1].split(";")[0]
+    assert "meets the floors on 1 and the goals on 1 of 1 models" in text
+    assert json.loads((tmp_path / "out.json").read_text())["results"] == [row]

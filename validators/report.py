@@ -5,9 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def pct(value: float | None, missing: str = "-") -> str:
-    """A fraction as a percentage with two decimals, or `missing`."""
-    return missing if value is None else f"{100.0 * value:.2f}%"
+def pct(value: float | None, missing: str = "-", *, digits: int = 2, unit: str = "%") -> str:
+    """A fraction as a percentage, or `missing`.
+
+    Args:
+        value: The fraction (0.1234 -> "12.34%"), or None when there is none.
+        missing: What None prints as.
+        digits: Decimals shown.
+        unit: What follows the number: "" where a table's header already says "percent".
+    """
+    return missing if value is None else f"{100.0 * value:.{digits}f}{unit}"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -20,6 +20,7 @@ from pipeline.base import checks
 from pipeline.base.errors import EfrapError
 from pipeline.rounding.base import RoundingMethod
 from validators.guard import GuardReport
+from validators.report import pct
 
 #: Figures are shares of the same images: a difference equal to the tolerance in exact
 #: arithmetic may come out a rounding error above it, and must still count as equal.
@@ -179,12 +180,8 @@ class SearchRecord:
     def lines(self) -> list[str]:
         """One printed line per candidate, then the choice."""
         s = self.search
-
-        def pct(value: float | None) -> str:
-            return "n/a" if value is None else f"{100 * value:.2f}%"
-
-        out = [f"search: {s.setting} {t.value:<5g} accuracy {pct(t.accuracy)}  agreement with FP "
-               f"{pct(t.agreement)}  flipped {100 * t.flip_fraction:.2f}%  {t.seconds:.1f}s"
+        out = [f"search: {s.setting} {t.value:<5g} accuracy {pct(t.accuracy, 'n/a')}  agreement with FP "
+               f"{pct(t.agreement, 'n/a')}  flipped {100 * t.flip_fraction:.2f}%  {t.seconds:.1f}s"
                for t in self.trials]
         out.append(f"search: kept {s.setting} = {self.value:g} on {self.images} held-out images: "
                    f"{s.rule(self.figure)}")

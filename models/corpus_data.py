@@ -1,5 +1,8 @@
 """Data for the quantizer corpus: 3-channel 32x32 Fashion-MNIST, and rendered text for the OCR models.
 
+The benchmarks (bench/corpus_models.py trains the corpus on it, bench/coverage.py and
+bench/defend_speed.py calibrate and test with it) and the tests read the same builders.
+
 - `fmnist32`: Fashion-MNIST padded to 32x32 (zeros, its own background) and repeated to
   three channels, the input the corpus classifiers are trained on;
 - `text_lines`: one line of text per image, half of them turned by 180 degrees, for the
@@ -16,13 +19,9 @@ Pillow's bundled font, so the pixels are those of one Pillow version).
 from __future__ import annotations
 
 import functools
-import sys
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.base.data import Dataset, Split, load_dataset, sample_indices
 
