@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     old = json.loads(args.compare.read_text(encoding="utf-8"))
     changed = [k for k in sorted(set(old["files"]) | set(result["files"]))
                if old["files"].get(k) != result["files"].get(k)]
-    changed += [f"exit code of {k}" for k in old["exit_codes"] if old["exit_codes"][k] != result["exit_codes"].get(k)]
+    changed += [f"exit code of {k}" for k in old["exit_codes"]
+                if old["exit_codes"][k] != result["exit_codes"].get(k)]
     for item in changed:
         print(f"changed: {item}")
     print(f"{len(result['files'])} outputs, {len(changed)} changed")
