@@ -130,6 +130,26 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     return kind, path or None
 
 
+def relative_path(value: str, base: Path) -> Path:
+    """A path from a config file: ``~`` is the home folder, a relative path is taken from `base`
+    (the config's folder)."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def spec_from_config(spec: str, base: Path, where: str) -> str:
+    """A data spec from a config file (gate config, batch manifest), its path made `relative_path`.
+
+    Raises:
+        EfrapError: `where`, then what is wrong with the spec (one line).
+    """
+    try:
+        kind, path = parse_spec(spec)
+    except EfrapError as exc:
+        raise EfrapError(f"{where}: {exc}") from None
+    return kind if path is None else f"{kind}:{relative_path(path, base)}"
+
+
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     try:

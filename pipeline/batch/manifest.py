@@ -47,7 +47,7 @@ from typing import Any
 
 from converters.qdq import WEIGHT_STORAGES
 from pipeline.base import checks, limits
-from pipeline.base.data import DEFAULT_DATA, parse_spec
+from pipeline.base.data import DEFAULT_DATA, relative_path, spec_from_config
 from pipeline.base.device import DEVICES
 from pipeline.base.errors import EfrapError
 from pipeline.base.preprocess import from_table
@@ -178,17 +178,7 @@ class Manifest:
 
 
 def _path(value: str, base: Path) -> str:
-    path = Path(value).expanduser()
-    return str(path if path.is_absolute() else base / path)
-
-
-def _spec(value: str, base: Path, what: str) -> str:
-    """A data spec with its path made absolute (checked by parse_spec)."""
-    try:
-        kind, path = parse_spec(value)
-    except EfrapError as exc:
-        raise EfrapError(f"{what}: {exc}") from None
-    return kind if path is None else f"{kind}:{_path(path, base)}"
+    return str(relative_path(value, base))
 
 
 def _threshold(value: object, what: str) -> float:
@@ -226,7 +216,7 @@ def _settings(raw: object, where: str, base: Path, known: frozenset[str]) -> dic
                 raise EfrapError(f"{what} must not be empty")
             out[key] = text if key in ("name", "scheme") else _path(text, base)
         elif key in ("data", "calib"):
-            out[key] = _spec(checks.string(value, what), base, what)
+            out[key] = spec_from_config(checks.string(value, what), base, what)
         elif key == "method":
             out[key] = checks.string(value, what, tuple(METHODS))
         elif key == "preset":

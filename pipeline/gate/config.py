@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.base import checks, limits
-from pipeline.base.data import parse_spec
+from pipeline.base.data import relative_path, spec_from_config
 from pipeline.base.errors import EfrapError
 from pipeline.base.preprocess import from_table
 from pipeline.base.runtime import PROVIDERS
@@ -182,16 +182,7 @@ def _count(raw: Mapping[str, Any], key: str, where: str, default: int | None,
 
 
 def _resolve(base: Path, value: str) -> Path:
-    path = Path(value)
-    return path if path.is_absolute() else base / path
-
-
-def _data_spec(base: Path, spec: str, where: str) -> str:
-    try:
-        kind, path = parse_spec(spec)
-    except EfrapError as exc:
-        raise EfrapError(f"{where}: {exc}") from None
-    return spec if path is None else f"{kind}:{_resolve(base, path)}"
+    return relative_path(value, base)
 
 
 def _scan(raw: object, source: str) -> ScanSettings:
@@ -285,7 +276,7 @@ def gate_config_from_dict(data: object, source: str, base: Path) -> GateConfig:
     except EfrapError as exc:
         raise EfrapError(f"{source}: output: {exc}") from None
     return GateConfig(
-        source=Path(source), model=model, data=_data_spec(base, raw["data"], f"{source}: data"),
+        source=Path(source), model=model, data=spec_from_config(raw["data"], base, f"{source}: data"),
         scheme=scheme, output=output, preprocess=preprocess,
         scan=_scan(raw.get("scan", {}), source), defend=_defend(raw.get("defend", {}), source),
         verify=_verify(raw.get("verify", {}), source),
