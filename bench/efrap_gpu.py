@@ -32,10 +32,11 @@ from bench.publish import write_results
 from converters.export import export_onnx
 from models.architectures import build_model
 from pipeline.base.data import load_dataset, sample_indices
+from pipeline.base.deployment import Deployment
 from pipeline.base.provenance import versions
+from pipeline.base.scheme import load_scheme
 from pipeline.quantize import QuantizeOptions, quantize_model
 from pipeline.rounding.efrap import EFRAP_PRESETS
-from pipeline.scheme import load_scheme
 from validators.report import table
 
 
@@ -71,9 +72,8 @@ def main() -> None:
         path = str(Path(tmp) / "model.onnx")
         export_onnx(model.eval(), (3, 32, 32), path, normalization=(mean, std))
         fp = onnx.load(path)
-    options = QuantizeOptions(scheme=load_scheme(args.scheme), method="efrap", device=args.device,
-                              num_calib=args.num_calib,
-                              rounding=config)
+    options = QuantizeOptions(Deployment(scheme=load_scheme(args.scheme), num_calib=args.num_calib),
+                              method="efrap", device=args.device, rounding=config)
     t0 = time.perf_counter()
     _, _, summary = quantize_model(fp, images, options)
     wall = time.perf_counter() - t0

@@ -33,14 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.publish import write_results
 from models.zoo import default_entry, zoo_path
+from pipeline.base.deployment import Deployment
 from pipeline.base.onnx_io import load_model
 from pipeline.base.progress import set_quiet
 from pipeline.base.provenance import versions
 from pipeline.base.runtime import make_session
+from pipeline.base.scheme import PRESETS
 from pipeline.graph import analyze
 from pipeline.prepare import prepare_model
 from pipeline.quantize import QuantizeOptions, calibration_images, quantize_model
-from pipeline.scheme import PRESETS
 from validators.report import table
 
 NO_PROPAGATION = {"optimization.disable_specified_optimizers": "QDQPropagationTransformer"}
@@ -86,7 +87,8 @@ def main() -> None:
             ("w8a8", "w8a8", "int8", ()), (FLOAT_FIRST, "w8a8", "int8", (first,)),
             ("w4a4 int8-containers", "w4a4", "int8", ()), ("w4a4 packed-int4", "w4a4", "int4", ())):
         variants[name], _, _ = quantize_model(
-            fp, images, QuantizeOptions(scheme=PRESETS[scheme], weight_storage=storage, exclude=exclude))
+            fp, images, QuantizeOptions(Deployment(scheme=PRESETS[scheme]), weight_storage=storage,
+                                        exclude=exclude))
     variants[FLOAT_FIRST_NO_PROP] = variants[FLOAT_FIRST]
     latencies = median_latencies(variants, np.asarray(x), args.threads, args.runs,
                                  {FLOAT_FIRST_NO_PROP: NO_PROPAGATION})

@@ -38,11 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pipeline.qmath as qmath
 from bench.publish import write_results
 from models.zoo import default_entry, zoo_path
+from pipeline.base.deployment import Deployment
 from pipeline.base.progress import set_quiet
 from pipeline.base.provenance import versions
+from pipeline.base.scheme import load_scheme
 from pipeline.quantize import QuantizeOptions, quantize_file
 from pipeline.rounding.efrap import EFRAP_DEFAULT
-from pipeline.scheme import load_scheme
 from validators.report import table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ VARIANTS = {"before (composed)": qmath.fake_quant_composed, "after (fused)": FUS
 
 def run_once(model: str, scheme: str, iters: int, out: Path) -> tuple[dict[str, float], float, str]:
     """Per-layer seconds, total seconds and the output's sha256 of one EFRAP run."""
-    options = QuantizeOptions(scheme=load_scheme(scheme), method="efrap",
+    options = QuantizeOptions(Deployment(scheme=load_scheme(scheme)), method="efrap",
                               rounding=replace(EFRAP_DEFAULT, iters=iters))
     start = time.perf_counter()
     summary, _ = quantize_file(model, str(out), options)

@@ -33,10 +33,11 @@ from bench.results import (
     stamped,
     zoo_subjects,
 )
+from pipeline.base.deployment import Deployment
 from pipeline.base.progress import log
+from pipeline.base.scheme import load_scheme
 from pipeline.quantize import QuantizeOptions, quantize_file
 from pipeline.rounding import RoundingConfig
-from pipeline.scheme import load_scheme
 
 
 def measure_budgets(s: Subject, budgets: list[float], tmp: str) -> dict:
@@ -44,8 +45,9 @@ def measure_budgets(s: Subject, budgets: list[float], tmp: str) -> dict:
     row: dict = {"model": s.name, "scheme": s.scheme, "fp": measure(s.path, s.trigger, s.data, None)}
     for budget in [0.0, *budgets]:
         out = str(Path(tmp) / f"{s.name}.{budget:g}.onnx")
-        quantize_file(s.path, out, QuantizeOptions(scheme=load_scheme(s.scheme), calib=s.data,
-                                                   rounding=RoundingConfig(prune_rare=budget)))
+        quantize_file(s.path, out,
+                      QuantizeOptions(Deployment(scheme=load_scheme(s.scheme), data=s.data),
+                                      rounding=RoundingConfig(prune_rare=budget)))
         row[f"{budget:g}"] = measure(out, s.trigger, s.data, None)
         log(f"{s.name} prune {budget:g}: CDA {row[f'{budget:g}']['cda']:.2f} "
             f"ASR {row[f'{budget:g}']['asr']:.2f}")

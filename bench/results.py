@@ -43,16 +43,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.publish import write_results, write_section
 from models.attacks.build import output_paths
 from models.zoo import load_manifest, trigger_path, zoo_path
+from pipeline.base.deployment import Deployment
 from pipeline.base.onnx_io import get_metadata, load_model
 from pipeline.base.progress import log
 from pipeline.base.provenance import versions
 from pipeline.base.safe_io import file_sha256
+from pipeline.base.scheme import load_scheme
 from pipeline.quantize import QuantizeOptions, quantize_file
 from pipeline.rounding import RoundingConfig
 from pipeline.rounding.adaround import ADAROUND_DEFAULTS
 from pipeline.rounding.efrap import EFRAP_DEFAULT, EFRAP_FAST, EFRAP_RELEASE
 from pipeline.rounding.lac import LAC_DEFAULTS
-from pipeline.scheme import load_scheme
 from validators.acceptance import CANDIDATES, tally, verdict, winner
 from validators.verify import VerifyOptions, verify_model
 
@@ -124,7 +125,7 @@ def file_subjects(paths: list[str]) -> list[Subject]:
 
 def measure(path: str, trigger: str, data: str, limit: int | None) -> dict[str, float]:
     """CDA and ASR (percent) of one model in onnxruntime, faithful level, CPU."""
-    r = verify_model(path, VerifyOptions(data=data, trigger=trigger, limit=limit, provider="cpu"))
+    r = verify_model(path, VerifyOptions(Deployment(data=data, provider="cpu"), trigger=trigger, limit=limit))
     assert r.clean_accuracy is not None and r.attack_success_rate is not None
     return {"cda": 100 * r.clean_accuracy, "asr": 100 * r.attack_success_rate}
 
@@ -155,8 +156,9 @@ def measure_subject(s: Subject, iters: int | None, seed: int, limit: int | None,
             log(f"{s.name} {label}: read back from {saved.name}")
             continue
         t0 = time.perf_counter()
-        summary, _ = quantize_file(s.path, out, QuantizeOptions(scheme=scheme, method=method, calib=s.data,
-                                                                seed=seed, rounding=config))
+        summary, _ = quantize_file(s.path, out,
+                                   QuantizeOptions(Deployment(scheme=scheme, data=s.data, seed=seed),
+                                                   method=method, rounding=config))
         row[label] = measure(out, s.trigger, s.data, limit)
         row[label]["seconds"] = round(time.perf_counter() - t0, 1)
         if summary.resumed:  # the seconds are this run's only; the restored layers' are in the summary

@@ -36,11 +36,12 @@ import onnx
 
 from bench.ort_baseline import ort_quantize_static
 from bench.publish import write_results, write_section
+from pipeline.base.deployment import Deployment
 from pipeline.base.onnx_io import load_model, save_model
 from pipeline.base.progress import log
 from pipeline.base.safe_io import write_text
+from pipeline.base.scheme import load_scheme
 from pipeline.quantize import QuantizeOptions, calibration_images, quantize_file
-from pipeline.scheme import load_scheme
 from validators.verify import VerifyOptions, verify_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ OTHER = {"w8a8": "w4a4", "w4a4": "w8a8", "w4a8-asym": "w4a4", "w4a8": "w8a8"}
 
 
 def _measure(model: str, trigger: str, limit: int | None) -> dict[str, float]:
-    report = verify_model(model, VerifyOptions(trigger=trigger, limit=limit, provider="cpu"))
+    report = verify_model(model, VerifyOptions(Deployment(provider="cpu"), trigger=trigger, limit=limit))
     assert report.clean_accuracy is not None and report.attack_success_rate is not None
     return {"cda": 100 * report.clean_accuracy, "asr": 100 * report.attack_success_rate,
             "images": report.images}
@@ -77,8 +78,10 @@ def measure_entry(entry: dict, limit: int | None, skip_static: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for key, s in (("nearest", scheme), ("cross", OTHER[scheme])):
             out = str(Path(tmp) / f"{key}.onnx")
-            quantize_file(fp, out, QuantizeOptions(scheme=load_scheme(s), method="nearest",
-                                                   calib=entry.get("dataset", "fashion-mnist")))
+            quantize_file(fp, out,
+                          QuantizeOptions(Deployment(scheme=load_scheme(s),
+                                                     data=entry.get("dataset", "fashion-mnist")),
+                                          method="nearest"))
             row[key] = {**_measure(out, trig, limit), "scheme": s}
         if not skip_static:
             out = str(Path(tmp) / "static.onnx")

@@ -35,8 +35,8 @@ _EXPORTS = {
     "quantize_file": "pipeline.quantize",
     "quantize_model": "pipeline.quantize",
     "ScanReport": "pipeline.scan",
-    "Scheme": "pipeline.scheme",
-    "load_scheme": "pipeline.scheme",
+    "Scheme": "pipeline.base.scheme",
+    "load_scheme": "pipeline.base.scheme",
     "simulate_logits": "pipeline.torch_graph",
     "Reference": "validators.verify",
     "VerifyOptions": "validators.verify",
@@ -76,6 +76,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time `__getattr_
     from pipeline.api import DefendResult, defend, quantize_static, scan, verify
     from pipeline.base.errors import EfrapError
     from pipeline.base.onnx_io import load_model, save_model
+    from pipeline.base.scheme import Scheme, load_scheme
     from pipeline.quantize import (
         GuardOptions,
         QuantizeOptions,
@@ -85,7 +86,6 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time `__getattr_
         quantize_model,
     )
     from pipeline.scan import ScanReport
-    from pipeline.scheme import Scheme, load_scheme
     from pipeline.torch_graph import simulate_logits
     from validators.verify import Reference, VerifyOptions, VerifyReport, verify_model
 

@@ -35,11 +35,13 @@ import onnx
 
 from pipeline.base import checks
 from pipeline.base.data import DEFAULT_DATA, spec_files
+from pipeline.base.deployment import Deployment
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import image_input, load_model, model_files, save_model
 from pipeline.base.preprocess import ready, resolve
 from pipeline.base.runtime import OPT_LEVELS, PROVIDERS
 from pipeline.base.safe_io import check_outputs
+from pipeline.base.scheme import DEFAULT_SCHEME, Scheme, load_scheme, scheme_files, scheme_from_dict
 from pipeline.base.trigger import trigger_files
 from pipeline.graph import FUSED_ACTIVATIONS, INTEGER_OPS, PASSTHROUGH_OPS, QUANTIZABLE_OPS
 from pipeline.prepare import prepare_model
@@ -55,7 +57,6 @@ from pipeline.rounding import METHODS, RoundingConfig, get_method
 from pipeline.rounding.efrap import EFRAP_PRESETS
 from pipeline.rounding.settings import method_settings
 from pipeline.scan import ScanOptions, ScanReport, SearchConfig, scan_model
-from pipeline.scheme import DEFAULT_SCHEME, Scheme, load_scheme, scheme_files, scheme_from_dict
 from pipeline.torch_graph import SIMULATION
 from validators.gate import Gate
 from validators.guard import GuardLimits, GuardReport
@@ -354,7 +355,7 @@ def quantize_static(
     The arguments up to `calibration_cache_path` are onnxruntime's, in its order and with its
     defaults; `rounding` and those after it are this project's, keyword-only.
 
-    Mapped onto this project's scheme (`pipeline.scheme`): `weight_type` and
+    Mapped onto this project's scheme (`pipeline.base.scheme`): `weight_type` and
     `activation_type` QInt8/QUInt8 give 8-bit grids, QInt4/QUInt4 4-bit ones; weights on a
     signed type are symmetric unless `extra_options["WeightSymmetric"]` is False,
     activations asymmetric unless `extra_options["ActivationSymmetric"]` is True (symmetric
@@ -443,16 +444,8 @@ def quantize_static(
     provider = _provider(calibration_providers)
     settings = _checked(
         "quantize_static",
-        lambda: QuantizeOptions(
-            scheme=chosen,
-            method=method,
-            calib=READER_DATA,
-            seed=seed,
-            weight_storage=storage,
-            rounding=config,
-            device=device,
-            provider=provider,
-        ),
+        lambda: QuantizeOptions(Deployment(scheme=chosen, data=READER_DATA, seed=seed, provider=provider),
+                                method=method, weight_storage=storage, rounding=config, device=device),
     )
     out = _path(model_output, "model_output")
     if isinstance(model_input, onnx.ModelProto):
@@ -469,7 +462,7 @@ def quantize_static(
     )
     # The reader's arrays are model-ready: record the model's preprocessing as given by the data.
     pre = _checked("model_input", lambda: ready(resolve(model, image, None, source, announce=False)))
-    options = replace(settings, num_calib=len(images), exclude=exclude)
+    options = replace(settings, deployment=replace(settings.deployment, num_calib=len(images)), exclude=exclude)
     qdq, _, summary = quantize_model(model, images, options, source, pre)
     save_model(qdq, out)
     return summary
@@ -567,17 +560,9 @@ def defend(
     )
     options = _checked(
         "defend",
-        lambda: QuantizeOptions(
-            scheme=chosen,
-            method=method,
-            calib=calib,
-            num_calib=num_calib,
-            seed=seed,
-            weight_storage=weight_storage,
-            rounding=config,
-            device=device,
-            exclude=_names(exclude, "exclude"),
-        ),
+        lambda: QuantizeOptions(Deployment(scheme=chosen, data=calib, num_calib=num_calib, seed=seed),
+                                method=method, weight_storage=weight_storage, rounding=config, device=device,
+                                exclude=_names(exclude, "exclude")),
     )
     inputs = _checked("model_input", lambda: [*model_files(model), *scheme_inputs, *spec_files(calib)])
     _checked("model_output", lambda: check_outputs({"model_output": out}, inputs))
@@ -628,17 +613,9 @@ def scan(
     )
     options = _checked(
         "scan",
-        lambda: ScanOptions(
-            scheme=chosen,
-            calib=calib,
-            num_calib=num_calib,
-            seed=seed,
-            budget=budget,
-            holdout=holdout,
-            search=search,
-            max_targets=max_targets,
-            provider=provider,
-        ),
+        lambda: ScanOptions(Deployment(scheme=chosen, data=calib, num_calib=num_calib, seed=seed,
+                                       provider=provider),
+                            budget=budget, holdout=holdout, search=search, max_targets=max_targets),
     )
     _checked("model_input", lambda: model_files(model))
     _checked("calib", lambda: spec_files(calib))
@@ -694,16 +671,11 @@ def verify(
     )
     options = _checked(
         "verify",
-        lambda: VerifyOptions(
-            data=data,
-            trigger=None if trig is None else str(trig),
-            opt_level=opt_level,
-            provider=provider,
-            reference=SIMULATION if _flag(reference, "reference") else None,
-            limit=limit,
-            seed=checks.integer(seed, "seed", low=0),
-            gate=gate,
-        ),
+        lambda: VerifyOptions(Deployment(data=data, opt_level=opt_level, provider=provider,
+                                         seed=checks.integer(seed, "seed", low=0)),
+                              trigger=None if trig is None else str(trig),
+                              reference=SIMULATION if _flag(reference, "reference") else None, limit=limit,
+                              gate=gate),
     )
     _checked("model_input", lambda: model_files(model))
     _checked("data", lambda: spec_files(data))

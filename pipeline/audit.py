@@ -44,12 +44,12 @@ from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import load_model
 from pipeline.base.provenance import versions
 from pipeline.base.safe_io import file_sha256
+from pipeline.base.scheme import Scheme, TensorQuant
 from pipeline.base.trigger import PatternTrigger
 from pipeline.graph import analyze
 from pipeline.observers import WEIGHT_MSE_STEPS, observe_weight
 from pipeline.prepare import prepare_model
 from pipeline.qmath import QParams, quantize_np
-from pipeline.scheme import Scheme, TensorQuant
 
 #: Relative difference under which two scales are the same grid (float32 noise of tools
 #: that compute in float64 or float32, or fold BatchNorm in another order).

@@ -23,11 +23,11 @@ from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import fixed_batch
 from pipeline.base.progress import Progress, log
 from pipeline.base.runtime import make_session
+from pipeline.base.scheme import Scheme
 from pipeline.base.seeds import derive
 from pipeline.graph import QuantPlan
 from pipeline.observers import ActivationStats, observe_activation
 from pipeline.qmath import QParams
-from pipeline.scheme import Scheme
 
 #: Values kept per point over the whole calibration set (1 MiB each): a fixed budget, so a
 #: large model calibrated in many small batches keeps no more than a small one in 16.

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.base.errors import EfrapError
+from pipeline.base.scheme import TensorQuant
 from pipeline.qmath import QParams, dequantize_np, qparams_from_range, quantize_np
-from pipeline.scheme import TensorQuant
 
 # The release's MSE search: shrink the range by (1 - 0.01 k), k < 80 for weights, < 95 for
 # activations, and keep the factor with the lowest squared error.

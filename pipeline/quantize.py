@@ -34,14 +34,16 @@ import torch
 from converters.qdq import WEIGHT_STORAGES, to_qdq
 from pipeline.base import checks
 from pipeline.base import data as data_mod
+from pipeline.base.deployment import Deployment
 from pipeline.base.device import DEVICES, pick_device
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import fixed_batch, image_input, load_model, model_files, save_model, set_metadata
 from pipeline.base.preprocess import PreparedImages, Preprocess, ready, resolve
 from pipeline.base.progress import Progress, RunClock, format_seconds, log, warn_once
 from pipeline.base.provenance import versions
-from pipeline.base.runtime import PROVIDERS, pick_provider
+from pipeline.base.runtime import pick_provider
 from pipeline.base.safe_io import check_outputs
+from pipeline.base.scheme import Scheme
 from pipeline.base.seeds import derive
 from pipeline.base.threads import session_threads
 from pipeline.bn_fold import pre_bn_error_scale, read_bn_factors
@@ -77,7 +79,6 @@ from pipeline.rounding import RoundingConfig, RoundingMethod, get_method, run_ne
 from pipeline.rounding.base import LayerProblem, RoundingResult
 from pipeline.rounding.search import SearchRecord, SearchTrial, clean_figure, searched
 from pipeline.sampler import OrtSampler
-from pipeline.scheme import Scheme
 from validators.guard import GuardLimits, GuardReport, check_defense, unmeasured
 
 
@@ -86,48 +87,69 @@ class QuantizeOptions:
     """Settings of one quantization run, checked when built.
 
     Attributes:
-        scheme: The quantization scheme.
+        deployment: The settings every step shares (scheme, data, calibration images, seed,
+            provider, preprocessing), checked there; it must name a scheme.
         method: Rounding method name (nearest, adaround, efrap, ...).
-        calib: Data spec of the calibration set (its training split is used).
-        num_calib: Number of calibration images.
-        seed: The run's one seed (images, value sampling, learned rounding's batches).
         weight_storage: "int8" containers or packed "int4".
         rounding: Settings of learned rounding (None: the method's own defaults).
         device: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda".
-        provider: onnxruntime provider for calibration.
-        preprocess: Checked preprocessing fields given by the user
-            (pipeline.base.preprocess.from_table); None: what the model records.
         exclude: Node names or op types to keep in float (onnxruntime's nodes_to_exclude).
     """
 
-    scheme: Scheme
+    deployment: Deployment
     method: str = "nearest"
-    calib: str = "fashion-mnist"
-    num_calib: int = 1024
-    seed: int = 0
     weight_storage: str = "int8"
     rounding: RoundingConfig | None = None
     device: str = "auto"
-    provider: str = "auto"
-    preprocess: dict | None = None
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if not isinstance(self.deployment, Deployment):
+            raise EfrapError(f"deployment must be a Deployment, got {self.deployment!r}")
+        self.deployment.quantized()
         get_method(self.method)
         needs = run_needs(self.method, self.config)
         if "search" in needs and "data" in needs:
             raise EfrapError(f"method '{self.method}' searches its setting by rounding every layer again "
                              "for each candidate, without data: rare-unit pruning is not combined with it")
-        checks.integer(self.num_calib, "number of calibration images", low=1)
-        checks.integer(self.seed, "seed", low=0)
         checks.string(self.weight_storage, "weight storage", WEIGHT_STORAGES)
         checks.string(self.device, "device", DEVICES)
-        checks.string(self.provider, "provider", PROVIDERS)
 
     @property
     def config(self) -> RoundingConfig:
         """The rounding settings in force: the given ones or the method's defaults."""
         return self.rounding or get_method(self.method).defaults
+
+    # Views of the deployment, read where a rounding run needs them.
+    @property
+    def scheme(self) -> Scheme:
+        """The deployment's scheme."""
+        return self.deployment.quantized()
+
+    @property
+    def calib(self) -> str:
+        """The data set whose training split calibrates and checks."""
+        return self.deployment.calib_data
+
+    @property
+    def num_calib(self) -> int:
+        """Calibration images."""
+        return self.deployment.num_calib
+
+    @property
+    def seed(self) -> int:
+        """The run's one seed."""
+        return self.deployment.seed
+
+    @property
+    def provider(self) -> str:
+        """onnxruntime provider of calibration and the check."""
+        return self.deployment.provider
+
+    @property
+    def preprocess(self) -> dict | None:
+        """The user's preprocessing fields (None: what the model records)."""
+        return self.deployment.preprocess
 
 
 @dataclass(frozen=True)

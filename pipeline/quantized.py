@@ -8,10 +8,10 @@ import numpy as np
 import onnx
 import torch
 
+from pipeline.base.scheme import Scheme
 from pipeline.calibration import constant_qparams
 from pipeline.graph import QuantPlan
 from pipeline.qmath import QParams, bias_scale, dequantize_np, quantize_bias, quantize_np
-from pipeline.scheme import Scheme
 from pipeline.torch_graph import TorchGraph
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from pipeline.audit import AuditReport, AuditThresholds, ScanFunction, audit_models
 from pipeline.base import checks
 from pipeline.base import data as data_mod
+from pipeline.base.deployment import Deployment
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import load_model, model_files, save_model, set_metadata
 from pipeline.base.preprocess import PreparedImages
@@ -247,10 +248,11 @@ def _remove(folder: Path) -> None:
 
 def scan_options(options: QuantizeOptions, guard: GuardOptions, check: SelfCheckOptions) -> ScanOptions:
     """The audit's scan settings: the defense's own data, scheme, seed and held-out count."""
-    return ScanOptions(scheme=options.scheme, calib=options.calib, num_calib=max(options.num_calib, 8),
-                       seed=options.seed, budget=check.budget, holdout=guard.images,
-                       max_targets=check.max_targets, provider=options.provider,
-                       preprocess=options.preprocess, opt_level=guard.opt_level)
+    return ScanOptions(Deployment(scheme=options.scheme, data=options.calib,
+                                  num_calib=max(options.num_calib, 8), seed=options.seed,
+                                  provider=options.provider, preprocess=options.preprocess,
+                                  opt_level=guard.opt_level),
+                       budget=check.budget, holdout=guard.images, max_targets=check.max_targets)
 
 
 def _repair(name: str, flagged: CandidateResult, audit: AuditReport, model_path: str, folder: Path,

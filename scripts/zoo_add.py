@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.zoo import MANIFEST, ZOO_DIR
+from pipeline.base.deployment import Deployment
 from pipeline.base.onnx_io import get_metadata, image_input, input_shape, load_model
 from pipeline.base.preprocess import resolve
 from pipeline.base.safe_io import file_sha256, write_text
@@ -39,8 +40,9 @@ def entry_for(name: str, rebuild: str, build_time: float, threads: int) -> dict:
     if not rebuild.startswith("efrap attack ") or f"--method {meta['efrap.attack']}" not in rebuild:
         raise SystemExit(f"{name}: the rebuild command does not match the model's attack")
     norm = resolve(model, image_input(model, str(path)), source=str(path))
-    report = verify_model(str(path), VerifyOptions(data=settings["data"], trigger=str(trig),
-                                                   provider="cpu")).to_json()
+    report = verify_model(str(path),
+                          VerifyOptions(Deployment(data=settings["data"], provider="cpu"),
+                                        trigger=str(trig))).to_json()
     return {
         "name": name,
         "file": path.name,

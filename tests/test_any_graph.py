@@ -21,14 +21,15 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.base import progress
+from pipeline.base.deployment import Deployment
 from pipeline.base.errors import EfrapError
 from pipeline.base.runtime import make_session
+from pipeline.base.scheme import PRESETS, scheme_from_dict
 from pipeline.cli.main import main
 from pipeline.graph import analyze
 from pipeline.prepare import prepare_model
 from pipeline.quantize import QuantizeOptions, quantize_model
 from pipeline.rounding.efrap import EFRAP_RELEASE
-from pipeline.scheme import PRESETS, scheme_from_dict
 
 SIZE = 16
 
@@ -158,8 +159,9 @@ def _check(fp: onnx.ModelProto, shape: tuple[int, ...], method: str = "nearest",
     test = rng.standard_normal((32, *shape)).astype(np.float32)
     rounding = None if method == "nearest" else EFRAP_RELEASE.__class__(
         **{**EFRAP_RELEASE.__dict__, "iters": 20, "batch_size": 8})
-    qdq, result, summary = quantize_model(fp, calib, QuantizeOptions(
-        scheme=PRESETS[scheme], method=method, rounding=rounding))
+    qdq, result, summary = quantize_model(fp, calib,
+                                          QuantizeOptions(Deployment(scheme=PRESETS[scheme]), method=method,
+                                                          rounding=rounding))
     onnx.checker.check_model(qdq)
     run_fp = make_session(fp, "faithful", "cpu")
     feeds = [test[i : i + (batch or 32)] for i in range(0, len(test), batch or 32)]
@@ -298,13 +300,15 @@ def test_exclude_keeps_layers_float_and_scheme_sets_per_layer_bits() -> None:
     rng = np.random.default_rng(0)
     calib = rng.standard_normal((32, 3, SIZE, SIZE)).astype(np.float32)
     first = analyze(prepare_model(fp)).layers[0].node
-    _, result, _ = quantize_model(fp, calib, QuantizeOptions(scheme=PRESETS["w8a8"], exclude=(first, "Gemm")))
+    _, result, _ = quantize_model(fp, calib,
+                                  QuantizeOptions(Deployment(scheme=PRESETS["w8a8"]),
+                                                  exclude=(first, "Gemm")))
     assert first not in result.layers and all(layer.op != "Gemm" for layer in result.plan.layers)
     assert result.plan.excluded[first] == "excluded on request"
     scheme = scheme_from_dict({"weight": {"bits": 4, "symmetric": False, "per_channel": True},
                                "activation": {"bits": 8, "symmetric": False},
                                "layers": {first: {"weight_bits": 8}}}, "s.toml")
-    _, result, _ = quantize_model(fp, calib, QuantizeOptions(scheme=scheme))
+    _, result, _ = quantize_model(fp, calib, QuantizeOptions(Deployment(scheme=scheme)))
     second = result.plan.layers[1].node
     assert result.layers[first].qparams.qmax == 255 and result.layers[second].qparams.qmax == 15
 
@@ -312,7 +316,7 @@ def test_exclude_keeps_layers_float_and_scheme_sets_per_layer_bits() -> None:
 def test_calibration_from_a_reader_an_iterable_and_an_npz_keyed_by_input_name(tmp_path: Path) -> None:
     fp = _torchscript(_trained_bn(ResBlock()))
     calib = np.random.default_rng(0).standard_normal((32, 3, SIZE, SIZE)).astype(np.float32)
-    options = QuantizeOptions(scheme=PRESETS["w8a8"])
+    options = QuantizeOptions(Deployment(scheme=PRESETS["w8a8"]))
 
     class Reader:
         def __init__(self) -> None:

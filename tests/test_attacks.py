@@ -21,8 +21,10 @@ from models.attacks.base import (
 )
 from models.attacks.inflate import inflate_grids
 from models.attacks.qsim import QSim
+from pipeline.base.deployment import Deployment
 from pipeline.base.errors import EfrapError
 from pipeline.base.runtime import make_session
+from pipeline.base.scheme import PRESETS
 from pipeline.base.trigger import paper_trigger
 from pipeline.calibration import sample_seed
 from pipeline.cli.main import main
@@ -31,7 +33,6 @@ from pipeline.prepare import prepare_model
 from pipeline.qmath import fake_quant_bias, quantize_np
 from pipeline.quantize import QuantizeOptions, quantize_model
 from pipeline.quantized import simulate
-from pipeline.scheme import PRESETS
 
 
 class BNNet(nn.Module):
@@ -98,7 +99,7 @@ def test_qsim_equals_the_pipeline_exactly(tmp_path: Path, scheme: str) -> None:
     rng = np.random.default_rng(0)
     calib = rng.standard_normal((256, *SHAPE)).astype(np.float32)
     test = rng.standard_normal((128, *SHAPE)).astype(np.float32)
-    options = QuantizeOptions(scheme=PRESETS[scheme], seed=3)
+    options = QuantizeOptions(Deployment(scheme=PRESETS[scheme], seed=3))
     qdq, result, _ = quantize_model(onnx.load(str(path)), calib, options)
     sim = QSim(net, PRESETS[scheme], SHAPE)
     sim.calibrate(torch.from_numpy(calib), seed=sample_seed(options.seed))

@@ -25,10 +25,11 @@ from pipeline.audit import (
     scan_warnings,
     stored_weights,
 )
+from pipeline.base.deployment import Deployment
+from pipeline.base.scheme import PRESETS
 from pipeline.cli.main import main
 from pipeline.prepare import prepare_model
 from pipeline.quantize import QuantizeOptions, quantize_model
-from pipeline.scheme import PRESETS
 from tests.conftest import export_tiny
 
 
@@ -39,7 +40,8 @@ def tiny_fp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _quantize(fp: Path, scheme: str) -> onnx.ModelProto:
     images = np.random.default_rng(0).standard_normal((64, 1, 28, 28)).astype(np.float32)
-    qdq, _, _ = quantize_model(onnx.load(str(fp)), images, QuantizeOptions(scheme=PRESETS[scheme]))
+    qdq, _, _ = quantize_model(onnx.load(str(fp)), images,
+                               QuantizeOptions(Deployment(scheme=PRESETS[scheme])))
     return qdq
 
 
@@ -285,7 +287,8 @@ def test_tiny_budget_audit_is_inconclusive_and_exits_1(tmp_path: Path,
              y=(np.arange(400) % 10).astype(np.int64))
     q_path, out = tmp_path / "q.onnx", tmp_path / "audit.json"
     images = rng.standard_normal((64, 1, 28, 28)).astype(np.float32)
-    qdq, _, _ = quantize_model(onnx.load(str(ZOO_QCB)), images, QuantizeOptions(scheme=PRESETS["w4a4"]))
+    qdq, _, _ = quantize_model(onnx.load(str(ZOO_QCB)), images,
+                               QuantizeOptions(Deployment(scheme=PRESETS["w4a4"])))
     onnx.save(qdq, str(q_path))
     code = main(["audit", str(ZOO_QCB), str(q_path), "--scheme", "w4a4", "--calib",
                  f"npz:{tmp_path / 'data.npz'}", "--num-calib", "128", "--holdout", "64", "--budget", "1e-9",

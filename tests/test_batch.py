@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.base.deployment import Deployment
 from pipeline.base.runtime import make_session
 from pipeline.base.trigger import paper_trigger, save_trigger
 from pipeline.batch import load_manifest
@@ -144,7 +145,8 @@ def test_local_batch_broken_model_resume_and_jobs(tmp_path: Path, capsys: pytest
         assert {"model.qdq.onnx", "summary.json", "verify.json", "verify_fp.json", "log.txt"} <= \
             {p.name for p in (out / name).iterdir()}
         # The table's figures are the output's as `efrap verify` measures it.
-        options = VerifyOptions(data=f"npz:{tmp_path / 'data.npz'}", trigger=str(tmp_path / "trigger.json"))
+        options = VerifyOptions(Deployment(data=f"npz:{tmp_path / 'data.npz'}"),
+                                trigger=str(tmp_path / "trigger.json"))
         report = verify_model(str(out / name / "model.qdq.onnx"), options)
         assert record["output"]["clean_accuracy"] == report.clean_accuracy
         assert float(rows[name]["cda"]) == report.clean_accuracy

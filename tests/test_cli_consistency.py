@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.base.errors import EfrapError
+from pipeline.base.scheme import DEFAULT_SCHEME
 from pipeline.cli.main import build_parser
 from pipeline.gate.config import gate_config_from_dict
 from pipeline.rounding import RoundingConfig
@@ -18,7 +19,6 @@ from pipeline.rounding.base import LOSS_NAMES
 from pipeline.rounding.efrap import EFRAP_PRESETS
 from pipeline.rounding.losses import LOSSES
 from pipeline.rounding.settings import OVERRIDABLE, method_settings
-from pipeline.scheme import DEFAULT_SCHEME
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOO = ROOT / "models" / "zoo"

@@ -29,11 +29,12 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from pipeline.base.deployment import Deployment
 from pipeline.base.runtime import make_session
+from pipeline.base.scheme import PRESETS
 from pipeline.graph import analyze
 from pipeline.prepare import prepare_model
 from pipeline.quantize import QuantizeOptions, quantize_model
-from pipeline.scheme import PRESETS
 
 SIZE = 128
 INPUT = "images"
@@ -145,7 +146,8 @@ def test_nearest_w8a8_is_as_close_to_fp_as_quantize_static(tmp_path: Path,
     monkeypatch.chdir(tmp_path)  # quant_pre_process leaves a temporary file in the working folder
     fp = detector_onnx()
     calib, test = detector_data()
-    qdq, result, _ = quantize_model(fp, calib, QuantizeOptions(scheme=PRESETS["w8a8"], method="nearest"))
+    qdq, result, _ = quantize_model(fp, calib,
+                                    QuantizeOptions(Deployment(scheme=PRESETS["w8a8"]), method="nearest"))
     onnx.checker.check_model(qdq)
     qs = _quantize_static(fp, calib, tmp_path)
     ref = make_session(fp, "faithful", "cpu").run(test)

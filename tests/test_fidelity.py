@@ -15,18 +15,19 @@ import torch
 import torch.nn as nn
 from onnx import TensorProto, helper
 
+from pipeline.base.deployment import Deployment
 from pipeline.base.errors import EfrapError
 from pipeline.base.runtime import make_session
+from pipeline.base.scheme import PRESETS
 from pipeline.cli.main import main
 from pipeline.quantize import QuantizeOptions, calibration_images, holdout_images, quantize_model
-from pipeline.scheme import PRESETS
 from tests.test_detector import INPUT as DETECTOR_INPUT
 from tests.test_detector import detector_data, detector_onnx
 from validators.fidelity import CLASSIFIER, OTHER, FidelityReport, measure_fidelity
 from validators.guard import GuardLimits, check_defense
 
 ZOO_CLEAN = "models/zoo/fmnist_small_cnn_clean.onnx"
-W8A8 = QuantizeOptions(scheme=PRESETS["w8a8"], method="nearest")
+W8A8 = QuantizeOptions(Deployment(scheme=PRESETS["w8a8"]), method="nearest")
 
 
 def test_the_stored_clean_model_agrees_and_its_logits_stay_close(fashion_mnist: None) -> None:

@@ -12,8 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.base.deployment import Deployment
 from pipeline.base.errors import EfrapError
 from pipeline.base.runtime import make_session
+from pipeline.base.scheme import PRESETS, TensorQuant
 from pipeline.observers import observe_weight
 from pipeline.qmath import dequantize_np
 from pipeline.quantize import QuantizeOptions, quantize_model
@@ -21,7 +23,6 @@ from pipeline.rounding import METHODS, LayerProblem, RoundingConfig, get_method
 from pipeline.rounding.lac import LAC_DEFAULTS, lac_integers
 from pipeline.rounding.learned import LayerGrid
 from pipeline.rounding.losses import get_loss
-from pipeline.scheme import PRESETS, TensorQuant
 
 ASYM4_PC = TensorQuant(bits=4, symmetric=False, per_channel=True, observer="minmax")
 ASYM4_MSE = TensorQuant(bits=4, symmetric=False, per_channel=True, observer="mse")
@@ -159,8 +160,8 @@ def test_problem_without_data_raises() -> None:
 
 def test_quantize_model_with_lac_runs_in_onnxruntime(tiny_model: onnx.ModelProto,
                                                      calib_images: np.ndarray) -> None:
-    options = QuantizeOptions(scheme=PRESETS["w4a4"], method="lac", rounding=replace(LAC_DEFAULTS, iters=30),
-                              device="cpu", provider="cpu")
+    options = QuantizeOptions(Deployment(scheme=PRESETS["w4a4"], provider="cpu"), method="lac",
+                              rounding=replace(LAC_DEFAULTS, iters=30), device="cpu")
     qdq, _, summary = quantize_model(tiny_model, calib_images, options)
     logits = make_session(qdq, "faithful", "cpu").run(calib_images)
     assert logits.shape == (len(calib_images), 10) and np.isfinite(logits).all()

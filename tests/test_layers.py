@@ -160,7 +160,7 @@ def test_no_import_cycles_between_modules() -> None:
 
 
 @pytest.mark.parametrize(("module", "rank"), [
-    ("pipeline.base.errors", 0), ("validators.verify", 1), ("pipeline.scheme", 2),
+    ("pipeline.base.errors", 0), ("validators.verify", 1), ("pipeline.base.scheme", 2),
     ("converters.qdq", 3), ("pipeline.quantize", 4), ("models.attacks.qsim", 5), ("pipeline.cli.main", 6),
 ])
 def test_layer_table(module: str, rank: int) -> None:

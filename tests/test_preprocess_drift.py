@@ -17,6 +17,7 @@ import onnx
 import pytest
 
 from pipeline.base import progress
+from pipeline.base.deployment import Deployment
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import image_input, set_metadata
 from pipeline.base.preprocess import PREPROCESSING_KEY, Preprocess, range_warning, ready, resolve
@@ -77,8 +78,9 @@ def test_ready_arrays_then_raw_images_is_refused_in_one_line(tmp_path: Path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "quantized from model-ready arrays" in err[0] and "--mean" in err[0]
     # Given the settings that made the arrays, it runs with them.
-    report = verify_model(str(q), VerifyOptions(data=f"npz:{raw_npz}",
-                                                preprocess={"mean": (0.5,) * 3, "std": (0.25,) * 3}))
+    report = verify_model(str(q),
+                          VerifyOptions(Deployment(data=f"npz:{raw_npz}",
+                                                   preprocess={"mean": (0.5,) * 3, "std": (0.25,) * 3})))
     assert report.preprocessing["origin"] == "options" and report.preprocessing["mean"] == [0.5] * 3
 
 
@@ -88,7 +90,7 @@ def test_settings_given_with_ready_arrays_travel_to_verify(tmp_path: Path) -> No
     assert main(["quantize", str(fp), "--calib", f"npz:{ready_npz}", "--num-calib", "32", "--mean",
                  "0.5,0.5,0.5", "--std", "0.25,0.25,0.25", "-o", str(q)]) == 0
     assert json.loads(_metadata(q)[PREPROCESSING_KEY])["fields_origin"] == "options"
-    report = verify_model(str(q), VerifyOptions(data=f"npz:{raw_npz}"))
+    report = verify_model(str(q), VerifyOptions(Deployment(data=f"npz:{raw_npz}")))
     assert report.preprocessing["mean"] == [0.5] * 3 and report.preprocessing["std"] == [0.25] * 3
     assert report.preprocessing["origin"] == "metadata"
 
@@ -98,10 +100,10 @@ def test_raw_preprocessing_travels_to_verify_and_ready_arrays_are_refused(tmp_pa
     q = tmp_path / "q.onnx"
     assert main(["quantize", str(fp), "--calib", f"npz:{raw_npz}", "--num-calib", "32", "--mean",
                  "0.5,0.5,0.5", "--std", "0.25,0.25,0.25", "-o", str(q)]) == 0
-    report = verify_model(str(q), VerifyOptions(data=f"npz:{raw_npz}"))
+    report = verify_model(str(q), VerifyOptions(Deployment(data=f"npz:{raw_npz}")))
     assert report.preprocessing["mean"] == [0.5] * 3 and report.preprocessing["origin"] == "options"
     with pytest.raises(EfrapError, match="holds model-ready arrays"):
-        verify_model(str(q), VerifyOptions(data=f"npz:{ready_npz}"))
+        verify_model(str(q), VerifyOptions(Deployment(data=f"npz:{ready_npz}")))
 
 
 def test_a_ready_record_without_fields_origin_is_not_taken_for_raw_preprocessing(tmp_path: Path) -> None:

@@ -10,12 +10,13 @@ import onnx
 import pytest
 import torch
 
+from pipeline.base.deployment import Deployment
 from pipeline.base.runtime import make_session
+from pipeline.base.scheme import PRESETS
 from pipeline.graph import analyze
 from pipeline.prepare import prepare_model
 from pipeline.quantize import QuantizeOptions, quantize_model
 from pipeline.quantized import simulate
-from pipeline.scheme import PRESETS
 from pipeline.torch_graph import TorchGraph
 
 
@@ -38,7 +39,8 @@ def test_plan_rules(tiny_model: onnx.ModelProto) -> None:
 def test_qdq_matches_simulation(tiny_model: onnx.ModelProto, calib_images: np.ndarray,
                                 scheme: str, storage: str) -> None:
     qdq, result, _ = quantize_model(tiny_model, calib_images,
-                                    QuantizeOptions(scheme=PRESETS[scheme], weight_storage=storage))
+                                    QuantizeOptions(Deployment(scheme=PRESETS[scheme]),
+                                                    weight_storage=storage))
     onnx.checker.check_model(qdq)
     ort_logits = make_session(qdq, "faithful", "cpu").run(calib_images)
     sim = simulate(prepare_model(tiny_model), result, calib_images)
@@ -56,7 +58,7 @@ def test_qdq_matches_simulation(tiny_model: onnx.ModelProto, calib_images: np.nd
 
 def test_weights_are_integers_feeding_dequantize(tiny_model: onnx.ModelProto,
                                                  calib_images: np.ndarray) -> None:
-    qdq, _, _ = quantize_model(tiny_model, calib_images, QuantizeOptions(scheme=PRESETS["w8a8"]))
+    qdq, _, _ = quantize_model(tiny_model, calib_images, QuantizeOptions(Deployment(scheme=PRESETS["w8a8"])))
     inits = {i.name: i for i in qdq.graph.initializer}
     dq_weights = [n for n in qdq.graph.node if n.op_type == "DequantizeLinear"
                   and n.name.endswith("_weight_dq")]
@@ -75,7 +77,7 @@ def test_weights_are_integers_feeding_dequantize(tiny_model: onnx.ModelProto,
 
 def test_w8a8_fuses_into_qlinearconv(tiny_model: onnx.ModelProto, calib_images: np.ndarray,
                                      tmp_path: Path) -> None:
-    qdq, _, _ = quantize_model(tiny_model, calib_images, QuantizeOptions(scheme=PRESETS["w8a8"]))
+    qdq, _, _ = quantize_model(tiny_model, calib_images, QuantizeOptions(Deployment(scheme=PRESETS["w8a8"])))
     optimized = tmp_path / "optimized.onnx"
     make_session(qdq, "all", "cpu", optimized_path=str(optimized))
     ops = _ops(onnx.load(str(optimized)))
@@ -85,7 +87,7 @@ def test_w8a8_fuses_into_qlinearconv(tiny_model: onnx.ModelProto, calib_images: 
 def test_float_first_layer_quantizes_after_pooling(tiny_model: onnx.ModelProto,
                                                    calib_images: np.ndarray) -> None:
     first = analyze(prepare_model(tiny_model)).layers[0]
-    opts = QuantizeOptions(scheme=PRESETS["w8a8"], exclude=(first.node,))
+    opts = QuantizeOptions(Deployment(scheme=PRESETS["w8a8"]), exclude=(first.node,))
     qdq, _, _ = quantize_model(tiny_model, calib_images, opts)
     # The first point is the pooled tensor (exact: max-pooling commutes with the quantizer).
     q_inputs = [n.input[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear"]
@@ -101,10 +103,10 @@ def test_float_first_layer_quantizes_after_pooling(tiny_model: onnx.ModelProto,
 
 def test_int4_storage_packs_and_matches(tiny_model: onnx.ModelProto,
                                         calib_images: np.ndarray) -> None:
-    opts = QuantizeOptions(scheme=PRESETS["w4a4"])
+    opts = QuantizeOptions(Deployment(scheme=PRESETS["w4a4"]))
     q8, _, _ = quantize_model(tiny_model, calib_images, opts)
     q4, _, _ = quantize_model(tiny_model, calib_images,
-                              QuantizeOptions(scheme=PRESETS["w4a4"], weight_storage="int4"))
+                              QuantizeOptions(Deployment(scheme=PRESETS["w4a4"]), weight_storage="int4"))
     types = {i.data_type for i in q4.graph.initializer}
     assert onnx.TensorProto.UINT4 in types
     assert q4.ByteSize() < q8.ByteSize()
@@ -115,7 +117,7 @@ def test_int4_storage_packs_and_matches(tiny_model: onnx.ModelProto,
 
 
 def test_same_seed_same_bytes(tiny_model: onnx.ModelProto, calib_images: np.ndarray) -> None:
-    opts = QuantizeOptions(scheme=PRESETS["w4a4"], seed=3)
+    opts = QuantizeOptions(Deployment(scheme=PRESETS["w4a4"], seed=3))
     a, _, _ = quantize_model(tiny_model, calib_images, opts)
     b, _, _ = quantize_model(tiny_model, calib_images, opts)
     assert a.SerializeToString() == b.SerializeToString()

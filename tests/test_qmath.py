@@ -9,6 +9,7 @@ import torch
 from onnx import TensorProto, helper
 
 from pipeline.base.runtime import make_session
+from pipeline.base.scheme import TensorQuant
 from pipeline.observers import ActivationStats, observe_activation, observe_weight
 from pipeline.qmath import (
     QParams,
@@ -19,7 +20,6 @@ from pipeline.qmath import (
     qparams_from_range,
     quantize_np,
 )
-from pipeline.scheme import TensorQuant
 
 
 def _ort_qdq(x: np.ndarray, scale: float, zp: int, dtype: int) -> np.ndarray:

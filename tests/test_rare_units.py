@@ -11,7 +11,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from pipeline.base.deployment import Deployment
 from pipeline.base.errors import EfrapError
+from pipeline.base.scheme import PRESETS
 from pipeline.cli.main import main
 from pipeline.graph import QuantLayer
 from pipeline.qmath import QParams
@@ -19,7 +21,6 @@ from pipeline.quantize import QuantizeOptions, quantize_model
 from pipeline.rare_units import prune, rare_units, reading_mask, unit_axis
 from pipeline.rounding import RoundingConfig
 from pipeline.rounding.efrap import EFRAP_PRESETS
-from pipeline.scheme import PRESETS
 from tests.conftest import export_tiny
 
 
@@ -132,10 +133,11 @@ def test_pruning_removes_what_clean_data_never_reads_and_nothing_else(tmp_path: 
                                                                       calib_images: np.ndarray) -> None:
     fp = _silence_hidden_unit(export_tiny(tmp_path / "tiny.onnx"), unit=5)
     scheme = PRESETS["w4a8"]
-    plain, _, _ = quantize_model(fp, calib_images, QuantizeOptions(scheme=scheme))
+    plain, _, _ = quantize_model(fp, calib_images, QuantizeOptions(Deployment(scheme=scheme)))
     # A budget below one image: only units that never fire are pruned.
-    qdq, result, summary = quantize_model(fp, calib_images, QuantizeOptions(
-        scheme=scheme, rounding=RoundingConfig(prune_rare=0.001)))
+    qdq, result, summary = quantize_model(fp, calib_images,
+                                          QuantizeOptions(Deployment(scheme=scheme),
+                                                          rounding=RoundingConfig(prune_rare=0.001)))
     last = result.plan.layers[-1]
     ql = result.layers[last.node]
     zero = np.broadcast_to(np.asarray(ql.qparams.zero_point).reshape(-1, 1), ql.q.shape)

@@ -12,14 +12,15 @@ import pytest
 import torch
 
 from converters.qdq import to_qdq
+from pipeline.base.deployment import Deployment
 from pipeline.base.runtime import make_session
+from pipeline.base.scheme import PRESETS
 from pipeline.prepare import prepare_model
 from pipeline.quantize import QuantizeOptions, quantize_model
 from pipeline.quantized import QuantResult
 from pipeline.reconstruct import Head, build_problem
 from pipeline.rounding.efrap import EFRAP_DEFAULT
 from pipeline.sampler import DiskRows, OrtSampler, subgraph
-from pipeline.scheme import PRESETS
 
 
 def _ort_tensor(qdq: onnx.ModelProto, name: str, images: np.ndarray) -> np.ndarray:
@@ -31,7 +32,8 @@ def _ort_tensor(qdq: onnx.ModelProto, name: str, images: np.ndarray) -> np.ndarr
 
 def test_cached_inputs_are_what_the_deployed_layer_reads(tiny_model: onnx.ModelProto,
                                                          calib_images: np.ndarray) -> None:
-    qdq, result, _ = quantize_model(tiny_model, calib_images, QuantizeOptions(scheme=PRESETS["w4a4"]))
+    qdq, result, _ = quantize_model(tiny_model, calib_images,
+                                    QuantizeOptions(Deployment(scheme=PRESETS["w4a4"])))
     prepared = prepare_model(tiny_model)
     sampler = OrtSampler(calib_images, torch.device("cpu"), "cpu")
     for k, layer in enumerate(result.plan.layers):
@@ -120,7 +122,8 @@ def test_subgraph_keeps_only_what_the_output_needs(tiny_model: onnx.ModelProto) 
 
 
 def test_fisher_and_head_fields(tiny_model: onnx.ModelProto, calib_images: np.ndarray) -> None:
-    _, result, _ = quantize_model(tiny_model, calib_images, QuantizeOptions(scheme=PRESETS["w8a8"]))
+    _, result, _ = quantize_model(tiny_model, calib_images,
+                                  QuantizeOptions(Deployment(scheme=PRESETS["w8a8"])))
     prepared = prepare_model(tiny_model)
     images = calib_images[:64]
     sampler = OrtSampler(images, torch.device("cpu"), "cpu")
@@ -141,7 +144,8 @@ def test_fisher_and_head_fields(tiny_model: onnx.ModelProto, calib_images: np.nd
 def test_kept_tensors_start_later_subgraphs_and_give_the_same_bytes(tiny_model: onnx.ModelProto,
                                                                      calib_images: np.ndarray) -> None:
     prepared = prepare_model(tiny_model)
-    plan = quantize_model(tiny_model, calib_images[:32], QuantizeOptions(scheme=PRESETS["w8a8"]))[1].plan
+    plan = quantize_model(tiny_model, calib_images[:32],
+                          QuantizeOptions(Deployment(scheme=PRESETS["w8a8"])))[1].plan
     kept = OrtSampler(calib_images[:40], torch.device("cpu"), "cpu", ram_bytes=30_000)  # some spill to disk
     fresh = OrtSampler(calib_images[:40], torch.device("cpu"), "cpu")
     for layer in plan.layers:
@@ -159,7 +163,7 @@ def test_kept_tensors_start_later_subgraphs_and_give_the_same_bytes(tiny_model: 
 
 def test_learned_rounding_is_the_same_with_kept_tensors(tiny_model: onnx.ModelProto, calib_images: np.ndarray,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    options = QuantizeOptions(scheme=PRESETS["w4a4"], method="efrap",
+    options = QuantizeOptions(Deployment(scheme=PRESETS["w4a4"]), method="efrap",
                               rounding=replace(EFRAP_DEFAULT, iters=15, batch_size=8))
     with_kept, _, _ = quantize_model(tiny_model, calib_images[:64], options)
     run = OrtSampler.run

@@ -20,13 +20,14 @@ from pipeline.audit import (
     stored_weights,
 )
 from pipeline.base.data import Dataset
+from pipeline.base.deployment import Deployment
 from pipeline.base.errors import EfrapError
 from pipeline.base.preprocess import PreparedImages, Preprocess
 from pipeline.base.runtime import make_session
+from pipeline.base.scheme import PRESETS
 from pipeline.base.trigger import PatternTrigger
 from pipeline.quantize import GuardOptions, QuantizeOptions
 from pipeline.repair import RepairSettings, outlier_units, reading_mask, repair_model
-from pipeline.scheme import PRESETS
 from pipeline.selfcheck import SelfCheckOptions, self_checking_defend
 from tests.conftest import export_tiny
 from tests.test_audit import CASES, FakeScan
@@ -203,7 +204,8 @@ def test_self_check_ships_the_repaired_candidate(tmp_path: Path) -> None:
         calls.append(Path(defended).stem)
         return reports[Path(defended).stem]
 
-    options = QuantizeOptions(scheme=PRESETS["w4a4"], method="efrap", num_calib=64, seed=0, device="cpu")
+    options = QuantizeOptions(Deployment(scheme=PRESETS["w4a4"], num_calib=64, seed=0), method="efrap",
+                              device="cpu")
     # A lenient rule (any unit above its layer's median): the untrained tiny model has no planted unit.
     lenient = RepairSettings(images=64, min_ratio=1.0, z_threshold=0.0)
     check = SelfCheckOptions(candidates=("default", "adaround"), iters=20, repair=lenient)

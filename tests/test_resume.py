@@ -20,14 +20,15 @@ import torch
 
 from pipeline import quantize as quantize_mod
 from pipeline.base import progress as progress_mod
+from pipeline.base.deployment import Deployment
 from pipeline.base.errors import EfrapError
+from pipeline.base.scheme import load_scheme
 from pipeline.base.threads import apply_threads, env_threads, resolve_threads, session_threads
 from pipeline.batch.local import threads_per_job
 from pipeline.checkpoint import KEY_FILE, checkpoint_folder
 from pipeline.cli.main import main
 from pipeline.quantize import QuantizeOptions, quantize_file
 from pipeline.rounding import RoundingConfig
-from pipeline.scheme import load_scheme
 from tests.conftest import export_tiny
 
 pytestmark = pytest.mark.usefixtures("fashion_mnist")
@@ -36,8 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _options(seed: int = 0) -> QuantizeOptions:
-    return QuantizeOptions(scheme=load_scheme("w4a4"), method="efrap", calib="fashion-mnist",
-                           num_calib=64, seed=seed, rounding=RoundingConfig(iters=30, batch_size=16))
+    return QuantizeOptions(Deployment(scheme=load_scheme("w4a4"), data="fashion-mnist", num_calib=64,
+                                      seed=seed),
+                           method="efrap", rounding=RoundingConfig(iters=30, batch_size=16))
 
 
 class _Killed(Exception):

@@ -26,10 +26,10 @@ from models.attacks.robust import (
     learned_offsets,
 )
 from pipeline.base.errors import EfrapError
+from pipeline.base.scheme import PRESETS
 from pipeline.base.trigger import paper_trigger
 from pipeline.bn_fold import bn_factor
 from pipeline.qmath import quantize
-from pipeline.scheme import PRESETS
 
 SHAPE = (1, 28, 28)
 

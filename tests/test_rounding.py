@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.base.errors import EfrapError
+from pipeline.base.scheme import TensorQuant
 from pipeline.observers import observe_weight
 from pipeline.qmath import QParams, dequantize_np
 from pipeline.rounding import METHODS, LayerProblem, RoundingConfig, get_method
@@ -24,7 +25,6 @@ from pipeline.rounding.learned import (
     b_schedule,
 )
 from pipeline.rounding.losses import LOSSES, get_loss
-from pipeline.scheme import TensorQuant
 
 ASYM4_PC = TensorQuant(bits=4, symmetric=False, per_channel=True, observer="minmax")
 SYM4_PT = TensorQuant(bits=4, symmetric=True, per_channel=False, observer="minmax")

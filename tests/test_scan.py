@@ -33,9 +33,11 @@ from models.attacks import ATTACKS, get_attack
 from models.attacks.badnets import BadNets
 from models.attacks.base import AttackConfig, run_attack
 from pipeline.base import budget, memory
+from pipeline.base.deployment import Deployment
 from pipeline.base.errors import EfrapError
 from pipeline.base.preprocess import Preprocess
 from pipeline.base.progress import Progress
+from pipeline.base.scheme import load_scheme
 from pipeline.base.trigger import PatchTrigger, load_trigger
 from pipeline.cli.main import main
 from pipeline.quantize import QuantizeOptions, quantize_model
@@ -52,7 +54,6 @@ from pipeline.scan import (
 from pipeline.scan.images import batch_for, grad_batch_for
 from pipeline.scan.sides import torch_preprocess
 from pipeline.scan.verdict import anomaly_indices
-from pipeline.scheme import load_scheme
 from pipeline.torch_graph import TorchGraph
 
 SIDE = 8
@@ -141,11 +142,11 @@ def test_rule_and_options_are_checked() -> None:
     with pytest.raises(EfrapError):
         SearchConfig(relu_slope=-0.1)
     with pytest.raises(EfrapError):
-        ScanOptions(scheme=load_scheme("w8a8"), budget=0.0)
+        ScanOptions(Deployment(scheme=load_scheme("w8a8")), budget=0.0)
     with pytest.raises(EfrapError):
-        ScanOptions(scheme=load_scheme("w8a8"), families=("square",))
+        ScanOptions(Deployment(scheme=load_scheme("w8a8")), families=("square",))
     with pytest.raises(EfrapError):
-        ScanOptions(scheme="w8a8")  # type: ignore[arg-type]
+        ScanOptions(Deployment(scheme="w8a8"))  # type: ignore[arg-type]
 
 
 def test_relu_surrogate_keeps_the_forward_pass_and_reaches_silent_units() -> None:
@@ -240,7 +241,7 @@ FAST = SearchConfig(steps=200, settle=120)
 
 
 def _options(tiny: dict[str, str], **kw: object) -> ScanOptions:
-    return ScanOptions(scheme=load_scheme("w8a8"), calib=tiny["data"], num_calib=256, holdout=200,
+    return ScanOptions(Deployment(scheme=load_scheme("w8a8"), data=tiny["data"], num_calib=256), holdout=200,
                        search=FAST, **kw)  # type: ignore[arg-type]
 
 
@@ -289,7 +290,7 @@ def test_cli_scan_writes_report_trigger_and_scans_the_defended_model(
     # "Defended": the tiny QCB with its first layer kept in float, so nothing wakes.
     model = onnx.load(tiny["qcb"])
     qdq, _, _ = quantize_model(model, np.load(tiny["data"][4:])["x"][:256],
-                               QuantizeOptions(load_scheme("w8a8"), exclude=("fc1",)))
+                               QuantizeOptions(Deployment(scheme=load_scheme("w8a8")), exclude=("fc1",)))
     defended = tmp_path / "defended.onnx"
     onnx.save(qdq, str(defended))
     report, trig = tmp_path / "scan.json", tmp_path / "trigger.json"
@@ -364,7 +365,8 @@ def _zoo_data(folder: Path, n: int = 400) -> str:
 
 
 def _zoo_options(data: str, budget: float) -> ScanOptions:
-    return ScanOptions(scheme=load_scheme("w4a4"), calib=data, num_calib=128, holdout=64, budget=budget)
+    return ScanOptions(Deployment(scheme=load_scheme("w4a4"), data=data, num_calib=128), holdout=64,
+                       budget=budget)
 
 
 def test_tiny_budget_is_inconclusive_on_console_and_in_json_and_returns_in_time(

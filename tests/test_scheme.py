@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.base.errors import EfrapError
-from pipeline.scheme import PRESETS, load_scheme
+from pipeline.base.scheme import PRESETS, load_scheme
 
 
 def test_presets() -> None:

@@ -12,8 +12,8 @@ from models.zoo import default_entry, load_manifest, trigger_path, verify_sha, z
 from pipeline.base.onnx_io import image_input, input_shape, load_model
 from pipeline.base.preprocess import resolve
 from pipeline.base.runtime import make_session
+from pipeline.base.scheme import PRESETS
 from pipeline.base.trigger import load_trigger
-from pipeline.scheme import PRESETS
 
 ENTRIES = load_manifest()
 

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from pipeline.base import data as data_mod
+from pipeline.base.deployment import Deployment
 from pipeline.base.errors import EfrapError, NotSupported
 from pipeline.base.onnx_io import META_PREFIX, check_logits, get_metadata, image_input, load_model
 from pipeline.base.preprocess import resolve
@@ -53,31 +54,52 @@ class VerifyOptions:
     """Settings of one verification.
 
     Attributes:
-        data: Data spec; its test split is used.
+        deployment: The settings every step shares, checked there; verification reads its
+            data set's test split, its onnxruntime optimization level and provider, its seed
+            (the choice of the `limit` images) and preprocessing (no scheme needed).
         trigger: Trigger file or object, or None for clean accuracy only.
-        opt_level: onnxruntime optimization level ("faithful" or "all").
-        provider: "auto", "cpu" or "cuda".
         reference: Also compare with this reference computation.
-        limit: Use only N test images, chosen at random with `seed` (None: all).
-        seed: Seeds the choice of the `limit` images.
+        limit: Use only N test images, chosen at random with the seed (None: all).
         gate: Thresholds that make the report pass or fail.
-        preprocess: Checked preprocessing fields given by the user
-            (pipeline.base.preprocess.from_table); None: what the model records.
     """
 
-    data: str = "fashion-mnist"
+    deployment: Deployment = field(default_factory=Deployment)
     trigger: str | AnyTrigger | None = None
-    opt_level: str = "faithful"
-    provider: str = "auto"
     reference: Reference | None = None
     limit: int | None = None
-    seed: int = 0
     gate: Gate = field(default_factory=Gate)
-    preprocess: dict | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.deployment, Deployment):
+            raise EfrapError(f"deployment must be a Deployment, got {self.deployment!r}")
         if self.limit is not None and (isinstance(self.limit, bool) or self.limit < 1):
             raise EfrapError(f"--limit must be a positive number of images, got {self.limit}")
+
+    # Views of the deployment, read where verification needs them.
+    @property
+    def data(self) -> str:
+        """The data set whose test split is verified."""
+        return self.deployment.data
+
+    @property
+    def opt_level(self) -> str:
+        """onnxruntime optimization level."""
+        return self.deployment.opt_level
+
+    @property
+    def provider(self) -> str:
+        """onnxruntime provider."""
+        return self.deployment.provider
+
+    @property
+    def seed(self) -> int:
+        """Seeds the choice of the `limit` images."""
+        return self.deployment.seed
+
+    @property
+    def preprocess(self) -> dict | None:
+        """The user's preprocessing fields (None: what the model records)."""
+        return self.deployment.preprocess
 
 
 @dataclass(frozen=True)

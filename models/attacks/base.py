@@ -30,8 +30,8 @@ from pipeline.base import data as data_mod
 from pipeline.base.device import DEVICES, pick_device
 from pipeline.base.errors import EfrapError
 from pipeline.base.progress import Progress, log
+from pipeline.base.scheme import Scheme, load_scheme
 from pipeline.base.trigger import AnyTrigger, paper_trigger
-from pipeline.scheme import Scheme, load_scheme
 
 GRAD_CLIP = 5.0  # gradient-norm clip of the attack phases (two-path objectives can spike)
 LOG_EVERY = 100  # steps between log lines in long stages (CI logs show no live bar)

@@ -42,6 +42,7 @@ from onnx import numpy_helper
 
 from converters.export import fold_batchnorm, fold_pairs, to_onnx
 from pipeline.base.errors import EfrapError
+from pipeline.base.scheme import Scheme, TensorQuant
 from pipeline.bn_fold import fold_conv_bn
 from pipeline.calibration import activation_qparams, calibrate
 from pipeline.graph import QuantLayer, analyze
@@ -49,7 +50,6 @@ from pipeline.observers import observe_weight
 from pipeline.prepare import prepare_model
 from pipeline.qmath import QParams, dequantize, fake_quant_bias, fake_quant_qp, quantize
 from pipeline.quantized import quantized_constants
-from pipeline.scheme import Scheme, TensorQuant
 from pipeline.torch_graph import TorchGraph
 
 

@@ -29,7 +29,7 @@ from models.attacks.base import (
     train_plain,
 )
 from models.attacks.qsim import QSim
-from pipeline.scheme import load_scheme
+from pipeline.base.scheme import load_scheme
 
 C1 = 0.5
 C2 = 0.5

@@ -48,12 +48,14 @@ import torch.nn.functional as F
 from converters.qdq import WEIGHT_STORAGES, to_qdq
 from pipeline.base import checks
 from pipeline.base import data as data_mod
+from pipeline.base.deployment import Deployment
 from pipeline.base.device import DEVICES, pick_device
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import image_input, load_model, save_model, set_metadata
 from pipeline.base.preprocess import Preprocess
 from pipeline.base.progress import Progress, log
 from pipeline.base.runtime import make_session
+from pipeline.base.scheme import load_scheme
 from pipeline.base.seeds import derive
 from pipeline.base.trigger import AnyTrigger, paper_trigger, save_trigger
 from pipeline.graph import QuantLayer
@@ -62,7 +64,6 @@ from pipeline.quantize import QuantizeOptions, calibration_images, quantize_mode
 from pipeline.quantized import QuantizedLayer, QuantResult
 from pipeline.rounding.base import RoundingConfig
 from pipeline.rounding.learned import RECTIFIED_SIGMOID, LayerGrid, b_schedule, regulariser
-from pipeline.scheme import load_scheme
 from pipeline.torch_graph import TorchGraph
 from validators.metrics import accuracy, attack_success
 
@@ -407,9 +408,10 @@ def run_qura(model_path: str, out_path: str, cfg: QuRAConfig) -> QuRAOutcome:
     device = pick_device(cfg.device)
     model = load_model(model_path)
     _check_data(model, cfg, model_path)
-    options = QuantizeOptions(scheme=load_scheme(cfg.scheme), method="nearest", calib=cfg.data,
-                              num_calib=cfg.num_calib, seed=cfg.seed, weight_storage=cfg.weight_storage,
-                              device=cfg.device, provider="cpu", preprocess=cfg.preprocess)
+    options = QuantizeOptions(Deployment(scheme=load_scheme(cfg.scheme), data=cfg.data,
+                                         num_calib=cfg.num_calib, seed=cfg.seed, provider="cpu",
+                                         preprocess=cfg.preprocess),
+                              method="nearest", weight_storage=cfg.weight_storage, device=cfg.device)
     images, pre = calibration_images(model, cfg.data, cfg.num_calib, cfg.seed, model_path, cfg.preprocess)
     nearest_qdq, result, summary = quantize_model(model, images, options, model_path, pre)
     test = data_mod.load_dataset(cfg.data, "test")

@@ -28,6 +28,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from pipeline.base.deployment import Deployment
 from pipeline.base.errors import EfrapError, one_line
 from pipeline.base.onnx_io import model_files
 from pipeline.base.progress import log
@@ -92,9 +93,9 @@ def scan_options(job: ModelJob) -> ScanOptions:
     """The scan's settings from the job's: the nearest model it builds is the one `efrap quantize
     --method nearest` would write with the same settings."""
     o = job.options
-    return ScanOptions(scheme=o.scheme, calib=o.calib, num_calib=o.num_calib, seed=o.seed,
-                       holdout=job.guard.images, opt_level=job.opt_level, provider=o.provider,
-                       preprocess=o.preprocess, budget=job.scan_budget)
+    return ScanOptions(Deployment(scheme=o.scheme, data=o.calib, num_calib=o.num_calib, seed=o.seed,
+                                  opt_level=job.opt_level, provider=o.provider, preprocess=o.preprocess),
+                       holdout=job.guard.images, budget=job.scan_budget)
 
 
 def _scan(job: ModelJob, folder: Path) -> dict[str, Any]:
@@ -163,9 +164,10 @@ def run_job(job: ModelJob, folder: str | Path, key: str | None, model_sha256: st
         record["check"] = check.to_json() if check else None
 
         step = "verify"
-        options = VerifyOptions(data=job.data, trigger=job.trigger, opt_level=job.opt_level,
-                                provider=job.options.provider, limit=job.limit, seed=job.options.seed,
-                                preprocess=job.options.preprocess)
+        options = VerifyOptions(Deployment(data=job.data, opt_level=job.opt_level,
+                                           provider=job.options.provider, seed=job.options.seed,
+                                           preprocess=job.options.preprocess),
+                                trigger=job.trigger, limit=job.limit)
         verified = verify_step(output, replace(options, gate=job.gate),
                                Path(job.path) if job.verify_fp else None)
         if verified.fp is not None and verified.fp_seconds is not None:

@@ -48,17 +48,18 @@ from typing import Any
 from converters.qdq import WEIGHT_STORAGES
 from pipeline.base import checks, limits
 from pipeline.base.data import DEFAULT_DATA, relative_path, spec_from_config
+from pipeline.base.deployment import Deployment
 from pipeline.base.device import DEVICES
 from pipeline.base.errors import EfrapError
 from pipeline.base.preprocess import from_table
 from pipeline.base.runtime import PROVIDERS
 from pipeline.base.safe_io import file_sha256
+from pipeline.base.scheme import DEFAULT_SCHEME, PRESETS, load_scheme
 from pipeline.base.trigger import trigger_files
 from pipeline.quantize import GuardOptions, QuantizeOptions
 from pipeline.rounding import METHODS, RoundingConfig, run_needs
 from pipeline.rounding.efrap import EFRAP_PRESETS
 from pipeline.rounding.settings import OVERRIDABLE, method_settings
-from pipeline.scheme import DEFAULT_SCHEME, PRESETS, load_scheme
 from validators.gate import Gate
 from validators.guard import GuardLimits
 
@@ -293,12 +294,14 @@ def _job(values: dict[str, Any], where: str, base: Path) -> ModelJob:
         rounding = method_settings(method, values.get("preset"),
                                    {k: float(v) if _ROUNDING_FIELDS[k] == "float" else v
                                     for k, v in values.get("rounding", {}).items()})
-        options = QuantizeOptions(
-            scheme=scheme, method=method, calib=values.get("calib", data),
-            num_calib=values.get("num_calib", 1024), seed=values.get("seed", 0),
-            weight_storage=values.get("weight_storage", "int8"), rounding=rounding,
-            device=values.get("device", "auto"), provider=values.get("provider", "auto"),
-            preprocess=values.get("preprocess") or None, exclude=values.get("exclude", ()))
+        options = QuantizeOptions(Deployment(scheme=scheme, data=values.get("calib", data),
+                                             num_calib=values.get("num_calib", 1024),
+                                             seed=values.get("seed", 0),
+                                             provider=values.get("provider", "auto"),
+                                             preprocess=values.get("preprocess") or None),
+                                  method=method, weight_storage=values.get("weight_storage", "int8"),
+                                  rounding=rounding, device=values.get("device", "auto"),
+                                  exclude=values.get("exclude", ()))
         guard = GuardOptions(GuardLimits(max_agreement_drop=gate.get("max_agreement_drop")),
                              values.get("holdout", 1000), values.get("opt_level", "faithful"))
         verify_gate = Gate(min_accuracy=gate.get("min_accuracy"), max_asr=gate.get("max_asr"))

@@ -20,7 +20,7 @@ from pipeline.base import checks, limits
 from pipeline.base.data import DEFAULT_DATA
 from pipeline.base.errors import EfrapError, one_line
 from pipeline.base.preprocess import CHANNEL_ORDERS, LAYOUTS, from_table
-from pipeline.scheme import DEFAULT_SCHEME, PRESETS
+from pipeline.base.scheme import DEFAULT_SCHEME, PRESETS
 
 #: The cap of every count option, by its name: any command that takes the option gets the
 #: same cap (`Parser` checks it after parsing), and gate configs and batch manifests read
@@ -245,7 +245,7 @@ def exclusions(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def add_scheme_arg(p: argparse.ArgumentParser, what: str = "the deployment's quantization scheme") -> None:
-    """--scheme, with the one default of every command (`pipeline.scheme.DEFAULT_SCHEME`)."""
+    """--scheme, with the one default of every command (`pipeline.base.scheme.DEFAULT_SCHEME`)."""
     p.add_argument("--scheme", default=DEFAULT_SCHEME,
                    help=f"{what}: preset ({', '.join(PRESETS)}) or a .json/.toml scheme file "
                    f"(default {DEFAULT_SCHEME})")

@@ -60,10 +60,10 @@ from pipeline.base.errors import EfrapError
 from pipeline.base.preprocess import from_table
 from pipeline.base.runtime import PROVIDERS
 from pipeline.base.safe_io import check_output_folder
+from pipeline.base.scheme import PRESETS
 from pipeline.rounding import METHODS
 from pipeline.rounding.efrap import EFRAP_PRESETS
 from pipeline.rounding.settings import DEFAULT_PRESET, method_settings
-from pipeline.scheme import PRESETS
 
 #: Scan verdicts (pipeline.scan): a backdoor active in FP always fails, since no rounding fixes it.
 SCAN_VERDICTS = ("qcb", "fp-backdoor", "clean")

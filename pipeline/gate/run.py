@@ -32,6 +32,7 @@ import onnx
 
 from pipeline.audit import ScanReportLike
 from pipeline.base import data as data_mod
+from pipeline.base.deployment import Deployment
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import image_input, load_model, model_files
 from pipeline.base.preprocess import resolve
@@ -39,12 +40,12 @@ from pipeline.base.progress import log
 from pipeline.base.provenance import versions
 from pipeline.base.runtime import make_session
 from pipeline.base.safe_io import check_outputs, file_sha256
+from pipeline.base.scheme import load_scheme, scheme_files
 from pipeline.base.trigger import AnyTrigger, save_trigger
 from pipeline.gate.config import SCAN_VERDICTS, GateConfig
 from pipeline.quantize import GuardOptions, QuantizeOptions, QuantizeSummary, quantize_file
 from pipeline.rounding.settings import PRESET_METHOD, method_settings
 from pipeline.scan import ScanOptions, scan_model
-from pipeline.scheme import load_scheme, scheme_files
 from validators.guard import GuardLimits, GuardReport
 from validators.verify import VerifyOptions, VerifyReport, verify_model
 
@@ -190,10 +191,10 @@ def prepare_output(config: GateConfig) -> bool:
 def scan_options(config: GateConfig) -> ScanOptions:
     """The scan's options from the config."""
     s = config.scan
-    return ScanOptions(scheme=load_scheme(config.scheme), calib=config.data, num_calib=s.num_calib,
-                       seed=s.seed, budget=s.budget, holdout=s.holdout, max_targets=s.max_targets,
-                       opt_level=config.verify.opt_level, provider=config.verify.provider,
-                       preprocess=config.preprocess)
+    return ScanOptions(Deployment(scheme=load_scheme(config.scheme), data=config.data, num_calib=s.num_calib,
+                                  seed=s.seed, opt_level=config.verify.opt_level,
+                                  provider=config.verify.provider, preprocess=config.preprocess),
+                       budget=s.budget, holdout=s.holdout, max_targets=s.max_targets)
 
 
 def quantize_options(config: GateConfig) -> QuantizeOptions:
@@ -202,10 +203,11 @@ def quantize_options(config: GateConfig) -> QuantizeOptions:
     # As efrap defend: EFRAP's preset (the project's default rule unless the config says release).
     rounding = method_settings(d.method, d.preset if d.method == PRESET_METHOD else None,
                                None if d.iters is None else {"iters": d.iters})
-    return QuantizeOptions(scheme=load_scheme(config.scheme), method=d.method, calib=config.data,
-                           num_calib=d.num_calib, seed=d.seed, weight_storage=d.weight_storage,
-                           rounding=rounding, device=d.device, provider=config.verify.provider,
-                           preprocess=config.preprocess)
+    return QuantizeOptions(Deployment(scheme=load_scheme(config.scheme), data=config.data,
+                                      num_calib=d.num_calib, seed=d.seed, provider=config.verify.provider,
+                                      preprocess=config.preprocess),
+                           method=d.method, weight_storage=d.weight_storage, rounding=rounding,
+                           device=d.device)
 
 
 def _measured(model: str, sha256: str, data: str, split: str, images: int | None, opt_level: str,
@@ -358,8 +360,9 @@ def run_gate(config: GateConfig, scan: ScanFunction = scan_model) -> GateRun:
     v = config.verify
     # The trigger as saved (and as a user re-checks it with efrap verify --trigger).
     saved = str(paths["trigger"]) if trigger is not None else None
-    options = VerifyOptions(data=config.data, trigger=saved, opt_level=v.opt_level, provider=v.provider,
-                            limit=v.limit, preprocess=config.preprocess)
+    options = VerifyOptions(Deployment(data=config.data, opt_level=v.opt_level, provider=v.provider,
+                                       preprocess=config.preprocess),
+                            trigger=saved, limit=v.limit)
     verify_defended = verify_model(str(paths["defended"]), options)
     verify_fp = verify_model(str(config.model), options)
     per_class, example = _per_class(config, paths["defended"], trigger)

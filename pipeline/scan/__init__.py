@@ -1,7 +1,7 @@
 """The scan: does an FP model carry a backdoor that the deployment quantization wakes?
 
     from pipeline.scan import ScanOptions, scan_model
-    from pipeline.scheme import load_scheme
+    from pipeline.base.scheme import load_scheme
     report = scan_model("model.onnx", ScanOptions(scheme=load_scheme("w4a4")))
     report.verdict.verdict, report.verdict.target, report.to_json()
 

@@ -28,14 +28,16 @@ import numpy as np
 import onnx
 import torch
 
-from pipeline.base import budget, checks, memory
+from pipeline.base import budget, checks, limits, memory
+from pipeline.base.deployment import Deployment
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import check_logits, fixed_batch, image_input, load_model
 from pipeline.base.preprocess import PreparedImages, Preprocess
 from pipeline.base.progress import QUICK_PASS, Progress, log
 from pipeline.base.provenance import versions
-from pipeline.base.runtime import OPT_LEVELS, PROVIDERS, Session, make_session
+from pipeline.base.runtime import Session, make_session
 from pipeline.base.safe_io import file_sha256
+from pipeline.base.scheme import Scheme
 from pipeline.base.seeds import derive
 from pipeline.base.trigger import PatternTrigger
 from pipeline.prepare import prepare_model
@@ -45,7 +47,6 @@ from pipeline.scan.report import Coverage, DefendedScan, Figures, ScanReport, cl
 from pipeline.scan.search import FAMILIES, Found, SearchConfig, drift, search_class
 from pipeline.scan.sides import Side, batches, fp_side, nearest_side, qdq_side
 from pipeline.scan.verdict import TestResult, VerdictRule, decide, inconclusive, run_test
-from pipeline.scheme import Scheme
 from validators.metrics import attack_success
 
 #: The searches leave time for the recovered trigger's onnxruntime figures: FIGURE_MARGIN times
@@ -60,13 +61,14 @@ class ScanOptions:
     """Settings of one scan, checked when built.
 
     Attributes:
-        scheme: The deployment's quantization scheme (the nearest model is built with it).
-        calib: Data spec of the clean unlabelled images (training split): calibration of
-            the nearest model, the searches, and the held-out figures.
-        num_calib: Calibration images (as `efrap quantize`; the default 1,024 and seed
-            reproduce its nearest model exactly). A quarter of them (at most
-            `eval_images`) check the triggers; the rest drive the search.
-        seed: The scan's one seed (calibration images, search batches and initial patterns).
+        deployment: The settings every step shares, checked there: the deployment's scheme
+            (the nearest model is built with it; required), the clean unlabelled images'
+            data set (training split: calibration of the nearest model, the searches, and
+            the held-out figures), calibration images (as `efrap quantize`; the default
+            1,024 and seed reproduce its nearest model exactly; a quarter of them, at most
+            `eval_images`, check the triggers, the rest drive the search), the scan's one
+            seed (calibration images, search batches and initial patterns), the
+            onnxruntime provider and optimization level of the figures, preprocessing.
         budget: Seconds the whole scan may take, held-out figures included (searches split
             what is left; a scan the budget stops is "inconclusive"; None: no limit).
         holdout: Held-out training images for the onnxruntime figures.
@@ -77,15 +79,9 @@ class ScanOptions:
         max_targets: Most classes searched; with more classes, a ranked shortlist.
         probe_steps: Steps of the short differential probe that ranks a shortlist.
         eval_images: Most calibration images set aside to check the triggers.
-        opt_level: onnxruntime optimization level of the figures.
-        provider: onnxruntime provider ("auto", "cpu", "cuda").
-        preprocess: Checked preprocessing fields given by the user; None: what the model records.
     """
 
-    scheme: Scheme
-    calib: str = "fashion-mnist"
-    num_calib: int = 1024
-    seed: int = 0
+    deployment: Deployment
     budget: float | None = None
     holdout: int = 1000
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -95,16 +91,13 @@ class ScanOptions:
     max_targets: int = 10
     probe_steps: int = 20
     eval_images: int = 256
-    opt_level: str = "faithful"
-    provider: str = "auto"
-    preprocess: dict | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.scheme, Scheme):
-            raise EfrapError(f"scheme must be a Scheme (pipeline.scheme.load_scheme), got {self.scheme!r}")
-        checks.string(self.calib, "calibration data")
-        checks.integer(self.num_calib, "number of calibration images", low=8)
-        checks.integer(self.seed, "seed", low=0, high=2**63 - 1)
+        if not isinstance(self.deployment, Deployment):
+            raise EfrapError(f"deployment must be a Deployment, got {self.deployment!r}")
+        self.deployment.quantized()
+        # The scan's own floor on the same count: a quarter of the images check the triggers.
+        limits.SCAN_CALIB.check(self.deployment.num_calib, "number of calibration images")
         if self.budget is not None:
             checks.finite(self.budget, "budget (seconds)", low=0.0, low_open=True)
         checks.integer(self.holdout, "held-out images", low=1)
@@ -116,8 +109,42 @@ class ScanOptions:
         checks.integer(self.max_targets, "most searched classes", low=3)
         checks.integer(self.probe_steps, "probe steps", low=1)
         checks.integer(self.eval_images, "evaluation images", low=1)
-        checks.string(self.opt_level, "onnxruntime optimization level", tuple(OPT_LEVELS))
-        checks.string(self.provider, "provider", PROVIDERS)
+
+    # Views of the deployment, read where the scan needs them.
+    @property
+    def scheme(self) -> Scheme:
+        """The deployment's scheme."""
+        return self.deployment.quantized()
+
+    @property
+    def calib(self) -> str:
+        """The data set whose training split the scan reads."""
+        return self.deployment.calib_data
+
+    @property
+    def num_calib(self) -> int:
+        """Calibration images."""
+        return self.deployment.num_calib
+
+    @property
+    def seed(self) -> int:
+        """The scan's one seed."""
+        return self.deployment.seed
+
+    @property
+    def opt_level(self) -> str:
+        """onnxruntime optimization level of the figures."""
+        return self.deployment.opt_level
+
+    @property
+    def provider(self) -> str:
+        """onnxruntime provider."""
+        return self.deployment.provider
+
+    @property
+    def preprocess(self) -> dict | None:
+        """The user's preprocessing fields (None: what the model records)."""
+        return self.deployment.preprocess
 
     def to_json(self) -> dict[str, object]:
         """JSON-ready settings (the report's `settings`)."""
@@ -347,10 +374,9 @@ def _build_sides(st: _State) -> None:
     options = st.options
     log(f"scan: building the nearest {options.scheme.name} deployment of {st.model_path} "
         f"({len(st.raw)} calibration images)")
-    st.qdq, result, _ = quantize_model(st.model, st.images, QuantizeOptions(
-        options.scheme, method="nearest", calib=options.calib, num_calib=options.num_calib,
-        seed=options.seed, device="cpu", provider=options.provider, preprocess=options.preprocess),
-        st.model_path, st.pre)
+    st.qdq, result, _ = quantize_model(st.model, st.images,
+                                       QuantizeOptions(options.deployment, method="nearest", device="cpu"),
+                                       st.model_path, st.pre)
     st.fp = fp_side(prepare_model(st.model, st.model_path), st.pre, st.model_path, options.search.relu_slope)
     st.q = nearest_side(st.fp, result)
     fp_logits, q_logits = st.fp.logits(st.raw), st.q.logits(st.raw)

@@ -16,6 +16,7 @@ from pipeline.base.device import DEVICES
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import model_files
 from pipeline.base.safe_io import check_outputs
+from pipeline.base.scheme import scheme_files
 from pipeline.base.trigger import load_trigger, trigger_files
 from pipeline.cli.args import (
     above_one,
@@ -26,7 +27,6 @@ from pipeline.cli.args import (
     seed_number,
     width_factor,
 )
-from pipeline.scheme import scheme_files
 
 #: Options that shape training; a rounding-only attack starts from a trained FP model instead.
 _TRAINING_ONLY = {"--init": "init", "--epochs": "epochs", "--steps-per-epoch": "steps_per_epoch",

@@ -10,12 +10,13 @@ from pathlib import Path
 
 from models.zoo import default_entry, trigger_path, zoo_path
 from pipeline.base.data import spec_files
+from pipeline.base.deployment import Deployment
 from pipeline.base.progress import log
 from pipeline.base.safe_io import check_outputs
+from pipeline.base.scheme import PRESETS
 from pipeline.cli.args import positive_int, seed_number
 from pipeline.quantize import GuardOptions, QuantizeOptions, quantize_file
 from pipeline.rounding import get_method
-from pipeline.scheme import PRESETS
 from validators.report import pct, table
 from validators.verify import VerifyOptions, verify_model
 
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     trigger = str(trigger_path(entry)) if entry.kind == "qcb" else None
     log(f"demo: model {entry.name} ({entry.kind}, {entry.architecture}), data {args.data}, "
         f"seed {args.seed}")
-    verify = VerifyOptions(data=args.data, trigger=trigger, opt_level="faithful")
+    verify = VerifyOptions(Deployment(data=args.data, opt_level="faithful"), trigger=trigger)
     rows = []
 
     def add(label: str, path: str) -> None:
@@ -58,9 +59,11 @@ def run(args: argparse.Namespace) -> int:
         check_outputs(outs, [model, *spec_files(args.data)])
         for label, scheme, method, config in runs:
             # Every output is checked against FP as `efrap defend` checks it (same bytes out).
-            _, report = quantize_file(model, str(outs[label]), QuantizeOptions(
-                scheme=PRESETS[scheme], method=method, calib=args.data, num_calib=args.num_calib,
-                seed=args.seed, rounding=config), GuardOptions())
+            _, report = quantize_file(model, str(outs[label]),
+                                      QuantizeOptions(Deployment(scheme=PRESETS[scheme], data=args.data,
+                                                                 num_calib=args.num_calib, seed=args.seed),
+                                                      method=method, rounding=config),
+                                      GuardOptions())
             add(label, str(outs[label]))
             print(f"demo: {label} agrees with full precision on {pct(report.agreement)} of "
                   f"{report.images:,} held-out training images (relative output error "

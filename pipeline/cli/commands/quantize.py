@@ -6,9 +6,11 @@ import argparse
 from pathlib import Path
 
 from pipeline.base.data import spec_files
+from pipeline.base.deployment import Deployment
 from pipeline.base.device import DEVICES
 from pipeline.base.onnx_io import model_files
 from pipeline.base.safe_io import check_outputs, write_json
+from pipeline.base.scheme import load_scheme, scheme_files
 from pipeline.cli.args import (
     add_data_arg,
     add_exclude_arg,
@@ -29,7 +31,6 @@ from pipeline.quantize import GuardOptions, QuantizeOptions, QuantizeSummary, qu
 from pipeline.rounding import METHODS, RoundingConfig
 from pipeline.rounding.base import ERROR_MODES, ERROR_UNITS, LOSS_NAMES, SAMPLES
 from pipeline.rounding.settings import OVERRIDABLE, method_settings
-from pipeline.scheme import load_scheme, scheme_files
 from validators.guard import GuardLimits, GuardReport
 
 
@@ -216,12 +217,12 @@ def quantize_options(args: argparse.Namespace, method: str, preset: str | None =
     check_outputs({"-o": args.output, "--json": args.json},
                   [*model_files(args.model), *scheme_files(args.scheme), *spec_files(args.calib),
                    *([args.preprocess] if args.preprocess else [])])
-    return QuantizeOptions(
-        scheme=load_scheme(args.scheme), method=method, calib=args.calib,
-        num_calib=args.num_calib, seed=args.seed, weight_storage=args.weight_storage,
-        rounding=method_settings(method, preset, rounding_overrides(args)), device=args.device,
-        preprocess=preprocess_options(args), exclude=exclusions(args),
-    )
+    return QuantizeOptions(Deployment(scheme=load_scheme(args.scheme), data=args.calib,
+                                      num_calib=args.num_calib, seed=args.seed,
+                                      preprocess=preprocess_options(args)),
+                           method=method, weight_storage=args.weight_storage,
+                           rounding=method_settings(method, preset, rounding_overrides(args)),
+                           device=args.device, exclude=exclusions(args))
 
 
 def quantize_with(args: argparse.Namespace, method: str, preset: str | None = None) -> int:

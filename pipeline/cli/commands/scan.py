@@ -6,10 +6,12 @@ import argparse
 from pathlib import Path
 
 from pipeline.base.data import spec_files
+from pipeline.base.deployment import Deployment
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import model_files
 from pipeline.base.runtime import PROVIDERS
 from pipeline.base.safe_io import check_outputs, write_json
+from pipeline.base.scheme import load_scheme, scheme_files
 from pipeline.base.trigger import save_trigger
 from pipeline.cli.args import (
     add_data_arg,
@@ -21,7 +23,6 @@ from pipeline.cli.args import (
     seed_number,
 )
 from pipeline.scan import CLASS_STATES, ScanOptions, ScanReport, scan_model
-from pipeline.scheme import load_scheme, scheme_files
 from validators.report import pct
 
 #: How a figure that could not be measured is printed.
@@ -85,10 +86,10 @@ def run(args: argparse.Namespace) -> int:
     outputs = {"--json": args.json, "--trigger-out": args.trigger_out,
                "--trigger-out's npz": _trigger_npz(args.trigger_out) if args.trigger_out else None}
     check_outputs(outputs, inputs)
-    options = ScanOptions(scheme=load_scheme(args.scheme), calib=args.calib, num_calib=args.num_calib,
-                          seed=args.seed, budget=args.budget, holdout=args.holdout,
-                          max_targets=args.max_targets, provider=args.provider,
-                          preprocess=preprocess_options(args))
+    options = ScanOptions(Deployment(scheme=load_scheme(args.scheme), data=args.calib,
+                                     num_calib=args.num_calib, seed=args.seed, provider=args.provider,
+                                     preprocess=preprocess_options(args)),
+                          budget=args.budget, holdout=args.holdout, max_targets=args.max_targets)
     report = scan_model(args.model, options, defended=args.defended)
     print_report(report)
     if args.trigger_out and report.trigger is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.base.data import spec_files
+from pipeline.base.deployment import Deployment
 from pipeline.base.errors import one_line
 from pipeline.base.onnx_io import model_files
 from pipeline.base.runtime import PROVIDERS
@@ -63,13 +64,12 @@ def run(args: argparse.Namespace) -> int:
     if args.trigger:
         inputs += trigger_files(args.trigger)
     check_outputs({"--json": args.json}, inputs)
-    options = VerifyOptions(
-        data=args.data, trigger=args.trigger, opt_level=args.opt_level, provider=args.provider,
-        reference=SIMULATION if args.reference else None, limit=args.limit, seed=args.seed,
-        gate=Gate(min_accuracy=args.min_accuracy, max_asr=args.max_asr,
-                  max_parity_diff=args.max_parity_diff),
-        preprocess=preprocess_options(args),
-    )
+    deployment = Deployment(data=args.data, opt_level=args.opt_level, provider=args.provider, seed=args.seed,
+                            preprocess=preprocess_options(args))
+    gate = Gate(min_accuracy=args.min_accuracy, max_asr=args.max_asr, max_parity_diff=args.max_parity_diff)
+    reference = SIMULATION if args.reference else None
+    options = VerifyOptions(deployment, trigger=args.trigger, reference=reference, limit=args.limit,
+                            gate=gate)
     report = verify_model(args.model, options)
     print_report(report)
     if args.json:
