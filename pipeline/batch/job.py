@@ -33,9 +33,9 @@ from pipeline.base.onnx_io import model_files
 from pipeline.base.progress import log
 from pipeline.base.provenance import versions
 from pipeline.base.safe_io import json_ready, write_json
-from pipeline.base.threads import apply_threads
 from pipeline.batch.manifest import ModelJob
 from pipeline.quantize import quantize_file
+from pipeline.torch_backend import apply_threads
 from validators.verify import VerifyOptions, VerifyReport, verify_model
 
 # STEP scan: the trigger-free scan is another engineer's package (pipeline.scan). Where it is in
