@@ -80,8 +80,8 @@ def measure_entry(entry: dict, limit: int | None, skip_static: bool) -> dict:
             out = str(Path(tmp) / f"{key}.onnx")
             quantize_file(fp, out,
                           QuantizeOptions(Deployment(scheme=load_scheme(s),
-                                                     data=entry.get("dataset", "fashion-mnist")),
-                                          method="nearest"))
+                                                     data=entry.get("dataset",
+                                                                    "fashion-mnist")), method="nearest"))
             row[key] = {**_measure(out, trig, limit), "scheme": s}
         if not skip_static:
             out = str(Path(tmp) / "static.onnx")

@@ -462,7 +462,8 @@ def quantize_static(
     )
     # The reader's arrays are model-ready: record the model's preprocessing as given by the data.
     pre = _checked("model_input", lambda: ready(resolve(model, image, None, source, announce=False)))
-    options = replace(settings, deployment=replace(settings.deployment, num_calib=len(images)), exclude=exclude)
+    deployment = replace(settings.deployment, num_calib=len(images))
+    options = replace(settings, deployment=deployment, exclude=exclude)
     qdq, _, summary = quantize_model(model, images, options, source, pre)
     save_model(qdq, out)
     return summary

@@ -35,7 +35,7 @@ from converters.qdq import WEIGHT_STORAGES, to_qdq
 from pipeline.base import checks
 from pipeline.base import data as data_mod
 from pipeline.base.deployment import Deployment
-from pipeline.base.device import DEVICES, pick_device
+from pipeline.base.device import DEVICES
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import fixed_batch, image_input, load_model, model_files, save_model, set_metadata
 from pipeline.base.preprocess import PreparedImages, Preprocess, ready, resolve
@@ -79,6 +79,7 @@ from pipeline.rounding import RoundingConfig, RoundingMethod, get_method, run_ne
 from pipeline.rounding.base import LayerProblem, RoundingResult
 from pipeline.rounding.search import SearchRecord, SearchTrial, clean_figure, searched
 from pipeline.sampler import OrtSampler
+from pipeline.torch_backend import pick_device
 from validators.guard import GuardLimits, GuardReport, check_defense, unmeasured
 
 

@@ -22,7 +22,7 @@ from pipeline.base.data import (
     spec_files,
 )
 from pipeline.base.errors import EfrapError
-from pipeline.base.resize import resize_images
+from pipeline.torch_backend import interpolate_images as resize_images
 
 
 def _write_idx(path: Path, arr: np.ndarray, gz: bool) -> None:

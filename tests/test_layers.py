@@ -3,10 +3,11 @@
 From the bottom up:
 
 0. ``pipeline.base``: errors, safe I/O, data, triggers, progress, onnxruntime sessions,
-   devices, seeds, value checks;
-1. ``validators``: metrics, the gate, reports, verification in onnxruntime;
+   device names, seeds, value checks; no torch;
+1. ``validators``: metrics, the gate, reports, verification in onnxruntime; no torch;
 2. ``pipeline``: schemes, quantization arithmetic, observers, the plan, calibration, the
-   torch simulation, reconstruction and the rounding methods;
+   torch simulation, reconstruction and the rounding methods, and what the base layer gets
+   from torch (``pipeline.torch_backend``: the resize, the GPU check, devices, threads);
 3. ``converters``: torch -> ONNX export and the QDQ writer;
 4. ``pipeline.quantize``: the orchestration (FP ONNX -> QDQ ONNX), and ``pipeline.api`` over it
    (the drop-in for onnxruntime's quantize_static, defend, scan, verify);
@@ -20,6 +21,9 @@ A module may import only from its own layer or below, and never inside a functio
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,6 +50,9 @@ LAYERS: dict[str, int] = {
     "models": 5,
     "pipeline.cli": 6,
 }
+
+#: Packages that import no torch, in any of their modules (verification runs on onnxruntime).
+TORCH_FREE = ("pipeline.base", "validators")
 
 #: Optional third-party dependencies that are imported where they are used, so that the
 #: package works without them (each is an extra in pyproject.toml).
@@ -159,8 +166,30 @@ def test_no_import_cycles_between_modules() -> None:
             visit(m, [])
 
 
+def _torch_free_modules() -> list[str]:
+    folders = [ROOT / Path(*pkg.split(".")) for pkg in TORCH_FREE]
+    return [_module_name(p) for folder in folders for p in sorted(folder.rglob("*.py"))]
+
+
+def test_base_and_validators_import_no_torch() -> None:
+    # A fresh interpreter: in this one, other tests have long imported torch.
+    modules = _torch_free_modules()
+    code = ("import importlib, sys\n"
+            f"for name in {modules!r}:\n"
+            "    importlib.import_module(name)\n"
+            "    assert 'torch' not in sys.modules, name + ' imports torch'\n"
+            "import validators.verify\n"
+            "assert callable(validators.verify.verify_model)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "validators.verify" in modules and "pipeline.base.resize" in modules
+
+
 @pytest.mark.parametrize(("module", "rank"), [
-    ("pipeline.base.errors", 0), ("validators.verify", 1), ("pipeline.base.scheme", 2),
+    ("pipeline.base.errors", 0), ("validators.verify", 1), ("pipeline.base.scheme", 0),
+    ("pipeline.torch_backend", 2),
     ("converters.qdq", 3), ("pipeline.quantize", 4), ("models.attacks.qsim", 5), ("pipeline.cli.main", 6),
 ])
 def test_layer_table(module: str, rank: int) -> None:

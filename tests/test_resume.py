@@ -23,12 +23,13 @@ from pipeline.base import progress as progress_mod
 from pipeline.base.deployment import Deployment
 from pipeline.base.errors import EfrapError
 from pipeline.base.scheme import load_scheme
-from pipeline.base.threads import apply_threads, env_threads, resolve_threads, session_threads
+from pipeline.base.threads import env_threads, resolve_threads, session_threads
 from pipeline.batch.local import threads_per_job
 from pipeline.checkpoint import KEY_FILE, checkpoint_folder
 from pipeline.cli.main import main
 from pipeline.quantize import QuantizeOptions, quantize_file
 from pipeline.rounding import RoundingConfig
+from pipeline.torch_backend import apply_threads
 from tests.conftest import export_tiny
 
 pytestmark = pytest.mark.usefixtures("fashion_mnist")

@@ -26,9 +26,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-import pipeline.scan.run as scan_run
 import pipeline.scan.search as search_mod
 import pipeline.scan.sides as sides_mod
+import pipeline.scan.state as scan_state
 from models.attacks import ATTACKS, get_attack
 from models.attacks.badnets import BadNets
 from models.attacks.base import AttackConfig, run_attack
@@ -443,7 +443,7 @@ def test_budget_check_outside_and_inside_a_deadline() -> None:
 def test_figures_that_do_not_fit_the_budget_make_the_scan_inconclusive(
         tiny: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     # Every search runs (no budget on them), but the held-out figures never fit.
-    monkeypatch.setattr(scan_run._Clock, "fits", lambda self, seconds: False)
+    monkeypatch.setattr(scan_state.Clock, "fits", lambda self, seconds: False)
     report = scan_model(tiny["qcb"], _options(tiny))
     assert report.figures is None and report.verdict.verdict == "inconclusive"
     assert report.verdict.partial is not None and report.verdict.partial.verdict == "qcb"

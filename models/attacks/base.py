@@ -27,11 +27,12 @@ from models.attacks.qsim import QSim
 from models.train import read_state_dict
 from pipeline.base import checks
 from pipeline.base import data as data_mod
-from pipeline.base.device import DEVICES, pick_device
+from pipeline.base.device import DEVICES
 from pipeline.base.errors import EfrapError
 from pipeline.base.progress import Progress, log
 from pipeline.base.scheme import Scheme, load_scheme
 from pipeline.base.trigger import AnyTrigger, paper_trigger
+from pipeline.torch_backend import pick_device
 
 GRAD_CLIP = 5.0  # gradient-norm clip of the attack phases (two-path objectives can spike)
 LOG_EVERY = 100  # steps between log lines in long stages (CI logs show no live bar)

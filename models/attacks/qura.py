@@ -49,7 +49,7 @@ from converters.qdq import WEIGHT_STORAGES, to_qdq
 from pipeline.base import checks
 from pipeline.base import data as data_mod
 from pipeline.base.deployment import Deployment
-from pipeline.base.device import DEVICES, pick_device
+from pipeline.base.device import DEVICES
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import image_input, load_model, save_model, set_metadata
 from pipeline.base.preprocess import Preprocess
@@ -64,6 +64,7 @@ from pipeline.quantize import QuantizeOptions, calibration_images, quantize_mode
 from pipeline.quantized import QuantizedLayer, QuantResult
 from pipeline.rounding.base import RoundingConfig
 from pipeline.rounding.learned import RECTIFIED_SIGMOID, LayerGrid, b_schedule, regulariser
+from pipeline.torch_backend import pick_device
 from pipeline.torch_graph import TorchGraph
 from validators.metrics import accuracy, attack_success
 

@@ -3,17 +3,19 @@
 `faithful` turns every graph optimization off, so the QDQ semantics run exactly as
 written; `all` is what a deployment gets (fusion into QLinearConv and friends,
 whose integer kernels are not bit-identical to the QDQ semantics).
+
+The provider "auto" asks whether torch sees a GPU; the base layer imports no torch, so
+`pipeline.torch_backend` installs that question here (`install_gpu_probe`) when imported.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-import torch
 
 from pipeline.base.errors import EfrapError
 from pipeline.base.progress import QUICK_PASS, Progress
@@ -26,6 +28,9 @@ OPT_LEVELS = {
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+
+# Whether torch sees a GPU (None: torch not loaded, onnxruntime's provider list decides).
+_gpu_probe: Callable[[], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,12 @@ class Session:
         return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
 
 
+def install_gpu_probe(probe: Callable[[], bool]) -> None:
+    """Make `probe` (whether torch sees a GPU) what "auto" asks (`pipeline.torch_backend`)."""
+    global _gpu_probe
+    _gpu_probe = probe
+
+
 def pick_provider(provider: str = "auto") -> str:
     """CUDA when requested or available (onnxruntime-gpu and a GPU), else CPU."""
     if provider not in PROVIDERS:
@@ -66,7 +77,7 @@ def pick_provider(provider: str = "auto") -> str:
         return "CUDAExecutionProvider"
     # onnxruntime-gpu lists CUDA whether or not a GPU is visible (a Ray task given none):
     # auto takes it only when torch sees a device too.
-    cuda = "CUDAExecutionProvider" in available and torch.cuda.is_available()
+    cuda = "CUDAExecutionProvider" in available and (_gpu_probe is None or _gpu_probe())
     return "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
 
 
@@ -75,7 +86,7 @@ def set_default_threads(threads: int) -> None:
     onnxruntime's default).
 
     Processes that run side by side (efrap batch --jobs) each take their share of the
-    cores instead of one thread per core each. `pipeline.base.threads.apply_threads`
+    cores instead of one thread per core each. `pipeline.torch_backend.apply_threads`
     sets this together with torch's count.
     """
     set_session_threads(threads)

@@ -2,9 +2,11 @@
 
 One number, from `--threads` if given, else from `OMP_NUM_THREADS`, else each library's
 own default, goes to torch (intra-op and, where torch still allows it, inter-op) and to
-every onnxruntime session (`pipeline.base.runtime`). torch reads `OMP_NUM_THREADS` by
-itself, onnxruntime does not (it takes one thread per core), so without this a run
-asked to use one core would still spread its sessions over all of them.
+every onnxruntime session (`pipeline.base.runtime`). This module owns the number and the
+onnxruntime side; `pipeline.torch_backend.apply_threads` gives it to torch as well, so
+that the base layer imports no torch. torch reads `OMP_NUM_THREADS` by itself, onnxruntime
+does not (it takes one thread per core), so without this a run asked to use one core would
+still spread its sessions over all of them.
 
 The number matters for more than speed: float sums depend on how the work is split,
 so the same run on 1 and on 2 threads may differ in its last bits. It is recorded in
@@ -14,10 +16,7 @@ the run summary and in every resume checkpoint's key.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-
-import torch
 
 from pipeline.base.errors import EfrapError
 
@@ -63,25 +62,6 @@ def resolve_threads(requested: int | None = None) -> int | None:
     return env_threads()
 
 
-def apply_threads(threads: int | None) -> int:
-    """Give torch and every later onnxruntime session `threads` threads (None: leave defaults).
-
-    torch accepts an inter-op count only before its inter-op pool has started, and
-    only once; after that the pool keeps its size (it runs no work in this package's
-    eager, one-op-at-a-time use, so no sums depend on it).
-
-    Returns:
-        torch's intra-op thread count now in force (what the summary records).
-    """
-    if threads is not None:
-        torch.set_num_threads(threads)
-        # Refused once the pool has started (a second run in one process): it keeps its size.
-        with contextlib.suppress(RuntimeError):
-            torch.set_num_interop_threads(threads)
-        set_session_threads(threads)
-    return torch.get_num_threads()
-
-
 def set_session_threads(threads: int) -> None:
     """Threads of every onnxruntime session made without its own count (0: back to the
     `OMP_NUM_THREADS` fallback)."""
@@ -92,9 +72,9 @@ def set_session_threads(threads: int) -> None:
 
 
 def session_threads() -> int:
-    """The thread count onnxruntime sessions get: the one set (`apply_threads`,
-    `set_session_threads`), else `OMP_NUM_THREADS`, else 0 (onnxruntime's default, one
-    per core)."""
+    """The thread count onnxruntime sessions get: the one set (`set_session_threads`, which
+    `pipeline.torch_backend.apply_threads` calls), else `OMP_NUM_THREADS`, else 0
+    (onnxruntime's default, one per core)."""
     return _session_threads or env_threads() or 0
 
 
@@ -107,7 +87,8 @@ def thread_count(text: str) -> int:
 
 
 def add_threads_arg(parser: argparse.ArgumentParser) -> None:
-    """Add `--threads N` to a command (then call `apply_threads(resolve_threads(args.threads))`)."""
+    """Add `--threads N` to a command (then call
+    `pipeline.torch_backend.apply_threads(resolve_threads(args.threads))`)."""
     parser.add_argument("--threads", type=thread_count, default=None, metavar="N",
                         help=f"threads of torch and onnxruntime (default: {ENV} if set, else each "
                         "library's default); float sums depend on it, so results are reproducible "

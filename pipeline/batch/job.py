@@ -34,10 +34,10 @@ from pipeline.base.onnx_io import model_files
 from pipeline.base.progress import log
 from pipeline.base.provenance import versions
 from pipeline.base.safe_io import json_ready, write_json
-from pipeline.base.threads import apply_threads
 from pipeline.batch.manifest import ModelJob
 from pipeline.runner import defend_step, scan_step, verify_step
 from pipeline.scan import ScanOptions
+from pipeline.torch_backend import apply_threads
 from validators.verify import VerifyOptions, VerifyReport
 
 #: Version of result.json's layout.

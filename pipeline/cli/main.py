@@ -27,7 +27,7 @@ from types import FrameType
 
 from pipeline import __version__
 from pipeline.base.errors import EfrapError, one_line
-from pipeline.base.threads import add_threads_arg, apply_threads, resolve_threads
+from pipeline.base.threads import add_threads_arg, resolve_threads
 from pipeline.cli.args import Parser
 from pipeline.cli.commands import (
     attack,
@@ -43,6 +43,7 @@ from pipeline.cli.commands import (
     verify,
 )
 from pipeline.cli.glossary import COMMAND_TERMS, glossary
+from pipeline.torch_backend import apply_threads
 
 COMMANDS = (demo, train, attack, export, quantize, defend, verify, batch, scan, audit, gate)
 #: Commands whose --threads means something else: batch's is per model (docs/BATCH.md).

@@ -7,7 +7,12 @@
 
 Modules: `sides` (the FP, nearest and defended models as differentiable functions of
 [0, 1] images), `search` (trigger reverse-engineering), `verdict` (the decision, pure
-functions of per-class trigger sizes), `report` (the JSON report), `run` (`scan_model`).
+functions of per-class trigger sizes), `report` (the JSON report), `run` (`scan_model`,
+the stages in order), `options` (`ScanOptions`), `state` (what the stages build, and the
+budget's clock), `inputs` (the models and images, read first), `stages` (the nearest
+deployment, the clean figures, then the shortlist and the searches of `planning`),
+`figures` (onnxruntime figures), `decision` (the verdict and the recovered trigger),
+`defended` (the defended part).
 docs/SCAN.md describes the method and its measured results.
 """
 
