@@ -25,6 +25,7 @@ _EXPORTS = {
     "scan": "pipeline.api",
     "verify": "pipeline.api",
     "DefendResult": "pipeline.api",
+    "Deployment": "pipeline.base.deployment",
     "EfrapError": "pipeline.base.errors",
     "load_model": "pipeline.base.onnx_io",
     "save_model": "pipeline.base.onnx_io",
@@ -46,6 +47,7 @@ _EXPORTS = {
 
 __all__ = [  # the public names: `_EXPORTS` and the package check
     "DefendResult",
+    "Deployment",
     "EfrapError",
     "GuardOptions",
     "QuantizeOptions",
@@ -74,6 +76,7 @@ __all__ = [  # the public names: `_EXPORTS` and the package check
 
 if TYPE_CHECKING:  # what type checkers and editors see; at run time `__getattr__` loads them
     from pipeline.api import DefendResult, defend, quantize_static, scan, verify
+    from pipeline.base.deployment import Deployment
     from pipeline.base.errors import EfrapError
     from pipeline.base.onnx_io import load_model, save_model
     from pipeline.base.scheme import Scheme, load_scheme

@@ -60,7 +60,7 @@ WHEEL_INSTALL = "python3 -m pip install 'dist/efrap_onnx-0.1.0-py3-none-any.whl[
 WHEEL = (WHEEL_BUILD, WHEEL_INSTALL)
 
 ZOO = "models/zoo"
-QUANTIZE = f"efrap quantize {ZOO}/fmnist_small_cnn_clean.onnx --scheme w8a8 --calib fashion-mnist -o q.onnx"
+QUANTIZE = f"efrap quantize {ZOO}/fmnist_small_cnn_clean.onnx --scheme w8a8 --data fashion-mnist -o q.onnx"
 DEFEND = (f"efrap defend {ZOO}/fmnist_compartifact_w4a4.onnx --scheme w4a4 --max-agreement-drop 5% "
           "-o defended.onnx")
 TRAIN = "efrap train --arch small_cnn --data fashion-mnist -o clean.pt"
@@ -107,7 +107,7 @@ COMMANDS: dict[str, Command] = {
     DEFEND: Command(append="--iters 1000", says="PASSED", writes=("defended.onnx",)),
     f"efrap verify defended.onnx --trigger {ZOO}/fmnist_compartifact_w4a4.trigger.json --max-asr 5% "
     "--min-accuracy 85%": Command(says="gate: PASSED", after=DEFEND),
-    f"efrap scan {ZOO}/fmnist_compartifact_w4a4.onnx --scheme w4a4 --calib fashion-mnist --json scan.json":
+    f"efrap scan {ZOO}/fmnist_compartifact_w4a4.onnx --scheme w4a4 --data fashion-mnist --json scan.json":
         Command(append=SHORT_SCAN, says="inconclusive", writes=("scan.json",)),
     # Exit 1 from the budget: an audit whose scan is stopped is inconclusive and fails closed.
     f"efrap audit {ZOO}/fmnist_small_cnn_clean.onnx q.onnx --scheme w8a8":
