@@ -34,7 +34,7 @@ import torch
 from converters.qdq import WEIGHT_STORAGES, to_qdq
 from pipeline.base import checks
 from pipeline.base import data as data_mod
-from pipeline.base.deployment import Deployment
+from pipeline.base.deployment import Deployment, DeploymentViews
 from pipeline.base.device import DEVICES
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import fixed_batch, image_input, load_model, model_files, save_model, set_metadata
@@ -43,7 +43,6 @@ from pipeline.base.progress import Progress, RunClock, format_seconds, log, warn
 from pipeline.base.provenance import versions
 from pipeline.base.runtime import pick_provider
 from pipeline.base.safe_io import check_outputs
-from pipeline.base.scheme import Scheme
 from pipeline.base.seeds import derive
 from pipeline.base.threads import session_threads
 from pipeline.bn_fold import pre_bn_error_scale, read_bn_factors
@@ -84,7 +83,7 @@ from validators.guard import GuardLimits, GuardReport, check_defense, unmeasured
 
 
 @dataclass(frozen=True)
-class QuantizeOptions:
+class QuantizeOptions(DeploymentViews):
     """Settings of one quantization run, checked when built.
 
     Attributes:
@@ -120,37 +119,6 @@ class QuantizeOptions:
     def config(self) -> RoundingConfig:
         """The rounding settings in force: the given ones or the method's defaults."""
         return self.rounding or get_method(self.method).defaults
-
-    # Views of the deployment, read where a rounding run needs them.
-    @property
-    def scheme(self) -> Scheme:
-        """The deployment's scheme."""
-        return self.deployment.quantized()
-
-    @property
-    def calib(self) -> str:
-        """The data set whose training split calibrates and checks."""
-        return self.deployment.calib_data
-
-    @property
-    def num_calib(self) -> int:
-        """Calibration images."""
-        return self.deployment.num_calib
-
-    @property
-    def seed(self) -> int:
-        """The run's one seed."""
-        return self.deployment.seed
-
-    @property
-    def provider(self) -> str:
-        """onnxruntime provider of calibration and the check."""
-        return self.deployment.provider
-
-    @property
-    def preprocess(self) -> dict | None:
-        """The user's preprocessing fields (None: what the model records)."""
-        return self.deployment.preprocess
 
 
 @dataclass(frozen=True)

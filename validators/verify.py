@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from pipeline.base import data as data_mod
-from pipeline.base.deployment import Deployment
+from pipeline.base.deployment import Deployment, DeploymentViews
 from pipeline.base.errors import EfrapError, NotSupported
 from pipeline.base.onnx_io import META_PREFIX, check_logits, get_metadata, image_input, load_model
 from pipeline.base.preprocess import resolve
@@ -50,7 +50,7 @@ class Reference:
 
 
 @dataclass(frozen=True)
-class VerifyOptions:
+class VerifyOptions(DeploymentViews):
     """Settings of one verification.
 
     Attributes:
@@ -74,32 +74,6 @@ class VerifyOptions:
             raise EfrapError(f"deployment must be a Deployment, got {self.deployment!r}")
         if self.limit is not None and (isinstance(self.limit, bool) or self.limit < 1):
             raise EfrapError(f"--limit must be a positive number of images, got {self.limit}")
-
-    # Views of the deployment, read where verification needs them.
-    @property
-    def data(self) -> str:
-        """The data set whose test split is verified."""
-        return self.deployment.data
-
-    @property
-    def opt_level(self) -> str:
-        """onnxruntime optimization level."""
-        return self.deployment.opt_level
-
-    @property
-    def provider(self) -> str:
-        """onnxruntime provider."""
-        return self.deployment.provider
-
-    @property
-    def seed(self) -> int:
-        """Seeds the choice of the `limit` images."""
-        return self.deployment.seed
-
-    @property
-    def preprocess(self) -> dict | None:
-        """The user's preprocessing fields (None: what the model records)."""
-        return self.deployment.preprocess
 
 
 @dataclass(frozen=True)

@@ -80,3 +80,54 @@ class Deployment:
         if self.scheme is None:
             raise EfrapError("this step quantizes, and the deployment names no scheme")
         return self.scheme
+
+
+class DeploymentViews:
+    """Read-only views of an options class's `deployment`, under the names its step reads.
+
+    `QuantizeOptions`, `ScanOptions` and `VerifyOptions` inherit them, so the shared
+    settings live (and are checked) in the one `Deployment` and are read the same way
+    everywhere.
+    """
+
+    deployment: Deployment
+
+    @property
+    def scheme(self) -> Scheme:
+        """The deployment's scheme (refused where it names none)."""
+        return self.deployment.quantized()
+
+    @property
+    def calib(self) -> str:
+        """The data set whose training split calibrates, checks and scans."""
+        return self.deployment.calib_data
+
+    @property
+    def data(self) -> str:
+        """The data set whose test split is verified."""
+        return self.deployment.data
+
+    @property
+    def num_calib(self) -> int:
+        """Calibration images."""
+        return self.deployment.num_calib
+
+    @property
+    def seed(self) -> int:
+        """The run's one seed."""
+        return self.deployment.seed
+
+    @property
+    def provider(self) -> str:
+        """onnxruntime provider."""
+        return self.deployment.provider
+
+    @property
+    def opt_level(self) -> str:
+        """onnxruntime optimization level."""
+        return self.deployment.opt_level
+
+    @property
+    def preprocess(self) -> dict | None:
+        """The user's preprocessing fields (None: what the model records)."""
+        return self.deployment.preprocess

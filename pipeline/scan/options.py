@@ -5,15 +5,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from pipeline.base import checks, limits
-from pipeline.base.deployment import Deployment
+from pipeline.base.deployment import Deployment, DeploymentViews
 from pipeline.base.errors import EfrapError
-from pipeline.base.scheme import Scheme
 from pipeline.scan.search import FAMILIES, SearchConfig
 from pipeline.scan.verdict import VerdictRule
 
 
 @dataclass(frozen=True)
-class ScanOptions:
+class ScanOptions(DeploymentViews):
     """Settings of one scan, checked when built.
 
     Attributes:
@@ -65,42 +64,6 @@ class ScanOptions:
         checks.integer(self.max_targets, "most searched classes", low=3)
         checks.integer(self.probe_steps, "probe steps", low=1)
         checks.integer(self.eval_images, "evaluation images", low=1)
-
-    # Views of the deployment, read where the scan needs them.
-    @property
-    def scheme(self) -> Scheme:
-        """The deployment's scheme."""
-        return self.deployment.quantized()
-
-    @property
-    def calib(self) -> str:
-        """The data set whose training split the scan reads."""
-        return self.deployment.calib_data
-
-    @property
-    def num_calib(self) -> int:
-        """Calibration images."""
-        return self.deployment.num_calib
-
-    @property
-    def seed(self) -> int:
-        """The scan's one seed."""
-        return self.deployment.seed
-
-    @property
-    def opt_level(self) -> str:
-        """onnxruntime optimization level of the figures."""
-        return self.deployment.opt_level
-
-    @property
-    def provider(self) -> str:
-        """onnxruntime provider."""
-        return self.deployment.provider
-
-    @property
-    def preprocess(self) -> dict | None:
-        """The user's preprocessing fields (None: what the model records)."""
-        return self.deployment.preprocess
 
     def to_json(self) -> dict[str, object]:
         """JSON-ready settings (the report's `settings`)."""
