@@ -57,7 +57,9 @@ class EfrapConfig(AnnealedSettings):
 
     The fields keep the order in which runs have always written EFRAP's settings out
     (efrap.rounding, checkpoint keys); `AnnealedSettings`, `LearnedSettings` and
-    `RoundingSettings` say what the fields they share mean.
+    `RoundingSettings` say what the fields they share mean. The defaults are the
+    release's but for the output step size, kept as calibrated (act_lr 0; `EFRAP_RELEASE`
+    learns it).
 
     Attributes:
         flip_weight: Weight of EFRAP's error-guided flip penalty.

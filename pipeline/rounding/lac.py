@@ -34,6 +34,10 @@ Left out or different here, and why:
   about lr * iters / s grid steps: training on a conv weight before folding (BN
   factor |f| = |gamma| / sqrt(var + eps), folded scale |f| * s) would move it |f|
   times as many.
+- The loop is the one AdaRound and EFRAP run (pipeline.rounding.learned), so LAC
+  also takes its (image, position) sampling and early stop (samples, pool,
+  patience); the release has neither, and the defaults (whole images, patience 0)
+  are the release's.
 
 Known behaviour: the straight-through gradient ignores the cost of a whole grid
 step, so offsets of weights whose best integer is already the nearest one drift to
