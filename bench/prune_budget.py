@@ -37,7 +37,7 @@ from pipeline.base.deployment import Deployment
 from pipeline.base.progress import log
 from pipeline.base.scheme import load_scheme
 from pipeline.quantize import QuantizeOptions, quantize_file
-from pipeline.rounding import RoundingConfig
+from pipeline.rounding import NearestConfig
 
 
 def measure_budgets(s: Subject, budgets: list[float], tmp: str) -> dict:
@@ -47,7 +47,7 @@ def measure_budgets(s: Subject, budgets: list[float], tmp: str) -> dict:
         out = str(Path(tmp) / f"{s.name}.{budget:g}.onnx")
         quantize_file(s.path, out,
                       QuantizeOptions(Deployment(scheme=load_scheme(s.scheme), data=s.data),
-                                      rounding=RoundingConfig(prune_rare=budget)))
+                                      rounding=NearestConfig(prune_rare=budget)))
         row[f"{budget:g}"] = measure(out, s.trigger, s.data, None)
         log(f"{s.name} prune {budget:g}: CDA {row[f'{budget:g}']['cda']:.2f} "
             f"ASR {row[f'{budget:g}']['asr']:.2f}")

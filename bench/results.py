@@ -50,7 +50,7 @@ from pipeline.base.provenance import versions
 from pipeline.base.safe_io import file_sha256
 from pipeline.base.scheme import load_scheme
 from pipeline.quantize import QuantizeOptions, quantize_file
-from pipeline.rounding import RoundingConfig
+from pipeline.rounding import RoundingSettings
 from pipeline.rounding.adaround import ADAROUND_DEFAULTS
 from pipeline.rounding.efrap import EFRAP_DEFAULT, EFRAP_FAST, EFRAP_RELEASE
 from pipeline.rounding.lac import LAC_DEFAULTS
@@ -59,7 +59,7 @@ from validators.verify import VerifyOptions, verify_model
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Column label -> (rounding method, its settings; None: the method's own).
-METHODS: dict[str, tuple[str, RoundingConfig | None]] = {
+METHODS: dict[str, tuple[str, RoundingSettings | None]] = {
     "nearest": ("nearest", None),
     "adaround": ("adaround", ADAROUND_DEFAULTS),
     "lac": ("lac", LAC_DEFAULTS),

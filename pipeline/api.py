@@ -53,7 +53,7 @@ from pipeline.quantize import (
     quantize_file,
     quantize_model,
 )
-from pipeline.rounding import METHODS, RoundingConfig, get_method
+from pipeline.rounding import METHODS, RoundingSettings, get_method
 from pipeline.rounding.efrap import EFRAP_PRESETS
 from pipeline.rounding.settings import method_settings
 from pipeline.scan import ScanOptions, ScanReport, SearchConfig, scan_model
@@ -278,7 +278,7 @@ def _provider(providers: object) -> str:
     return CALIBRATION_PROVIDERS[names[0]]
 
 
-def _rounding_config(rounding: object, preset: str | None, iters: int | None) -> tuple[str, RoundingConfig]:
+def _rounding_config(rounding: object, preset: str | None, iters: int | None) -> tuple[str, RoundingSettings]:
     """The method and its settings: `preset` (EFRAP) or the method's defaults, then `iters`."""
     method = _checked("rounding", lambda: checks.string(rounding, "rounding", tuple(METHODS)))
     if preset is not None:

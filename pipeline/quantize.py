@@ -74,7 +74,7 @@ from pipeline.qmath import QParams
 from pipeline.quantized import QuantizedConstant, QuantizedLayer, QuantResult, make_bias, quantized_constants
 from pipeline.rare_units import prune_rare_inputs
 from pipeline.reconstruct import Head, build_problem
-from pipeline.rounding import RoundingConfig, RoundingMethod, get_method, run_needs
+from pipeline.rounding import RoundingMethod, RoundingSettings, get_method, run_needs
 from pipeline.rounding.base import LayerProblem, RoundingResult
 from pipeline.rounding.search import SearchRecord, SearchTrial, clean_figure, searched
 from pipeline.sampler import OrtSampler
@@ -91,7 +91,7 @@ class QuantizeOptions(DeploymentViews):
             provider, preprocessing), checked there; it must name a scheme.
         method: Rounding method name (nearest, adaround, efrap, ...).
         weight_storage: "int8" containers or packed "int4".
-        rounding: Settings of learned rounding (None: the method's own defaults).
+        rounding: The method's settings, of its own settings class (None: its defaults).
         device: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda".
         exclude: Node names or op types to keep in float (onnxruntime's nodes_to_exclude).
     """
@@ -99,7 +99,7 @@ class QuantizeOptions(DeploymentViews):
     deployment: Deployment
     method: str = "nearest"
     weight_storage: str = "int8"
-    rounding: RoundingConfig | None = None
+    rounding: RoundingSettings | None = None
     device: str = "auto"
     exclude: tuple[str, ...] = ()
 
@@ -116,7 +116,7 @@ class QuantizeOptions(DeploymentViews):
         checks.string(self.device, "device", DEVICES)
 
     @property
-    def config(self) -> RoundingConfig:
+    def config(self) -> RoundingSettings:
         """The rounding settings in force: the given ones or the method's defaults."""
         return self.rounding or get_method(self.method).defaults
 

@@ -50,7 +50,7 @@ from pipeline.quantize import (
     quantize_file,
 )
 from pipeline.repair import RepairSettings, repair_model
-from pipeline.rounding import RoundingConfig, run_needs
+from pipeline.rounding import LearnedSettings, RoundingSettings
 from pipeline.rounding.adaround import ADAROUND_DEFAULTS
 from pipeline.rounding.efrap import EFRAP_DEFAULT, EFRAP_FAST, EFRAP_RELEASE
 from pipeline.rounding.lac import LAC_DEFAULTS
@@ -77,7 +77,7 @@ class Candidate:
 
     name: str
     method: str
-    config: RoundingConfig
+    config: RoundingSettings
 
 
 #: Every candidate by name: the default rule, the papers' methods at their settings, the
@@ -331,10 +331,11 @@ def self_checking_defend(model_path: str, out_path: str, options: QuantizeOption
     repaired = check.repair is None
     for name in check.candidates:
         cand = CANDIDATES[name]
-        config = replace(cand.config, iters=check.iters) if check.iters is not None else cand.config
+        learned = isinstance(cand.config, LearnedSettings)
+        config = replace(cand.config, iters=check.iters) if check.iters is not None and learned \
+            else cand.config
         path = folder / f"{name}.onnx"
-        steps = (f"{config.iters} iterations per layer" if "data" in run_needs(cand.method, config)
-                 else "no learned rounding")
+        steps = f"{config.iters} iterations per layer" if learned else "no learned rounding"
         log(f"self-check: candidate {len(results) + 1}/{len(check.candidates)} '{name}' "
             f"({cand.method}, {steps})")
         t0 = time.perf_counter()

@@ -10,6 +10,7 @@ import io
 import json
 import warnings
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -157,8 +158,7 @@ def _check(fp: onnx.ModelProto, shape: tuple[int, ...], method: str = "nearest",
     batch = fp.graph.input[0].type.tensor_type.shape.dim[0].dim_value or None
     calib = rng.standard_normal((64, *shape)).astype(np.float32)
     test = rng.standard_normal((32, *shape)).astype(np.float32)
-    rounding = None if method == "nearest" else EFRAP_RELEASE.__class__(
-        **{**EFRAP_RELEASE.__dict__, "iters": 20, "batch_size": 8})
+    rounding = None if method == "nearest" else replace(EFRAP_RELEASE, iters=20, batch_size=8)
     qdq, result, summary = quantize_model(fp, calib,
                                           QuantizeOptions(Deployment(scheme=PRESETS[scheme]), method=method,
                                                           rounding=rounding))

@@ -81,6 +81,8 @@ def _manifest(folder: Path, text: str, name: str = "batch.toml") -> Path:
     ("[defaults.rounding]\niters = '200'\n[[model]]\npath = 'a.onnx'\n",
      "defaults.rounding.iters must be an integer"),
     ("[[model]]\npath = 'a.onnx'\nmethod = 'efrapp'\n", "model[0].method must be one of"),
+    ("[[model]]\npath = 'a.onnx'\nmethod = 'adaround'\n[model.rounding]\nflip_weight = 1.0\n",
+     "model[0]: method 'adaround' has no setting 'flip_weight'"),
     ("[[model]]\npath = 'a.onnx'\n[[model]]\npath = 'b/a.onnx'\n",
      "model[1].name 'a' is already the name of model[0]"),
     ("[[model]]\npath = 'a.onnx'\nname = '../up'\n", "model[0].name '../up' must be"),

@@ -14,11 +14,11 @@ from pipeline.base.errors import EfrapError
 from pipeline.base.scheme import DEFAULT_SCHEME
 from pipeline.cli.main import build_parser
 from pipeline.gate.config import gate_config_from_dict
-from pipeline.rounding import RoundingConfig
+from pipeline.rounding import METHODS, EfrapConfig
 from pipeline.rounding.base import LOSS_NAMES
 from pipeline.rounding.efrap import EFRAP_PRESETS
 from pipeline.rounding.losses import LOSSES
-from pipeline.rounding.settings import OVERRIDABLE, method_settings
+from pipeline.rounding.settings import FIELD_TYPES, OVERRIDABLE, method_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOO = ROOT / "models" / "zoo"
@@ -35,7 +35,10 @@ def _options(p: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 
 def test_every_rounding_field_is_overridable_and_has_one_option() -> None:
-    assert tuple(f.name for f in fields(RoundingConfig)) == OVERRIDABLE
+    # The union of every method's settings, in the order EFRAP's (which has them all) lists them.
+    union = {f.name: str(f.type) for m in METHODS.values() for f in fields(type(m.defaults))}
+    assert set(OVERRIDABLE) == set(union) and {n: union[n] for n in OVERRIDABLE} == FIELD_TYPES
+    assert tuple(f.name for f in fields(EfrapConfig)) == OVERRIDABLE
     for command in ("quantize", "defend"):
         options = _options(_subparsers()[command])
         for name in OVERRIDABLE:
@@ -97,6 +100,18 @@ def test_one_preset_resolution() -> None:
         method_settings("efrap", "slow")
     with pytest.raises(EfrapError, match="at most 1,000,000"):
         method_settings("adaround", None, {"iters": 10**9})
+
+
+def test_a_setting_of_another_method_is_refused() -> None:
+    with pytest.raises(EfrapError, match=r"^method 'adaround' has no setting 'flip_weight': its settings are "
+                                         "iters, batch_size, lr, reg_weight,"):
+        method_settings("adaround", None, {"flip_weight": 1.0, "iters": 5})
+    with pytest.raises(EfrapError, match="method 'lac' has no setting 'reg_weight', 'act_lr'"):
+        method_settings("lac", None, {"act_lr": 1e-5, "reg_weight": 0.0})
+    with pytest.raises(EfrapError, match="method 'nearest' has no setting 'iters'"):
+        method_settings("nearest", None, {"iters": 5})
+    assert method_settings("nearest", None, {"prune_rare": 0.03}).prune_rare == 0.03
+    assert method_settings("lac", None, {"iters": 7}).iters == 7
 
 
 def test_gate_unknown_key_says_what_was_meant(tmp_path: Path) -> None:

@@ -89,6 +89,8 @@ BAD = {
     "unknown verdict": (GOOD.format(thresholds='fail_verdicts = ["evil"]'), "fail_verdicts must be one of"),
     "unknown method": (GOOD.replace('method = "efrap"', 'method = "magic"').format(thresholds=PASSING),
                        "defend.method must be one of"),
+    "iterations for nearest": (GOOD.replace('method = "efrap"', 'method = "nearest"')
+                               .format(thresholds=PASSING), "method 'nearest' has no setting 'iters'"),
     "preset of another method": (GOOD.replace('method = "efrap"', 'method = "adaround"\npreset = "release"')
                                  .format(thresholds=PASSING), "defend.preset"),
     "missing data": (GOOD.replace("npz:data.npz", "npz:nope.npz").format(thresholds=PASSING), "nope.npz"),
@@ -211,7 +213,9 @@ def test_gate_end_to_end(folder: Path, monkeypatch: pytest.MonkeyPatch,
 
 def test_fp_backdoor_verdict_fails_the_release(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gate_cli, "scan_model", _fake("fp-backdoor", []))
-    config = _write(folder, GOOD.format(thresholds=PASSING).replace('method = "efrap"', 'method = "nearest"'))
+    # Nearest has no iterations: the config's iters goes with the method.
+    config = _write(folder, GOOD.format(thresholds=PASSING).replace('method = "efrap"\niters = 2',
+                                                                    'method = "nearest"'))
     assert main(["gate", str(config)]) == 1
     report = json.loads((folder / "out" / "report.json").read_text())
     verdict = report["checks"][0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import numpy as np
 import onnx
@@ -19,7 +19,7 @@ from pipeline.base.scheme import PRESETS, TensorQuant
 from pipeline.observers import observe_weight
 from pipeline.qmath import dequantize_np
 from pipeline.quantize import QuantizeOptions, quantize_model
-from pipeline.rounding import METHODS, LayerProblem, RoundingConfig, get_method
+from pipeline.rounding import METHODS, LacConfig, LayerProblem, NearestConfig, get_method
 from pipeline.rounding.lac import LAC_DEFAULTS, lac_integers
 from pipeline.rounding.learned import LayerGrid
 from pipeline.rounding.losses import get_loss
@@ -54,12 +54,12 @@ def _small_problem(seed: int = 3, gain: float = 1.0) -> LayerProblem:
     return LayerProblem("conv", w, observe_weight(w.numpy(), ASYM4_PC, 0), conv, gain * x, conv(x, w))
 
 
-def quick(**changes: object) -> RoundingConfig:
+def quick(**changes: object) -> LacConfig:
     return replace(LAC_DEFAULTS, **changes)
 
 
 def nearest_q(problem: LayerProblem) -> torch.Tensor:
-    return get_method("nearest")(LayerProblem("w", problem.weight, problem.qparams), RoundingConfig()).q
+    return get_method("nearest")(LayerProblem("w", problem.weight, problem.qparams), NearestConfig()).q
 
 
 def test_registry_and_defaults() -> None:
@@ -68,14 +68,16 @@ def test_registry_and_defaults() -> None:
     assert lac.needs(LAC_DEFAULTS) == {"data"}
     assert lac.needs(quick(loss="fisher")) == {"data", "output_grads"}
     assert (LAC_DEFAULTS.iters, LAC_DEFAULTS.batch_size, LAC_DEFAULTS.lr) == (10_000, 32, 1e-3)
-    assert (LAC_DEFAULTS.reg_weight, LAC_DEFAULTS.flip_weight, LAC_DEFAULTS.loss) == (0.0, 0.0, "mse")
+    assert LAC_DEFAULTS.loss == "mse" and not hasattr(LAC_DEFAULTS, "reg_weight")
+    assert not hasattr(LAC_DEFAULTS, "flip_weight")
 
 
 def test_lac_lowers_reconstruction_below_nearest() -> None:
     problem = _small_problem(gain=0.8)
     result = get_method("lac")(problem, quick(iters=200))
     stats = result.stats
-    assert set(stats) == {"flip_fraction", "max_step", "rec", "rec_nearest", "rec_final", "seconds"}
+    assert set(stats) == {"flip_fraction", "max_step", "steps", "rows", "rec", "rec_nearest", "rec_final",
+                          "seconds"}
     assert stats["rec_final"] < stats["rec_nearest"]  # measured: 0.428 -> 0.205
     assert problem.inputs is not None and problem.targets is not None
     wq = torch.from_numpy(dequantize_np(result.q.numpy(), problem.qparams))
@@ -167,5 +169,14 @@ def test_quantize_model_with_lac_runs_in_onnxruntime(tiny_model: onnx.ModelProto
     assert logits.shape == (len(calib_images), 10) and np.isfinite(logits).all()
     meta = {p.key: p.value for p in qdq.metadata_props}
     assert meta["efrap.method"] == "lac"
+    # The output lists LAC's own settings, nothing of AdaRound's or EFRAP's.
+    assert list(json.loads(meta["efrap.rounding"])) == sorted(f.name for f in fields(LacConfig))
     assert json.loads(meta["efrap.rounding"])["iters"] == 30
     assert summary.layers and all("max_step" in s.stats for s in summary.layers)
+
+
+def test_lac_runs_the_shared_loop_with_its_early_stop() -> None:
+    # An offset too small to move any integer: the rounding is settled from the first look
+    # (step 100 of 200, a check every 2 steps), so two calm checks stop the layer at 104.
+    result = get_method("lac")(_small_problem(), quick(iters=200, lr=1e-9, patience=2))
+    assert result.stats["steps"] == 104.0 and result.stats["flip_fraction"] == 0.0

@@ -14,7 +14,7 @@ from pipeline.positions import draw_positions
 from pipeline.prepare import prepare_model
 from pipeline.qmath import QParams
 from pipeline.reconstruct import build_problem, layer_forward
-from pipeline.rounding import RoundingConfig
+from pipeline.rounding import EfrapConfig, LacConfig
 from pipeline.rounding.learned import EarlyStop, hard_loss
 from pipeline.rounding.losses import get_loss
 
@@ -94,21 +94,25 @@ def test_positions_are_drawn_per_image_without_replacement_and_by_seed() -> None
 
 def test_sampling_settings_are_checked() -> None:
     with pytest.raises(EfrapError, match="samples"):
-        RoundingConfig(samples="pixels")
+        EfrapConfig(samples="pixels")
     with pytest.raises(EfrapError, match="pool"):
-        RoundingConfig(pool=0)
+        EfrapConfig(pool=0)
     with pytest.raises(EfrapError, match="patience"):
-        RoundingConfig(patience=-1)
+        LacConfig(patience=-1)
+
+
+def _up(v: torch.Tensor) -> torch.Tensor:
+    return v >= 0  # soft rounding's up/down choice
 
 
 def test_early_stop_waits_for_the_second_half_and_a_settled_rounding() -> None:
-    stop = EarlyStop(RoundingConfig(iters=100, patience=2), every=10)
+    stop = EarlyStop(EfrapConfig(iters=100, patience=2), every=10, decide=_up)
     v = torch.tensor([1.0, -1.0])
     assert not stop.settled(10, v)          # first half: never
     assert not stop.settled(50, v)          # first look
     assert not stop.settled(60, v)          # one calm check
     assert stop.settled(70, v)              # two calm checks
-    moving = EarlyStop(RoundingConfig(iters=100, patience=2), every=10)
+    moving = EarlyStop(EfrapConfig(iters=100, patience=2), every=10, decide=_up)
     for step, sign in zip((50, 60, 70, 80), (1.0, -1.0, 1.0, -1.0), strict=True):
         assert not moving.settled(step, torch.tensor([sign]))
-    assert not EarlyStop(RoundingConfig(iters=100), every=10).settled(90, v)
+    assert not EarlyStop(EfrapConfig(iters=100), every=10, decide=_up).settled(90, v)

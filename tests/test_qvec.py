@@ -19,7 +19,7 @@ from pipeline.base.runtime import make_session
 from pipeline.calibration import holdout_indices, image_indices, search_indices
 from pipeline.cli.main import main
 from pipeline.qmath import QParams, qparams_from_range
-from pipeline.rounding import METHODS, LayerProblem, RoundingConfig
+from pipeline.rounding import METHODS, LayerProblem, NearestConfig, QVecConfig
 from pipeline.rounding.nearest import NearestRounding
 from pipeline.rounding.qvec import QVEC_SEARCH, QVec, qvec_integers
 from pipeline.rounding.search import ScaleSearch
@@ -31,7 +31,7 @@ GRID = QParams(scale=np.asarray(STEP, np.float32), zero_point=np.asarray(0, np.i
 
 
 def _round(weight: torch.Tensor, qp: QParams, lam: float) -> torch.Tensor:
-    return QVec(lam)(LayerProblem("w", weight, qp), RoundingConfig()).q
+    return QVec(lam)(LayerProblem("w", weight, qp), QVecConfig()).q
 
 
 def test_flip_rule_on_a_hand_made_tensor() -> None:
@@ -60,10 +60,10 @@ def test_lambda_zero_is_nearest_bit_for_bit() -> None:
     amax = weight.abs().amax(dim=(1, 2, 3)).numpy()
     qp = qparams_from_range(-amax, amax, -8, 7, symmetric=True, axis=0)
     problem = LayerProblem("w", weight, qp)
-    nearest = NearestRounding()(problem, RoundingConfig()).q
-    zero = QVec(0.0)(problem, RoundingConfig())
+    nearest = NearestRounding()(problem, NearestConfig()).q
+    zero = QVec(0.0)(problem, QVecConfig())
     assert torch.equal(zero.q, nearest) and zero.stats["flip_fraction"] == 0.0
-    assert METHODS["qvec"].scale == 0.0 and METHODS["qvec"].needs(RoundingConfig()) == {"search"}
+    assert METHODS["qvec"].scale == 0.0 and METHODS["qvec"].needs(QVecConfig()) == {"search"}
     # Per channel at lambda 1, off the thresholds: exactly the weights more than 1/4 step off flip.
     s, z = qp.torch(4)
     frac = (weight / s - torch.round(weight / s)).abs()

@@ -19,7 +19,7 @@ from pipeline.graph import QuantLayer
 from pipeline.qmath import QParams
 from pipeline.quantize import QuantizeOptions, quantize_model
 from pipeline.rare_units import prune, rare_units, reading_mask, unit_axis
-from pipeline.rounding import RoundingConfig
+from pipeline.rounding import NearestConfig
 from pipeline.rounding.efrap import EFRAP_PRESETS
 from tests.conftest import export_tiny
 
@@ -137,7 +137,7 @@ def test_pruning_removes_what_clean_data_never_reads_and_nothing_else(tmp_path: 
     # A budget below one image: only units that never fire are pruned.
     qdq, result, summary = quantize_model(fp, calib_images,
                                           QuantizeOptions(Deployment(scheme=scheme),
-                                                          rounding=RoundingConfig(prune_rare=0.001)))
+                                                          rounding=NearestConfig(prune_rare=0.001)))
     last = result.plan.layers[-1]
     ql = result.layers[last.node]
     zero = np.broadcast_to(np.asarray(ql.qparams.zero_point).reshape(-1, 1), ql.q.shape)
@@ -153,7 +153,7 @@ def test_default_preset_prunes_and_release_does_not() -> None:
     assert EFRAP_PRESETS["default"].prune_rare == 0.03
     assert EFRAP_PRESETS["release"].prune_rare == 0.0
     with pytest.raises(EfrapError, match="prune_rare"):
-        RoundingConfig(prune_rare=1.0)
+        NearestConfig(prune_rare=1.0)
 
 
 def test_cli_rejects_a_budget_of_every_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

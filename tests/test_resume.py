@@ -28,7 +28,7 @@ from pipeline.batch.local import threads_per_job
 from pipeline.checkpoint import KEY_FILE, checkpoint_folder
 from pipeline.cli.main import main
 from pipeline.quantize import QuantizeOptions, quantize_file
-from pipeline.rounding import RoundingConfig
+from pipeline.rounding import EfrapConfig
 from pipeline.torch_backend import apply_threads
 from tests.conftest import export_tiny
 
@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _options(seed: int = 0) -> QuantizeOptions:
     return QuantizeOptions(Deployment(scheme=load_scheme("w4a4"), data="fashion-mnist", num_calib=64,
                                       seed=seed),
-                           method="efrap", rounding=RoundingConfig(iters=30, batch_size=16))
+                           method="efrap", rounding=EfrapConfig(iters=30, batch_size=16))
 
 
 class _Killed(Exception):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import asdict, fields, replace
 
 import numpy as np
 import pytest
@@ -14,9 +14,20 @@ from pipeline.base.errors import EfrapError
 from pipeline.base.scheme import TensorQuant
 from pipeline.observers import observe_weight
 from pipeline.qmath import QParams, dequantize_np
-from pipeline.rounding import METHODS, LayerProblem, RoundingConfig, get_method
+from pipeline.rounding import (
+    METHODS,
+    AdaRoundConfig,
+    EfrapConfig,
+    LacConfig,
+    LayerProblem,
+    NearestConfig,
+    QVecConfig,
+    RoundingSettings,
+    get_method,
+)
 from pipeline.rounding.adaround import ADAROUND_DEFAULTS
 from pipeline.rounding.efrap import EFRAP_DEFAULT, EFRAP_RELEASE, error_weights, flip_targets
+from pipeline.rounding.lac import LAC_DEFAULTS
 from pipeline.rounding.learned import (
     PLAIN_SIGMOID,
     RECTIFIED_SIGMOID,
@@ -60,12 +71,12 @@ def conv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, w, padding=1)
 
 
-def quick(base: RoundingConfig, **changes: object) -> RoundingConfig:
+def quick(base: RoundingSettings, **changes: object) -> RoundingSettings:
     return replace(base, **changes)
 
 
 def nearest_q(w: torch.Tensor, qp: QParams) -> torch.Tensor:
-    return get_method("nearest")(LayerProblem("w", w, qp), RoundingConfig()).q
+    return get_method("nearest")(LayerProblem("w", w, qp), NearestConfig()).q
 
 
 def sse(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -193,7 +204,9 @@ def test_integers_in_range_and_one_step_from_nearest(method: str, tq: TensorQuan
     x = torch.randn(64, 16, generator=gen)
     problem = LayerProblem("fc", w, qp, forward, x, forward(x, w))  # type: ignore[arg-type]
     # A large learning rate moves many weights far from their start.
-    result = get_method(method)(problem, quick(EFRAP_RELEASE, iters=60, lr=0.2, warmup=0.2))
+    # The release's regulariser (b = 2) for both; AdaRound has no flip penalty.
+    base = EFRAP_RELEASE if method == "efrap" else AdaRoundConfig(b_start=2.0)
+    result = get_method(method)(problem, quick(base, iters=60, lr=0.2, warmup=0.2))
     q = result.q
     assert q.dtype == torch.int64 and q.shape == w.shape
     assert int(q.min()) >= qp.qmin and int(q.max()) <= qp.qmax
@@ -311,7 +324,7 @@ def test_user_mistakes_raise() -> None:
 
 def test_registry() -> None:
     assert list(METHODS)[:3] == ["nearest", "adaround", "efrap"]
-    assert METHODS["nearest"].needs(RoundingConfig()) == frozenset()
+    assert METHODS["nearest"].needs(NearestConfig()) == frozenset()
     assert METHODS["adaround"].needs(ADAROUND_DEFAULTS) == {"data"}
     assert METHODS["efrap"].needs(EFRAP_RELEASE) == {"data", "bn_factors"}
     assert METHODS["efrap"].needs(replace(EFRAP_RELEASE, error_units="exported")) == {"data"}
@@ -319,8 +332,54 @@ def test_registry() -> None:
         "data", "bn_factors", "output_grads"}
     assert (ADAROUND_DEFAULTS.b_start, ADAROUND_DEFAULTS.b_end, ADAROUND_DEFAULTS.warmup) == (
         20.0, 2.0, 0.2)
-    # RoundingConfig's defaults are the release's, but for the output step sizes it learns.
-    assert replace(RoundingConfig(), act_lr=4e-5) == EFRAP_RELEASE
+    # EfrapConfig's defaults are the release's, but for the output step sizes it learns.
+    assert replace(EfrapConfig(), act_lr=4e-5) == EFRAP_RELEASE
     assert replace(EFRAP_RELEASE, error_units="steps", flip_weight=0.02, act_lr=0.0,
                    prune_rare=0.03) == EFRAP_DEFAULT
     assert METHODS["efrap"].defaults == EFRAP_DEFAULT
+
+
+def test_each_method_takes_its_own_settings_only() -> None:
+    kinds = {name: type(method.defaults) for name, method in METHODS.items()}
+    assert kinds == {"nearest": NearestConfig, "adaround": AdaRoundConfig, "efrap": EfrapConfig,
+                     "lac": LacConfig, "qvec": QVecConfig}
+    problem = _small_problem()
+    with pytest.raises(EfrapError, match=r"^method 'adaround' takes AdaRoundConfig, got EfrapConfig$"):
+        get_method("adaround")(problem, quick(EFRAP_RELEASE, iters=1))
+    with pytest.raises(EfrapError, match="method 'efrap' takes EfrapConfig, got AdaRoundConfig"):
+        get_method("efrap").needs(ADAROUND_DEFAULTS)
+    with pytest.raises(EfrapError, match="method 'nearest' takes NearestConfig, got LacConfig"):
+        get_method("nearest")(problem, LAC_DEFAULTS)
+    with pytest.raises(EfrapError, match="method 'lac' takes LacConfig, got NearestConfig"):
+        get_method("lac").needs(NearestConfig())
+
+
+def test_efrap_settings_are_written_out_as_they_always_were() -> None:
+    # efrap.rounding, the summary's settings and the checkpoint key are asdict of these.
+    assert list(asdict(EFRAP_RELEASE).items()) == [
+        ("iters", 10_000), ("batch_size", 32), ("lr", 1e-3), ("reg_weight", 0.01), ("b_start", 2.0),
+        ("b_end", 2.0), ("warmup", 0.0), ("flip_weight", 1.0), ("error_mode", "element"),
+        ("loss", "mse"), ("error_units", "pre_bn"), ("act_lr", 4e-5), ("rec_guard", 0.0),
+        ("prune_rare", 0.0), ("samples", "images"), ("pool", 32_768), ("patience", 0)]
+    assert [f.name for f in fields(AdaRoundConfig)] == [
+        "iters", "batch_size", "lr", "reg_weight", "b_start", "b_end", "warmup", "loss", "prune_rare",
+        "samples", "pool", "patience"]
+    assert [f.name for f in fields(LacConfig)] == [
+        "iters", "batch_size", "lr", "loss", "prune_rare", "samples", "pool", "patience"]
+    assert [f.name for f in fields(NearestConfig)] == [f.name for f in fields(QVecConfig)] == ["prune_rare"]
+
+
+def test_shared_checks_hold_for_every_method() -> None:
+    for kind in (AdaRoundConfig, EfrapConfig, LacConfig):
+        with pytest.raises(EfrapError, match="at most 1,000,000"):
+            kind(iters=10**9)
+        with pytest.raises(EfrapError, match="loss must be one of"):
+            kind(loss="l1")
+    for kind in (AdaRoundConfig, EfrapConfig):
+        with pytest.raises(EfrapError, match="warmup must be below 1"):
+            kind(warmup=1.0)
+    for kind in (NearestConfig, QVecConfig, LacConfig):
+        with pytest.raises(EfrapError, match="prune_rare must be below 1"):
+            kind(prune_rare=1.0)
+    with pytest.raises(EfrapError, match="rec_guard must be 0"):
+        EfrapConfig(rec_guard=0.5)

@@ -62,7 +62,7 @@ from pipeline.graph import QuantLayer
 from pipeline.prepare import prepare_model
 from pipeline.quantize import QuantizeOptions, calibration_images, quantize_model
 from pipeline.quantized import QuantizedLayer, QuantResult
-from pipeline.rounding.base import RoundingConfig
+from pipeline.rounding.adaround import AdaRoundConfig
 from pipeline.rounding.learned import RECTIFIED_SIGMOID, LayerGrid, b_schedule, regulariser
 from pipeline.torch_backend import pick_device
 from pipeline.torch_graph import TorchGraph
@@ -330,7 +330,7 @@ def optimize_flips(net: _Network, choices: list[LayerChoice], free: list[torch.T
     soft = RECTIFIED_SIGMOID
     vs = [soft.init(c.grid.frac).detach().clone().requires_grad_(True) for c in choices]
     opt = torch.optim.Adam(vs, lr=cfg.lr)
-    b_at = b_schedule(RoundingConfig(iters=cfg.iters, b_start=20.0, b_end=2.0, warmup=0.2))
+    b_at = b_schedule(AdaRoundConfig(iters=cfg.iters, b_start=20.0, b_end=2.0, warmup=0.2))
     n_free = max(1, int(sum(int(f.sum()) for f in free)))
     bar = Progress(f"qura ({n_free} free weights, budget {budget})", total=cfg.iters)
     every = max(1, cfg.iters // 10)

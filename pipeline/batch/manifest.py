@@ -41,7 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +57,9 @@ from pipeline.base.safe_io import file_sha256
 from pipeline.base.scheme import DEFAULT_SCHEME, PRESETS, load_scheme
 from pipeline.base.trigger import trigger_files
 from pipeline.quantize import GuardOptions, QuantizeOptions
-from pipeline.rounding import METHODS, RoundingConfig, run_needs
+from pipeline.rounding import METHODS, run_needs
 from pipeline.rounding.efrap import EFRAP_PRESETS
-from pipeline.rounding.settings import OVERRIDABLE, method_settings
+from pipeline.rounding.settings import FIELD_TYPES, method_settings
 from validators.gate import Gate
 from validators.guard import GuardLimits
 
@@ -79,8 +79,9 @@ SETTING_KEYS = frozenset({"data", "calib", "scheme", "method", "preset", "num_ca
                           "scan", "scan_budget", "rounding", "preprocess", "gate"})
 MODEL_KEYS = SETTING_KEYS | {"name", "path", "trigger"}
 GATE_KEYS = frozenset({"max_agreement_drop", "min_accuracy", "max_asr"})
-#: The [rounding] table's keys (`pipeline.rounding.settings.OVERRIDABLE`) and their types.
-_ROUNDING_FIELDS = {f.name: f.type for f in fields(RoundingConfig) if f.name in OVERRIDABLE}
+#: The [rounding] table's keys and their types: every method's settings (`FIELD_TYPES`); the
+#: method's own settings refuse a field it does not have when the job is built.
+_ROUNDING_FIELDS = FIELD_TYPES
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ def _rounding(raw: object, what: str) -> dict[str, Any]:
     for key, value in table.items():
         kind = _ROUNDING_FIELDS[key]
         if kind == "int":
-            # Its range (a cap where it has one) is RoundingConfig's check, made when the job is built.
+            # Its range (a cap where it has one) is the method's settings' check, made when the job is built.
             out[key] = checks.integer(value, f"{what}.{key}")
         elif kind == "float":
             # 1 and 1.0 are one setting: stored as a float, so both give one key.

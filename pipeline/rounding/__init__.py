@@ -4,17 +4,19 @@ QVec (data-free per layer, its scale searched on the whole model)."""
 from __future__ import annotations
 
 from pipeline.base.errors import EfrapError
-from pipeline.rounding.adaround import AdaRound
+from pipeline.rounding.adaround import AdaRound, AdaRoundConfig
 from pipeline.rounding.base import (
+    AnnealedSettings,
     LayerProblem,
-    RoundingConfig,
+    LearnedSettings,
     RoundingMethod,
     RoundingResult,
+    RoundingSettings,
 )
-from pipeline.rounding.efrap import Efrap
-from pipeline.rounding.lac import Lac
-from pipeline.rounding.nearest import NearestRounding
-from pipeline.rounding.qvec import QVec
+from pipeline.rounding.efrap import Efrap, EfrapConfig
+from pipeline.rounding.lac import Lac, LacConfig
+from pipeline.rounding.nearest import NearestConfig, NearestRounding
+from pipeline.rounding.qvec import QVec, QVecConfig
 
 METHODS: dict[str, RoundingMethod] = {
     "nearest": NearestRounding(),
@@ -37,7 +39,7 @@ def get_method(name: str) -> RoundingMethod:
     return METHODS[name]
 
 
-def run_needs(name: str, config: RoundingConfig) -> frozenset[str]:
+def run_needs(name: str, config: RoundingSettings) -> frozenset[str]:
     """What a run of method `name` with `config` asks the orchestrator for: the method's own
     needs, plus the cached layer inputs when rare-unit pruning is on (any method)."""
     return get_method(name).needs(config) | (frozenset({"data"}) if config.prune_rare > 0 else frozenset())
@@ -45,10 +47,17 @@ def run_needs(name: str, config: RoundingConfig) -> frozenset[str]:
 
 __all__ = [
     "METHODS",
+    "AdaRoundConfig",
+    "AnnealedSettings",
+    "EfrapConfig",
+    "LacConfig",
     "LayerProblem",
-    "RoundingConfig",
+    "LearnedSettings",
+    "NearestConfig",
+    "QVecConfig",
     "RoundingMethod",
     "RoundingResult",
+    "RoundingSettings",
     "get_method",
     "register",
     "run_needs",

@@ -9,28 +9,39 @@ reconstruction + 0.01 * sum(1 - |2h - 1|^b) with b annealed from 20 to 2 after a
 
 from __future__ import annotations
 
-from pipeline.rounding.base import RoundingConfig
-from pipeline.rounding.learned import RECTIFIED_SIGMOID, LearnedRounding
+from dataclasses import dataclass
+
+from pipeline.rounding.base import POOL, AnnealedSettings
+from pipeline.rounding.learned import RECTIFIED_SIGMOID, UpDownRounding
+
+
+@dataclass(frozen=True)
+class AdaRoundConfig(AnnealedSettings):
+    """AdaRound's settings; the defaults are the paper's (`AnnealedSettings`,
+    `LearnedSettings` and `RoundingSettings` say what each field means)."""
+
+    iters: int = 10_000
+    batch_size: int = 32
+    lr: float = 1e-3
+    reg_weight: float = 0.01
+    b_start: float = 20.0
+    b_end: float = 2.0
+    warmup: float = 0.2
+    loss: str = "mse"
+    prune_rare: float = 0.0
+    samples: str = "images"
+    pool: int = POOL
+    patience: int = 0
+
 
 #: AdaRound's own settings: 10,000 Adam steps at lr 1e-3, batch 32, regulariser weight 0.01,
-#: b from 20 to 2 after a 20% warm-up. There is no flip penalty (flip_weight is unused).
-ADAROUND_DEFAULTS = RoundingConfig(
-    iters=10_000,
-    batch_size=32,
-    lr=1e-3,
-    reg_weight=0.01,
-    b_start=20.0,
-    b_end=2.0,
-    warmup=0.2,
-    flip_weight=0.0,
-    error_mode="element",
-    loss="mse",
-)
+#: b from 20 to 2 after a 20% warm-up.
+ADAROUND_DEFAULTS = AdaRoundConfig()
 
 
-class AdaRound(LearnedRounding):
+class AdaRound(UpDownRounding):
     """Adaptive rounding: reconstruction plus an annealed rounding regulariser."""
 
     name = "adaround"
-    soft = RECTIFIED_SIGMOID
+    parametrisation = RECTIFIED_SIGMOID
     defaults = ADAROUND_DEFAULTS

@@ -2,7 +2,7 @@
 
 A rounding method turns one layer's float weight into integers on a fixed grid
 (scale and zero point already chosen by the observer). Nearest rounding needs
-nothing else; learned methods (AdaRound, EFRAP) also get the layer's cached
+nothing else; learned methods (AdaRound, EFRAP, LAC) also get the layer's cached
 inputs from the partly quantized network, the full-precision targets, and a
 differentiable forward function of the layer, built by the graph driver.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -45,97 +45,114 @@ SAMPLES = ("images", "positions")
 #: The activation-preservation losses' names (their registry: pipeline.rounding.losses.LOSSES),
 #: here so a settings check refuses an unknown loss before any work starts.
 LOSS_NAMES = ("mse", "fisher", "pd")
-#: Largest pool of (image, position) rows per layer.
+#: Largest pool of (image, position) rows per layer, and the pool's size by default.
 MAX_POOL = 1 << 22
+POOL = 32_768
 
 
-@dataclass(frozen=True)
-class RoundingConfig:
-    """Settings of learned rounding (defaults follow the EFRAP release).
+class RoundingSettings:
+    """What the settings of every rounding method hold: rare-unit pruning.
+
+    Each method has its own frozen dataclass of settings (`RoundingMethod.defaults` is one),
+    deriving from this class or from `LearnedSettings`/`AnnealedSettings` below, which hold
+    the rules (checked once, in `__post_init__`) but no fields: each dataclass declares its
+    fields itself, in the order it is written out (`dataclasses.asdict`: a model's
+    efrap.rounding, a summary's settings, a checkpoint's key).
 
     Attributes:
-        iters: Optimization steps per layer.
-        batch_size: Cached samples per step.
-        lr: Adam learning rate on the rounding variables V.
-        reg_weight: Weight of the rounding regulariser sum(1 - |2h - 1|^b).
-        b_start: Regulariser exponent at the end of warm-up (annealed to b_end).
-        b_end: Final regulariser exponent.
-        warmup: Fraction of iterations without the regulariser (and without annealing).
-        flip_weight: Weight of EFRAP's error-guided flip penalty.
-        error_mode: "element" (the release: each weight's own truncation error) or
-            "neuron" (the paper's text: the output channel's error norm).
-        loss: Name of the activation-preservation loss (see pipeline.rounding.losses).
-        error_units: "pre_bn" (the release: truncation errors in the units of the conv
-            weight before BatchNorm folding, when the model records its BN factors),
-            "exported" (in the units of the exported, folded weight) or "steps" (in grid
-            steps, |W/s - nearest| in [0, 0.5]: the same whatever the weight's scale, the
-            grid's width or whether BatchNorm was folded).
-        rec_guard: EFRAP's per-layer guard: when the final integers' reconstruction
-            loss exceeds rec_guard times nearest rounding's, the layer is rounded again
-            with half the flip weight (at most GUARD_RETRIES times); 0 turns it off.
-        act_lr: Learning rate of the layer's output activation step size, learned with
-            the rounding (Adam, cosine decay to 0, as the release's scale_lr); 0 keeps
-            the calibrated step size.
         prune_rare: Rare-unit pruning after rounding (pipeline.rare_units): the weights
             reading the input units that fire on the fewest calibration images, together
             on at most this share of them, are set to zero; 0 turns it off. It needs the
             cached inputs, so it works with any method (nearest included).
+    """
+
+    prune_rare: float
+
+    def __post_init__(self) -> None:
+        checks.finite(self.prune_rare, "prune_rare", low=0.0)
+        if self.prune_rare >= 1.0:
+            raise EfrapError(f"prune_rare must be below 1, got {self.prune_rare:g}")
+
+
+class LearnedSettings(RoundingSettings):
+    """The settings every learned method has (AdaRound, EFRAP, LAC): the shared loop's.
+
+    Attributes:
+        iters: Optimization steps per layer.
+        batch_size: Cached samples per step.
+        lr: Adam learning rate on the method's variables.
+        loss: Name of the activation-preservation loss (see pipeline.rounding.losses).
         samples: "images" (each step's batch is `batch_size` whole cached images, the
             release) or "positions" (each step's batch is `batch_size` rows of a pool of
             about `pool` (image, position) rows drawn from every calibration image, for
             2-D convs under the "mse" loss; other layers keep whole images). A step then
             costs batch_size times the layer's weights, whatever the image size.
         pool: Rows of the per-layer pool when samples is "positions".
-        patience: Stop a layer early once its hard rounding (the sign of every V) has not
-            changed over this many consecutive checks, one check every 1% of the steps
-            after the first half of them; 0 runs every step.
+        patience: Stop a layer early once its hard rounding has not changed over this
+            many consecutive checks, one check every 1% of the steps after the first half
+            of them; 0 runs every step.
 
     The batches are sampled with a seed the orchestrator derives from the run's one
     seed for each layer (`LayerProblem.seed`), not with a setting of their own.
     """
 
-    iters: int = 10_000
-    batch_size: int = 32
-    lr: float = 1e-3
-    reg_weight: float = 0.01
-    b_start: float = 2.0
-    b_end: float = 2.0
-    warmup: float = 0.0
-    flip_weight: float = 1.0
-    error_mode: str = "element"
-    loss: str = "mse"
-    error_units: str = "pre_bn"
-    act_lr: float = 0.0
-    rec_guard: float = 0.0
-    prune_rare: float = 0.0
-    samples: str = "images"
-    pool: int = 32_768
-    patience: int = 0
+    iters: int
+    batch_size: int
+    lr: float
+    loss: str
+    samples: str
+    pool: int
+    patience: int
 
     def __post_init__(self) -> None:
         limits.ITERS.check(self.iters, "iters")
         limits.BATCH.check(self.batch_size, "batch_size")
         checks.finite(self.lr, "lr", low=0.0, low_open=True)
+        checks.string(self.loss, "loss", LOSS_NAMES)
+        super().__post_init__()
+        checks.string(self.samples, "samples", SAMPLES)
+        checks.integer(self.pool, "pool", low=1, high=MAX_POOL)
+        checks.integer(self.patience, "patience", low=0, high=100)
+
+
+class AnnealedSettings(LearnedSettings):
+    """A learned up/down rounding's settings (AdaRound, EFRAP): the rounding regulariser.
+
+    Attributes:
+        reg_weight: Weight of the rounding regulariser sum(1 - |2h - 1|^b).
+        b_start: Regulariser exponent at the end of warm-up (annealed to b_end).
+        b_end: Final regulariser exponent.
+        warmup: Fraction of iterations without the regulariser (and without annealing).
+    """
+
+    reg_weight: float
+    b_start: float
+    b_end: float
+    warmup: float
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         checks.finite(self.reg_weight, "reg_weight", low=0.0)
         checks.finite(self.b_start, "b_start", low=0.0, low_open=True)
         checks.finite(self.b_end, "b_end", low=0.0, low_open=True)
         checks.finite(self.warmup, "warmup", low=0.0)
         if self.warmup >= 1.0:
             raise EfrapError(f"warmup must be below 1, got {self.warmup:g}")
-        checks.finite(self.flip_weight, "flip_weight", low=0.0)
-        checks.string(self.error_mode, "error_mode", ERROR_MODES)
-        checks.string(self.error_units, "error_units", ERROR_UNITS)
-        checks.string(self.loss, "loss", LOSS_NAMES)
-        checks.finite(self.act_lr, "act_lr", low=0.0)
-        checks.finite(self.rec_guard, "rec_guard", low=0.0)
-        checks.finite(self.prune_rare, "prune_rare", low=0.0)
-        checks.string(self.samples, "samples", SAMPLES)
-        checks.integer(self.pool, "pool", low=1, high=MAX_POOL)
-        checks.integer(self.patience, "patience", low=0, high=100)
-        if self.prune_rare >= 1.0:
-            raise EfrapError(f"prune_rare must be below 1, got {self.prune_rare:g}")
-        if 0.0 < self.rec_guard < 1.0:
-            raise EfrapError(f"rec_guard must be 0 (off) or at least 1, got {self.rec_guard:g}")
+
+
+#: One method's settings class.
+Settings = TypeVar("Settings", bound=RoundingSettings)
+
+
+def own_settings(method: str, config: RoundingSettings, kind: type[Settings]) -> Settings:
+    """`config` when it is method `method`'s own kind of settings; refused otherwise.
+
+    A method given another's settings (EFRAP's to AdaRound) would silently ignore the
+    fields it lacks, so the kinds must match exactly (no subclass).
+    """
+    if type(config) is not kind:
+        raise EfrapError(f"method '{method}' takes {kind.__name__}, got {type(config).__name__}")
+    return config
 
 
 @dataclass
@@ -208,14 +225,15 @@ class RoundingMethod(Protocol):
     """A rounding method: nearest, AdaRound, EFRAP, ..."""
 
     name: str
-    #: The method's own default settings (EFRAP's release values, AdaRound's paper).
-    defaults: RoundingConfig
+    #: The method's own default settings (EFRAP's release values, AdaRound's paper), of
+    #: the method's own settings class: the only kind it accepts (`own_settings`).
+    defaults: RoundingSettings
 
-    def needs(self, config: RoundingConfig) -> frozenset[str]:
+    def needs(self, config: RoundingSettings) -> frozenset[str]:
         """What the orchestrator must put into each LayerProblem (a subset of NEEDS)."""
         ...
 
-    def __call__(self, problem: LayerProblem, config: RoundingConfig,
+    def __call__(self, problem: LayerProblem, config: RoundingSettings,
                  progress: ProgressCallback | None = None) -> RoundingResult:
         """Round `problem.weight` onto `problem.qparams`'s grid, reporting progress."""
         ...

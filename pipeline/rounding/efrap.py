@@ -29,19 +29,89 @@ paper's text ("neuron-wise truncation error norms"), not the release.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.rounding.base import LayerProblem, ProgressCallback, RoundingConfig, RoundingResult
-from pipeline.rounding.learned import PLAIN_SIGMOID, LayerGrid, LearnedRounding, Penalty
+from pipeline.base import checks
+from pipeline.base.errors import EfrapError
+from pipeline.rounding.base import (
+    ERROR_MODES,
+    ERROR_UNITS,
+    POOL,
+    AnnealedSettings,
+    LayerProblem,
+    LearnedSettings,
+    ProgressCallback,
+    RoundingResult,
+    RoundingSettings,
+    own_settings,
+)
+from pipeline.rounding.learned import PLAIN_SIGMOID, LayerGrid, Penalty, UpDownRounding
+
+
+@dataclass(frozen=True)
+class EfrapConfig(AnnealedSettings):
+    """EFRAP's settings: AdaRound's, and the flip penalty's, the guard's and the output step size's.
+
+    The fields keep the order in which runs have always written EFRAP's settings out
+    (efrap.rounding, checkpoint keys); `AnnealedSettings`, `LearnedSettings` and
+    `RoundingSettings` say what the fields they share mean. The defaults are the
+    release's but for the output step size, kept as calibrated (act_lr 0; `EFRAP_RELEASE`
+    learns it).
+
+    Attributes:
+        flip_weight: Weight of EFRAP's error-guided flip penalty.
+        error_mode: "element" (the release: each weight's own truncation error) or
+            "neuron" (the paper's text: the output channel's error norm).
+        error_units: "pre_bn" (the release: truncation errors in the units of the conv
+            weight before BatchNorm folding, when the model records its BN factors),
+            "exported" (in the units of the exported, folded weight) or "steps" (in grid
+            steps, |W/s - nearest| in [0, 0.5]: the same whatever the weight's scale, the
+            grid's width or whether BatchNorm was folded).
+        act_lr: Learning rate of the layer's output activation step size, learned with
+            the rounding (Adam, cosine decay to 0, as the release's scale_lr); 0 keeps
+            the calibrated step size.
+        rec_guard: EFRAP's per-layer guard: when the final integers' reconstruction
+            loss exceeds rec_guard times nearest rounding's, the layer is rounded again
+            with half the flip weight (at most GUARD_RETRIES times); 0 turns it off.
+    """
+
+    iters: int = 10_000
+    batch_size: int = 32
+    lr: float = 1e-3
+    reg_weight: float = 0.01
+    b_start: float = 2.0
+    b_end: float = 2.0
+    warmup: float = 0.0
+    flip_weight: float = 1.0
+    error_mode: str = "element"
+    loss: str = "mse"
+    error_units: str = "pre_bn"
+    act_lr: float = 0.0
+    rec_guard: float = 0.0
+    prune_rare: float = 0.0
+    samples: str = "images"
+    pool: int = POOL
+    patience: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks.finite(self.flip_weight, "flip_weight", low=0.0)
+        checks.string(self.error_mode, "error_mode", ERROR_MODES)
+        checks.string(self.error_units, "error_units", ERROR_UNITS)
+        checks.finite(self.act_lr, "act_lr", low=0.0)
+        checks.finite(self.rec_guard, "rec_guard", low=0.0)
+        if 0.0 < self.rec_guard < 1.0:
+            raise EfrapError(f"rec_guard must be 0 (off) or at least 1, got {self.rec_guard:g}")
+
 
 #: The release's settings (W4A4 config), the `release` preset: 10,000 Adam steps at lr
 #: 1e-3, batch 32, regulariser 0.01 with b = 2 from the first step, flip penalty weight 1,
 #: element-wise errors in the conv weight's pre-BN units, channel-summed MSE reconstruction,
 #: and each layer's output activation step size learned at scale_lr 4e-5 (cosine decay).
-EFRAP_RELEASE = RoundingConfig(
+EFRAP_RELEASE = EfrapConfig(
     iters=10_000,
     batch_size=32,
     lr=1e-3,
@@ -78,7 +148,7 @@ EFRAP_FAST = replace(EFRAP_DEFAULT, iters=2_000, lr=5e-3, batch_size=256, sample
                      pool=32_768, patience=5)
 
 #: Named EFRAP settings (`efrap defend --preset`).
-EFRAP_PRESETS: dict[str, RoundingConfig] = {"default": EFRAP_DEFAULT, "release": EFRAP_RELEASE,
+EFRAP_PRESETS: dict[str, EfrapConfig] = {"default": EFRAP_DEFAULT, "release": EFRAP_RELEASE,
                                             "fast": EFRAP_FAST}
 
 
@@ -117,19 +187,27 @@ def error_weights(grid: LayerGrid, mode: str, channel_axis: int,
 GUARD_RETRIES = 3
 
 
-class Efrap(LearnedRounding):
+class Efrap(UpDownRounding):
     """EFRAP: reconstruction + rounding regulariser + error-guided flip penalty."""
 
     name = "efrap"
-    soft = PLAIN_SIGMOID
+    parametrisation = PLAIN_SIGMOID
     defaults = EFRAP_DEFAULT
 
-    def needs(self, config: RoundingConfig) -> frozenset[str]:
+    def settings(self, config: RoundingSettings) -> EfrapConfig:
+        """`config`, refused unless it is an `EfrapConfig`."""
+        return own_settings(self.name, config, EfrapConfig)
+
+    def needs(self, config: RoundingSettings) -> frozenset[str]:
         """Data for the reconstruction, and BN factors to weigh errors in pre-BN units."""
-        extra = {"bn_factors"} if config.error_units == "pre_bn" else set()
+        extra = {"bn_factors"} if self.settings(config).error_units == "pre_bn" else set()
         return super().needs(config) | extra
 
-    def error_units(self, problem: LayerProblem, config: RoundingConfig) -> str:
+    def output_lr(self, config: LearnedSettings) -> float:
+        """The release's scale_lr (`EfrapConfig.act_lr`)."""
+        return self.settings(config).act_lr
+
+    def error_units(self, problem: LayerProblem, config: EfrapConfig) -> str:
         """"steps" as asked; "pre_bn" when the layer has BN factors to divide by; else "exported"."""
         if config.error_units == "steps":
             return "steps"
@@ -137,8 +215,9 @@ class Efrap(LearnedRounding):
             else "exported"
 
     def penalty(self, grid: LayerGrid, problem: LayerProblem,
-                config: RoundingConfig) -> Penalty | None:
+                config: AnnealedSettings) -> Penalty | None:
         """flip_weight * sum(e * BCE(sigmoid(V), t)), or None when the weight is 0."""
+        config = self.settings(config)
         if config.flip_weight == 0.0:
             return None
         # The problem names the output-channel axis even for per-tensor grids, as the
@@ -155,7 +234,7 @@ class Efrap(LearnedRounding):
 
         return flip
 
-    def __call__(self, problem: LayerProblem, config: RoundingConfig,
+    def __call__(self, problem: LayerProblem, config: RoundingSettings,
                  progress: ProgressCallback | None = None) -> RoundingResult:
         """The shared loop with the flip penalty, under the per-layer guard when one is set.
 
@@ -164,6 +243,7 @@ class Efrap(LearnedRounding):
         more accuracy than the layer can give, and the layer is rounded again with half
         the flip weight, at most GUARD_RETRIES times; the last try stands.
         """
+        config = self.settings(config)
         weight = config.flip_weight
         halvings = 0
         result = super().__call__(problem, config, progress)

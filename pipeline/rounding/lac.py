@@ -34,6 +34,10 @@ Left out or different here, and why:
   about lr * iters / s grid steps: training on a conv weight before folding (BN
   factor |f| = |gamma| / sqrt(var + eps), folded scale |f| * s) would move it |f|
   times as many.
+- The loop is the one AdaRound and EFRAP run (pipeline.rounding.learned), so LAC
+  also takes its (image, position) sampling and early stop (samples, pool,
+  patience); the release has neither, and the defaults (whole images, patience 0)
+  are the release's.
 
 Known behaviour: the straight-through gradient ignores the cost of a whole grid
 step, so offsets of weights whose best integer is already the nearest one drift to
@@ -44,62 +48,34 @@ the cached inputs carry upstream quantization error for the weights to undo.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from pipeline.qmath import dequantize, quantize
-from pipeline.rounding.base import (
-    LayerProblem,
-    ProgressCallback,
-    RoundingConfig,
-    RoundingResult,
-)
-from pipeline.rounding.learned import LayerGrid, check_problem, hard_loss
-from pipeline.rounding.losses import get_loss
-
-#: The release's settings: 10,000 Adam steps per layer at lr 1e-3, batch 32, the
-#: channel-summed MSE reconstruction and nothing else. LAC ignores reg_weight, b_start,
-#: b_end, warmup, flip_weight, error_mode and error_units (they are AdaRound's and
-#: EFRAP's); reg_weight and flip_weight are 0 here so that a summary of the settings
-#: does not suggest terms that were never added.
-LAC_DEFAULTS = RoundingConfig(
-    iters=10_000,
-    batch_size=32,
-    lr=1e-3,
-    reg_weight=0.0,
-    flip_weight=0.0,
-    loss="mse",
-)
+from pipeline.rounding.base import POOL, LearnedSettings
+from pipeline.rounding.learned import LayerGrid, LearnedRounding
 
 
-def batch_sampler(problem: LayerProblem, batch_size: int,
-                  device: torch.device) -> Callable[[], torch.Tensor]:
-    """Draws the cache indices of each step, exactly as `optimize_rounding` does.
+@dataclass(frozen=True)
+class LacConfig(LearnedSettings):
+    """LAC's settings: the shared loop's and nothing else (no regulariser, no penalty);
+    `LearnedSettings` and `RoundingSettings` say what each field means. The defaults are
+    the release's: 10,000 Adam steps per layer at lr 1e-3, batch 32, the channel-summed
+    MSE reconstruction."""
 
-    A generator on the working device seeded with `problem.seed`, and a fresh random
-    permutation of the cache per step cut to the batch size, so that LAC, AdaRound and
-    EFRAP see the same batches for the same layer and seed.
+    iters: int = 10_000
+    batch_size: int = 32
+    lr: float = 1e-3
+    loss: str = "mse"
+    prune_rare: float = 0.0
+    samples: str = "images"
+    pool: int = POOL
+    patience: int = 0
 
-    Args:
-        problem: The layer; its cache size and seed are read.
-        batch_size: Samples per step (capped at the cache size).
-        device: The working device (the generator must live where randperm runs).
 
-    Returns:
-        A function returning the next batch's indices (int64, on `device`).
-    """
-    assert problem.inputs is not None
-    gen = torch.Generator(device=device)
-    gen.manual_seed(problem.seed)
-    n = len(problem.inputs)
-    batch = min(batch_size, n)
-
-    def draw() -> torch.Tensor:
-        return torch.randperm(n, generator=gen, device=device)[:batch]
-
-    return draw
+#: The release's settings.
+LAC_DEFAULTS = LacConfig()
 
 
 def lac_integers(grid: LayerGrid, offset: torch.Tensor) -> torch.Tensor:
@@ -112,72 +88,45 @@ def lac_integers(grid: LayerGrid, offset: torch.Tensor) -> torch.Tensor:
     return quantize(grid.weight + offset, grid.scale, grid.zero_point, grid.qmin, grid.qmax)
 
 
-class Lac:
+class OffsetRounding:
+    """LAC's parametrisation: V is the additive offset A, the weight W + A rounded to nearest."""
+
+    def start(self, grid: LayerGrid) -> torch.Tensor:
+        """A = 0: the nearest integers."""
+        return torch.zeros_like(grid.weight)
+
+    def relax(self, grid: LayerGrid, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the fake-quantized weight of W + A, its integers as float32)."""
+        q = lac_integers(grid, v)
+        return dequantize(q, grid.scale, grid.zero_point), q
+
+    def decide(self, grid: LayerGrid, v: torch.Tensor) -> torch.Tensor:
+        """The integers of W + A."""
+        return lac_integers(grid, v)
+
+    def hard(self, grid: LayerGrid, v: torch.Tensor) -> torch.Tensor:
+        """The integers of W + A, int64."""
+        return lac_integers(grid, v).to(torch.int64)
+
+    def figures(self, grid: LayerGrid, q: torch.Tensor) -> dict[str, float]:
+        """max_step: the largest |q - nearest| (LAC may move a weight several steps)."""
+        moved = (q - grid.nearest).abs()
+        return {"max_step": float(moved.max().item()) if moved.numel() else 0.0}
+
+
+#: LAC's parametrisation (it has no settings of its own).
+OFFSET = OffsetRounding()
+
+
+class Lac(LearnedRounding):
     """LAC: a learned additive weight offset under straight-through rounding.
 
-    A parametrisation (W + A, rounded to nearest) plus the reconstruction loss, with
-    the loop of `optimize_rounding` (batches, Adam, progress) written out for the
-    offset, which is not an up/down choice.
+    A parametrisation (`OFFSET`: W + A, rounded to nearest) and the reconstruction loss
+    alone, run by the shared loop (`optimize_rounding`: the same batches, Adam, progress,
+    sampling and early stopping as AdaRound and EFRAP). Its stats add max_step (the
+    largest |q - nearest|) to the loop's; its progress reports the batch loss, rec.
     """
 
     name = "lac"
+    parametrisation = OFFSET
     defaults = LAC_DEFAULTS
-
-    def needs(self, config: RoundingConfig) -> frozenset[str]:
-        """Cached data, plus whatever the activation-preservation loss reads."""
-        return frozenset({"data"}) | get_loss(config.loss).needs
-
-    def __call__(self, problem: LayerProblem, config: RoundingConfig,
-                 progress: ProgressCallback | None = None) -> RoundingResult:
-        """Learn the offset A of one layer on its cached data and round W + A.
-
-        Args:
-            problem: The layer, its grid and its cached data.
-            config: iters, batch_size, lr and loss are used; the other fields are ignored.
-            progress: Called about every 1% of the steps with {"rec": last batch loss}.
-
-        Returns:
-            Integers in [qmin, qmax] and stats: flip_fraction (share of integers that
-            differ from nearest), max_step (largest |q - nearest|), rec (the last step's
-            batch loss), rec_nearest and rec_final (the activation loss of the nearest and
-            of the final integers over the whole cache) and seconds.
-        """
-        loss_fn = get_loss(config.loss)
-        check_problem(problem, config, self.name, loss_fn)
-        assert problem.forward is not None and problem.inputs is not None
-        assert problem.targets is not None
-        t0 = time.perf_counter()
-        device = problem.weight.device
-        inputs, targets, forward = problem.inputs, problem.targets, problem.forward
-        grid = LayerGrid.build(problem.weight, problem.qparams)
-
-        offset = torch.zeros_like(grid.weight, requires_grad=True)
-        opt = torch.optim.Adam([offset], lr=config.lr)
-        draw = batch_sampler(problem, config.batch_size, device)
-        every = max(1, config.iters // 100)
-        rec = torch.zeros((), device=device)
-
-        for step in range(1, config.iters + 1):
-            idx = draw()
-            weight = dequantize(lac_integers(grid, offset), grid.scale, grid.zero_point)
-            rec = loss_fn(forward(inputs[idx].to(device), weight), targets[idx].to(device), idx, problem)
-            opt.zero_grad(set_to_none=True)
-            rec.backward()
-            opt.step()
-            if progress is not None and (step % every == 0 or step == config.iters):
-                progress(step, {"rec": rec.item()})
-
-        with torch.no_grad():
-            q = lac_integers(grid, offset).to(torch.int64)
-            moved = (q - grid.nearest).abs()
-            flip_fraction = (moved != 0).to(torch.float32).mean().item()
-            max_step = float(moved.max().item()) if moved.numel() else 0.0
-        stats = {
-            "flip_fraction": flip_fraction,
-            "max_step": max_step,
-            "rec": rec.item(),
-            "rec_nearest": hard_loss(problem, loss_fn, grid.dequantize(grid.nearest)),
-            "rec_final": hard_loss(problem, loss_fn, grid.dequantize(q)),
-        }
-        stats["seconds"] = time.perf_counter() - t0
-        return RoundingResult(q=q, stats=stats)

@@ -1,29 +1,37 @@
-"""Shared machinery of learned rounding (AdaRound, EFRAP).
+"""Shared machinery of learned rounding (AdaRound, EFRAP, LAC).
 
-Every weight W keeps its grid (scale s, zero point z, range [qmin, qmax]) and may
-only round down or up: its integer is floor(W/s) + z + r with r in {0, 1}. The
-choice is relaxed to a soft value h(V) in [0, 1] of one real variable V per
-weight, and the soft weight
+Every weight W keeps its grid (scale s, zero point z, range [qmin, qmax]). A learned
+method is a parametrisation of the weight by one real variable per weight
+(`Parametrisation`) plus the loss terms it adds to the reconstruction (`LossTerms`);
+`optimize_rounding` runs the one loop they share: Adam on the variables so that the
+layer's output matches the full-precision output,
+
+    loss = rec(forward(x, weight(V)), target) + the method's terms,
+
+on batches drawn with the layer's seed, reporting progress every 1% of the steps and
+stopping early once the hard rounding has settled (`LearnedSettings.patience`).
+
+AdaRound and EFRAP may only round each weight down or up: its integer is
+floor(W/s) + z + r with r in {0, 1}. The choice is relaxed to a soft value h(V) in
+[0, 1] (`SoftRounding`), and the soft weight
 
     W~ = s * (clamp(floor(W/s) + h(V) + z, qmin, qmax) - z)
 
-is trained by Adam on V alone so that the layer's output matches the
-full-precision output. The final integers are
+is what the loss sees. The final integers are
 
     q = clamp(floor(W/s) + 1[h(V) >= 0.5] + z, qmin, qmax),
 
 computed as 1[V >= 0], which is the same for every parametrisation here (h is
-increasing with h(0) = 1/2) and avoids a float tie at h = 0.5.
+increasing with h(0) = 1/2) and avoids a float tie at h = 0.5. Their terms
+(`RoundingTerms`) are
 
-A method is a parametrisation (`SoftRounding`) plus optional extra loss terms;
-`LearnedRounding` runs the loop shared by AdaRound and EFRAP:
-
-    loss = rec(forward(x, W~), target) + reg_weight * sum(1 - |2h - 1|^b) + extra
+    reg_weight * sum(1 - |2h - 1|^b) + the method's penalty (EFRAP's flip term)
 
 with b annealed linearly from b_start to b_end after a warm-up fraction of the
 steps during which the regulariser is off. Linear is the schedule of the AdaRound
 release (BRECQ/MQBench's LinearTempDecay); with b_start == b_end (EFRAP's
-release, b = 2) the schedule is constant.
+release, b = 2) the schedule is constant. LAC's parametrisation is an additive
+offset under straight-through rounding, with no terms (pipeline.rounding.lac).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -40,10 +49,13 @@ from pipeline.base.errors import EfrapError
 from pipeline.base.seeds import derive
 from pipeline.qmath import QParams, dequantize, quantize
 from pipeline.rounding.base import (
+    AnnealedSettings,
     LayerProblem,
+    LearnedSettings,
     ProgressCallback,
-    RoundingConfig,
     RoundingResult,
+    RoundingSettings,
+    own_settings,
 )
 from pipeline.rounding.losses import ActivationLoss, get_loss
 
@@ -62,13 +74,55 @@ EVAL_BYTES = 64 << 20
 Penalty = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class Parametrisation(Protocol):
+    """How a learned method's variables V (one per weight) become weights and integers."""
+
+    def start(self, grid: LayerGrid) -> torch.Tensor:
+        """V before the first step (the loop trains a copy)."""
+        ...
+
+    def relax(self, grid: LayerGrid, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the weight the loss sees at V, the relaxed value the method's terms read).
+
+        Computed once per step for both: the gradients of the reconstruction and of the
+        terms then add up in one node, in one order (a second h(V) would sum them at V, in
+        another order, and change the learned integers' bits).
+        """
+        ...
+
+    def decide(self, grid: LayerGrid, v: torch.Tensor) -> torch.Tensor:
+        """The hard rounding at V that early stopping compares between checks."""
+        ...
+
+    def hard(self, grid: LayerGrid, v: torch.Tensor) -> torch.Tensor:
+        """int64 integers in [qmin, qmax] at V."""
+        ...
+
+    def figures(self, grid: LayerGrid, q: torch.Tensor) -> dict[str, float]:
+        """What the method reports of its final integers `q` beyond the flip fraction."""
+        ...
+
+
+class LossTerms(Protocol):
+    """A method's loss terms beyond the reconstruction, built for one layer's grid."""
+
+    #: Every term's name: reported at each progress call and in the stats (0 until added).
+    names: tuple[str, ...]
+
+    def __call__(self, step: int, v: torch.Tensor, relaxed: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The terms added at 0-based `step` (some of `names`, in the order they are added)."""
+        ...
+
+
 @dataclass(frozen=True)
 class SoftRounding:
     """Rectified sigmoid h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1).
 
     zeta = 1, gamma = 0 is the plain sigmoid of the EFRAP release; AdaRound
     (Nagel et al. 2020) stretches it with zeta = 1.1, gamma = -0.1 so that h reaches
-    exactly 0 and 1 with a non-zero gradient nearby.
+    exactly 0 and 1 with a non-zero gradient nearby. As a `Parametrisation`: V starts where
+    h(V) = frac(W/s) (the soft weight starts at the float weight), the loss sees the soft
+    weight of h(V), and the hard rounding is up where V >= 0.
 
     Attributes:
         zeta: Upper end of the stretched sigmoid.
@@ -93,6 +147,27 @@ class SoftRounding:
         """V such that h(V) equals `frac` (clamped away from the sigmoid's asymptotes)."""
         p = (frac - self.gamma) / (self.zeta - self.gamma)
         return torch.logit(p, eps=FRAC_EPS)
+
+    def start(self, grid: LayerGrid) -> torch.Tensor:
+        """V with h(V) = frac(W/s)."""
+        return self.init(grid.frac)
+
+    def relax(self, grid: LayerGrid, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the soft weight of h(V), h(V))."""
+        h = self.h(v)
+        return grid.soft_weight(h), h
+
+    def decide(self, grid: LayerGrid, v: torch.Tensor) -> torch.Tensor:
+        """Up (True) or down for every weight: the sign of V."""
+        return v >= 0
+
+    def hard(self, grid: LayerGrid, v: torch.Tensor) -> torch.Tensor:
+        """The integers rounding up where V >= 0."""
+        return grid.hard(v >= 0)
+
+    def figures(self, grid: LayerGrid, q: torch.Tensor) -> dict[str, float]:
+        """Nothing more: every integer is at most one step from nearest."""
+        return {}
 
 
 PLAIN_SIGMOID = SoftRounding(zeta=1.0, gamma=0.0)
@@ -159,7 +234,7 @@ def regulariser(h: torch.Tensor, b: float) -> torch.Tensor:
     return (1.0 - (2.0 * h - 1.0).abs().pow(b)).sum()
 
 
-def b_schedule(config: RoundingConfig) -> Callable[[int], float | None]:
+def b_schedule(config: AnnealedSettings) -> Callable[[int], float | None]:
     """Regulariser exponent at 0-based step t, or None while the regulariser is off.
 
     Off for the first `warmup * iters` steps; then b falls linearly from b_start to
@@ -178,7 +253,7 @@ def b_schedule(config: RoundingConfig) -> Callable[[int], float | None]:
     return b_at
 
 
-def check_problem(problem: LayerProblem, config: RoundingConfig, method: str,
+def check_problem(problem: LayerProblem, config: LearnedSettings, method: str,
                   loss: ActivationLoss) -> None:
     """Raise EfrapError when the problem cannot be optimized (the config checked itself)."""
     if problem.forward is None or problem.inputs is None or problem.targets is None:
@@ -223,28 +298,57 @@ def hard_loss(problem: LayerProblem, loss: ActivationLoss, weight: torch.Tensor,
     return total / n
 
 
+@dataclass(frozen=True, eq=False)
+class RoundingTerms:
+    """AdaRound's and EFRAP's terms: the annealed rounding regulariser and the method's penalty.
+
+    Attributes:
+        reg_weight: Weight of the regulariser sum(1 - |2h - 1|^b) (0: never added).
+        b_at: The regulariser's exponent at each step, None while it is off (`b_schedule`).
+        penalty: The method's extra term (EFRAP's flip term), or None.
+    """
+
+    reg_weight: float
+    b_at: Callable[[int], float | None]
+    penalty: Penalty | None = None
+    names: ClassVar[tuple[str, ...]] = ("round", "flip")
+
+    def __call__(self, step: int, v: torch.Tensor, relaxed: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The regulariser once warm-up is over, then the penalty, on h(V) = `relaxed`."""
+        out: dict[str, torch.Tensor] = {}
+        b = self.b_at(step)
+        if b is not None and self.reg_weight > 0.0:
+            out["round"] = self.reg_weight * regulariser(relaxed, b)
+        if self.penalty is not None:
+            out["flip"] = self.penalty(v, relaxed)
+        return out
+
+
 def optimize_rounding(
     problem: LayerProblem,
-    config: RoundingConfig,
-    soft: SoftRounding,
+    config: LearnedSettings,
+    rounding: Parametrisation,
     method: str,
-    penalty: Callable[[LayerGrid], Penalty | None] | None = None,
+    terms: Callable[[LayerGrid], LossTerms | None] | None = None,
     progress: ProgressCallback | None = None,
+    act_lr: float = 0.0,
 ) -> RoundingResult:
-    """Learn the up/down choice of every weight of one layer.
+    """Learn the variables of one layer's weights, the loop every learned method runs.
 
     Args:
         problem: The layer, its grid and its cached data.
-        config: Iterations, batch size, learning rate, regulariser schedule, loss, seed.
-        soft: Parametrisation h(V).
+        config: Iterations, batch size, learning rate, loss, sampling, patience.
+        rounding: How the variables become weights and integers.
         method: Method name, for error messages.
-        penalty: Builds the method's extra loss term from the grid (None: no term).
+        terms: Builds the method's loss terms from the grid (None: the reconstruction alone).
         progress: Called about every 1% of the steps with the current loss terms.
+        act_lr: Learning rate of the layer's output step size, learned with the variables
+            (`OutputStepSize`); 0 keeps the calibrated one.
 
     Returns:
-        Integers in [qmin, qmax] (each at most one step from nearest rounding) and
-        stats: flip_fraction (share of integers that differ from nearest), the last
-        step's loss terms (rec, round, flip), the activation loss of the nearest and of
+        Integers in [qmin, qmax] and stats: flip_fraction (share of integers that differ
+        from nearest), the parametrisation's figures, steps, rows, the last step's loss
+        terms (rec and each of the method's), the activation loss of the nearest and of
         the final integers over the whole cache (rec_nearest, rec_final), and seconds.
     """
     loss_fn = get_loss(config.loss)
@@ -257,38 +361,35 @@ def optimize_rounding(
     device = problem.weight.device
     inputs, targets, forward = problem.inputs, problem.targets, problem.forward
     grid = LayerGrid.build(problem.weight, problem.qparams)
-    extra = penalty(grid) if penalty is not None else None
+    extra = terms(grid) if terms is not None else None
 
-    v = soft.init(grid.frac).detach().clone().requires_grad_(True)
+    v = rounding.start(grid).detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([v], lr=config.lr)
-    step_size = OutputStepSize.start(problem, config)
+    step_size = OutputStepSize.start(problem, act_lr)
     gen = torch.Generator(device=device)
     gen.manual_seed(problem.seed)
     n = len(inputs)
     batch = min(config.batch_size, n)
-    b_at = b_schedule(config)
     every = max(1, config.iters // 100)
     zero = torch.zeros((), device=device)
-    rec = round_term = flip_term = zero
-    stop = EarlyStop(config, every)
+    rec = zero
+    # Each term's last value: a term not added yet (the regulariser in warm-up) reads 0.
+    last = dict.fromkeys(extra.names if extra is not None else (), zero)
+    stop = EarlyStop(config, every, lambda v: rounding.decide(grid, v))
 
     step = 0
     while step < config.iters:
         step += 1
         idx = torch.randperm(n, generator=gen, device=device)[:batch]
-        h = soft.h(v)
+        weight, relaxed = rounding.relax(grid, v)
         x = inputs[idx].to(device)
-        pred = forward(x, grid.soft_weight(h)) if step_size is None else forward(
-            x, grid.soft_weight(h), step_size.scale)
+        pred = forward(x, weight) if step_size is None else forward(x, weight, step_size.scale)
         rec = loss_fn(pred, targets[idx].to(device), idx, problem)
         loss = rec
-        b = b_at(step - 1)
-        if b is not None and config.reg_weight > 0.0:
-            round_term = config.reg_weight * regulariser(h, b)
-            loss = loss + round_term
         if extra is not None:
-            flip_term = extra(v, h)
-            loss = loss + flip_term
+            for name, term in extra(step - 1, v, relaxed).items():
+                last[name] = term
+                loss = loss + term
         opt.zero_grad(set_to_none=True)
         if step_size is not None:
             step_size.zero_grad()
@@ -297,22 +398,22 @@ def optimize_rounding(
         if step_size is not None:
             step_size.step(step, config.iters)
         if progress is not None and (step % every == 0 or step == config.iters):
-            progress(step, {"rec": rec.item(), "round": round_term.item(),
-                            "flip": flip_term.item()})
+            progress(step, {"rec": rec.item(), **{name: term.item() for name, term in last.items()}})
         if stop.settled(step, v):
             break
 
     with torch.no_grad():
-        q = grid.hard(v >= 0)
+        q = rounding.hard(grid, v)
         flip_fraction = (q != grid.nearest).to(torch.float32).mean().item()
+        figures = rounding.figures(grid, q)
     learned = step_size.final() if step_size is not None else None
     stats = {
         "flip_fraction": flip_fraction,
+        **figures,
         "steps": float(step),
         "rows": float(len(inputs)),
         "rec": rec.item(),
-        "round": round_term.item(),
-        "flip": flip_term.item(),
+        **{name: term.item() for name, term in last.items()},
         "rec_nearest": hard_loss(problem, loss_fn, grid.dequantize(grid.nearest)),
         "rec_final": hard_loss(problem, loss_fn, grid.dequantize(q), learned),
     }
@@ -324,17 +425,20 @@ def optimize_rounding(
 
 
 class EarlyStop:
-    """Stops a layer once its hard rounding has settled (`RoundingConfig.patience`).
+    """Stops a layer once its hard rounding has settled (`LearnedSettings.patience`).
 
     From the middle of the schedule on (the regulariser and the step-size decay have had
-    half their course), the signs of V are compared every `every` steps; after `patience`
-    consecutive checks without a change, the layer stops. With patience 0 it never does.
+    half their course), the hard rounding (`decide` of V: for AdaRound and EFRAP the signs
+    of V) is compared every `every` steps; after `patience` consecutive checks without a
+    change, the layer stops. With patience 0 it never does.
     """
 
-    def __init__(self, config: RoundingConfig, every: int) -> None:
+    def __init__(self, config: LearnedSettings, every: int,
+                 decide: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.patience = config.patience
         self.start = config.iters // 2
         self.every = every
+        self.decide = decide
         self.last: torch.Tensor | None = None
         self.calm = 0
 
@@ -343,9 +447,9 @@ class EarlyStop:
         if self.patience == 0 or step < self.start or step % self.every:
             return False
         with torch.no_grad():
-            up = v >= 0
-        self.calm = self.calm + 1 if self.last is not None and torch.equal(up, self.last) else 0
-        self.last = up
+            choice = self.decide(v)
+        self.calm = self.calm + 1 if self.last is not None and torch.equal(choice, self.last) else 0
+        self.last = choice
         return self.calm >= self.patience
 
 
@@ -365,12 +469,12 @@ class OutputStepSize:
         self.opt = torch.optim.Adam([self.scale], lr=lr)
 
     @classmethod
-    def start(cls, problem: LayerProblem, config: RoundingConfig) -> OutputStepSize | None:
-        """A learned step size when the config asks and the layer has a per-tensor output grid."""
+    def start(cls, problem: LayerProblem, lr: float) -> OutputStepSize | None:
+        """A learned step size when `lr` is positive and the layer has a per-tensor output grid."""
         qp = problem.output_qparams
-        if config.act_lr <= 0.0 or qp is None or np.asarray(qp.scale).size != 1:
+        if lr <= 0.0 or qp is None or np.asarray(qp.scale).size != 1:
             return None
-        return cls(float(np.asarray(qp.scale).reshape(())), config.act_lr, problem.weight.device)
+        return cls(float(np.asarray(qp.scale).reshape(())), lr, problem.weight.device)
 
     def zero_grad(self) -> None:
         """Clear the step size's gradient."""
@@ -390,25 +494,55 @@ class OutputStepSize:
 
 
 class LearnedRounding:
-    """Base of the learned methods: a parametrisation, optional extra term, shared loop.
+    """Base of the learned methods: a parametrisation and its loss terms, run by the shared loop.
 
-    Subclasses set `name` and `soft` and may override `penalty`.
+    Subclasses set `name`, `parametrisation` and `defaults` (an instance of the method's
+    own settings class, the only kind it accepts) and may override `terms` and `output_lr`.
     """
 
     name: str = "learned"
-    soft: SoftRounding = PLAIN_SIGMOID
+    parametrisation: Parametrisation = PLAIN_SIGMOID
+    defaults: LearnedSettings
 
-    def needs(self, config: RoundingConfig) -> frozenset[str]:
+    def settings(self, config: RoundingSettings) -> LearnedSettings:
+        """`config`, refused unless it is this method's own kind of settings."""
+        return own_settings(self.name, config, type(self.defaults))
+
+    def needs(self, config: RoundingSettings) -> frozenset[str]:
         """Cached data, plus whatever the activation-preservation loss reads."""
-        return frozenset({"data"}) | get_loss(config.loss).needs
+        return frozenset({"data"}) | get_loss(self.settings(config).loss).needs
+
+    def terms(self, grid: LayerGrid, problem: LayerProblem, config: LearnedSettings) -> LossTerms | None:
+        """The method's loss terms beyond the reconstruction (none by default)."""
+        return None
+
+    def output_lr(self, config: LearnedSettings) -> float:
+        """Learning rate of the layer's output step size (0 by default: as calibrated)."""
+        return 0.0
+
+    def __call__(self, problem: LayerProblem, config: RoundingSettings,
+                 progress: ProgressCallback | None = None) -> RoundingResult:
+        """Round `problem.weight` by optimizing the parametrisation on the cached data."""
+        own = self.settings(config)
+        return optimize_rounding(problem, own, self.parametrisation, self.name,
+                                 lambda grid: self.terms(grid, problem, own), progress,
+                                 self.output_lr(own))
+
+
+class UpDownRounding(LearnedRounding):
+    """AdaRound and EFRAP: soft up/down rounding under the annealed regulariser.
+
+    Subclasses may add a penalty (`penalty`, EFRAP's flip term).
+    """
+
+    defaults: AnnealedSettings
 
     def penalty(self, grid: LayerGrid, problem: LayerProblem,
-                config: RoundingConfig) -> Penalty | None:
+                config: AnnealedSettings) -> Penalty | None:
         """The method's extra loss term (none by default)."""
         return None
 
-    def __call__(self, problem: LayerProblem, config: RoundingConfig,
-                 progress: ProgressCallback | None = None) -> RoundingResult:
-        """Round `problem.weight` by optimizing the soft rounding on the cached data."""
-        return optimize_rounding(problem, config, self.soft, self.name,
-                                 lambda grid: self.penalty(grid, problem, config), progress)
+    def terms(self, grid: LayerGrid, problem: LayerProblem, config: LearnedSettings) -> LossTerms | None:
+        """The regulariser of `config`'s schedule, then the penalty."""
+        assert isinstance(config, AnnealedSettings)
+        return RoundingTerms(config.reg_weight, b_schedule(config), self.penalty(grid, problem, config))

@@ -23,11 +23,19 @@ rule is not available, this is the project's reading).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from pipeline.base import checks
 from pipeline.qmath import dequantize, quantize
-from pipeline.rounding.base import LayerProblem, ProgressCallback, RoundingConfig, RoundingResult
+from pipeline.rounding.base import (
+    LayerProblem,
+    ProgressCallback,
+    RoundingResult,
+    RoundingSettings,
+    own_settings,
+)
 from pipeline.rounding.search import ScaleSearch
 
 #: The scale search (docs/DEFENSE.md, "QVec"): lambda from 0 (nearest) to 2, each candidate's
@@ -54,6 +62,14 @@ def qvec_integers(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
     return quantize(weight - lam * tau, scale, zero_point, qmin, qmax)
 
 
+@dataclass(frozen=True)
+class QVecConfig(RoundingSettings):
+    """QVec's settings: none of its own (its lambda is searched, `QVEC_SEARCH`); rare-unit
+    pruning is there as for every method, and refused with the search (`QuantizeOptions`)."""
+
+    prune_rare: float = 0.0
+
+
 class QVec:
     """QVec at one scale lambda; the registry's instance (lambda 0) carries the search.
 
@@ -62,24 +78,26 @@ class QVec:
     """
 
     name = "qvec"
-    #: Not a learned method: none of RoundingConfig's fields apply.
-    defaults = RoundingConfig()
+    #: Not a learned method: no settings but rare-unit pruning's.
+    defaults = QVecConfig()
     search = QVEC_SEARCH
 
     def __init__(self, scale: float = 0.0) -> None:
         self.scale = float(checks.finite(scale, "qvec lambda", low=0.0))
 
-    def needs(self, config: RoundingConfig) -> frozenset[str]:
+    def needs(self, config: RoundingSettings) -> frozenset[str]:
         """No data per layer; lambda is searched on the whole quantized model."""
+        own_settings(self.name, config, QVecConfig)
         return frozenset({"search"})
 
     def at(self, value: float) -> QVec:
         """QVec at lambda = `value`."""
         return QVec(value)
 
-    def __call__(self, problem: LayerProblem, config: RoundingConfig,
+    def __call__(self, problem: LayerProblem, config: RoundingSettings,
                  progress: ProgressCallback | None = None) -> RoundingResult:
         """Round W - lambda * tau to nearest on the weight's grid."""
+        own_settings(self.name, config, QVecConfig)
         qp = problem.qparams
         s, z = qp.torch(problem.weight.dim(), problem.weight.device)
         with torch.no_grad():

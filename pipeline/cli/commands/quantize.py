@@ -28,7 +28,7 @@ from pipeline.cli.args import (
     upper_limit,
 )
 from pipeline.quantize import GuardOptions, QuantizeOptions, QuantizeSummary, quantize_file
-from pipeline.rounding import METHODS, RoundingConfig
+from pipeline.rounding import METHODS, EfrapConfig
 from pipeline.rounding.base import ERROR_MODES, ERROR_UNITS, LOSS_NAMES, SAMPLES
 from pipeline.rounding.settings import OVERRIDABLE, method_settings
 from validators.guard import GuardLimits, GuardReport
@@ -89,8 +89,8 @@ def guard_options(args: argparse.Namespace) -> GuardOptions:
     return GuardOptions(limits, args.holdout, args.check_opt_level)
 
 
-def _rounding_help(defaults: RoundingConfig) -> dict[str, tuple[dict, str]]:
-    """argparse settings and help of each rounding option, by `RoundingConfig` field."""
+def _rounding_help(defaults: EfrapConfig) -> dict[str, tuple[dict, str]]:
+    """argparse settings and help of each rounding option, by settings field (EFRAP's have them all)."""
     d = defaults
     return {
         "iters": ({"type": positive_int}, f"iterations per layer (default {d.iters}); fewer is faster"),
@@ -134,11 +134,13 @@ def _rounding_help(defaults: RoundingConfig) -> dict[str, tuple[dict, str]]:
     }
 
 
-def add_rounding_args(p: argparse.ArgumentParser, defaults: RoundingConfig) -> None:
-    """One option per `RoundingConfig` field (`pipeline.rounding.settings.OVERRIDABLE`).
+def add_rounding_args(p: argparse.ArgumentParser, defaults: EfrapConfig) -> None:
+    """One option per field of any method's settings (`pipeline.rounding.settings.OVERRIDABLE`).
 
-    Nearest ignores them, except --prune-rare."""
-    g = p.add_argument_group("learned rounding (adaround, efrap, lac; --prune-rare with any method)")
+    A method is given only its own (`method_settings` refuses the others): nearest and qvec
+    take --prune-rare alone."""
+    g = p.add_argument_group("learned rounding (adaround, efrap, lac: each takes its own settings; "
+                             "--prune-rare with any method)")
     helps = _rounding_help(defaults)
     for name in OVERRIDABLE:
         kwargs, text = helps[name]
@@ -146,7 +148,7 @@ def add_rounding_args(p: argparse.ArgumentParser, defaults: RoundingConfig) -> N
 
 
 def rounding_overrides(args: argparse.Namespace) -> dict[str, object]:
-    """The rounding options that were given, as `RoundingConfig` fields."""
+    """The rounding options that were given, as settings fields."""
     given = {f: getattr(args, f) for f in OVERRIDABLE if getattr(args, f, None) is not None}
     if "error_units" in given:
         given["error_units"] = str(given["error_units"]).replace("-", "_")
@@ -258,5 +260,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="nearest", choices=tuple(METHODS),
                    help=f"rounding method: {', '.join(METHODS)} (default nearest; qvec chooses its "
                    "scale on held-out training images, docs/DEFENSE.md \"QVec\")")
-    add_rounding_args(p, RoundingConfig())
+    # EFRAP's field defaults (the release's, the calibrated output step size kept).
+    add_rounding_args(p, EfrapConfig())
     p.set_defaults(func=run)
