@@ -64,5 +64,9 @@ PRETRAIN_EPOCHS = Cap("pre-training epochs", 0, EPOCHS.high)
 STEPS = Cap("steps", 1, 10_000_000)
 #: Models run side by side, or threads per model.
 WORKERS = Cap("workers", 1, 1024)
+#: Rows of a layer's pool of (image, position) samples (learned rounding's "positions").
+POOL = Cap("rows of a layer's sample pool", 1, 1 << 22)
+#: Unchanged checks before a layer stops early (one check every 1% of its steps).
+PATIENCE = Cap("unchanged checks before a layer stops", 0, 100)
 #: Seeds: torch, numpy and the seed derivation all take a 63-bit integer.
 SEED = Cap("seed", 0, 2**63 - 1)

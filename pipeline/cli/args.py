@@ -33,6 +33,8 @@ COUNT_CAPS: dict[str, limits.Cap] = {
     "--train-limit": limits.IMAGES,
     "--max-targets": limits.TARGETS,
     "--batch-size": limits.BATCH,
+    "--pool": limits.POOL,
+    "--patience": limits.PATIENCE,
     "--epochs": limits.EPOCHS,
     "--pretrain-epochs": limits.PRETRAIN_EPOCHS,
     "--steps-per-epoch": limits.STEPS,

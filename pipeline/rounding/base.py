@@ -46,7 +46,7 @@ SAMPLES = ("images", "positions")
 #: here so a settings check refuses an unknown loss before any work starts.
 LOSS_NAMES = ("mse", "fisher", "pd")
 #: Largest pool of (image, position) rows per layer, and the pool's size by default.
-MAX_POOL = 1 << 22
+MAX_POOL = limits.POOL.high
 POOL = 32_768
 
 
@@ -111,8 +111,8 @@ class LearnedSettings(RoundingSettings):
         checks.string(self.loss, "loss", LOSS_NAMES)
         super().__post_init__()
         checks.string(self.samples, "samples", SAMPLES)
-        checks.integer(self.pool, "pool", low=1, high=MAX_POOL)
-        checks.integer(self.patience, "patience", low=0, high=100)
+        limits.POOL.check(self.pool, "pool")
+        limits.PATIENCE.check(self.patience, "patience")
 
 
 class AnnealedSettings(LearnedSettings):
