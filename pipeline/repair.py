@@ -32,13 +32,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from pipeline.audit import FlaggingTrigger, StoredWeight, stored_weights
+from pipeline.audit import FlaggingTrigger
 from pipeline.base import checks
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import load_model
 from pipeline.base.preprocess import PreparedImages
 from pipeline.base.runtime import make_session
 from pipeline.prepare import prepare_model
+from pipeline.qdq_weights import StoredWeight, stored_weights
 from pipeline.rare_units import unit_axis
 from pipeline.scan.images import batch_for
 

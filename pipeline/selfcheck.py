@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from pipeline.audit import AuditReport, AuditThresholds, ScanFunction, audit_models
+from pipeline.audit import AuditReport, AuditThresholds, audit_models
 from pipeline.base import checks
 from pipeline.base import data as data_mod
 from pipeline.base.deployment import Deployment
@@ -56,6 +56,7 @@ from pipeline.rounding.efrap import EFRAP_DEFAULT, EFRAP_FAST, EFRAP_RELEASE
 from pipeline.rounding.lac import LAC_DEFAULTS
 from pipeline.rounding.qvec import QVec
 from pipeline.scan import ScanOptions
+from pipeline.scan_evidence import ScanFunction
 from validators.guard import GuardReport
 
 SUFFIX = ".selfcheck"
@@ -312,8 +313,8 @@ def self_checking_defend(model_path: str, out_path: str, options: QuantizeOption
             method and rounding settings come from the candidates).
         guard: Every candidate's check against FP.
         check: The self-check's settings.
-        scan: `pipeline.scan.scan_model` (or a stand-in with its signature; one whose reports
-            hold no trigger arrays, `pipeline.audit.TriggerSource`, leaves nothing to repair).
+        scan: `pipeline.scan.scan_model` (or a stand-in with its signature, returning a
+            `ScanReport`; one whose reports keep no trigger leaves nothing to repair).
         resume: Keep per-layer checkpoints of the candidates (see `quantize_file`).
         on_candidate: Called with each candidate's result as soon as it exists.
 

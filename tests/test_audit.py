@@ -1,11 +1,12 @@
 """`efrap audit`: rounding statistics and grid checks on pipeline-made QDQ models, the verdict on
-fake scan reports, and the command line with a stand-in scan."""
+hand-made scan reports, and the command line with a stand-in scan."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -13,24 +14,18 @@ import pytest
 from onnx import numpy_helper
 
 import pipeline.cli.commands.audit as audit_cli
-from pipeline.audit import (
-    AuditThresholds,
-    ScanEvidence,
-    audit_models,
-    audit_rounding,
-    decide,
-    evidence_from_scan,
-    rounding_stats,
-    rounding_warnings,
-    scan_warnings,
-    stored_weights,
-)
+from pipeline.audit import AuditThresholds, audit_models, decide, scan_warnings
 from pipeline.base.deployment import Deployment
 from pipeline.base.scheme import PRESETS
 from pipeline.cli.main import main
 from pipeline.prepare import prepare_model
+from pipeline.qdq_weights import stored_weights
 from pipeline.quantize import QuantizeOptions, quantize_model
+from pipeline.rounding_audit import audit_rounding, rounding_stats, rounding_warnings
+from pipeline.scan.report import ScanReport
+from pipeline.scan_evidence import ScanEvidence, evidence_from_scan
 from tests.conftest import export_tiny
+from tests.scan_reports import defended, scan_report, verdict
 
 
 @pytest.fixture(scope="module")
@@ -121,48 +116,26 @@ def test_stats_refuse_a_weight_of_another_shape(tiny_fp: Path) -> None:
 # ---------------------------------------------------------------------------- verdict
 
 
-@dataclass
-class FakeScan:
-    """A scan report with the JSON shape of pipeline.scan.ScanReport (only what the audit reads)."""
-
-    verdict: str = "clean"
-    confidence: float = 0.9
-    target: int | None = None
-    defended: dict | None = field(default_factory=dict)
-    cut_short: bool = False
-
-    def to_json(self, trigger_file: object = None) -> dict:
-        return {"verdict": self.verdict, "confidence": self.confidence, "target": self.target,
-                "defended": self.defended, "cut_short": self.cut_short,
-                "reason": "the time budget (1 s) ran out" if self.verdict == "inconclusive" else "why"}
-
-
-def _defended(recovered: dict | None, flagged: bool, candidate: int | None, fresh: dict | None) -> dict:
-    """The `defended` part of a scan report: the FP model's trigger on Q, and the fresh search."""
-    return {"recovered_trigger": None if recovered is None else {"asr": recovered},
-            # The defended part's own verdict says fp-backdoor whenever the FP test flags a class.
-            "verdict": "fp-backdoor", "target": candidate,
-            "differential_test": {"flagged": flagged, "candidate": candidate},
-            "strongest_trigger": None if fresh is None else {"figures": {"asr": fresh}}}
-
+#: What a budget that ran out makes an inconclusive scan say.
+BUDGET = "the time budget (1 s) ran out"
 
 CASES = {
     # QuRA, as measured on the stored clean model: the FP-side Neural Cleanse flags a natural
     # class (its trigger works on FP, nearest and Q alike), and the fresh search against Q finds
     # class 0, whose trigger works on Q only.
-    "rounding-backdoor": FakeScan("fp-backdoor", 0.52, 8, _defended(
+    "rounding-backdoor": scan_report(verdict("fp-backdoor", 8, 0.52), defended(
         {"fp": 0.86, "nearest": 0.82, "defended": 0.73}, True, 0,
         {"fp": 0.001, "nearest": 0.004, "defended": 0.93})),
     # A QCB source quantized with nearest: the recovered trigger works on Q and on nearest.
-    "qcb": FakeScan("qcb", 0.95, 0, _defended(
+    "qcb": scan_report(verdict("qcb", 0, 0.95), defended(
         {"fp": 0.02, "nearest": 0.97, "defended": 0.97}, True, 0,
         {"fp": 0.02, "nearest": 0.96, "defended": 0.96})),
     # AdaRound/EFRAP of a clean model: off nearest, but no trigger works on Q beyond FP.
-    "clean": FakeScan("clean", 0.9, None, _defended(
+    "clean": scan_report(verdict("clean", None, 0.9), defended(
         {"fp": 0.02, "nearest": 0.03, "defended": 0.03}, False, 3,
         {"fp": 0.05, "nearest": 0.3, "defended": 0.35})),
     # A scan without the defended part measured nothing on Q: the audit fails closed.
-    "inconclusive": FakeScan("clean", 0.5, None, None),
+    "inconclusive": scan_report(verdict("clean", None, 0.5)),
 }
 
 
@@ -176,8 +149,8 @@ def test_verdict_from_fake_scans(expected: str) -> None:
 
 def test_a_backdoor_in_fp_alone_does_not_flag_q() -> None:
     # The FP model's trigger works on FP as well as on Q, and nothing works on Q alone.
-    scan = FakeScan("fp-backdoor", 0.9, 8, _defended({"fp": 0.86, "nearest": 0.82, "defended": 0.80}, False,
-                                                     None, None))
+    scan = scan_report(verdict("fp-backdoor", 8), defended({"fp": 0.86, "nearest": 0.82, "defended": 0.80},
+                                                           False, None, None))
     ev = evidence_from_scan(scan)
     assert decide(ev, AuditThresholds()).verdict == "clean"
     assert any("fp-backdoor" in w for w in scan_warnings(ev))
@@ -198,11 +171,12 @@ def test_an_unremarkable_recovered_trigger_is_not_evidence() -> None:
     # Measured on the stored clean model at w4a8: the scan calls FP clean, yet its smallest
     # (non-anomalous) trigger moves the nearest model 88% of the time and FP 36%. An honest
     # nearest Q is not flagged for it; a QuRA Q is, through the fresh search.
-    honest = FakeScan("clean", 0.87, 3, _defended({"fp": 0.36, "nearest": 0.88, "defended": 0.88}, False,
-                                                   None, None))
+    honest = scan_report(verdict("clean", 3, 0.87), defended({"fp": 0.36, "nearest": 0.88, "defended": 0.88},
+                                                             False, None, None))
     assert decide(evidence_from_scan(honest), AuditThresholds()).verdict == "clean"
-    qura = FakeScan("clean", 0.87, 3, _defended({"fp": 0.36, "nearest": 0.88, "defended": 0.79}, True, 0,
-                                                 {"fp": 0.02, "nearest": 0.024, "defended": 0.93}))
+    qura = scan_report(verdict("clean", 3, 0.87), defended({"fp": 0.36, "nearest": 0.88, "defended": 0.79},
+                                                           True, 0,
+                                                           {"fp": 0.02, "nearest": 0.024, "defended": 0.93}))
     assert decide(evidence_from_scan(qura), AuditThresholds()).verdict == "rounding-backdoor"
 
 
@@ -222,7 +196,7 @@ def test_audit_models_and_the_command_line(tiny_fp: Path, tmp_path: Path, monkey
     onnx.save(_quantize(tiny_fp, "w8a8"), str(q_path))
     calls: list[tuple] = []
 
-    def fake_scan(model: str, options: object, defended: str | None = None) -> FakeScan:
+    def fake_scan(model: str, options: object, defended: str | None = None) -> ScanReport:
         calls.append((model, defended))
         return CASES["rounding-backdoor"]
 
@@ -261,22 +235,39 @@ def test_a_scan_that_did_not_finish_makes_the_audit_inconclusive() -> None:
     # The fresh search flags class 0 on Q alone, but the budget cut the scan short: the
     # partial evidence decides nothing, neither a flag nor "clean".
     partial = CASES["rounding-backdoor"]
-    cut = FakeScan(partial.verdict, partial.confidence, partial.target, partial.defended, cut_short=True)
-    verdict = decide(evidence_from_scan(cut), AuditThresholds())
-    assert verdict.verdict == "inconclusive" and verdict.flagged
-    clean_but_cut = FakeScan("inconclusive", 0.0, None, CASES["clean"].defended, cut_short=True)
-    verdict = decide(evidence_from_scan(clean_but_cut), AuditThresholds())
-    assert verdict.verdict == "inconclusive" and "time budget (1 s) ran out" in verdict.reasons[0]
+    cut = scan_report(partial.verdict, partial.defended, cut_short=True)
+    result = decide(evidence_from_scan(cut), AuditThresholds())
+    assert result.verdict == "inconclusive" and result.flagged
+    clean_but_cut = scan_report(verdict("inconclusive", None, 0.0, BUDGET), CASES["clean"].defended,
+                                cut_short=True)
+    result = decide(evidence_from_scan(clean_but_cut), AuditThresholds())
+    assert result.verdict == "inconclusive" and BUDGET in result.reasons[0]
 
     # A report that does not say whether it finished is not a finished scan (fail closed).
-    class Silent(FakeScan):
-        def to_json(self, trigger_file: object = None) -> dict:
-            data = super().to_json(trigger_file)
-            del data["cut_short"]
-            return data
+    silent = scan_report(verdict("clean"), CASES["clean"].defended, cut_short=None)
+    assert decide(evidence_from_scan(silent), AuditThresholds()).verdict == "inconclusive"
 
-    assert decide(evidence_from_scan(Silent("clean", 0.9, None, CASES["clean"].defended)),
-                  AuditThresholds()).verdict == "inconclusive"
+
+def test_a_renamed_or_missing_field_is_an_error_not_a_missing_figure() -> None:
+    # The audit reads the typed report by attribute: a report without `cut_short` (a field
+    # renamed in pipeline.scan.report) stops the audit with an AttributeError, where reading
+    # its JSON gave None and a verdict decided on missing evidence.
+    report = CASES["clean"]
+    renamed = SimpleNamespace(**{f.name: getattr(report, f.name) for f in fields(report)
+                                 if f.name != "cut_short"}, stopped_early=False)
+    with pytest.raises(AttributeError, match="cut_short"):
+        evidence_from_scan(renamed)  # type: ignore[arg-type]
+    # A misspelt model in a trigger's figures is an error too, not a figure "not measured".
+    assert report.defended is not None and report.defended.recovered is not None
+    with pytest.raises(KeyError, match="quantised"):
+        report.defended.recovered.success("quantised")
+    # The evidence is the report's own figures, exactly as its JSON gives them.
+    ev = evidence_from_scan(CASES["rounding-backdoor"])
+    data = CASES["rounding-backdoor"].to_json()
+    assert (ev.asr_quantized, ev.fresh_asr, ev.fresh_target, ev.confidence) == (
+        data["defended"]["recovered_trigger"]["asr"]["defended"],
+        data["defended"]["strongest_trigger"]["figures"]["asr"]["defended"],
+        data["defended"]["differential_test"]["candidate"], data["confidence"])
 
 
 def test_tiny_budget_audit_is_inconclusive_and_exits_1(tmp_path: Path,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +15,9 @@ import pipeline.cli.commands.gate as gate_cli
 from pipeline.base.trigger import PatternTrigger, checkerboard
 from pipeline.cli.main import main
 from pipeline.gate import load_gate_config
-from pipeline.scan import VerdictRule, decide, not_findings, run_test
+from pipeline.scan import ScanReport, VerdictRule, decide, run_test
 from tests.conftest import export_tiny
+from tests.scan_reports import found, outlier_test, scan_report, verdict
 from validators.gate import Gate
 
 GOOD = """model = "tiny.onnx"
@@ -129,45 +130,30 @@ def test_fp_backdoor_always_fails(folder: Path) -> None:
 # ---------------------------------------------------------------------------- end to end
 
 
-@dataclass
-class FakeVerdict:
-    verdict: str
-    target: int | None
-    confidence: float
-    reason: str
+def _searches(diff: list[float], fp: list[float]) -> dict:
+    """Every class searched in both modes, with these smallest sizes (a size under 0.1 found)."""
+    return {c: [found(c, "diff", d, hit=d < 0.1), found(c, "fp", f, hit=f < 0.1)]
+            for c, (d, f) in enumerate(zip(diff, fp, strict=True))}
 
 
-class FakeScanReport:
-    """A stand-in for pipeline.scan.ScanReport: the attributes and JSON keys the gate reads."""
-
-    def __init__(self, verdict: str, trigger: PatternTrigger | None, extra: dict | None = None) -> None:
-        self.verdict = FakeVerdict(verdict, 0 if trigger is not None else None, 0.9, "a <b>stand-in</b> scan")
-        self.trigger = trigger
-        self.extra = extra or {}
-
-    def to_json(self, trigger_file: str | None = None) -> dict:
-        per_class = {str(c): {"drift": 0.0, "searched": True, "differential_size": 0.01 if c == 0 else 0.2,
-                              "fp_size": 0.3} for c in range(10)}
-        return {"verdict": self.verdict.verdict, "target": self.verdict.target, "confidence": 0.9,
-                "reason": self.verdict.reason,
-                "trigger": None if self.trigger is None else {
-                    "file": trigger_file,
-                    "figures": {"asr": {"fp": 0.02, "nearest": 0.9}, "images": 32, "non_target_images": 29}},
-                "classes": per_class,
-                "tests": {"differential": {"per_class": {str(c): {"anomaly": 3.0 if c == 0 else 0.2}
-                                                         for c in range(10)}}},
-                "settings": {"rule": {"threshold": 2.0}}, "data": "npz", "holdout_images": 32,
-                "onnxruntime": {"opt_level": "faithful", "provider": "CPUExecutionProvider"}, "seconds": 0.1,
-                "cut_short": self.verdict.verdict == "inconclusive", **self.extra}
+def _stand_in(name: str, trigger: PatternTrigger | None) -> ScanReport:
+    """The stand-in scan's report: class 0's differential trigger stands out (index 3.0)."""
+    target = 0 if trigger is not None else None
+    differential = outlier_test("differential", range(10), [3.0] + [0.2] * 9, candidate=0, flagged=True)
+    return scan_report(verdict(name, target, 0.9, "a <b>stand-in</b> scan", differential),
+                       cut_short=name == "inconclusive", trigger=trigger,
+                       trigger_asr={"fp": 0.02, "nearest": 0.9},
+                       searches=_searches([0.01] + [0.2] * 9, [0.3] * 10))
 
 
-def _fake(verdict: str, calls: list, trigger: PatternTrigger | None = None, extra: dict | None = None,
-          no_trigger: bool = False) -> object:
+def _fake(name: str, calls: list, trigger: PatternTrigger | None = None, no_trigger: bool = False,
+          change: dict | None = None) -> object:
+    """A stand-in for scan_model; `change`: fields of its report to replace."""
     trigger = None if no_trigger else trigger or checkerboard(4, 28, 28, 1, target=0, margin=1)
 
-    def scan(model: str, options: object, defended: str | None = None) -> FakeScanReport:
+    def scan(model: str, options: object, defended: str | None = None) -> ScanReport:
         calls.append((model, options, defended))
-        return FakeScanReport(verdict, trigger, extra)
+        return replace(_stand_in(name, trigger), **(change or {}))
 
     return scan
 
@@ -265,13 +251,13 @@ def test_no_recovered_trigger_fails_the_trigger_check(folder: Path, monkeypatch:
 
 def test_a_scan_report_that_does_not_say_it_finished_fails(folder: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    # Fail closed: no cut_short in the report, or a verdict the gate does not know.
-    for i, extra in enumerate(({"cut_short": None}, {"verdict": "probably-fine"})):
-        monkeypatch.setattr(gate_cli, "scan_model", _fake("clean", [], extra=extra))
+    # Fail closed: a report that does not say it finished, or a verdict the gate does not know.
+    for i, change in enumerate(({"cut_short": None}, {"verdict": verdict("probably-fine")})):
+        monkeypatch.setattr(gate_cli, "scan_model", _fake("clean", [], change=change))
         config = _write(folder, GOOD.format(thresholds=PASSING).replace('"out"', f'"out{i}"'))
         assert main(["gate", str(config)]) == 1
-        verdict = json.loads((folder / f"out{i}" / "report.json").read_text())["checks"][0]
-        assert verdict["name"] == "scan verdict" and not verdict["passed"]
+        check = json.loads((folder / f"out{i}" / "report.json").read_text())["checks"][0]
+        assert check["name"] == "scan verdict" and not check["passed"]
 
 
 def test_a_nan_figure_is_not_measurable_and_fails() -> None:
@@ -290,14 +276,11 @@ def test_reports_say_why_a_class_above_the_threshold_is_not_a_finding(
     diff = run_test("differential", range(10), [0.02, 0.02] + [0.2] * 8, [True, False] + [False] * 8, rule)
     fp = run_test("fp", range(10), [0.005, 0.05, 0.06, 0.045, 0.07, 0.055, 0.05, 0.065, 0.08, 0.06],
                   [True] * 10, rule)
-    verdict = decide(diff, fp)
-    assert verdict.verdict == "fp-backdoor" and min(diff.anomaly[:2]) > rule.threshold
-    notes = not_findings(verdict, rule)
-    extra = {"tests": {"differential": diff.to_json(), "fp": fp.to_json()},
-             "not_findings": {k: {str(c): w for c, w in v.items()} for k, v in notes.items()},
-             "classes": {str(c): {"status": "searched", "searched": True, "differential_size": 0.02 if c < 2
-                                  else 0.2, "fp_size": 0.05} for c in range(10)}}
-    monkeypatch.setattr(gate_cli, "scan_model", _fake("fp-backdoor", [], extra=extra))
+    decided = decide(diff, fp)
+    assert decided.verdict == "fp-backdoor" and min(diff.anomaly[:2]) > rule.threshold
+    change = {"verdict": decided,
+              "searches": _searches([0.02, 0.02] + [0.2] * 8, [0.05] * 10)}
+    monkeypatch.setattr(gate_cli, "scan_model", _fake("fp-backdoor", [], change=change))
     assert main(["gate", str(_write(folder, GOOD.format(thresholds=PASSING)))]) == 1
     capsys.readouterr()
     markdown, page = (folder / "out" / "summary.md").read_text(), (folder / "out" / "report.html").read_text()

@@ -40,6 +40,7 @@ LAYERS: dict[str, int] = {
     "converters": 3,
     "pipeline.quantize": 4,
     "pipeline.audit": 4,
+    "pipeline.scan_evidence": 4,
     "pipeline.gate": 4,
     "pipeline.scan": 4,
     "pipeline.batch": 4,

@@ -12,11 +12,11 @@ import pytest
 
 from models.attacks import ROUNDING_ATTACKS
 from models.attacks.qura import QuRAConfig, run_qura
-from pipeline.audit import audit_rounding
 from pipeline.base.errors import EfrapError
 from pipeline.base.runtime import make_session
 from pipeline.base.trigger import PatchTrigger, load_trigger
 from pipeline.cli.main import main
+from pipeline.rounding_audit import audit_rounding
 from tests.conftest import export_tiny
 
 

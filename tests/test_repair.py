@@ -4,7 +4,7 @@ pruning of exactly its readers, and the self-check shipping a repaired candidate
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.audit import (
-    AuditThresholds,
-    FlaggingTrigger,
-    evidence_from_scan,
-    flagging_triggers,
-    stored_weights,
-)
+from pipeline.audit import AuditThresholds, FlaggingTrigger, flagging_triggers
 from pipeline.base.data import Dataset
 from pipeline.base.deployment import Deployment
 from pipeline.base.errors import EfrapError
@@ -26,11 +20,15 @@ from pipeline.base.preprocess import PreparedImages, Preprocess
 from pipeline.base.runtime import make_session
 from pipeline.base.scheme import PRESETS
 from pipeline.base.trigger import PatternTrigger
+from pipeline.qdq_weights import stored_weights
 from pipeline.quantize import GuardOptions, QuantizeOptions
 from pipeline.repair import RepairSettings, outlier_units, reading_mask, repair_model
+from pipeline.scan.report import ScanReport
+from pipeline.scan_evidence import evidence_from_scan
 from pipeline.selfcheck import SelfCheckOptions, self_checking_defend
 from tests.conftest import export_tiny
-from tests.test_audit import CASES, FakeScan
+from tests.scan_reports import found
+from tests.test_audit import CASES
 
 #: The hand-built model: a 1 x 6 x 6 input, flattened into a Gemm of 36 features to 6 units,
 #: Relu, a Gemm to 3 classes. The input grid ends at 0.5: a pixel above it is clipped in the
@@ -163,43 +161,43 @@ def test_reading_mask_of_each_layout() -> None:
     assert mask[3:6, 1].all() and mask.sum() == 27, "channel 5: group 1's outputs 3-5, their in-channel 1"
 
 
-@dataclass
-class TriggeredScan(FakeScan):
-    """A stand-in scan report that also hands over its recovered trigger's arrays."""
-
-    trigger: PatternTrigger | None = None
-
-    def triggers(self) -> dict[str, PatternTrigger]:
-        return {} if self.trigger is None else {"recovered": self.trigger}
-
-
 def _patch() -> PatternTrigger:
     mask = np.zeros((1, 28, 28), np.float32)
     mask[0, 20:, 20:] = 1.0
     return PatternTrigger(pattern=np.ones((1, 28, 28), np.float32), target=0, mask=mask)
 
 
+def _with_trigger(report: ScanReport) -> ScanReport:
+    """The report with a recovered trigger (its arrays) for the FP model."""
+    return replace(report, trigger=_patch(), trigger_found=found(0))
+
+
+def _without_fresh_trigger(report: ScanReport) -> ScanReport:
+    """The report whose fresh search against Q kept no trigger (its class still flagged)."""
+    assert report.defended is not None
+    return replace(report, defended=replace(report.defended, own_trigger=None))
+
+
 def test_flagging_triggers_follow_the_verdict() -> None:
-    qcb = CASES["qcb"]
-    flagged = TriggeredScan(qcb.verdict, qcb.confidence, qcb.target, qcb.defended, trigger=_patch())
-    found = flagging_triggers(flagged, evidence_from_scan(flagged), AuditThresholds())
-    assert [t.source for t in found] == ["recovered"] and found[0].asr_quantized == pytest.approx(0.97)
-    clean = CASES["clean"]
-    unflagged = TriggeredScan(clean.verdict, clean.confidence, clean.target, clean.defended, trigger=_patch())
+    flagged = _with_trigger(CASES["qcb"])
+    triggers = flagging_triggers(flagged, evidence_from_scan(flagged), AuditThresholds())
+    assert [t.source for t in triggers] == ["recovered", "fresh"]
+    assert [t.asr_quantized for t in triggers] == [pytest.approx(0.97), pytest.approx(0.96)]
+    unflagged = _with_trigger(CASES["clean"])
     assert flagging_triggers(unflagged, evidence_from_scan(unflagged), AuditThresholds()) == ()
-    assert flagging_triggers(qcb, evidence_from_scan(qcb), AuditThresholds()) == (), "no arrays, no trigger"
+    bare = _without_fresh_trigger(CASES["qcb"])
+    assert flagging_triggers(bare, evidence_from_scan(bare), AuditThresholds()) == (), "no arrays, no trigger"
 
 
 @pytest.mark.usefixtures("fashion_mnist")
 def test_self_check_ships_the_repaired_candidate(tmp_path: Path) -> None:
     tiny = export_tiny(tmp_path / "tiny.onnx")
     qcb, clean = CASES["qcb"], CASES["clean"]
-    reports = {"default": TriggeredScan(qcb.verdict, qcb.confidence, qcb.target, qcb.defended,
-                                        trigger=_patch()),
-               "default+repair": clean}
+    # The recovered trigger alone guides the repair, as with the stand-in this test had before.
+    reports = {"default": _without_fresh_trigger(_with_trigger(qcb)), "default+repair": clean}
     calls: list[str] = []
 
-    def scan(model: str, options: object, defended: str | None = None) -> FakeScan:
+    def scan(model: str, options: object, defended: str | None = None) -> ScanReport:
         assert defended is not None
         calls.append(Path(defended).stem)
         return reports[Path(defended).stem]

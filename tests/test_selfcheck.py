@@ -14,9 +14,11 @@ import pytest
 
 from pipeline.cli.commands import defend as defend_cli
 from pipeline.cli.main import main
+from pipeline.scan.report import ScanReport
 from pipeline.selfcheck import MARKER, SUFFIX
 from tests.conftest import export_tiny
-from tests.test_audit import CASES, FakeScan, _defended
+from tests.scan_reports import defended, scan_report, verdict
+from tests.test_audit import BUDGET, CASES
 
 pytestmark = pytest.mark.usefixtures("fashion_mnist")
 
@@ -24,8 +26,8 @@ pytestmark = pytest.mark.usefixtures("fashion_mnist")
 WEAKER = CASES["rounding-backdoor"]
 
 
-def _scan_by_candidate(verdicts: dict[str, FakeScan], calls: list[str]):
-    def scan(model: str, options: object, defended: str | None = None) -> FakeScan:
+def _scan_by_candidate(verdicts: dict[str, ScanReport], calls: list[str]):
+    def scan(model: str, options: object, defended: str | None = None) -> ScanReport:
         assert defended is not None
         name = Path(defended).stem
         calls.append(name)
@@ -54,7 +56,9 @@ def test_first_candidate_flagged_ships_the_second(tiny: Path, tmp_path: Path, mo
     monkeypatch.setattr(defend_cli, "scan_model", _scan_by_candidate(
         {"default": CASES["qcb"], "adaround": CASES["clean"]}, calls))
     out, summary = tmp_path / "out.onnx", tmp_path / "summary.json"
-    assert main(_defend(tiny, out, "--summary", str(summary))) == 0
+    # No repair: the stand-in reports keep the fresh search's trigger, which a repair would use
+    # (tests/test_repair.py ships a repaired candidate).
+    assert main(_defend(tiny, out, "--no-repair", "--summary", str(summary))) == 0
     assert calls == ["default", "adaround"], "the search stops at the first candidate that passes"
     text = capsys.readouterr().out
     assert "self-check: default (efrap): audit qcb" in text and "FAILED" in text
@@ -76,11 +80,12 @@ def test_no_candidate_passes_writes_the_weakest_and_exits_1(tiny: Path, tmp_path
                                                              monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     calls: list[str] = []
-    inconclusive = FakeScan("inconclusive", cut_short=True, defended=_defended(None, False, None, None))
+    inconclusive = scan_report(verdict("inconclusive", None, 0.9, BUDGET), defended(None, False, None, None),
+                               cut_short=True)
     monkeypatch.setattr(defend_cli, "scan_model", _scan_by_candidate(
         {"default": CASES["qcb"], "adaround": WEAKER, "lac": inconclusive}, calls))
     out = tmp_path / "out.onnx"
-    assert main(_defend(tiny, out, "--candidates", "default,adaround,lac")) == 1
+    assert main(_defend(tiny, out, "--no-repair", "--candidates", "default,adaround,lac")) == 1
     assert calls == ["default", "adaround", "lac"]
     text = capsys.readouterr().out
     assert "audit inconclusive" in text and "FAILED: no candidate passed" in text

@@ -18,18 +18,19 @@ import numpy as np
 from pipeline.base.errors import one_line
 from pipeline.base.safe_io import write_json, write_text
 from pipeline.gate import plots
-from pipeline.gate.run import Check, GateRun, output_paths
+from pipeline.gate.run import Check, GateRun, output_paths, scan_measured_on
+from pipeline.scan.report import Figures, ScanReport
+from validators.report import pct
 from validators.verify import VerifyReport
 
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}%"
+#: How the reports write a figure that was not measured.
+NA = "n/a"
 
 
 def _value(check: Check) -> str:
     if check.value is None:
         return "not measurable"
-    return check.value if isinstance(check.value, str) else _pct(check.value)
+    return check.value if isinstance(check.value, str) else pct(check.value, NA)
 
 
 def _on(m: dict[str, Any]) -> str:
@@ -45,34 +46,39 @@ def _verify_on(r: VerifyReport) -> dict[str, Any]:
 
 
 def _scan_on(run: GateRun) -> dict[str, Any]:
-    s = run.scan
-    onnxrt = s.get("onnxruntime") or {}
-    return {"model": str(run.config.model), "sha256": run.model_sha256,
-            "data": s.get("data", run.config.data),
-            "split": "train, held out", "images": s.get("holdout_images"),
-            "opt_level": onnxrt.get("opt_level"), "provider": onnxrt.get("provider")}
+    return scan_measured_on(run.config, run.model_sha256, run.scan)
 
 
-def _number(value: object) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+def _size(smallest: tuple[float, bool] | None) -> str:
+    return pct(None if smallest is None else smallest[0])
 
 
-def _size(value: object) -> str:
-    v = _number(value)
-    return "-" if v is None else f"{100 * v:.2f}%"
+def _index(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
-def _index(value: object) -> str:
-    v = _number(value)
-    return "-" if v is None else f"{v:.2f}"
+def _threshold(scan: ScanReport) -> float:
+    """The anomaly index a class must reach (the scan's rule)."""
+    return float(scan.rule.threshold)
 
 
-def _threshold(scan: dict[str, Any]) -> float:
-    rule = (scan.get("settings") or {}).get("rule") or {}
-    return float(_number(rule.get("threshold")) or 2.0)
+def _inconclusive(scan: ScanReport) -> list[str]:
+    """What an inconclusive scan ran, and what its partial evidence says."""
+    cov = scan.coverage
+    counts = cov.counts(scan.searches)
+    ran = (f"{counts['done']} of {counts['planned']} planned searches ran to their end, "
+           f"{counts['cut_short']} were cut short and {counts['not_run']} never started"
+           if cov.shortlisted else "no search ran")
+    lines = [f"The scan is inconclusive: {ran}; figures measured: {'yes' if cov.figures else 'no'}. "
+             "An inconclusive scan fails the gate."]
+    partial = scan.verdict.partial
+    if partial is not None:
+        target = f" class {partial.target}" if partial.target is not None else ""
+        lines.append(f"What the searches that ran say (evidence, not a verdict): {partial.verdict}{target}.")
+    return lines
 
 
-def scan_evidence(scan: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
+def scan_evidence(scan: ScanReport) -> tuple[list[list[str]], list[str]]:
     """The scan's evidence per class, for the reports.
 
     Returns:
@@ -82,42 +88,25 @@ def scan_evidence(scan: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
         finding, why it is not one (the scan's `not_findings`); and lines saying what was
         not searched and why the verdict is inconclusive, when it is.
     """
-    per = scan.get("classes") if isinstance(scan.get("classes"), dict) else {}
-    tests = scan.get("tests") or {}
-    notes = scan.get("not_findings") or {}
+    v = scan.verdict
+    states, notes = scan.class_states(), scan.not_findings()
     rows, lines = [], []
     skipped = []
-    for key in sorted(per, key=int):
-        entry = per[key] or {}
-        status = str(entry.get("status") or ("searched" if entry.get("searched") else "not searched"))
+    for c, status in states.items():
         if status == "not shortlisted":
-            skipped.append(key)
+            skipped.append(str(c))
             continue
-        why = [f"{name}: {(notes.get(name) or {})[key]}" for name in ("differential", "fp")
-               if key in (notes.get(name) or {})]
-        diff = ((tests.get("differential") or {}).get("per_class") or {}).get(key) or {}
-        fp = ((tests.get("fp") or {}).get("per_class") or {}).get(key) or {}
-        if scan.get("target") is not None and int(key) == scan.get("target"):
-            why.insert(0, f"the finding ({scan.get('verdict')})")
-        rows.append([key, status, _size(entry.get("differential_size")), _size(entry.get("fp_size")),
-                     _index(diff.get("anomaly")), _index(fp.get("anomaly")), "; ".join(why)])
+        why = [f"{name}: {notes[name][c]}" for name in ("differential", "fp") if c in notes[name]]
+        if v.target is not None and c == v.target:
+            why.insert(0, f"the finding ({v.verdict})")
+        sizes = [_size(scan.smallest_trigger(c, mode)) for mode in ("diff", "fp")]
+        rows.append([str(c), status, *sizes, _index(v.differential.anomaly_of(c)), _index(v.fp.anomaly_of(c)),
+                     "; ".join(why)])
     if skipped:
         lines.append("Not shortlisted (more classes than the scan's max_targets): classes "
                      f"{', '.join(skipped)}.")
-    if scan.get("verdict") == "inconclusive":
-        cov = scan.get("coverage") or {}
-        counts = cov.get("searches") or {}
-        ran = (f"{counts.get('done', 0)} of {counts.get('planned', 0)} planned searches ran to their end, "
-               f"{counts.get('cut_short', 0)} were cut short and {counts.get('not_run', 0)} never started"
-               if cov.get("shortlisted") else "no search ran")
-        lines.append(f"The scan is inconclusive: {ran}; figures measured: "
-                     f"{'yes' if cov.get('figures_measured') else 'no'}. "
-                     "An inconclusive scan fails the gate.")
-        partial = scan.get("partial")
-        if isinstance(partial, dict):
-            target = f" class {partial.get('target')}" if partial.get("target") is not None else ""
-            lines.append(f"What the searches that ran say (evidence, not a verdict): {partial.get('verdict')}"
-                         f"{target}.")
+    if v.verdict == "inconclusive":
+        lines += _inconclusive(scan)
     return rows, lines
 
 
@@ -126,9 +115,9 @@ EVIDENCE_COLUMNS = ("class", "status", "differential trigger", "FP trigger", "di
                     "FP anomaly", "not a finding because")
 
 
-def _trigger_figures(run: GateRun) -> dict[str, Any] | None:
-    trig = run.scan.get("trigger")
-    return None if not isinstance(trig, dict) else trig.get("figures")
+def _asr(figures: Figures) -> list[tuple[str, float | None]]:
+    """The recovered trigger's attack success per model, as the scan reports it."""
+    return list(figures.reported_asr().items())
 
 
 def to_json(run: GateRun) -> dict[str, Any]:
@@ -143,9 +132,9 @@ def to_json(run: GateRun) -> dict[str, Any]:
                    "thresholds": asdict(c.thresholds)},
         "model": {"path": str(c.model), "sha256": run.model_sha256},
         "checks": [asdict(ch) for ch in run.checks],
-        "scan": {"verdict": run.scan.get("verdict"), "target": run.scan.get("target"),
-                 "confidence": run.scan.get("confidence"), "reason": run.scan.get("reason"),
-                 "measured_on": _scan_on(run), "report": run.scan},
+        "scan": {"verdict": run.scan.verdict.verdict, "target": run.scan.verdict.target,
+                 "confidence": run.scan.confidence, "reason": run.scan.verdict.reason,
+                 "measured_on": _scan_on(run), "report": run.scan_json()},
         "defend": {"method": c.defend.method, "defended": {"path": str(run.defended_path),
                                                           "sha256": run.defended_sha256},
                    "guard": None if run.guard is None else {
@@ -185,36 +174,37 @@ def to_markdown(run: GateRun) -> str:
         why = f" ({_md_escape(ch.why)})" if ch.why else ""
         lines.append(f"| {_md_escape(ch.name)} | {_md_escape(_value(ch))} | {_md_escape(ch.limit)} | "
                      f"{result}{why} | {_md_escape(_on(ch.measured_on))} |")
-    s = run.scan
+    s, v = run.scan, run.scan.verdict
     lines += ["", "## 1. Scan", "",
-              f"Verdict **{_md_escape(str(s.get('verdict')))}**, target {s.get('target')}, confidence "
-              f"{_pct(s.get('confidence'))}: {_md_escape(str(s.get('reason', '')))}."]
+              f"Verdict **{_md_escape(v.verdict)}**, target {v.target}, confidence "
+              f"{pct(s.confidence, NA)}: {_md_escape(v.reason)}."]
     rows, notes = scan_evidence(s)
     lines += [""] + [_md_escape(n) for n in notes]
     if rows:
-        lines += ["", f"Per class (anomaly threshold {_threshold(s):g}; sizes are shares of the image):", "",
+        lines += ["", f"Per class (anomaly threshold {_threshold(s):g}; sizes are shares of the image):",
+                  "",
                   "| " + " | ".join(EVIDENCE_COLUMNS) + " |", "|" + "---|" * len(EVIDENCE_COLUMNS)]
         lines += ["| " + " | ".join(_md_escape(v) for v in row) + " |" for row in rows]
     lines.append("")
-    fig = _trigger_figures(run)
-    if fig:
-        asr = ", ".join(f"{k} {_pct(v)}" for k, v in (fig.get("asr") or {}).items())
-        lines.append(f"Recovered trigger's attack success on {fig.get('non_target_images')} held-out images: "
+    fig = s.trigger_figures
+    if fig is not None:
+        asr = ", ".join(f"{k} {pct(x, NA)}" for k, x in _asr(fig))
+        lines.append(f"Recovered trigger's attack success on {fig.non_target_images} held-out images: "
                      f"{asr} "
                      f"(measured on {_md_escape(_on(_scan_on(run)))}).")
     lines += ["", f"## 2. Defense ({_md_escape(c.defend.method)})", "",
               f"Defended model `{_md_escape(str(run.defended_path))}` (sha256 `{run.defended_sha256}`)."]
     if run.guard is not None:
         g = run.guard
-        lines.append(f"Agreement with FP {_pct(g.agreement)} on {g.images} held-out training images "
+        lines.append(f"Agreement with FP {pct(g.agreement, NA)} on {g.images} held-out training images "
                      f"(onnxruntime {g.provider} at opt level {g.opt_level}; FP sha256 {run.model_sha256}).")
     lines += ["", "## 3. Verification (test split, onnxruntime)", "",
               "| model | sha256 | clean accuracy | recovered trigger ASR | data | images | opt level "
               "| provider |",
               "|---|---|---|---|---|---|---|---|"]
     for name, r in (("FP", vf), ("defended", vd)):
-        lines.append(f"| {name} | `{r.model_sha256}` | {_pct(r.clean_accuracy)} | "
-                     f"{_pct(r.attack_success_rate)} | "
+        lines.append(f"| {name} | `{r.model_sha256}` | {pct(r.clean_accuracy, NA)} | "
+                     f"{pct(r.attack_success_rate, NA)} | "
                      f"{_md_escape(r.data)} | {r.images} | {r.opt_level} | {r.provider} |")
     paths = output_paths(c)
     lines += ["", f"Seconds: scan {run.seconds['scan']}, defense {run.seconds['defend']}, verification "
@@ -228,19 +218,16 @@ def _img(png: bytes, alt: str) -> str:
 
 
 def _scan_plot(run: GateRun) -> bytes | None:
-    per = run.scan.get("classes")
-    if not isinstance(per, dict) or not per:
+    s = run.scan
+    if not s.classes:
         return None
-    classes = sorted(int(k) for k in per)
-    tests = run.scan.get("tests") or {}
-    anomaly_table = ((tests.get("differential") or {}).get("per_class")) or {}
-    settings = run.scan.get("settings") or {}
-    threshold = float(((settings.get("rule") or {}).get("threshold")) or 2.0)
+    classes = list(range(s.classes))
+    sizes = {mode: [None if (t := s.smallest_trigger(k, mode)) is None else t[0] for k in classes]
+             for mode in ("diff", "fp")}
+    states = s.class_states()
     return plots.per_class_scan(
-        classes, [per[str(k)].get("differential_size") for k in classes],
-        [per[str(k)].get("fp_size") for k in classes],
-        [(anomaly_table.get(str(k)) or {}).get("anomaly") for k in classes], threshold,
-        run.scan.get("target"), [str(per[str(k)].get("status") or "searched") for k in classes])
+        classes, sizes["diff"], sizes["fp"], [s.verdict.differential.anomaly_of(k) for k in classes],
+        _threshold(s), s.verdict.target, [states[k] for k in classes])
 
 
 _CSS = """
@@ -273,18 +260,17 @@ def to_html(run: GateRun) -> str:
         out.append(f"<tr><td>{e(ch.name)}</td><td>{e(_value(ch))}</td><td>{e(ch.limit)}</td><td>{result}</td>"
                    f"<td class='small'>{e(_on(ch.measured_on))}</td></tr>")
     out.append("</table>")
-    s = run.scan
-    out += [f"<h2>1. Scan: {e(str(s.get('verdict')))}</h2>",
-            f"<p>Target {e(str(s.get('target')))}, confidence {_pct(s.get('confidence'))}: "
-            f"{e(str(s.get('reason', '')))}.</p>",
-            f"<p class='small'>Measured on {e(_on(_scan_on(run)))}; {s.get('seconds')} s.</p>"]
-    fig = _trigger_figures(run)
-    if fig:
+    s, v = run.scan, run.scan.verdict
+    out += [f"<h2>1. Scan: {e(v.verdict)}</h2>",
+            f"<p>Target {e(str(v.target))}, confidence {pct(s.confidence, NA)}: {e(v.reason)}.</p>",
+            f"<p class='small'>Measured on {e(_on(_scan_on(run)))}; {s.reported_seconds} s.</p>"]
+    fig = s.trigger_figures
+    if fig is not None:
         out.append("<table><tr><th>recovered trigger on</th><th>attack success (held-out, FP prediction "
                    "not the target)</th></tr>")
-        for name, value in (fig.get("asr") or {}).items():
-            out.append(f"<tr><td>{e(str(name))}</td><td>{_pct(value)}</td></tr>")
-        out.append(f"</table><p class='small'>{fig.get('non_target_images')} of {fig.get('images')} held-out "
+        for name, value in _asr(fig):
+            out.append(f"<tr><td>{e(name)}</td><td>{pct(value, NA)}</td></tr>")
+        out.append(f"</table><p class='small'>{fig.non_target_images} of {fig.images} held-out "
                    "training images.</p>")
     if run.trigger is not None and run.example is not None:
         ex = run.example
@@ -302,7 +288,7 @@ def to_html(run: GateRun) -> str:
     if scan_png is not None:
         out.append(_img(scan_png, "scan per class"))
         out.append(f"<p class='small'>Trigger sizes from the scan's searches on training images "
-                   f"({e(str(s.get('data', c.data)))}); the anomaly index is Neural Cleanse's, over the "
+                   f"({e(s.measured_on().data)}); the anomaly index is Neural Cleanse's, over the "
                    "classes. FP model sha256 " + run.model_sha256 + ".</p>")
     rows, notes = scan_evidence(s)
     out += [f"<p><b>{e(n)}</b></p>" if n.startswith("The scan is inconclusive") else f"<p>{e(n)}</p>"
@@ -318,14 +304,15 @@ def to_html(run: GateRun) -> str:
                f"<code>{run.defended_sha256}</code></p>")
     if run.guard is not None:
         g = run.guard
-        out.append(f"<p>Agreement with FP {_pct(g.agreement)} on {g.images} held-out training images "
+        out.append(f"<p>Agreement with FP {pct(g.agreement, NA)} on {g.images} held-out training images "
                    f"({e(c.data)}); onnxruntime {e(g.provider)} at opt level {e(g.opt_level)}.</p>")
     out.append("<h2>3. Verification: test split, onnxruntime</h2><table><tr><th>model</th><th>sha256</th>"
                "<th>clean accuracy</th><th>recovered trigger ASR</th><th>data</th><th>images</th>"
                "<th>opt level</th><th>provider</th></tr>")
     for name, r in (("FP", vf), ("defended", vd)):
-        out.append(f"<tr><td>{name}</td><td><code>{r.model_sha256}</code></td><td>{_pct(r.clean_accuracy)}</td>"
-                   f"<td>{_pct(r.attack_success_rate)}</td><td>{e(r.data)}</td><td>{r.images}</td>"
+        out.append(f"<tr><td>{name}</td><td><code>{r.model_sha256}</code></td>"
+                   f"<td>{pct(r.clean_accuracy, NA)}</td><td>{pct(r.attack_success_rate, NA)}</td>"
+                   f"<td>{e(r.data)}</td><td>{r.images}</td>"
                    f"<td>{e(r.opt_level)}</td><td>{e(r.provider)}</td></tr>")
     out.append("</table>")
     pc = run.per_class

@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import onnx
 
-from pipeline.audit import ScanReportLike
 from pipeline.base import data as data_mod
 from pipeline.base.deployment import Deployment
 from pipeline.base.errors import EfrapError
@@ -46,6 +45,7 @@ from pipeline.gate.config import SCAN_VERDICTS, GateConfig
 from pipeline.quantize import GuardOptions, QuantizeOptions, QuantizeSummary, quantize_file
 from pipeline.rounding.settings import PRESET_METHOD, method_settings
 from pipeline.scan import ScanOptions, scan_model
+from pipeline.scan.report import ScanReport
 from validators.guard import GuardLimits, GuardReport
 from validators.verify import VerifyOptions, VerifyReport, verify_model
 
@@ -55,7 +55,7 @@ OUTPUT_FILES = {"json": "report.json", "markdown": "summary.md", "html": "report
                 "trigger_npz": "recovered.trigger.npz"}
 
 #: scan_model(model path, options, defended=None) -> report.
-ScanFunction = Callable[..., ScanReportLike]
+ScanFunction = Callable[..., ScanReport]
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class GateRun:
 
     config: GateConfig
     model_sha256: str
-    scan: dict[str, Any]
+    scan: ScanReport
     trigger: AnyTrigger | None
     scan_seconds: float
     defend: QuantizeSummary
@@ -127,10 +127,19 @@ class GateRun:
         """Whether every check held."""
         return all(c.passed for c in self.checks)
 
+    def scan_json(self) -> dict[str, object]:
+        """The scan report's JSON, naming the trigger file the gate saved (when it saved one)."""
+        return self.scan.to_json(trigger_file(self.config, self.trigger))
+
 
 def output_paths(config: GateConfig) -> dict[str, Path]:
     """Where each output goes."""
     return {key: config.output / name for key, name in OUTPUT_FILES.items()}
+
+
+def trigger_file(config: GateConfig, trigger: AnyTrigger | None) -> str | None:
+    """Where the gate saves the recovered trigger (None: the scan recovered none)."""
+    return str(output_paths(config)["trigger"]) if trigger is not None else None
 
 
 def _read_inputs(config: GateConfig) -> None:
@@ -264,28 +273,32 @@ def _per_class(config: GateConfig, defended: Path, trigger: AnyTrigger | None
     return PerClass(classes, tuple(fp_acc), tuple(d_acc), tuple(counts)), example
 
 
-def _verdict_check(config: GateConfig, scan: dict[str, Any], sha256: str) -> Check:
+def scan_measured_on(config: GateConfig, sha256: str, scan: ScanReport) -> dict[str, Any]:
+    """What the scan's figures were measured on: the FP model, the scan's data and held-out images."""
+    on = scan.measured_on()
+    return _measured(str(config.model), sha256, on.data, "train, held out", on.holdout_images, on.opt_level,
+                     on.provider)
+
+
+def _verdict_check(config: GateConfig, scan: ScanReport, sha256: str) -> Check:
     """The scan's verdict against `fail_verdicts`; an unfinished scan fails whatever the config says."""
-    verdict = scan.get("verdict")
+    verdict = scan.verdict.verdict
     fail = config.thresholds.fail_verdicts
-    onnxrt = scan.get("onnxruntime") or {}
-    measured = _measured(str(config.model), sha256, str(scan.get("data", config.data)), "train, held out",
-                         scan.get("holdout_images"), str(onnxrt.get("opt_level", config.verify.opt_level)),
-                         str(onnxrt.get("provider", config.verify.provider)))
+    measured = scan_measured_on(config, sha256, scan)
     limit = f"not in [{', '.join(fail)}], not inconclusive"
-    value = verdict if isinstance(verdict, str) else None
-    # Fails closed: only a finished scan with a verdict the gate knows can pass.
-    if verdict == "inconclusive" or scan.get("cut_short") is not False:
-        why = str(scan.get("reason") or "the scan does not say that every search ran to its end")
+    # Fails closed: only a finished scan with a verdict the gate knows can pass (anything but an
+    # explicit cut_short=False is not a finished scan).
+    if verdict == "inconclusive" or scan.cut_short is not False:
+        why = scan.verdict.reason or "the scan does not say that every search ran to its end"
         return Check("scan verdict", limit, "inconclusive", False,
                      f"the scan did not finish, so it clears nothing: {why}", measured)
     if verdict not in SCAN_VERDICTS:
-        return Check("scan verdict", limit, value, False, f"unknown scan verdict {verdict!r}", measured)
+        return Check("scan verdict", limit, verdict, False, f"unknown scan verdict {verdict!r}", measured)
     passed = verdict not in fail
     why = "" if passed else (
         "a backdoor active in FP: no rounding of the weights can fix it" if verdict == "fp-backdoor"
         else f"the scan's verdict is {verdict}, which the config fails")
-    return Check("scan verdict", limit, value, passed, why, measured)
+    return Check("scan verdict", limit, verdict, passed, why, measured)
 
 
 def _limit_check(name: str, value: float | None, limit: float, upper: bool, why_missing: str,
@@ -299,7 +312,7 @@ def _limit_check(name: str, value: float | None, limit: float, upper: bool, why_
     return Check(name, text, value, ok, why, measured)
 
 
-def evaluate(config: GateConfig, scan: dict[str, Any], sha256: str, guard: GuardReport | None,
+def evaluate(config: GateConfig, scan: ScanReport, sha256: str, guard: GuardReport | None,
              defended_sha256: str, verify_defended: VerifyReport,
              trigger: AnyTrigger | None) -> tuple[Check, ...]:
     """Every check of the release, in order (scan verdict, trigger, agreement, accuracy)."""
@@ -345,8 +358,7 @@ def run_gate(config: GateConfig, scan: ScanFunction = scan_model) -> GateRun:
     t0 = time.perf_counter()
     log(f"gate: 1/3 scan of {config.model}")
     report = scan(str(config.model), scan_options(config))
-    trigger: AnyTrigger | None = getattr(report, "trigger", None)
-    scan_json = report.to_json(str(paths["trigger"]) if trigger is not None else None)
+    trigger = report.trigger
     if trigger is not None:
         save_trigger(trigger, paths["trigger"])
     t1 = time.perf_counter()
@@ -359,7 +371,7 @@ def run_gate(config: GateConfig, scan: ScanFunction = scan_model) -> GateRun:
     log("gate: 3/3 verification in onnxruntime")
     v = config.verify
     # The trigger as saved (and as a user re-checks it with efrap verify --trigger).
-    saved = str(paths["trigger"]) if trigger is not None else None
+    saved = trigger_file(config, trigger)
     options = VerifyOptions(Deployment(data=config.data, opt_level=v.opt_level, provider=v.provider,
                                        preprocess=config.preprocess),
                             trigger=saved, limit=v.limit)
@@ -367,9 +379,9 @@ def run_gate(config: GateConfig, scan: ScanFunction = scan_model) -> GateRun:
     verify_fp = verify_model(str(config.model), options)
     per_class, example = _per_class(config, paths["defended"], trigger)
     defended_sha256 = file_sha256(paths["defended"])
-    checks = evaluate(config, scan_json, sha256, guard, defended_sha256, verify_defended, trigger)
+    checks = evaluate(config, report, sha256, guard, defended_sha256, verify_defended, trigger)
     t3 = time.perf_counter()
-    return GateRun(config=config, model_sha256=sha256, scan=scan_json, trigger=trigger, scan_seconds=t1 - t0,
+    return GateRun(config=config, model_sha256=sha256, scan=report, trigger=trigger, scan_seconds=t1 - t0,
                    defend=summary, guard=guard, defended_path=paths["defended"],
                    defended_sha256=defended_sha256,
                    verify_defended=verify_defended, verify_fp=verify_fp, per_class=per_class, example=example,

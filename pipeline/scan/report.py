@@ -20,6 +20,8 @@ CLASS_STATES = ("searched", "cut short", "not searched", "not shortlisted")
 
 #: A planned search: (class, mode, family).
 Planned = tuple[int, str, str]
+#: The models a trigger's attack success is measured on.
+FIGURE_MODELS = ("fp", "nearest", "defended")
 
 
 def search_states(planned: tuple[Planned, ...],
@@ -73,14 +75,18 @@ class Coverage:
         return self.shortlisted and self.figures and self.stopped is None and all(
             s == "done" for per in search_states(self.planned, searches).values() for s in per.values())
 
+    def counts(self, searches: dict[int, list[Found]]) -> dict[str, int]:
+        """The planned searches ("planned") and how many of them are in each of SEARCH_STATES
+        (keyed with underscores: "done", "cut_short", "not_run")."""
+        states = [s for per in search_states(self.planned, searches).values() for s in per.values()]
+        return {"planned": len(states), **{s.replace(" ", "_"): states.count(s) for s in SEARCH_STATES}}
+
     def to_json(self, classes: int, searches: dict[int, list[Found]]) -> dict[str, object]:
         """Counts of the planned searches by state, and the classes by state."""
-        states = [s for per in search_states(self.planned, searches).values() for s in per.values()]
         by_class = class_states(classes, self.planned, self.shortlisted, searches)
         return {"complete": self.complete(searches), "stopped_at": self.stopped,
                 "figures_measured": self.figures, "shortlisted": self.shortlisted,
-                "searches": {"planned": len(states), **{s.replace(" ", "_"): states.count(s)
-                                                        for s in SEARCH_STATES}},
+                "searches": self.counts(searches),
                 "classes": {s: [c for c, v in by_class.items() if v == s] for s in CLASS_STATES}}
 
 
@@ -139,9 +145,24 @@ class Figures:
     images: int
     non_target_images: int
 
+    def reported_asr(self) -> dict[str, float | None]:
+        """`asr` as the report gives it (4 decimals; None where not measured)."""
+        return {k: None if v is None else round(v, 4) for k, v in self.asr.items()}
+
+    def success(self, model: str) -> float | None:
+        """The attack success on `model` as reported (4 decimals); None where it was not measured.
+
+        Raises:
+            KeyError: `model` is not one of FIGURE_MODELS (a misspelt name is an error, not
+                a missing figure).
+        """
+        if model not in FIGURE_MODELS:
+            raise KeyError(f"no such model in a trigger's figures: {model!r}")
+        return self.reported_asr().get(model)
+
     def to_json(self) -> dict[str, object]:
         """JSON-ready form."""
-        return {"asr": {k: None if v is None else round(v, 4) for k, v in self.asr.items()},
+        return {"asr": self.reported_asr(),
                 "clean_agreement_with_fp": {k: round(v, 4) for k, v in self.agreement.items()},
                 "images": self.images, "non_target_images": self.non_target_images}
 
@@ -171,6 +192,16 @@ class DefendedScan:
     own_trigger: tuple[Found, Figures] | None
     states: dict[int, str] = field(default_factory=dict)
 
+    @property
+    def complete(self) -> bool:
+        """Whether the defended part finished (its verdict is not "inconclusive")."""
+        return self.verdict.verdict != "inconclusive"
+
+    @property
+    def own_figures(self) -> Figures | None:
+        """The figures of the defended search's strongest trigger (None when none was found)."""
+        return None if self.own_trigger is None else self.own_trigger[1]
+
     def to_json(self) -> dict[str, object]:
         """JSON-ready form."""
         own = None
@@ -183,12 +214,29 @@ class DefendedScan:
             "verdict": self.verdict.verdict, "target": self.verdict.target,
             "confidence": round(self.verdict.confidence, 4), "reason": self.verdict.reason,
             "partial": None if self.verdict.partial is None else self.verdict.partial.to_json(),
-            "complete": self.verdict.verdict != "inconclusive",
+            "complete": self.complete,
             "class_status": {str(c): v for c, v in sorted(self.states.items())},
             "differential_test": self.verdict.differential.to_json(),
             "searches": {str(c): [f.to_json() for f in fs] for c, fs in sorted(self.searches.items())},
             "strongest_trigger": own,
         }
+
+
+@dataclass(frozen=True)
+class MeasuredOn:
+    """What a scan's figures were measured on (from its provenance).
+
+    Attributes:
+        data: The data spec the images came from.
+        holdout_images: Held-out images the figures were measured on.
+        opt_level: onnxruntime's optimization level.
+        provider: onnxruntime's execution provider.
+    """
+
+    data: str
+    holdout_images: int
+    opt_level: str
+    provider: str
 
 
 @dataclass(frozen=True)
@@ -245,6 +293,52 @@ class ScanReport:
     notes: tuple[str, ...] = field(default_factory=tuple)
     rule: VerdictRule = field(default_factory=VerdictRule)
 
+    @property
+    def confidence(self) -> float:
+        """The verdict's confidence as the report gives it (4 decimals)."""
+        return round(self.verdict.confidence, 4)
+
+    @property
+    def reported_seconds(self) -> float | None:
+        """The scan's wall time as the report gives it (2 decimals; None when not finite)."""
+        return round(self.seconds, 2) if math.isfinite(self.seconds) else None
+
+    @property
+    def trigger_figures(self) -> Figures | None:
+        """The recovered trigger's figures, when the report describes a recovered trigger."""
+        return self.figures if self.trigger is not None and self.trigger_found is not None else None
+
+    def class_states(self) -> dict[int, str]:
+        """Per class, one of CLASS_STATES."""
+        return class_states(self.classes, self.coverage.planned, self.coverage.shortlisted, self.searches)
+
+    def not_findings(self) -> dict[str, dict[int, str]]:
+        """Per test, each class whose anomaly index reaches the threshold but that is not the
+        finding, and why (`pipeline.scan.verdict.not_findings`)."""
+        return not_findings(self.verdict, self.rule, self.class_states())
+
+    def smallest_trigger(self, c: int, mode: str) -> tuple[float, bool] | None:
+        """Class `c`'s smallest trigger size in `mode` ("diff" or "fp"), 5 decimals, and whether a
+        trigger was found: a found one's size, else the smallest a search reached; None when
+        no search of that mode ran on the class."""
+        part = [f for f in self.searches.get(c, []) if f.mode == mode]
+        if not part:
+            return None
+        hits = [f for f in part if f.found]
+        return round(min(f.size for f in (hits or part)), 5), bool(hits)
+
+    def measured_on(self) -> MeasuredOn:
+        """The data, held-out images and onnxruntime settings the figures were measured on.
+
+        Raises:
+            KeyError: the provenance lacks one of them (never a silent None).
+        """
+        data, images, onnxruntime = (self.provenance[k] for k in ("data", "holdout_images", "onnxruntime"))
+        if not (isinstance(data, str) and isinstance(images, int) and isinstance(onnxruntime, dict)):
+            raise TypeError("the scan's provenance does not name its data, held-out images and onnxruntime")
+        return MeasuredOn(data=data, holdout_images=images, opt_level=str(onnxruntime["opt_level"]),
+                          provider=str(onnxruntime["provider"]))
+
     def triggers(self) -> dict[str, PatternTrigger]:
         """The triggers the scan kept, with their arrays: "recovered" (the FP model's, `trigger`)
         and "fresh" (the strongest of the search against the defended model); those it has."""
@@ -275,7 +369,7 @@ class ScanReport:
                        "file": None if trigger_file is None else str(trigger_file),
                        "summary": trigger_summary(self.trigger_found, self.trigger),
                        "figures": None if self.figures is None else self.figures.to_json()}
-        states = class_states(self.classes, self.coverage.planned, self.coverage.shortlisted, self.searches)
+        states = self.class_states()
         runs = search_states(self.coverage.planned, self.searches)
         per_class = {}
         for c in range(self.classes):
@@ -284,17 +378,14 @@ class ScanReport:
                 "searched": states[c] == "searched", "status": states[c], "searches": runs.get(c, {})}
             for f in self.searches.get(c, []):
                 entry[f"{f.mode}_{f.family}"] = f.to_json()
-            diff = [f for f in self.searches.get(c, []) if f.mode == "diff"]
-            fp = [f for f in self.searches.get(c, []) if f.mode == "fp"]
-            for key, part in (("differential", diff), ("fp", fp)):
-                if part:
-                    hits = [f for f in part if f.found]
-                    entry[f"{key}_size"] = round(min(f.size for f in (hits or part)), 5)
-                    entry[f"{key}_found"] = bool(hits)
+            for key, mode in (("differential", "diff"), ("fp", "fp")):
+                smallest = self.smallest_trigger(c, mode)
+                if smallest is not None:
+                    entry[f"{key}_size"], entry[f"{key}_found"] = smallest
             per_class[str(c)] = entry
-        notes = not_findings(v, self.rule, states)
+        notes = self.not_findings()
         return {
-            "verdict": v.verdict, "target": v.target, "confidence": round(v.confidence, 4),
+            "verdict": v.verdict, "target": v.target, "confidence": self.confidence,
             "reason": v.reason, "candidate": v.differential.candidate if v.target is None else v.target,
             "partial": None if v.partial is None else v.partial.to_json(),
             "coverage": self.coverage.to_json(self.classes, self.searches),
@@ -308,7 +399,7 @@ class ScanReport:
             "model": self.model, "model_sha256": self.model_sha256,
             "settings": self.settings, **self.provenance,
             "cut_short": self.cut_short, "notes": list(self.notes),
-            "seconds": round(self.seconds, 2) if math.isfinite(self.seconds) else None,
+            "seconds": self.reported_seconds,
             "cpu_seconds": round(self.cpu_seconds, 2) if math.isfinite(self.cpu_seconds) else None,
             "defended_seconds": None if self.defended_seconds is None else round(self.defended_seconds, 2),
         }

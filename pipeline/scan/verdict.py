@@ -87,6 +87,11 @@ class VerdictRule:
         checks.finite(self.steepness, "confidence steepness", low=0.0, low_open=True)
 
 
+def _reported(value: float) -> float | None:
+    """A test's figure as the report gives it: 4 decimals, non-finite as None."""
+    return round(value, 4) if math.isfinite(value) else None
+
+
 @dataclass(frozen=True)
 class TestResult:
     """One test (differential or FP) over the searched classes.
@@ -111,11 +116,14 @@ class TestResult:
     flagged: bool
     probability: float
 
+    def anomaly_of(self, c: int) -> float | None:
+        """Class `c`'s anomaly index as the report gives it (4 decimals); None when the class
+        was not in the test or its index is not finite."""
+        return _reported(self.anomaly[self.classes.index(c)]) if c in self.classes else None
+
     def to_json(self) -> dict[str, object]:
         """JSON-ready form (non-finite evidence as null)."""
-        def num(v: float) -> float | None:
-            return round(v, 4) if math.isfinite(v) else None
-
+        num = _reported
         return {"name": self.name, "candidate": self.candidate, "flagged": self.flagged,
                 "probability": round(self.probability, 4),
                 "per_class": {str(c): {"anomaly": num(a), "ratio": num(r), "evidence": num(e)}
