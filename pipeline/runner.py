@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pipeline.base.progress import log
 from pipeline.base.safe_io import file_sha256
 from pipeline.base.trigger import AnyTrigger, save_trigger
 from pipeline.quantize import GuardOptions, QuantizeOptions, QuantizeSummary, quantize_file
@@ -32,8 +31,8 @@ from validators.gate import Gate
 from validators.guard import GuardReport
 from validators.verify import VerifyOptions, VerifyReport, verify_model
 
-#: scan_model(model path, options) -> report (a stand-in with its signature in tests).
-ScanFunction = Callable[[str, ScanOptions], ScanReport]
+#: scan_model(model path, options, defended=None) -> report (a stand-in with its signature in tests).
+ScanFunction = Callable[..., ScanReport]
 #: Told each step's name as it starts ("scan", "defend", "verify").
 OnStep = Callable[[str], None]
 
@@ -133,10 +132,16 @@ class ReleaseRun:
 
 
 def scan_step(model: Path, options: ScanOptions, trigger_out: Path | None = None,
-              scan: ScanFunction = scan_model) -> ScanStep:
-    """Scan the FP model; save the recovered trigger at `trigger_out` when there is one."""
+              scan: ScanFunction = scan_model, defended: Path | None = None) -> ScanStep:
+    """Scan the FP model; save the recovered trigger at `trigger_out` when there is one.
+
+    Args:
+        defended: A defended QDQ model of the same FP model: the recovered trigger is
+            measured on it too, and it is searched afresh (`efrap scan --defended`).
+    """
     t0 = time.perf_counter()
-    report = scan(str(model), options)
+    report = scan(str(model), options) if defended is None else \
+        scan(str(model), options, defended=str(defended))
     saved = None
     if trigger_out is not None and report.trigger is not None:
         save_trigger(report.trigger, trigger_out)
@@ -176,10 +181,8 @@ def run_release(release: Release, scan: ScanFunction = scan_model,
     scanned = None
     if release.scan is not None:
         step("scan")
-        log(f"release: scan of {release.model}")
         scanned = scan_step(release.model, release.scan, release.trigger_out, scan)
     step("defend")
-    log(f"release: {release.quantize.method} (scheme {release.quantize.scheme.name}) into {release.output}")
     defended = defend_step(release.model, release.output, release.quantize, release.guard, release.resume)
     step("verify")
     verify = release.verify

@@ -40,14 +40,15 @@ from pipeline.base.provenance import versions
 from pipeline.base.runtime import make_session
 from pipeline.base.safe_io import check_outputs, file_sha256
 from pipeline.base.scheme import load_scheme, scheme_files
-from pipeline.base.trigger import AnyTrigger, save_trigger
+from pipeline.base.trigger import AnyTrigger
 from pipeline.gate.config import SCAN_VERDICTS, GateConfig
-from pipeline.quantize import GuardOptions, QuantizeOptions, QuantizeSummary, quantize_file
+from pipeline.quantize import GuardOptions, QuantizeOptions, QuantizeSummary
 from pipeline.rounding.settings import PRESET_METHOD, method_settings
+from pipeline.runner import Release, run_release
 from pipeline.scan import ScanOptions, scan_model
 from pipeline.scan.report import ScanReport
 from validators.guard import GuardLimits, GuardReport
-from validators.verify import VerifyOptions, VerifyReport, verify_model
+from validators.verify import VerifyOptions, VerifyReport
 
 #: The files the gate writes into its output folder.
 OUTPUT_FILES = {"json": "report.json", "markdown": "summary.md", "html": "report.html",
@@ -355,35 +356,32 @@ def run_gate(config: GateConfig, scan: ScanFunction = scan_model) -> GateRun:
     """
     paths = output_paths(config)
     sha256 = file_sha256(config.model)
-    t0 = time.perf_counter()
-    log(f"gate: 1/3 scan of {config.model}")
-    report = scan(str(config.model), scan_options(config))
-    trigger = report.trigger
-    if trigger is not None:
-        save_trigger(trigger, paths["trigger"])
-    t1 = time.perf_counter()
-    log(f"gate: 2/3 defense ({config.defend.method}, scheme {config.scheme})")
-    guard_options = GuardOptions(GuardLimits(max_agreement_drop=config.thresholds.max_agreement_drop),
-                                 config.defend.holdout, config.verify.opt_level)
-    summary, guard = quantize_file(str(config.model), str(paths["defended"]), quantize_options(config),
-                                   guard_options)
-    t2 = time.perf_counter()
-    log("gate: 3/3 verification in onnxruntime")
     v = config.verify
-    # The trigger as saved (and as a user re-checks it with efrap verify --trigger).
-    saved = trigger_file(config, trigger)
-    options = VerifyOptions(Deployment(data=config.data, opt_level=v.opt_level, provider=v.provider,
-                                       preprocess=config.preprocess),
-                            trigger=saved, limit=v.limit)
-    verify_defended = verify_model(str(paths["defended"]), options)
-    verify_fp = verify_model(str(config.model), options)
+    # Verification measures the recovered trigger as saved (as a user re-checks it with
+    # efrap verify --trigger): the release names none of its own.
+    release = Release(
+        model=config.model, output=paths["defended"], quantize=quantize_options(config),
+        guard=GuardOptions(GuardLimits(max_agreement_drop=config.thresholds.max_agreement_drop),
+                           config.defend.holdout, v.opt_level),
+        verify=VerifyOptions(Deployment(data=config.data, opt_level=v.opt_level, provider=v.provider,
+                                        preprocess=config.preprocess), limit=v.limit),
+        scan=scan_options(config), trigger_out=paths["trigger"], verify_fp=True)
+    stages = {"scan": f"1/3 scan of {config.model}",
+              "defend": f"2/3 defense ({config.defend.method}, scheme {config.scheme})",
+              "verify": "3/3 verification in onnxruntime"}
+    t0 = time.perf_counter()
+    run = run_release(release, scan, on_step=lambda name: log(f"gate: {stages[name]}"))
+    if run.scan is None or run.verify.fp is None:  # the release asked for both; never reached
+        raise EfrapError("the gate's release ran without its scan or the FP model's verification")
+    report, trigger = run.scan.report, run.scan.trigger
     per_class, example = _per_class(config, paths["defended"], trigger)
-    defended_sha256 = file_sha256(paths["defended"])
-    checks = evaluate(config, report, sha256, guard, defended_sha256, verify_defended, trigger)
-    t3 = time.perf_counter()
-    return GateRun(config=config, model_sha256=sha256, scan=report, trigger=trigger, scan_seconds=t1 - t0,
-                   defend=summary, guard=guard, defended_path=paths["defended"],
-                   defended_sha256=defended_sha256,
-                   verify_defended=verify_defended, verify_fp=verify_fp, per_class=per_class, example=example,
-                   checks=checks, seconds={"scan": round(t1 - t0, 2), "defend": round(t2 - t1, 2),
-                                           "verify": round(t3 - t2, 2), "total": round(t3 - t0, 2)})
+    checks = evaluate(config, report, sha256, run.defend.guard, run.defend.sha256, run.verify.output, trigger)
+    total = time.perf_counter() - t0
+    verify_seconds = total - run.scan.seconds - run.defend.seconds
+    return GateRun(config=config, model_sha256=sha256, scan=report, trigger=trigger,
+                   scan_seconds=run.scan.seconds, defend=run.defend.summary, guard=run.defend.guard,
+                   defended_path=paths["defended"], defended_sha256=run.defend.sha256,
+                   verify_defended=run.verify.output, verify_fp=run.verify.fp, per_class=per_class,
+                   example=example, checks=checks,
+                   seconds={"scan": round(run.scan.seconds, 2), "defend": round(run.defend.seconds, 2),
+                            "verify": round(verify_seconds, 2), "total": round(total, 2)})

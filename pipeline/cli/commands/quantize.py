@@ -27,10 +27,11 @@ from pipeline.cli.args import (
     seed_number,
     upper_limit,
 )
-from pipeline.quantize import GuardOptions, QuantizeOptions, QuantizeSummary, quantize_file
+from pipeline.quantize import GuardOptions, QuantizeOptions, QuantizeSummary
 from pipeline.rounding import METHODS, EfrapConfig
 from pipeline.rounding.base import ERROR_MODES, ERROR_UNITS, LOSS_NAMES, SAMPLES
 from pipeline.rounding.settings import OVERRIDABLE, method_settings
+from pipeline.runner import defend_step
 from validators.guard import GuardLimits, GuardReport
 
 
@@ -238,7 +239,8 @@ def quantize_with(args: argparse.Namespace, method: str, preset: str | None = No
     """
     guard = guard_options(args)
     options = quantize_options(args, method, preset)
-    summary, report = quantize_file(args.model, args.output, options, guard, resume=not args.no_resume)
+    defended = defend_step(Path(args.model), Path(args.output), options, guard, resume=not args.no_resume)
+    summary, report = defended.summary, defended.guard
     print_summary(summary, args.output)
     print_guard(report, guard.limits.any)
     if args.json:

@@ -12,7 +12,6 @@ from pipeline.base.onnx_io import model_files
 from pipeline.base.runtime import PROVIDERS
 from pipeline.base.safe_io import check_outputs, write_json
 from pipeline.base.scheme import load_scheme, scheme_files
-from pipeline.base.trigger import save_trigger
 from pipeline.cli.args import (
     add_data_arg,
     add_preprocess_args,
@@ -22,7 +21,8 @@ from pipeline.cli.args import (
     preprocess_options,
     seed_number,
 )
-from pipeline.scan import CLASS_STATES, ScanOptions, ScanReport, scan_model
+from pipeline.runner import scan_step
+from pipeline.scan import CLASS_STATES, ScanOptions, ScanReport
 from validators.report import pct
 
 #: How a figure that could not be measured is printed.
@@ -90,10 +90,10 @@ def run(args: argparse.Namespace) -> int:
                                      num_calib=args.num_calib, seed=args.seed, provider=args.provider,
                                      preprocess=preprocess_options(args)),
                           budget=args.budget, holdout=args.holdout, max_targets=args.max_targets)
-    report = scan_model(args.model, options, defended=args.defended)
+    scanned = scan_step(Path(args.model), options, Path(args.trigger_out) if args.trigger_out else None,
+                        defended=Path(args.defended) if args.defended else None)
+    report = scanned.report
     print_report(report)
-    if args.trigger_out and report.trigger is not None:
-        save_trigger(report.trigger, args.trigger_out)
     if args.json:
         write_json(report.to_json(args.trigger_out if report.trigger is not None else None), args.json)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from pipeline.base.data import spec_files
 from pipeline.base.deployment import Deployment
@@ -20,10 +21,11 @@ from pipeline.cli.args import (
     seed_number,
     upper_limit,
 )
+from pipeline.runner import verify_step
 from pipeline.torch_graph import SIMULATION
 from validators.gate import Gate
 from validators.report import pct, table
-from validators.verify import VerifyOptions, VerifyReport, verify_model
+from validators.verify import VerifyOptions, VerifyReport
 
 
 def _figure(value: float | None, why: str | None) -> str:
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     reference = SIMULATION if args.reference else None
     options = VerifyOptions(deployment, trigger=args.trigger, reference=reference, limit=args.limit,
                             gate=gate)
-    report = verify_model(args.model, options)
+    report = verify_step(Path(args.model), options).output
     print_report(report)
     if args.json:
         write_json(report.to_json(), args.json)
