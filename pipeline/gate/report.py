@@ -175,8 +175,9 @@ def to_markdown(run: GateRun) -> str:
         lines.append(f"| {_md_escape(ch.name)} | {_md_escape(_value(ch))} | {_md_escape(ch.limit)} | "
                      f"{result}{why} | {_md_escape(_on(ch.measured_on))} |")
     s, v = run.scan, run.scan.verdict
+    target = "no target" if v.target is None else f"target {v.target}"
     lines += ["", "## 1. Scan", "",
-              f"Verdict **{_md_escape(v.verdict)}**, target {v.target}, confidence "
+              f"Verdict **{_md_escape(v.verdict)}**, {target}, confidence "
               f"{pct(s.confidence, NA)}: {_md_escape(v.reason)}."]
     rows, notes = scan_evidence(s)
     lines += [""] + [_md_escape(n) for n in notes]
@@ -261,8 +262,9 @@ def to_html(run: GateRun) -> str:
                    f"<td class='small'>{e(_on(ch.measured_on))}</td></tr>")
     out.append("</table>")
     s, v = run.scan, run.scan.verdict
+    target = "none" if v.target is None else str(v.target)
     out += [f"<h2>1. Scan: {e(v.verdict)}</h2>",
-            f"<p>Target {e(str(v.target))}, confidence {pct(s.confidence, NA)}: {e(v.reason)}.</p>",
+            f"<p>Target {e(target)}, confidence {pct(s.confidence, NA)}: {e(v.reason)}.</p>",
             f"<p class='small'>Measured on {e(_on(_scan_on(run)))}; {s.reported_seconds} s.</p>"]
     fig = s.trigger_figures
     if fig is not None:
