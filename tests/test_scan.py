@@ -285,6 +285,20 @@ def test_shortlist_with_more_classes_than_max_targets(tiny: dict[str, str]) -> N
     assert any("probed" in n for n in report.notes)
 
 
+def test_shortlist_does_not_depend_on_the_wall_clock(tiny: dict[str, str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each probe once had 10 s of wall time: on a loaded machine the first probe stopped early,
+    # its class ranked last, and the same scan of the same QCB said "clean". Without a budget
+    # the probes run their steps whatever the clock says.
+    options = _options(tiny, max_targets=3, probe_steps=40)
+    quick = scan_model(tiny["qcb"], options)
+    start, ticks = time.perf_counter(), iter(range(10**9))
+    monkeypatch.setattr(time, "perf_counter", lambda: start + 30.0 * next(ticks))  # 30 s a call
+    slow = scan_model(tiny["qcb"], options)
+    assert slow.searched == quick.searched and TARGET in slow.searched
+    assert (slow.verdict.verdict, slow.verdict.target) == ("qcb", TARGET) and not slow.cut_short
+
+
 def test_cli_scan_writes_report_trigger_and_scans_the_defended_model(
         tiny: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # "Defended": the tiny QCB with its first layer kept in float, so nothing wakes.

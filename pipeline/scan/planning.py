@@ -9,7 +9,6 @@ differential searches and Neural Cleanse on the FP model, each within its share.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict
 
 import numpy as np
@@ -61,9 +60,13 @@ def shortlist(fp: Side, q: Side, data: ScanData, drifts: np.ndarray, options: Sc
     scores = []
     bar = Progress(f"scan: probing {len(pool)} of {classes} classes", total=len(pool))
     for c in pool:
-        found = search_one(q, fp, small, c, options.families[0], options,
-                        min(clock.search_end, time.perf_counter() + 10.0), clock.search_end, probe)
-        if clock.out():
+        # A probe is bounded by its steps, never by the wall clock: a probe a slow or loaded
+        # machine cut short would rank its class by chance, and the shortlist (so the verdict)
+        # would depend on the machine. Only the scan's budget may stop one, and then the
+        # ranking is not made at all.
+        found = search_one(q, fp, small, c, options.families[0], options, clock.search_end,
+                           clock.search_end, probe)
+        if found.cut_short or clock.out():
             bar.close()
             return None, None  # a ranking from a partial probe would pick the classes by chance
         scores.append((found.success, float(drifts[c]), c))
