@@ -11,7 +11,8 @@ same code give the same digest. `--compare` prints every file whose digest chang
 exits 1 when any did.
 
 Every command runs with one thread (OMP_NUM_THREADS=1, --threads 1) in OUT_DIR, on a copy
-of the zoo models taken there, so paths in the reports are the same for every checkout.
+of the zoo models taken there. The gate's and the batch's reports name absolute paths, so
+the two runs compared must use the same OUT_DIR (run one, keep its --json, run the other).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ COMMANDS: tuple[tuple[str, ...], ...] = (
 def _clean(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _clean(v) for k, v in value.items()
-                if not any(word in k.lower() for word in VOLATILE)}
+                if not any(word in k.lower() for word in VOLATILE) and not k.endswith("_s")}
     if isinstance(value, list):
         return [_clean(v) for v in value]
     return value
