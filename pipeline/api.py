@@ -58,8 +58,8 @@ from pipeline.rounding.efrap import EFRAP_PRESETS
 from pipeline.rounding.settings import method_settings
 from pipeline.scan import ScanOptions, ScanReport, SearchConfig, scan_model
 from pipeline.torch_graph import SIMULATION
-from validators.gate import Gate
 from validators.guard import GuardLimits, GuardReport
+from validators.limits import VerifyLimits
 from validators.verify import VerifyOptions, VerifyReport, verify_model
 
 try:  # onnxruntime's enums; without its quantization tools, their names as strings still work
@@ -651,9 +651,9 @@ def verify(
         reference: Also compare with the pipeline's PyTorch simulation.
         limit: Use only this many test images, chosen with `seed`.
         seed: Seeds the choice of the `limit` images.
-        min_accuracy: Gate: lowest clean accuracy (0.9 or "90%").
-        max_asr: Gate: highest attack success rate.
-        max_parity_diff: Gate: highest share of predictions differing from the simulation.
+        min_accuracy: Limit: lowest clean accuracy (0.9 or "90%").
+        max_asr: Limit: highest attack success rate.
+        max_parity_diff: Limit: highest share of predictions differing from the simulation.
 
     Returns:
         The report; `report.gate.passed` says whether a gate that was set passed.
@@ -664,7 +664,7 @@ def verify(
     _checked("provider", lambda: checks.string(provider, "provider", PROVIDERS))
     gate = _checked(
         "verify",
-        lambda: Gate(
+        lambda: VerifyLimits(
             min_accuracy=_limit(min_accuracy, "min_accuracy"),
             max_asr=_limit(max_asr, "max_asr"),
             max_parity_diff=_limit(max_parity_diff, "max_parity_diff"),

@@ -27,8 +27,8 @@ from pipeline.base.trigger import AnyTrigger, save_trigger
 from pipeline.quantize import GuardOptions, QuantizeOptions, QuantizeSummary, quantize_file
 from pipeline.scan import ScanOptions, scan_model
 from pipeline.scan.report import ScanReport
-from validators.gate import Gate
 from validators.guard import GuardReport
+from validators.limits import VerifyLimits
 from validators.verify import VerifyOptions, VerifyReport, verify_model
 
 #: scan_model(model path, options, defended=None) -> report (a stand-in with its signature in tests).
@@ -162,7 +162,7 @@ def verify_step(output: Path, options: VerifyOptions, fp: Path | None = None) ->
     fp_report, fp_seconds = None, None
     if fp is not None:
         t0 = time.perf_counter()
-        fp_report = verify_model(str(fp), replace(options, gate=Gate()))
+        fp_report = verify_model(str(fp), replace(options, gate=VerifyLimits()))
         fp_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     report = verify_model(str(output), options)

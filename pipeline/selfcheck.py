@@ -34,7 +34,6 @@ from pathlib import Path
 from pipeline.audit import AuditReport, AuditThresholds, audit_models
 from pipeline.base import checks
 from pipeline.base import data as data_mod
-from pipeline.base.deployment import Deployment
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import load_model, model_files, save_model, set_metadata
 from pipeline.base.preprocess import PreparedImages
@@ -249,11 +248,8 @@ def _remove(folder: Path) -> None:
 
 def scan_options(options: QuantizeOptions, guard: GuardOptions, check: SelfCheckOptions) -> ScanOptions:
     """The audit's scan settings: the defense's own data, scheme, seed and held-out count."""
-    return ScanOptions(Deployment(scheme=options.scheme, data=options.calib,
-                                  num_calib=max(options.num_calib, 8), seed=options.seed,
-                                  provider=options.provider, preprocess=options.preprocess,
-                                  opt_level=guard.opt_level),
-                       budget=check.budget, holdout=guard.images, max_targets=check.max_targets)
+    deployment = replace(options.deployment, num_calib=max(options.num_calib, 8), opt_level=guard.opt_level)
+    return ScanOptions(deployment, budget=check.budget, holdout=guard.images, max_targets=check.max_targets)
 
 
 def _repair(name: str, flagged: CandidateResult, audit: AuditReport, model_path: str, folder: Path,

@@ -18,7 +18,7 @@ from pipeline.gate import load_gate_config
 from pipeline.scan import ScanReport, VerdictRule, decide, run_test
 from tests.conftest import export_tiny
 from tests.scan_reports import found, outlier_test, scan_report, verdict
-from validators.gate import Gate
+from validators.limits import VerifyLimits
 
 GOOD = """model = "tiny.onnx"
 data = "npz:data.npz"
@@ -261,7 +261,8 @@ def test_a_scan_report_that_does_not_say_it_finished_fails(folder: Path,
 
 
 def test_a_nan_figure_is_not_measurable_and_fails() -> None:
-    result = Gate(min_accuracy=0.5, max_asr=0.1, max_parity_diff=0.1).evaluate(math.nan, 0.01, math.nan)
+    limits = VerifyLimits(min_accuracy=0.5, max_asr=0.1, max_parity_diff=0.1)
+    result = limits.evaluate(math.nan, 0.01, math.nan)
     assert not result.passed
     assert [(c.value, c.passed) for c in result.checks] == [(None, False), (0.01, True), (None, False)]
     assert all(c.why == "not measurable" for c in result.checks if c.value is None)

@@ -24,7 +24,7 @@ from pipeline.base.provenance import versions
 from pipeline.base.runtime import make_session
 from pipeline.base.safe_io import file_sha256
 from pipeline.base.trigger import AnyTrigger, load_trigger
-from validators.gate import Gate, GateResult
+from validators.limits import LimitsResult, VerifyLimits
 from validators.metrics import (
     AttackSuccess,
     Parity,
@@ -67,7 +67,7 @@ class VerifyOptions(DeploymentViews):
     trigger: str | AnyTrigger | None = None
     reference: Reference | None = None
     limit: int | None = None
-    gate: Gate = field(default_factory=Gate)
+    gate: VerifyLimits = field(default_factory=VerifyLimits)
 
     def __post_init__(self) -> None:
         if not isinstance(self.deployment, Deployment):
@@ -97,7 +97,7 @@ class VerifyReport:
     attack: AttackSuccess | None
     trigger: dict | None
     parity: Parity | None
-    gate: GateResult | None
+    gate: LimitsResult | None
     seconds: float
     model_metadata: dict[str, str]
     versions: dict[str, str]

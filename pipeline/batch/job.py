@@ -92,10 +92,8 @@ def _bytes(path: str) -> int:
 def scan_options(job: ModelJob) -> ScanOptions:
     """The scan's settings from the job's: the nearest model it builds is the one `efrap quantize
     --method nearest` would write with the same settings."""
-    o = job.options
-    return ScanOptions(Deployment(scheme=o.scheme, data=o.calib, num_calib=o.num_calib, seed=o.seed,
-                                  opt_level=job.opt_level, provider=o.provider, preprocess=o.preprocess),
-                       holdout=job.guard.images, budget=job.scan_budget)
+    return ScanOptions(replace(job.options.deployment, opt_level=job.opt_level), holdout=job.guard.images,
+                       budget=job.scan_budget)
 
 
 def _scan(job: ModelJob, folder: Path) -> dict[str, Any]:

@@ -60,8 +60,8 @@ from pipeline.quantize import GuardOptions, QuantizeOptions
 from pipeline.rounding import METHODS, run_needs
 from pipeline.rounding.efrap import EFRAP_PRESETS
 from pipeline.rounding.settings import FIELD_TYPES, method_settings
-from validators.gate import Gate
 from validators.guard import GuardLimits
+from validators.limits import VerifyLimits
 
 #: Version of the settings that make a result's key; a change here recomputes old results.
 SETTINGS_FORMAT = 1
@@ -112,7 +112,7 @@ class ModelJob:
     data: str
     limit: int | None = None
     opt_level: str = "faithful"
-    gate: Gate = field(default_factory=Gate)
+    gate: VerifyLimits = field(default_factory=VerifyLimits)
     verify_fp: bool = True
     scan: bool = True
     scan_budget: float | None = None
@@ -305,7 +305,7 @@ def _job(values: dict[str, Any], where: str, base: Path) -> ModelJob:
                                   exclude=values.get("exclude", ()))
         guard = GuardOptions(GuardLimits(max_agreement_drop=gate.get("max_agreement_drop")),
                              values.get("holdout", 1000), values.get("opt_level", "faithful"))
-        verify_gate = Gate(min_accuracy=gate.get("min_accuracy"), max_asr=gate.get("max_asr"))
+        verify_gate = VerifyLimits(min_accuracy=gate.get("min_accuracy"), max_asr=gate.get("max_asr"))
     except EfrapError as exc:
         raise EfrapError(f"{where}: {exc}") from None
     scan = values.get("scan", True)

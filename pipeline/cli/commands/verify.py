@@ -23,7 +23,7 @@ from pipeline.cli.args import (
 )
 from pipeline.runner import verify_step
 from pipeline.torch_graph import SIMULATION
-from validators.gate import Gate
+from validators.limits import VerifyLimits
 from validators.report import pct, table
 from validators.verify import VerifyOptions, VerifyReport
 
@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     check_outputs({"--json": args.json}, inputs)
     deployment = Deployment(data=args.data, opt_level=args.opt_level, provider=args.provider, seed=args.seed,
                             preprocess=preprocess_options(args))
-    gate = Gate(min_accuracy=args.min_accuracy, max_asr=args.max_asr, max_parity_diff=args.max_parity_diff)
+    gate = VerifyLimits(min_accuracy=args.min_accuracy, max_asr=args.max_asr,
+                        max_parity_diff=args.max_parity_diff)
     reference = SIMULATION if args.reference else None
     options = VerifyOptions(deployment, trigger=args.trigger, reference=reference, limit=args.limit,
                             gate=gate)

@@ -1,8 +1,10 @@
-"""The pass/fail gate a release pipeline puts on a quantized model.
+"""Verification's limits: the pass/fail thresholds `efrap verify` puts on a measured model.
 
-The gate fails closed: a check whose value could not be measured (None, or not a
-finite number) fails, and a threshold that no model could fail (accuracy at least 0,
-attack success at most 100%) is refused when the gate is built.
+`efrap gate`, the release gate, is `pipeline.gate`; these are the limits of one
+verification, which the gate and the batch also use. They fail closed: a check whose
+value could not be measured (None, or not a finite number) fails, and a threshold that
+no model could fail (accuracy at least 0, attack success at most 100%) is refused when
+the limits are built.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from pipeline.base.errors import EfrapError
 
 
 @dataclass(frozen=True)
-class GateCheck:
-    """One check of the gate.
+class LimitCheck:
+    """One check of the limits.
 
     Attributes:
         check: What is compared ("clean_accuracy >= min", ...).
@@ -34,15 +36,15 @@ class GateCheck:
 
 
 @dataclass(frozen=True)
-class GateResult:
-    """The gate's verdict: passed only if every check passed."""
+class LimitsResult:
+    """The limits' verdict: passed only if every check passed."""
 
     passed: bool
-    checks: tuple[GateCheck, ...]
+    checks: tuple[LimitCheck, ...]
 
 
 @dataclass(frozen=True)
-class Gate:
+class VerifyLimits:
     """Thresholds (fractions in [0, 1]); None disables a check.
 
     Attributes:
@@ -72,7 +74,7 @@ class Gate:
         return any(v is not None for v in (self.min_accuracy, self.max_asr, self.max_parity_diff))
 
     def evaluate(self, accuracy: float | None, asr: float | None,
-                 parity_diff: float | None, why_missing: dict[str, str] | None = None) -> GateResult:
+                 parity_diff: float | None, why_missing: dict[str, str] | None = None) -> LimitsResult:
         """Check measured values; a value that is None or not finite fails its check.
 
         Args:
@@ -93,9 +95,9 @@ class Gate:
                 continue
             if value is None or not math.isfinite(value):
                 # Missing or not a number (NaN compares false both ways): not measurable, a fail.
-                checks.append(GateCheck(name, limit, None, False,
+                checks.append(LimitCheck(name, limit, None, False,
                                         why_missing.get(key, "not measurable")))
                 continue
             ok = value <= limit if upper else value >= limit
-            checks.append(GateCheck(name, limit, value, ok))
-        return GateResult(passed=all(c.passed for c in checks), checks=tuple(checks))
+            checks.append(LimitCheck(name, limit, value, ok))
+        return LimitsResult(passed=all(c.passed for c in checks), checks=tuple(checks))
