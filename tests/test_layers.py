@@ -48,6 +48,7 @@ LAYERS: dict[str, int] = {
     "pipeline.repair": 4,
     "pipeline.api": 4,
     "pipeline.runner": 4,
+    "pipeline.release_spec": 4,
     "models": 5,
     "pipeline.cli": 6,
 }

@@ -24,11 +24,10 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.base.deployment import Deployment
 from pipeline.base.errors import EfrapError, one_line
 from pipeline.base.onnx_io import model_files
 from pipeline.base.progress import log
@@ -36,9 +35,8 @@ from pipeline.base.provenance import versions
 from pipeline.base.safe_io import json_ready, write_json
 from pipeline.batch.manifest import ModelJob
 from pipeline.runner import defend_step, scan_step, verify_step
-from pipeline.scan import ScanOptions
 from pipeline.torch_backend import apply_threads
-from validators.verify import VerifyOptions, VerifyReport
+from validators.verify import VerifyReport
 
 #: Version of result.json's layout.
 RESULT_FORMAT = 1
@@ -89,19 +87,12 @@ def _bytes(path: str) -> int:
     return sum(p.stat().st_size for p in model_files(path))
 
 
-def scan_options(job: ModelJob) -> ScanOptions:
-    """The scan's settings from the job's: the nearest model it builds is the one `efrap quantize
-    --method nearest` would write with the same settings."""
-    return ScanOptions(replace(job.options.deployment, opt_level=job.opt_level), holdout=job.guard.images,
-                       budget=job.scan_budget)
-
-
 def _scan(job: ModelJob, folder: Path) -> dict[str, Any]:
     """The scan's verdict and target, or why it did not run; never fails the model."""
     if not job.scan:
         return {"verdict": None, "target": None, "skipped": "scan = false in the manifest"}
     try:
-        scanned = scan_step(Path(job.path), scan_options(job))
+        scanned = scan_step(Path(job.path), job.spec.scan_options())
         write_json(scanned.report.to_json(), folder / "scan.json")
     except Exception as exc:  # the scan's own failure is its column's, not the model's
         return {"verdict": None, "target": None, "error": one_line(f"{type(exc).__name__}: {exc}")}
@@ -162,12 +153,7 @@ def run_job(job: ModelJob, folder: str | Path, key: str | None, model_sha256: st
         record["check"] = check.to_json() if check else None
 
         step = "verify"
-        options = VerifyOptions(Deployment(data=job.data, opt_level=job.opt_level,
-                                           provider=job.options.provider, seed=job.options.seed,
-                                           preprocess=job.options.preprocess),
-                                trigger=job.trigger, limit=job.limit)
-        verified = verify_step(output, replace(options, gate=job.gate),
-                               Path(job.path) if job.verify_fp else None)
+        verified = verify_step(output, job.spec.verify_options(), Path(job.path) if job.verify_fp else None)
         if verified.fp is not None and verified.fp_seconds is not None:
             write_json(verified.fp.to_json(), folder / "verify_fp.json")
             record["fp"] = _figures(verified.fp)

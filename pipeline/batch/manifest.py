@@ -41,7 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +57,10 @@ from pipeline.base.safe_io import file_sha256
 from pipeline.base.scheme import DEFAULT_SCHEME, PRESETS, load_scheme
 from pipeline.base.trigger import trigger_files
 from pipeline.quantize import GuardOptions, QuantizeOptions
+from pipeline.release_spec import ReleaseSpec, RoundingChoice, ScanChoice
 from pipeline.rounding import METHODS, run_needs
 from pipeline.rounding.efrap import EFRAP_PRESETS
-from pipeline.rounding.settings import FIELD_TYPES, method_settings
+from pipeline.rounding.settings import FIELD_TYPES
 from validators.guard import GuardLimits
 from validators.limits import VerifyLimits
 
@@ -91,32 +92,57 @@ class ModelJob:
     Attributes:
         name: Unique name; the model's output folder under --out.
         path: The FP ONNX model (absolute).
-        trigger: Trigger JSON (absolute), or None: attack success is then not measured.
-        options: Quantization settings (scheme, method, rounding, calibration, ...).
-        guard: The defended model's check against FP on held-out training images.
-        data: Verification data spec (test split).
-        limit: Test images used by verification (None: all).
-        opt_level: onnxruntime optimization level of verification and the check.
-        gate: Thresholds on the verified output (clean accuracy, attack success).
+        spec: What the manifest asks of it (`pipeline.release_spec.ReleaseSpec`): its
+            deployment, rounding, check, scan, verification and trigger (absolute, or None:
+            attack success is then not measured).
+        options: The quantization settings, from the spec.
+        guard: The defended model's check against FP on held-out training images, from the spec.
         verify_fp: Also verify the FP model (its clean accuracy and attack success).
-        scan: Run the trigger-free scan where it exists in this tree.
-        scan_budget: Seconds the scan may take (None: the scan's own default).
         scheme_spec: The scheme as the manifest names it (a preset or a file).
     """
 
     name: str
     path: str
-    trigger: str | None
+    spec: ReleaseSpec
     options: QuantizeOptions
     guard: GuardOptions
-    data: str
-    limit: int | None = None
-    opt_level: str = "faithful"
-    gate: VerifyLimits = field(default_factory=VerifyLimits)
     verify_fp: bool = True
-    scan: bool = True
-    scan_budget: float | None = None
     scheme_spec: str = DEFAULT_SCHEME
+
+    @property
+    def trigger(self) -> str | None:
+        """The trigger file (None: attack success is not measured)."""
+        return self.spec.trigger
+
+    @property
+    def data(self) -> str:
+        """Verification data spec (test split)."""
+        return self.spec.deployment.data
+
+    @property
+    def limit(self) -> int | None:
+        """Test images used by verification (None: all)."""
+        return self.spec.limit
+
+    @property
+    def opt_level(self) -> str:
+        """onnxruntime optimization level of verification, the check and the scan."""
+        return self.spec.deployment.opt_level
+
+    @property
+    def gate(self) -> VerifyLimits:
+        """Thresholds on the verified output (clean accuracy, attack success)."""
+        return self.spec.limits
+
+    @property
+    def scan(self) -> bool:
+        """Whether the trigger-free scan runs."""
+        return self.spec.scan is not None
+
+    @property
+    def scan_budget(self) -> float | None:
+        """Seconds the scan may take (None: no limit)."""
+        return None if self.spec.scan is None else self.spec.scan.budget
 
     @property
     def step(self) -> str:
@@ -288,38 +314,39 @@ def _job(values: dict[str, Any], where: str, base: Path) -> ModelJob:
                          "start with a letter or digit (it names the model's output folder)")
     method = values.get("method", "efrap")
     scheme_spec, scheme = _scheme(values.get("scheme", DEFAULT_SCHEME), base, f"{where}.scheme")
-    data = values.get("data", DEFAULT_DATA)
     gate = values.get("gate", {})
+    holdout = values.get("holdout", 1000)
     try:
         # The checks of these classes name the field; the prefix names the model.
-        rounding = method_settings(method, values.get("preset"),
-                                   {k: float(v) if _ROUNDING_FIELDS[k] == "float" else v
-                                    for k, v in values.get("rounding", {}).items()})
-        options = QuantizeOptions(Deployment(scheme=scheme, data=values.get("calib", data),
-                                             num_calib=values.get("num_calib", 1024),
-                                             seed=values.get("seed", 0),
-                                             provider=values.get("provider", "auto"),
-                                             preprocess=values.get("preprocess") or None),
-                                  method=method, weight_storage=values.get("weight_storage", "int8"),
-                                  rounding=rounding, device=values.get("device", "auto"),
-                                  exclude=values.get("exclude", ()))
-        guard = GuardOptions(GuardLimits(max_agreement_drop=gate.get("max_agreement_drop")),
-                             values.get("holdout", 1000), values.get("opt_level", "faithful"))
-        verify_gate = VerifyLimits(min_accuracy=gate.get("min_accuracy"), max_asr=gate.get("max_asr"))
+        deployment = Deployment(scheme=scheme, data=values.get("data", DEFAULT_DATA),
+                                calib=values.get("calib"),
+                                num_calib=values.get("num_calib", 1024), seed=values.get("seed", 0),
+                                provider=values.get("provider", "auto"),
+                                opt_level=values.get("opt_level", "faithful"),
+                                preprocess=values.get("preprocess") or None)
+        overrides = {k: float(v) if _ROUNDING_FIELDS[k] == "float" else v
+                     for k, v in values.get("rounding", {}).items()}
+        rounding = RoundingChoice(method, values.get("preset"), overrides,
+                                  values.get("weight_storage", "int8"), values.get("device", "auto"),
+                                  tuple(values.get("exclude", ())))
+        spec = ReleaseSpec(deployment, rounding, holdout=holdout,
+                           check=GuardLimits(max_agreement_drop=gate.get("max_agreement_drop")),
+                           scan=ScanChoice(budget=values.get("scan_budget"), holdout=holdout)
+                           if values.get("scan", True) else None,
+                           limit=values.get("limit"),
+                           limits=VerifyLimits(min_accuracy=gate.get("min_accuracy"),
+                                               max_asr=gate.get("max_asr")),
+                           trigger=values.get("trigger"))
+        options, guard = spec.quantize_options(), spec.guard_options()
     except EfrapError as exc:
         raise EfrapError(f"{where}: {exc}") from None
-    scan = values.get("scan", True)
-    if scan and options.num_calib < limits.SCAN_CALIB.low:
+    if spec.scan is not None and options.num_calib < limits.SCAN_CALIB.low:
         # The scan calibrates on the same images; refused here, not after the batch has begun.
         raise EfrapError(f"{where}.num_calib must be at least {limits.SCAN_CALIB.low:,} while scan is "
                          f"on ({limits.SCAN_CALIB.what}; scan = false skips the scan), got "
                          f"{options.num_calib:,}")
-    return ModelJob(name=name, path=values["path"], trigger=values.get("trigger"), options=options,
-                    guard=guard, data=data, limit=values.get("limit"),
-                    opt_level=values.get("opt_level", "faithful"), gate=verify_gate,
-                    verify_fp=values.get("verify_fp", True), scan=scan,
-                    scan_budget=values.get("scan_budget"),
-                    scheme_spec=scheme_spec)
+    return ModelJob(name=name, path=values["path"], spec=spec, options=options, guard=guard,
+                    verify_fp=values.get("verify_fp", True), scheme_spec=scheme_spec)
 
 
 def load_manifest(path: str | Path) -> Manifest:

@@ -42,13 +42,13 @@ from pipeline.base.safe_io import check_outputs, file_sha256
 from pipeline.base.scheme import load_scheme, scheme_files
 from pipeline.base.trigger import AnyTrigger
 from pipeline.gate.config import SCAN_VERDICTS, GateConfig
-from pipeline.quantize import GuardOptions, QuantizeOptions, QuantizeSummary
-from pipeline.rounding.settings import PRESET_METHOD, method_settings
+from pipeline.quantize import QuantizeSummary
+from pipeline.release_spec import ReleaseSpec, RoundingChoice, ScanChoice
 from pipeline.runner import Release, run_release
-from pipeline.scan import ScanOptions, scan_model
+from pipeline.scan import scan_model
 from pipeline.scan.report import ScanReport
 from validators.guard import GuardLimits, GuardReport
-from validators.verify import VerifyOptions, VerifyReport
+from validators.verify import VerifyReport
 
 #: The files the gate writes into its output folder.
 OUTPUT_FILES = {"json": "report.json", "markdown": "summary.md", "html": "report.html",
@@ -198,26 +198,19 @@ def prepare_output(config: GateConfig) -> bool:
     return created
 
 
-def scan_options(config: GateConfig) -> ScanOptions:
-    """The scan's options from the config."""
-    s = config.scan
-    return ScanOptions(Deployment(scheme=load_scheme(config.scheme), data=config.data, num_calib=s.num_calib,
-                                  seed=s.seed, opt_level=config.verify.opt_level,
-                                  provider=config.verify.provider, preprocess=config.preprocess),
-                       budget=s.budget, holdout=s.holdout, max_targets=s.max_targets)
-
-
-def quantize_options(config: GateConfig) -> QuantizeOptions:
-    """The defense's options from the config."""
-    d = config.defend
+def release_spec(config: GateConfig) -> ReleaseSpec:
+    """The config as the one release spec: its scan, defense and verification settings."""
+    d, s, v = config.defend, config.scan, config.verify
+    deployment = Deployment(scheme=load_scheme(config.scheme), data=config.data, num_calib=d.num_calib,
+                            seed=d.seed, provider=v.provider, opt_level=v.opt_level,
+                            preprocess=config.preprocess)
     # As efrap defend: EFRAP's preset (the project's default rule unless the config says release).
-    rounding = method_settings(d.method, d.preset if d.method == PRESET_METHOD else None,
-                               None if d.iters is None else {"iters": d.iters})
-    return QuantizeOptions(Deployment(scheme=load_scheme(config.scheme), data=config.data,
-                                      num_calib=d.num_calib, seed=d.seed, provider=config.verify.provider,
-                                      preprocess=config.preprocess),
-                           method=d.method, weight_storage=d.weight_storage, rounding=rounding,
-                           device=d.device)
+    rounding = RoundingChoice(d.method, d.preset, {} if d.iters is None else {"iters": d.iters},
+                              d.weight_storage, d.device)
+    return ReleaseSpec(deployment, rounding, holdout=d.holdout,
+                       check=GuardLimits(max_agreement_drop=config.thresholds.max_agreement_drop),
+                       scan=ScanChoice(s.budget, s.holdout, s.max_targets, s.num_calib, s.seed),
+                       limit=v.limit, verify_seed=0)
 
 
 def _measured(model: str, sha256: str, data: str, split: str, images: int | None, opt_level: str,
@@ -356,16 +349,12 @@ def run_gate(config: GateConfig, scan: ScanFunction = scan_model) -> GateRun:
     """
     paths = output_paths(config)
     sha256 = file_sha256(config.model)
-    v = config.verify
+    spec = release_spec(config)
     # Verification measures the recovered trigger as saved (as a user re-checks it with
     # efrap verify --trigger): the release names none of its own.
-    release = Release(
-        model=config.model, output=paths["defended"], quantize=quantize_options(config),
-        guard=GuardOptions(GuardLimits(max_agreement_drop=config.thresholds.max_agreement_drop),
-                           config.defend.holdout, v.opt_level),
-        verify=VerifyOptions(Deployment(data=config.data, opt_level=v.opt_level, provider=v.provider,
-                                        preprocess=config.preprocess), limit=v.limit),
-        scan=scan_options(config), trigger_out=paths["trigger"], verify_fp=True)
+    release = Release(model=config.model, output=paths["defended"], quantize=spec.quantize_options(),
+                      guard=spec.guard_options(), verify=spec.verify_options(), scan=spec.scan_options(),
+                      trigger_out=paths["trigger"], verify_fp=True)
     stages = {"scan": f"1/3 scan of {config.model}",
               "defend": f"2/3 defense ({config.defend.method}, scheme {config.scheme})",
               "verify": "3/3 verification in onnxruntime"}

@@ -6,22 +6,21 @@ import argparse
 
 from pipeline.audit import AuditReport, AuditThresholds, audit_models
 from pipeline.base.data import spec_files
-from pipeline.base.deployment import Deployment
 from pipeline.base.errors import one_line
 from pipeline.base.onnx_io import model_files
 from pipeline.base.runtime import PROVIDERS
 from pipeline.base.safe_io import check_outputs, write_json
-from pipeline.base.scheme import load_scheme, scheme_files
+from pipeline.base.scheme import scheme_files
 from pipeline.cli.args import (
     add_data_arg,
     add_preprocess_args,
     add_scheme_arg,
     positive_float,
     positive_int,
-    preprocess_options,
     seed_number,
 )
-from pipeline.scan import ScanOptions, scan_model
+from pipeline.cli.spec import release_spec
+from pipeline.scan import scan_model
 from validators.report import pct, table
 
 #: How a figure that could not be measured is printed.
@@ -59,10 +58,7 @@ def run(args: argparse.Namespace) -> int:
     inputs = [*model_files(args.fp), *model_files(args.quantized), *scheme_files(args.scheme),
               *spec_files(args.calib), *([args.preprocess] if args.preprocess else [])]
     check_outputs({"--json": args.json}, inputs)
-    options = ScanOptions(Deployment(scheme=load_scheme(args.scheme), data=args.calib,
-                                     num_calib=args.num_calib, seed=args.seed, provider=args.provider,
-                                     preprocess=preprocess_options(args)),
-                          budget=args.budget, holdout=args.holdout)
+    options = release_spec(args).scan_options()
     thresholds = AuditThresholds(min_asr=args.min_asr, min_differential=args.min_differential)
     report = audit_models(args.fp, args.quantized, scan_model, options, thresholds)
     print_report(report)

@@ -10,10 +10,9 @@ from pipeline.cli.args import positive_float
 from pipeline.cli.commands.quantize import (
     add_common_quant_args,
     add_rounding_args,
-    guard_options,
     print_guard,
     print_summary,
-    quantize_options,
+    quantize_spec,
     quantize_with,
     rounding_overrides,
 )
@@ -56,10 +55,11 @@ def run_self_check(args: argparse.Namespace) -> int:
     if args.preset != DEFAULT_PRESET or set(rounding_overrides(args)) - {"iters"}:
         raise EfrapError("--self-check rounds its own candidates (--candidates); of the rounding "
                          "options it takes only --iters")
-    options = quantize_options(args, "efrap", DEFAULT_PRESET)
+    spec = quantize_spec(args, "efrap", DEFAULT_PRESET)
     check = SelfCheckOptions(candidates=args.candidates, budget=args.check_budget, iters=args.iters,
                              repair=None if args.no_repair else RepairSettings())
-    outcome = self_checking_defend(args.model, args.output, options, guard_options(args), check, scan_model,
+    outcome = self_checking_defend(args.model, args.output, spec.quantize_options(), spec.guard_options(),
+                                   check, scan_model,
                                    resume=not args.no_resume, on_candidate=print_candidate)
     print_summary(outcome.summary, args.output)
     print_guard(outcome.guard)

@@ -6,33 +6,32 @@ import argparse
 from pathlib import Path
 
 from pipeline.base.data import spec_files
-from pipeline.base.deployment import Deployment
 from pipeline.base.device import DEVICES
 from pipeline.base.onnx_io import model_files
 from pipeline.base.safe_io import check_outputs, write_json
-from pipeline.base.scheme import load_scheme, scheme_files
+from pipeline.base.scheme import scheme_files
 from pipeline.cli.args import (
     add_data_arg,
     add_exclude_arg,
     add_preprocess_args,
     add_scheme_arg,
-    exclusions,
     fraction,
     lower_limit,
     nonnegative_float,
     nonnegative_int,
     positive_float,
     positive_int,
-    preprocess_options,
     seed_number,
     upper_limit,
 )
-from pipeline.quantize import GuardOptions, QuantizeOptions, QuantizeSummary
+from pipeline.cli.spec import release_spec
+from pipeline.quantize import QuantizeSummary
+from pipeline.release_spec import ReleaseSpec
 from pipeline.rounding import METHODS, EfrapConfig
 from pipeline.rounding.base import ERROR_MODES, ERROR_UNITS, LOSS_NAMES, SAMPLES
-from pipeline.rounding.settings import OVERRIDABLE, method_settings
+from pipeline.rounding.settings import OVERRIDABLE
 from pipeline.runner import defend_step
-from validators.guard import GuardLimits, GuardReport
+from validators.guard import GuardReport
 
 
 def add_common_quant_args(p: argparse.ArgumentParser) -> None:
@@ -81,13 +80,6 @@ def add_check_args(p: argparse.ArgumentParser) -> None:
                    "detectors, segmenters and embedders)")
     g.add_argument("--check-opt-level", choices=("faithful", "all"), default="faithful",
                    help="onnxruntime optimization level of the check (default faithful)")
-
-
-def guard_options(args: argparse.Namespace) -> GuardOptions:
-    """The check's settings from the arguments."""
-    limits = GuardLimits(max_agreement_drop=args.max_agreement_drop, min_accuracy=args.min_accuracy,
-                         max_output_error=args.max_output_error)
-    return GuardOptions(limits, args.holdout, args.check_opt_level)
 
 
 def _rounding_help(defaults: EfrapConfig) -> dict[str, tuple[dict, str]]:
@@ -215,17 +207,12 @@ def print_guard(report: GuardReport, limits: bool = True) -> None:
         print(f"check: {why}")
 
 
-def quantize_options(args: argparse.Namespace, method: str, preset: str | None = None) -> QuantizeOptions:
-    """The run's options from the arguments, after checking that no output overwrites an input."""
+def quantize_spec(args: argparse.Namespace, method: str, preset: str | None = None) -> ReleaseSpec:
+    """The run's spec from the arguments, after checking that no output overwrites an input."""
     check_outputs({"-o": args.output, "--json": args.json},
                   [*model_files(args.model), *scheme_files(args.scheme), *spec_files(args.calib),
                    *([args.preprocess] if args.preprocess else [])])
-    return QuantizeOptions(Deployment(scheme=load_scheme(args.scheme), data=args.calib,
-                                      num_calib=args.num_calib, seed=args.seed,
-                                      preprocess=preprocess_options(args)),
-                           method=method, weight_storage=args.weight_storage,
-                           rounding=method_settings(method, preset, rounding_overrides(args)),
-                           device=args.device, exclude=exclusions(args))
+    return release_spec(args, method, preset, rounding_overrides(args))
 
 
 def quantize_with(args: argparse.Namespace, method: str, preset: str | None = None) -> int:
@@ -237,9 +224,10 @@ def quantize_with(args: argparse.Namespace, method: str, preset: str | None = No
         0, or 1 when the output broke a limit of its check (the model and the summary
         are written either way, and say why).
     """
-    guard = guard_options(args)
-    options = quantize_options(args, method, preset)
-    defended = defend_step(Path(args.model), Path(args.output), options, guard, resume=not args.no_resume)
+    spec = quantize_spec(args, method, preset)
+    guard = spec.guard_options()
+    defended = defend_step(Path(args.model), Path(args.output), spec.quantize_options(), guard,
+                           resume=not args.no_resume)
     summary, report = defended.summary, defended.guard
     print_summary(summary, args.output)
     print_guard(report, guard.limits.any)

@@ -6,23 +6,22 @@ import argparse
 from pathlib import Path
 
 from pipeline.base.data import spec_files
-from pipeline.base.deployment import Deployment
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import model_files
 from pipeline.base.runtime import PROVIDERS
 from pipeline.base.safe_io import check_outputs, write_json
-from pipeline.base.scheme import load_scheme, scheme_files
+from pipeline.base.scheme import scheme_files
 from pipeline.cli.args import (
     add_data_arg,
     add_preprocess_args,
     add_scheme_arg,
     positive_float,
     positive_int,
-    preprocess_options,
     seed_number,
 )
+from pipeline.cli.spec import release_spec
 from pipeline.runner import scan_step
-from pipeline.scan import CLASS_STATES, ScanOptions, ScanReport
+from pipeline.scan import CLASS_STATES, ScanReport
 from validators.report import pct
 
 #: How a figure that could not be measured is printed.
@@ -86,10 +85,7 @@ def run(args: argparse.Namespace) -> int:
     outputs = {"--json": args.json, "--trigger-out": args.trigger_out,
                "--trigger-out's npz": _trigger_npz(args.trigger_out) if args.trigger_out else None}
     check_outputs(outputs, inputs)
-    options = ScanOptions(Deployment(scheme=load_scheme(args.scheme), data=args.calib,
-                                     num_calib=args.num_calib, seed=args.seed, provider=args.provider,
-                                     preprocess=preprocess_options(args)),
-                          budget=args.budget, holdout=args.holdout, max_targets=args.max_targets)
+    options = release_spec(args).scan_options()
     scanned = scan_step(Path(args.model), options, Path(args.trigger_out) if args.trigger_out else None,
                         defended=Path(args.defended) if args.defended else None)
     report = scanned.report

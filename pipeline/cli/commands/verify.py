@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 from pipeline.base.data import spec_files
-from pipeline.base.deployment import Deployment
 from pipeline.base.errors import one_line
 from pipeline.base.onnx_io import model_files
 from pipeline.base.runtime import PROVIDERS
@@ -17,15 +16,14 @@ from pipeline.cli.args import (
     add_preprocess_args,
     lower_limit,
     positive_int,
-    preprocess_options,
     seed_number,
     upper_limit,
 )
+from pipeline.cli.spec import release_spec
 from pipeline.runner import verify_step
 from pipeline.torch_graph import SIMULATION
-from validators.limits import VerifyLimits
 from validators.report import pct, table
-from validators.verify import VerifyOptions, VerifyReport
+from validators.verify import VerifyReport
 
 
 def _figure(value: float | None, why: str | None) -> str:
@@ -66,13 +64,8 @@ def run(args: argparse.Namespace) -> int:
     if args.trigger:
         inputs += trigger_files(args.trigger)
     check_outputs({"--json": args.json}, inputs)
-    deployment = Deployment(data=args.data, opt_level=args.opt_level, provider=args.provider, seed=args.seed,
-                            preprocess=preprocess_options(args))
-    gate = VerifyLimits(min_accuracy=args.min_accuracy, max_asr=args.max_asr,
-                        max_parity_diff=args.max_parity_diff)
-    reference = SIMULATION if args.reference else None
-    options = VerifyOptions(deployment, trigger=args.trigger, reference=reference, limit=args.limit,
-                            gate=gate)
+    options = release_spec(args, quantized=False).verify_options(
+        reference=SIMULATION if args.reference else None)
     report = verify_step(Path(args.model), options).output
     print_report(report)
     if args.json:
