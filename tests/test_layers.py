@@ -2,14 +2,15 @@
 
 From the bottom up:
 
-0. ``pipeline.base``: errors, safe I/O, data, triggers, progress, onnxruntime sessions,
-   device names, seeds, value checks; no torch;
-1. ``validators``: metrics, the gate, reports, verification in onnxruntime; no torch;
-2. ``pipeline``: schemes, quantization arithmetic, observers, the plan, calibration, the
+0. ``pipeline.base``: the deployment spec and the schemes, errors, safe I/O, data, triggers,
+   progress, onnxruntime sessions, device names, seeds, value checks; no torch;
+1. ``validators``: metrics, verification's limits, reports, verification in onnxruntime; no torch;
+2. ``pipeline``: quantization arithmetic, observers, the plan, calibration, the
    torch simulation, reconstruction and the rounding methods, and what the base layer gets
    from torch (``pipeline.torch_backend``: the resize, the GPU check, devices, threads);
 3. ``converters``: torch -> ONNX export and the QDQ writer;
-4. ``pipeline.quantize``: the orchestration (FP ONNX -> QDQ ONNX), and ``pipeline.api`` over it
+4. ``pipeline.quantize``: the orchestration (FP ONNX -> QDQ ONNX), the scan, the audit, the
+   release spec and the runner's steps, the gate and the batch, and ``pipeline.api`` over them
    (the drop-in for onnxruntime's quantize_static, defend, scan, verify);
 5. ``models``: architectures, training, the red team's attacks, the stored zoo;
 6. ``pipeline.cli``: the command line.
