@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from types import MappingProxyType
 
 from pipeline.base.deployment import Deployment
 from pipeline.quantize import GuardOptions, QuantizeOptions
@@ -40,7 +39,8 @@ class RoundingChoice:
 
     method: str = "efrap"
     preset: str | None = None
-    overrides: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
+    # A plain dict, not a read-only view: a batch job travels to its worker by pickle.
+    overrides: Mapping[str, object] = field(default_factory=dict)
     weight_storage: str = "int8"
     device: str = "auto"
     exclude: tuple[str, ...] = ()

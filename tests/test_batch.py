@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,8 @@ def test_manifest_defaults_and_overrides(tmp_path: Path) -> None:
     assert good.options.calib == good.data == f"npz:{tmp_path / 'data.npz'}"
     assert good.trigger == str(tmp_path / "trigger.json") and broken.trigger is None
     assert not good.scan and learned.scan and learned.scan_budget == 3.0
+    # A job travels to its Ray worker by pickle, and arrives with the same settings.
+    assert pickle.loads(pickle.dumps(learned)) == learned
     # 1 and 1.0 are one setting, so they give one key.
     text = "[[model]]\npath = 'a.onnx'\n[model.rounding]\nlr = {}\n"
     one = load_manifest(_manifest(tmp_path, text.format("1"), "one.toml"))
