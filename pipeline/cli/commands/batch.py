@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "batch", help="run a manifest of models through scan, defend/quantize and verify",
         description="Each model of the manifest (TOML or JSON: a [defaults] table and [[model]] "
-        "tables; docs/BATCH.md) runs through the scan (where it exists), defend (EFRAP) or quantize "
+        "tables; docs/BATCH.md) runs through the scan, defend (EFRAP) or quantize "
         "(another method) and verify, into its own folder under --out. A failing model is recorded "
         "and the others go on; a re-run skips every model whose result exists for the same model "
         "file (sha256) and settings, so a killed run resumes. Writes results.csv, results.json and "
