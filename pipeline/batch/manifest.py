@@ -95,8 +95,6 @@ class ModelJob:
         spec: What the manifest asks of it (`pipeline.release_spec.ReleaseSpec`): its
             deployment, rounding, check, scan, verification and trigger (absolute, or None:
             attack success is then not measured).
-        options: The quantization settings, from the spec.
-        guard: The defended model's check against FP on held-out training images, from the spec.
         verify_fp: Also verify the FP model (its clean accuracy and attack success).
         scheme_spec: The scheme as the manifest names it (a preset or a file).
     """
@@ -104,10 +102,18 @@ class ModelJob:
     name: str
     path: str
     spec: ReleaseSpec
-    options: QuantizeOptions
-    guard: GuardOptions
     verify_fp: bool = True
     scheme_spec: str = DEFAULT_SCHEME
+
+    @property
+    def options(self) -> QuantizeOptions:
+        """The quantization settings, built by the spec (checked when the manifest is read)."""
+        return self.spec.quantize_options()
+
+    @property
+    def guard(self) -> GuardOptions:
+        """The defended model's check against FP on held-out training images."""
+        return self.spec.guard_options()
 
     @property
     def trigger(self) -> str | None:
@@ -337,7 +343,8 @@ def _job(values: dict[str, Any], where: str, base: Path) -> ModelJob:
                            limits=VerifyLimits(min_accuracy=gate.get("min_accuracy"),
                                                max_asr=gate.get("max_asr")),
                            trigger=values.get("trigger"))
-        options, guard = spec.quantize_options(), spec.guard_options()
+        options = spec.quantize_options()  # built here once so that a bad setting fails the manifest
+        spec.guard_options()
     except EfrapError as exc:
         raise EfrapError(f"{where}: {exc}") from None
     if spec.scan is not None and options.num_calib < limits.SCAN_CALIB.low:
@@ -345,8 +352,8 @@ def _job(values: dict[str, Any], where: str, base: Path) -> ModelJob:
         raise EfrapError(f"{where}.num_calib must be at least {limits.SCAN_CALIB.low:,} while scan is "
                          f"on ({limits.SCAN_CALIB.what}; scan = false skips the scan), got "
                          f"{options.num_calib:,}")
-    return ModelJob(name=name, path=values["path"], spec=spec, options=options, guard=guard,
-                    verify_fp=values.get("verify_fp", True), scheme_spec=scheme_spec)
+    return ModelJob(name=name, path=values["path"], spec=spec, verify_fp=values.get("verify_fp", True),
+                    scheme_spec=scheme_spec)
 
 
 def load_manifest(path: str | Path) -> Manifest:
