@@ -27,7 +27,7 @@ from __future__ import annotations
 import enum
 import os
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,21 +46,20 @@ from pipeline.base.trigger import trigger_files
 from pipeline.graph import FUSED_ACTIVATIONS, INTEGER_OPS, PASSTHROUGH_OPS, QUANTIZABLE_OPS
 from pipeline.prepare import prepare_model
 from pipeline.quantize import (
-    GuardOptions,
-    QuantizeOptions,
     QuantizeSummary,
     calibration_array,
-    quantize_file,
     quantize_model,
 )
-from pipeline.rounding import METHODS, RoundingSettings, get_method
+from pipeline.release_spec import ReleaseSpec, RoundingChoice, ScanChoice
+from pipeline.rounding import METHODS, get_method
 from pipeline.rounding.efrap import EFRAP_PRESETS
-from pipeline.rounding.settings import method_settings
-from pipeline.scan import ScanOptions, ScanReport, SearchConfig, scan_model
+from pipeline.rounding.settings import PRESET_METHOD
+from pipeline.runner import defend_step, scan_step, verify_step
+from pipeline.scan import ScanReport
 from pipeline.torch_graph import SIMULATION
 from validators.guard import GuardLimits, GuardReport
 from validators.limits import VerifyLimits
-from validators.verify import VerifyOptions, VerifyReport, verify_model
+from validators.verify import VerifyReport
 
 try:  # onnxruntime's enums; without its quantization tools, their names as strings still work
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
@@ -278,19 +277,18 @@ def _provider(providers: object) -> str:
     return CALIBRATION_PROVIDERS[names[0]]
 
 
-def _rounding_config(rounding: object, preset: str | None, iters: int | None) -> tuple[str, RoundingSettings]:
-    """The method and its settings: `preset` (EFRAP) or the method's defaults, then `iters`."""
+def _rounding(rounding: object, preset: str | None, iters: int | None, weight_storage: str,
+              device: str, exclude: tuple[str, ...] = ()) -> RoundingChoice:
+    """The rounding choice the arguments name (its settings are resolved by the release spec)."""
     method = _checked("rounding", lambda: checks.string(rounding, "rounding", tuple(METHODS)))
     if preset is not None:
-        if method != "efrap":
-            raise ValueError(f"preset applies to rounding='efrap' only, not '{method}'")
+        if method != PRESET_METHOD:
+            raise ValueError(f"preset applies to rounding='{PRESET_METHOD}' only, not '{method}'")
         _checked("preset", lambda: checks.string(preset, "preset", tuple(EFRAP_PRESETS)))
-    config = method_settings(method, preset)
-    if iters is not None:
-        if "data" not in get_method(method).needs(config):
-            raise ValueError(f"iters applies to learned rounding only, not rounding='{method}'")
-        config = _checked("iters", lambda: method_settings(method, preset, {"iters": iters}))
-    return method, config
+    if iters is not None and "iters" not in {f.name for f in fields(type(get_method(method).defaults))}:
+        raise ValueError(f"iters applies to learned rounding only, not rounding='{method}'")
+    return RoundingChoice(method, preset, {} if iters is None else {"iters": iters}, weight_storage, device,
+                          exclude)
 
 
 def _exclusions(
@@ -434,19 +432,16 @@ def quantize_static(
     chosen = (
         mapped if scheme is None else _given_scheme(scheme, mapped, w_type, a_type, per_channel, honoured)
     )
-    method, config = _rounding_config(rounding, preset, iters)
-    if "search" in get_method(method).needs(config):
-        raise ValueError(f"rounding='{method}' chooses its setting on held-out training images, which a "
-                         "calibration reader does not give; use quantize_file or efrap quantize")
     storage = (
         weight_storage if weight_storage is not None else ("int4" if TYPE_GRIDS[w_type][0] == 4 else "int8")
     )
+    choice = _rounding(rounding, preset, iters, storage, device)
     provider = _provider(calibration_providers)
-    settings = _checked(
-        "quantize_static",
-        lambda: QuantizeOptions(Deployment(scheme=chosen, data=READER_DATA, seed=seed, provider=provider),
-                                method=method, weight_storage=storage, rounding=config, device=device),
-    )
+    spec = ReleaseSpec(Deployment(scheme=chosen, data=READER_DATA, seed=seed, provider=provider), choice)
+    settings = _checked("quantize_static", spec.quantize_options)
+    if "search" in get_method(settings.method).needs(settings.rounding):
+        raise ValueError(f"rounding='{settings.method}' chooses its setting on held-out training images, "
+                         "which a calibration reader does not give; use quantize_file or efrap quantize")
     out = _path(model_output, "model_output")
     if isinstance(model_input, onnx.ModelProto):
         model, source, inputs = model_input, "model_input", []
@@ -546,30 +541,20 @@ def defend(
     """
     model, out = _path(model_input, "model_input"), _path(model_output, "model_output")
     chosen, scheme_inputs = _scheme(scheme)
-    method, config = _rounding_config("efrap", preset, iters)
     _checked("check_opt_level", lambda: checks.string(check_opt_level, "check_opt_level", tuple(OPT_LEVELS)))
-    guard = _checked(
-        "defend",
-        lambda: GuardOptions(
-            GuardLimits(
-                max_agreement_drop=_limit(max_agreement_drop, "max_agreement_drop"),
-                min_accuracy=_limit(min_accuracy, "min_accuracy"),
-            ),
-            holdout,
-            check_opt_level,
-        ),
-    )
-    options = _checked(
-        "defend",
-        lambda: QuantizeOptions(Deployment(scheme=chosen, data=calib, num_calib=num_calib, seed=seed),
-                                method=method, weight_storage=weight_storage, rounding=config, device=device,
-                                exclude=_names(exclude, "exclude")),
-    )
+    spec = _checked("defend", lambda: ReleaseSpec(
+        # The deployment's level is the check's, as on the command line.
+        Deployment(scheme=chosen, data=calib, num_calib=num_calib, seed=seed, opt_level=check_opt_level),
+        _rounding("efrap", preset, iters, weight_storage, device, _names(exclude, "exclude")),
+        holdout=holdout,
+        check=GuardLimits(max_agreement_drop=_limit(max_agreement_drop, "max_agreement_drop"),
+                          min_accuracy=_limit(min_accuracy, "min_accuracy"))))
+    guard = _checked("defend", spec.guard_options)
+    options = _checked("defend", spec.quantize_options)
     inputs = _checked("model_input", lambda: [*model_files(model), *scheme_inputs, *spec_files(calib)])
     _checked("model_output", lambda: check_outputs({"model_output": out}, inputs))
-    summary, report = quantize_file(str(model), str(out), options, guard)
-    assert report is not None  # a guard was given
-    return DefendResult(summary, report)
+    step = defend_step(model, out, options, guard)
+    return DefendResult(step.summary, step.guard)
 
 
 def scan(
@@ -607,23 +592,18 @@ def scan(
     """
     model = _path(model_input, "model_input")
     chosen, _ = _scheme(scheme)  # scan writes nothing, so the files it reads need no guard
-    search = (
-        SearchConfig()
-        if steps is None
-        else _checked("steps", lambda: replace(SearchConfig(), steps=checks.integer(steps, "steps", low=1)))
-    )
-    options = _checked(
-        "scan",
-        lambda: ScanOptions(Deployment(scheme=chosen, data=calib, num_calib=num_calib, seed=seed,
-                                       provider=provider),
-                            budget=budget, holdout=holdout, search=search, max_targets=max_targets),
-    )
+    if steps is not None:
+        _checked("steps", lambda: checks.integer(steps, "steps", low=1))
+    spec = _checked("scan", lambda: ReleaseSpec(
+        Deployment(scheme=chosen, data=calib, num_calib=num_calib, seed=seed, provider=provider),
+        scan=ScanChoice(budget=budget, holdout=holdout, max_targets=max_targets, steps=steps)))
+    options = _checked("scan", spec.scan_options)
     _checked("model_input", lambda: model_files(model))
     _checked("calib", lambda: spec_files(calib))
     other = None if defended is None else _path(defended, "defended")
     if other is not None:
         _checked("defended", lambda: model_files(other))
-    return scan_model(str(model), options, defended=None if other is None else str(other))
+    return scan_step(model, options, defended=other).report
 
 
 def verify(
@@ -662,27 +642,21 @@ def verify(
     trig = None if trigger is None else _path(trigger, "trigger")
     _checked("opt_level", lambda: checks.string(opt_level, "opt_level", tuple(OPT_LEVELS)))
     _checked("provider", lambda: checks.string(provider, "provider", PROVIDERS))
-    gate = _checked(
-        "verify",
-        lambda: VerifyLimits(
-            min_accuracy=_limit(min_accuracy, "min_accuracy"),
-            max_asr=_limit(max_asr, "max_asr"),
-            max_parity_diff=_limit(max_parity_diff, "max_parity_diff"),
-        ),
-    )
-    options = _checked(
-        "verify",
-        lambda: VerifyOptions(Deployment(data=data, opt_level=opt_level, provider=provider,
-                                         seed=checks.integer(seed, "seed", low=0)),
-                              trigger=None if trig is None else str(trig),
-                              reference=SIMULATION if _flag(reference, "reference") else None, limit=limit,
-                              gate=gate),
-    )
+    spec = _checked("verify", lambda: ReleaseSpec(
+        Deployment(data=data, opt_level=opt_level, provider=provider,
+                   seed=checks.integer(seed, "seed", low=0)),
+        limit=limit,
+        limits=VerifyLimits(min_accuracy=_limit(min_accuracy, "min_accuracy"),
+                            max_asr=_limit(max_asr, "max_asr"),
+                            max_parity_diff=_limit(max_parity_diff, "max_parity_diff")),
+        trigger=None if trig is None else str(trig)))
+    compared = SIMULATION if _flag(reference, "reference") else None
+    options = _checked("verify", lambda: spec.verify_options(reference=compared))
     _checked("model_input", lambda: model_files(model))
     _checked("data", lambda: spec_files(data))
     if trig is not None:
         _checked("trigger", lambda: trigger_files(str(trig)))
-    return verify_model(str(model), options)
+    return verify_step(model, options).output
 
 
 __all__ = ["DefendResult", "defend", "quantize_static", "scan", "verify"]

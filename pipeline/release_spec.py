@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pipeline.base.deployment import Deployment
 from pipeline.quantize import GuardOptions, QuantizeOptions
 from pipeline.rounding.settings import PRESET_METHOD, method_settings
-from pipeline.scan import ScanOptions
+from pipeline.scan import ScanOptions, SearchConfig
 from validators.guard import GuardLimits
 from validators.limits import VerifyLimits
 from validators.verify import Reference, VerifyOptions
@@ -29,8 +29,9 @@ class RoundingChoice:
 
     Attributes:
         method: The rounding method's name.
-        preset: EFRAP's named settings (None: the default rule for EFRAP; for any other
-            method a preset is refused).
+        preset: EFRAP's named settings (None: the default rule). Read for EFRAP only: a
+            gate config carries its default preset whatever the method, and each parser
+            refuses a preset the user gave with another method.
         overrides: The rounding settings the user changed (field -> value).
         weight_storage: "int8" containers or packed "int4".
         device: torch device of learned rounding.
@@ -57,6 +58,7 @@ class ScanChoice:
         num_calib: Its calibration images, where they differ from the rounding run's (a gate
             config's `[scan] num_calib`).
         seed: Its seed, likewise.
+        steps: Most search steps per class and family (None: the scan's default).
     """
 
     budget: float | None = None
@@ -64,6 +66,7 @@ class ScanChoice:
     max_targets: int = 10
     num_calib: int | None = None
     seed: int | None = None
+    steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,9 @@ class ReleaseSpec:
         d = self.deployment
         deployment = replace(d, num_calib=d.num_calib if s.num_calib is None else s.num_calib,
                              seed=d.seed if s.seed is None else s.seed)
-        return ScanOptions(deployment, budget=s.budget, holdout=s.holdout, max_targets=s.max_targets)
+        search = SearchConfig() if s.steps is None else SearchConfig(steps=s.steps)
+        return ScanOptions(deployment, budget=s.budget, holdout=s.holdout, search=search,
+                           max_targets=s.max_targets)
 
     def verify_options(self, trigger: str | None = None, reference: Reference | None = None) -> VerifyOptions:
         """Verification's options; `trigger` (a recovered one) when the spec names none."""
