@@ -41,8 +41,8 @@ from pipeline.base.safe_io import file_sha256
 from pipeline.base.scheme import Scheme
 from pipeline.base.trigger import PatternTrigger
 from pipeline.rounding_audit import RoundingAudit, audit_rounding, rounding_warnings
-from pipeline.scan.report import ScanReport
-from pipeline.scan_evidence import ScanEvidence, ScanFunction, evidence_from_scan
+from pipeline.scan.report import ScanFunction, ScanReport
+from pipeline.scan_evidence import ScanEvidence, evidence_from_scan
 
 #: The verdicts, from the audit's point of view of Q.
 VERDICTS = ("rounding-backdoor", "qcb", "inconclusive", "clean")

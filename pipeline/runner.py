@@ -25,14 +25,12 @@ from pathlib import Path
 from pipeline.base.safe_io import file_sha256
 from pipeline.base.trigger import AnyTrigger, save_trigger
 from pipeline.quantize import GuardOptions, QuantizeOptions, QuantizeSummary, quantize_file
-from pipeline.scan import ScanOptions, scan_model
+from pipeline.scan import ScanFunction, ScanOptions, scan_model
 from pipeline.scan.report import ScanReport
 from validators.guard import GuardReport
 from validators.limits import VerifyLimits
 from validators.verify import VerifyOptions, VerifyReport, verify_model
 
-#: scan_model(model path, options, defended=None) -> report (a stand-in with its signature in tests).
-ScanFunction = Callable[..., ScanReport]
 #: Told each step's name as it starts ("scan", "defend", "verify").
 OnStep = Callable[[str], None]
 

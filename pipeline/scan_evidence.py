@@ -9,13 +9,9 @@ attribute error here, not a missing figure a verdict could be decided on.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.scan.report import ScanReport
-
-#: scan_model(FP path, options, defended=Q path) -> report.
-ScanFunction = Callable[..., ScanReport]
 
 
 @dataclass(frozen=True)

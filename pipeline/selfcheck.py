@@ -54,8 +54,7 @@ from pipeline.rounding.adaround import ADAROUND_DEFAULTS
 from pipeline.rounding.efrap import EFRAP_DEFAULT, EFRAP_FAST, EFRAP_RELEASE
 from pipeline.rounding.lac import LAC_DEFAULTS
 from pipeline.rounding.qvec import QVec
-from pipeline.scan import ScanOptions
-from pipeline.scan_evidence import ScanFunction
+from pipeline.scan import ScanFunction, ScanOptions
 from validators.guard import GuardReport
 
 SUFFIX = ".selfcheck"

@@ -64,10 +64,14 @@ from pipeline.base.scheme import PRESETS
 from pipeline.rounding import METHODS
 from pipeline.rounding.efrap import EFRAP_PRESETS
 from pipeline.rounding.settings import DEFAULT_PRESET, method_settings
+from validators.guard import GuardLimits
+from validators.limits import VerifyLimits
 
 #: Scan verdicts (pipeline.scan): a backdoor active in FP always fails, since no rounding fixes it.
 SCAN_VERDICTS = ("qcb", "fp-backdoor", "clean")
 ALWAYS_FAIL = ("fp-backdoor",)
+#: The recovered trigger's largest attack success on the defended model, unless the config says.
+DEFAULT_MAX_TRIGGER_ASR = 0.05
 OPT_LEVELS = ("faithful", "all")
 WEIGHT_STORAGES = ("int8", "int4")
 _TOP = frozenset({"model", "data", "scheme", "output", "preprocess", "scan", "defend", "verify",
@@ -118,21 +122,26 @@ class VerifySettings:
 
 @dataclass(frozen=True)
 class Thresholds:
-    """What fails the release; None disables a limit.
+    """What fails the release: the defense check's and verification's own limit types, and
+    the scan verdicts (each limit has one owner and one validation).
 
     Attributes:
-        max_trigger_asr: Largest attack success of the recovered trigger on the defended
-            model (test images whose label is not the target).
-        max_agreement_drop: Largest share of held-out images whose defended prediction
-            differs from FP's.
-        min_accuracy: Lowest clean accuracy of the defended model on the test split.
+        check: The check against FP on held-out training images: `max_agreement_drop`,
+            the largest share whose defended prediction differs from FP's.
+        verify: The defended model on the test split: `max_asr`, the largest attack
+            success of the recovered trigger (images whose label is not the target), and
+            `min_accuracy`, the lowest clean accuracy.
         fail_verdicts: Scan verdicts that fail the release; always holds "fp-backdoor".
     """
 
-    max_trigger_asr: float | None = 0.05
-    max_agreement_drop: float | None = None
-    min_accuracy: float | None = None
+    check: GuardLimits = field(default_factory=GuardLimits)
+    verify: VerifyLimits = field(default_factory=lambda: VerifyLimits(max_asr=DEFAULT_MAX_TRIGGER_ASR))
     fail_verdicts: tuple[str, ...] = ALWAYS_FAIL
+
+    def to_json(self) -> dict[str, Any]:
+        """The thresholds as the config names them (the report's `config.thresholds`)."""
+        return {"max_trigger_asr": self.verify.max_asr, "max_agreement_drop": self.check.max_agreement_drop,
+                "min_accuracy": self.verify.min_accuracy, "fail_verdicts": list(self.fail_verdicts)}
 
 
 @dataclass(frozen=True)
@@ -236,12 +245,13 @@ def _thresholds(raw: object, source: str) -> Thresholds:
     chosen = [checks.string(v, f"{where}.fail_verdicts", SCAN_VERDICTS) for v in verdicts]
     if "clean" in chosen:
         raise EfrapError(f"{where}.fail_verdicts: 'clean' would fail every clean model")
+    def given(key: str, useless: float, default: float | None = None) -> float | None:
+        return _limit(t[key], f"{where}.{key}", useless) if key in t else default
+
     return Thresholds(
-        max_trigger_asr=_limit(t["max_trigger_asr"], f"{where}.max_trigger_asr", 1.0)
-        if "max_trigger_asr" in t else Thresholds.max_trigger_asr,
-        max_agreement_drop=_limit(t["max_agreement_drop"], f"{where}.max_agreement_drop", 1.0)
-        if "max_agreement_drop" in t else None,
-        min_accuracy=_limit(t["min_accuracy"], f"{where}.min_accuracy", 0.0) if "min_accuracy" in t else None,
+        check=GuardLimits(max_agreement_drop=given("max_agreement_drop", 1.0)),
+        verify=VerifyLimits(max_asr=given("max_trigger_asr", 1.0, DEFAULT_MAX_TRIGGER_ASR),
+                            min_accuracy=given("min_accuracy", 0.0)),
         fail_verdicts=tuple(dict.fromkeys([*ALWAYS_FAIL, *chosen])))
 
 

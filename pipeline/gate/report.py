@@ -129,7 +129,7 @@ def to_json(run: GateRun) -> dict[str, Any]:
         "config": {"file": str(c.source), "model": str(c.model), "data": c.data, "scheme": c.scheme,
                    "output": str(c.output), "preprocess": c.preprocess, "scan": asdict(c.scan),
                    "defend": asdict(c.defend), "verify": asdict(c.verify),
-                   "thresholds": asdict(c.thresholds)},
+                   "thresholds": c.thresholds.to_json()},
         "model": {"path": str(c.model), "sha256": run.model_sha256},
         "checks": [asdict(ch) for ch in run.checks],
         "scan": {"verdict": run.scan.verdict.verdict, "target": run.scan.verdict.target,

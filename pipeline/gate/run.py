@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,8 +45,8 @@ from pipeline.quantize import QuantizeSummary
 from pipeline.release_spec import ReleaseSpec, RoundingChoice, ScanChoice
 from pipeline.runner import Release, run_release
 from pipeline.scan import scan_model
-from pipeline.scan.report import ScanReport
-from validators.guard import GuardLimits, GuardReport
+from pipeline.scan.report import ScanFunction, ScanReport
+from validators.guard import GuardReport
 from validators.verify import VerifyReport
 
 #: The files the gate writes into its output folder.
@@ -55,8 +54,6 @@ OUTPUT_FILES = {"json": "report.json", "markdown": "summary.md", "html": "report
                 "defended": "defended.onnx", "trigger": "recovered.trigger.json",
                 "trigger_npz": "recovered.trigger.npz"}
 
-#: scan_model(model path, options, defended=None) -> report.
-ScanFunction = Callable[..., ScanReport]
 
 
 @dataclass(frozen=True)
@@ -208,7 +205,7 @@ def release_spec(config: GateConfig) -> ReleaseSpec:
     rounding = RoundingChoice(d.method, d.preset, {} if d.iters is None else {"iters": d.iters},
                               d.weight_storage, d.device)
     return ReleaseSpec(deployment, rounding, holdout=d.holdout,
-                       check=GuardLimits(max_agreement_drop=config.thresholds.max_agreement_drop),
+                       check=config.thresholds.check,
                        scan=ScanChoice(s.budget, s.holdout, s.max_targets, s.num_calib, s.seed),
                        limit=v.limit, verify_seed=0)
 
@@ -310,26 +307,27 @@ def evaluate(config: GateConfig, scan: ScanReport, sha256: str, guard: GuardRepo
              defended_sha256: str, verify_defended: VerifyReport,
              trigger: AnyTrigger | None) -> tuple[Check, ...]:
     """Every check of the release, in order (scan verdict, trigger, agreement, accuracy)."""
-    t = config.thresholds
+    t = config.thresholds.verify
+    max_drop = config.thresholds.check.max_agreement_drop
     checks = [_verdict_check(config, scan, sha256)]
     vd = verify_defended
     measured = _measured(str(vd.model), defended_sha256, vd.data, vd.split, vd.images, vd.opt_level,
                          vd.provider)
-    if t.max_trigger_asr is not None:
+    if t.max_asr is not None:
         if trigger is None:
             # No trigger, no figure: the check asks for one, so it fails (never a pass by default).
             checks.append(Check("recovered trigger on the defended model",
-                                f"<= {100 * t.max_trigger_asr:.2f}%", None, False,
+                                f"<= {100 * t.max_asr:.2f}%", None, False,
                                 "not measurable: the scan recovered no trigger", measured))
         else:
             checks.append(_limit_check("recovered trigger on the defended model", vd.attack_success_rate,
-                                       t.max_trigger_asr, True, vd.not_measurable.get("asr", ""), measured))
-    if t.max_agreement_drop is not None:
+                                       t.max_asr, True, vd.not_measurable.get("asr", ""), measured))
+    if max_drop is not None:
         g_measured = _measured(str(vd.model), defended_sha256, config.data, "train, held out",
                                guard.images if guard else None, guard.opt_level if guard else "",
                                guard.provider if guard else "")
         drop = None if guard is None or guard.agreement is None else 1.0 - guard.agreement
-        checks.append(_limit_check("agreement drop against FP", drop, t.max_agreement_drop, True,
+        checks.append(_limit_check("agreement drop against FP", drop, max_drop, True,
                                    "the defense's check did not run", g_measured))
     if t.min_accuracy is not None:
         checks.append(_limit_check("clean accuracy of the defended model", vd.clean_accuracy, t.min_accuracy,

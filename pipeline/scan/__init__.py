@@ -1,8 +1,9 @@
 """The scan: does an FP model carry a backdoor that the deployment quantization wakes?
 
-    from pipeline.scan import ScanOptions, scan_model
+    from pipeline.base.deployment import Deployment
     from pipeline.base.scheme import load_scheme
-    report = scan_model("model.onnx", ScanOptions(scheme=load_scheme("w4a4")))
+    from pipeline.scan import ScanOptions, scan_model
+    report = scan_model("model.onnx", ScanOptions(Deployment(scheme=load_scheme("w4a4"))))
     report.verdict.verdict, report.verdict.target, report.to_json()
 
 Modules: `sides` (the FP, nearest and defended models as differentiable functions of
@@ -18,7 +19,7 @@ docs/SCAN.md describes the method and its measured results.
 
 from __future__ import annotations
 
-from pipeline.scan.report import CLASS_STATES, Coverage, DefendedScan, Figures, ScanReport
+from pipeline.scan.report import CLASS_STATES, Coverage, DefendedScan, Figures, ScanFunction, ScanReport
 from pipeline.scan.run import ScanOptions, scan_model
 from pipeline.scan.search import FAMILIES, Found, SearchConfig
 from pipeline.scan.verdict import (
@@ -33,7 +34,23 @@ from pipeline.scan.verdict import (
 )
 
 __all__ = [
-    "CLASS_STATES", "FAMILIES", "VERDICTS", "Coverage", "DefendedScan", "Figures", "Found", "ScanOptions",
-    "ScanReport", "SearchConfig", "TestResult", "Verdict", "VerdictRule", "decide", "inconclusive",
-    "not_findings", "run_test", "scan_model",
+    "CLASS_STATES",
+    "FAMILIES",
+    "VERDICTS",
+    "Coverage",
+    "DefendedScan",
+    "Figures",
+    "Found",
+    "ScanFunction",
+    "ScanOptions",
+    "ScanReport",
+    "SearchConfig",
+    "TestResult",
+    "Verdict",
+    "VerdictRule",
+    "decide",
+    "inconclusive",
+    "not_findings",
+    "run_test",
+    "scan_model",
 ]

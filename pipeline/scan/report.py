@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -403,3 +404,8 @@ class ScanReport:
             "cpu_seconds": round(self.cpu_seconds, 2) if math.isfinite(self.cpu_seconds) else None,
             "defended_seconds": None if self.defended_seconds is None else round(self.defended_seconds, 2),
         }
+
+
+#: `scan_model`'s shape, (FP path, options, defended=Q path) -> report: what the runner, the
+#: gate and the audit take, so that a test can give them a scan of its own.
+ScanFunction = Callable[..., ScanReport]
