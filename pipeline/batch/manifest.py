@@ -42,6 +42,7 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +106,13 @@ class ModelJob:
     verify_fp: bool = True
     scheme_spec: str = DEFAULT_SCHEME
 
-    @property
+    # Built once per job (the rounding settings are resolved there), not at every read.
+    @cached_property
     def options(self) -> QuantizeOptions:
         """The quantization settings, built by the spec (checked when the manifest is read)."""
         return self.spec.quantize_options()
 
-    @property
+    @cached_property
     def guard(self) -> GuardOptions:
         """The defended model's check against FP on held-out training images."""
         return self.spec.guard_options()
