@@ -17,8 +17,18 @@ from validators.guard import GuardLimits
 from validators.limits import VerifyLimits
 
 
-def _given(args: argparse.Namespace, name: str, default: object) -> object:
-    """An argument of the command, or `default` where the command has no such option."""
+#: The options a command may lack (each command takes those that concern it). Read only
+#: through `_given`, so a misspelt name is an error here, not a silent default;
+#: tests/test_cli_spec.py checks that each is an option of some command.
+OPTIONAL = frozenset({"num_calib", "seed", "provider", "check_opt_level", "opt_level", "weight_storage",
+                      "device", "exclude", "max_agreement_drop", "min_accuracy", "max_output_error",
+                      "budget", "holdout", "max_targets", "limit", "trigger"})
+
+
+def _given(args: argparse.Namespace, name: str, default: object = None) -> object:
+    """An argument of the command, or `default` where the command has no such option or it was not given."""
+    if name not in OPTIONAL:
+        raise KeyError(f"{name} is not a command-line option the release spec reads")
     value = getattr(args, name, None)
     return default if value is None else value
 
@@ -49,14 +59,14 @@ def release_spec(args: argparse.Namespace, method: str = "efrap", preset: str | 
     """
     rounding = RoundingChoice(method, preset, overrides or {}, _given(args, "weight_storage", "int8"),  # type: ignore[arg-type]
                               _given(args, "device", "auto"),  # type: ignore[arg-type]
-                              exclusions(args) if hasattr(args, "exclude") else ())
-    check = GuardLimits(max_agreement_drop=getattr(args, "max_agreement_drop", None),
-                        min_accuracy=getattr(args, "min_accuracy", None) if quantized else None,
-                        max_output_error=getattr(args, "max_output_error", None))
-    scan = ScanChoice(budget=getattr(args, "budget", None), holdout=_given(args, "holdout", 1000),  # type: ignore[arg-type]
+                              exclusions(args) if _given(args, "exclude") is not None else ())
+    check = GuardLimits(max_agreement_drop=_given(args, "max_agreement_drop"),  # type: ignore[arg-type]
+                        min_accuracy=_given(args, "min_accuracy") if quantized else None,  # type: ignore[arg-type]
+                        max_output_error=_given(args, "max_output_error"))  # type: ignore[arg-type]
+    scan = ScanChoice(budget=_given(args, "budget"), holdout=_given(args, "holdout", 1000),  # type: ignore[arg-type]
                       max_targets=_given(args, "max_targets", 10))  # type: ignore[arg-type]
     limits = VerifyLimits() if quantized else VerifyLimits(
         min_accuracy=args.min_accuracy, max_asr=args.max_asr, max_parity_diff=args.max_parity_diff)
     return ReleaseSpec(deployment(args, quantized), rounding, holdout=_given(args, "holdout", 1000),  # type: ignore[arg-type]
-                       check=check, scan=scan, limit=getattr(args, "limit", None), limits=limits,
-                       trigger=getattr(args, "trigger", None))
+                       check=check, scan=scan, limit=_given(args, "limit"), limits=limits,  # type: ignore[arg-type]
+                       trigger=_given(args, "trigger"))  # type: ignore[arg-type]
