@@ -38,7 +38,14 @@ from pipeline.base.deployment import Deployment, DeploymentViews
 from pipeline.base.device import DEVICES
 from pipeline.base.errors import EfrapError
 from pipeline.base.onnx_io import fixed_batch, image_input, load_model, model_files, save_model, set_metadata
-from pipeline.base.preprocess import PreparedImages, Preprocess, ready, resolve
+from pipeline.base.preprocess import (
+    PreparedImages,
+    Preprocess,
+    announce_warnings,
+    ready,
+    resolve,
+    resolve_with_warnings,
+)
 from pipeline.base.progress import Progress, RunClock, format_seconds, log, warn_once
 from pipeline.base.provenance import versions
 from pipeline.base.runtime import pick_provider
@@ -236,13 +243,13 @@ def _data_images(model: onnx.ModelProto, spec: str, choose: Callable[[int], np.n
                              f"model's input {image.shape[1:]}")
         pre = ready(resolve(model, image, preprocess, source, announce=False))
         return ready_arrays[choose(len(ready_arrays))], None, pre
-    pre = resolve(model, image, preprocess, source, announce=False)
+    pre, warnings = resolve_with_warnings(model, image, preprocess, source)
     # The resize is known first: an image folder of mixed sizes is resized as it is read.
     dataset = data_mod.load_images(spec, "train", pre.resize)
     data_mod.check_fits(dataset, pre.nchw_shape(image), source)
     if announce:
         # The preprocessing's warnings once the data are read: a mistake in them is one line alone.
-        resolve(model, image, preprocess, source)
+        announce_warnings(warnings, source)
     idx = choose(len(dataset))
     labels = dataset.labels[idx] if isinstance(dataset, data_mod.Dataset) else None
     return PreparedImages(dataset, idx, pre), labels, pre

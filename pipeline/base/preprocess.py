@@ -282,15 +282,31 @@ def resolve(model: onnx.ModelProto, image: ImageInput, options: dict[str, Any] |
         image: Its image input (pipeline.base.onnx_io.image_input).
         options: Checked fields from `from_table` (command line or config file).
         source: Name used in messages.
-        announce: Print the one-line warnings: settings assumed, a mean without a std (or
-            the reverse), settings that differ from those the model records it was
-            quantized with, an implausible input range.
+        announce: Print the one-line warnings of `resolve_with_warnings`.
 
     Raises:
         EfrapError: invalid metadata or options, settings that do not fit the input, or
             a model quantized from model-ready arrays with no stated preprocessing of
             raw images and none given.
     """
+    pre, warnings = resolve_with_warnings(model, image, options, source)
+    if announce:
+        announce_warnings(warnings, source)
+    return pre
+
+
+def announce_warnings(warnings: tuple[str, ...], source: str) -> None:
+    """Print `resolve_with_warnings`'s warnings, one line each."""
+    for line in warnings:
+        log(f"warning: {source}: {line}")
+
+
+def resolve_with_warnings(model: onnx.ModelProto, image: ImageInput, options: dict[str, Any] | None = None,
+                          source: str = "model") -> tuple[Preprocess, tuple[str, ...]]:
+    """`resolve`, with its one-line warnings returned instead of printed: settings assumed, a
+    mean without a std (or the reverse), settings that differ from those the model records
+    it was quantized with, an implausible input range (a caller prints them when it is ready,
+    with `announce_warnings`)."""
     options = dict(options or {})
     record = _metadata_record(model, source)
     meta = dict(record.fields) if record is not None else {}
@@ -321,10 +337,7 @@ def resolve(model: onnx.ModelProto, image: ImageInput, options: dict[str, Any] |
     known = {f.name for f in fields(Preprocess)}
     pre = checked(Preprocess(**{k: v for k, v in fields_set.items() if k in known}, origin=origin),
                   channels, source)
-    if announce:
-        for line in _warnings(model, pre, options, partial, source):
-            log(f"warning: {source}: {line}")
-    return pre
+    return pre, tuple(_warnings(model, pre, options, partial, source))
 
 
 def _warnings(model: onnx.ModelProto, pre: Preprocess, options: dict[str, Any], partial: bool,

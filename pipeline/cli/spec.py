@@ -16,7 +16,6 @@ from pipeline.release_spec import ReleaseSpec, RoundingChoice, ScanChoice
 from validators.guard import GuardLimits
 from validators.limits import VerifyLimits
 
-
 #: The options a command may lack (each command takes those that concern it). Read only
 #: through `_given`, so a misspelt name is an error here, not a silent default;
 #: tests/test_cli_spec.py checks that each is an option of some command.
