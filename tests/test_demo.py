@@ -18,8 +18,7 @@ def test_demo_defense_is_what_defend_writes(fashion_mnist: None, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     entry = default_entry()
     assert entry.kind == "qcb" and entry.scheme == "w4a4"
-    demo_dir = tmp_path / "demo"
-    demo_dir.mkdir()
+    demo_dir = tmp_path / "demo"  # new: --out-dir makes it
     assert main(["demo", "--iters", "30", "--num-calib", "256", "--out-dir", str(demo_dir)]) == 0
     out = capsys.readouterr().out
     for row in ("full precision", "nearest w8a8", "nearest w4a4", "efrap default w4a4"):

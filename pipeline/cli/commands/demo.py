@@ -12,7 +12,7 @@ from models.zoo import default_entry, trigger_path, zoo_path
 from pipeline.base.data import spec_files
 from pipeline.base.deployment import Deployment
 from pipeline.base.progress import log
-from pipeline.base.safe_io import check_outputs
+from pipeline.base.safe_io import check_output_folder, check_outputs
 from pipeline.base.scheme import PRESETS
 from pipeline.cli.args import positive_int, seed_number
 from pipeline.quantize import GuardOptions, QuantizeOptions, quantize_file
@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         runs.append((f"efrap default {entry.scheme}", entry.scheme, "efrap",
                      replace(get_method("efrap").defaults, iters=iters)))
     with tempfile.TemporaryDirectory() as tmp:
-        out_dir = Path(args.out_dir) if args.out_dir else Path(tmp)
+        out_dir = check_output_folder(args.out_dir, "--out-dir") if args.out_dir else Path(tmp)
+        out_dir.mkdir(exist_ok=True)  # as efrap batch --out: a new folder is made, its parent must exist
         outs = {label: out_dir / f"{entry.name}.{method}.{scheme}.onnx"
                 for label, scheme, method, _ in runs}
         check_outputs(outs, [model, *spec_files(args.data)])
@@ -85,7 +86,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="fashion-mnist", help="data spec (default fashion-mnist)")
     p.add_argument("--num-calib", type=positive_int, default=1024, help="calibration images (default 1024)")
     p.add_argument("--seed", type=seed_number, default=0, help="the runs' seed (default 0)")
-    p.add_argument("--out-dir", help="keep the quantized models here (default: a temporary folder)")
+    p.add_argument("--out-dir", help="keep the quantized models in this folder, made if it is new "
+                   "(default: a temporary folder)")
     p.add_argument("--iters", type=positive_int, default=None,
                    help=f"EFRAP iterations per layer (default {DEMO_ITERS:,}; fewer is faster)")
     p.set_defaults(func=run)
