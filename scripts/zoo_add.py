@@ -21,6 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# Imported for what it installs: torch's image resize, which a model that resizes its input needs
+# (the base layer and verification import no torch, so a script that only verifies must ask for it).
+import pipeline.torch_backend  # noqa: F401
 from models.zoo import MANIFEST, ZOO_DIR
 from pipeline.base.deployment import Deployment
 from pipeline.base.onnx_io import get_metadata, image_input, input_shape, load_model
