@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.child import run_child
 from models.corpus_data import fmnist32
 from pipeline.base.safe_io import file_sha256, write_json
-from pipeline.base.trigger import PatchTrigger, blended, checkerboard, save_trigger
+from pipeline.base.trigger import PatchTrigger, WarpTrigger, blended, checkerboard, save_trigger
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "bench/heldout.toml"
@@ -69,7 +69,7 @@ def data_spec(data: str, cache: Path) -> str:
 
 
 def write_trigger(spec: dict, path: Path, shape: tuple[int, int, int]) -> Path:
-    """The entry's trigger file (patch JSON, or a pattern trigger with its npz)."""
+    """The entry's trigger file (patch or warp JSON, or a pattern trigger with its npz)."""
     spec = dict(spec)
     kind = spec.pop("kind")
     channels, height, width = shape
@@ -80,6 +80,8 @@ def write_trigger(spec: dict, path: Path, shape: tuple[int, int, int]) -> Path:
     elif kind == "blended":
         rng = np.random.default_rng(spec.pop("pattern_seed"))
         trigger = blended(rng.random((channels, height, width)).astype(np.float32), **spec)
+    elif kind == "warp":
+        trigger = WarpTrigger(**spec)
     else:
         raise SystemExit(f"{SPEC}: unknown trigger kind '{kind}'")
     save_trigger(trigger, path)

@@ -17,6 +17,7 @@ from pipeline.base.trigger import (
     PatchTrigger,
     PatternTrigger,
     Trigger,
+    WarpTrigger,
     blended,
     checkerboard,
     load_trigger,
@@ -130,11 +131,12 @@ def _kinds(channels: int) -> dict[str, object]:
         "checkerboard": checkerboard(6, 16, 16, channels, target=1, position="top-right", margin=1,
                                      blend=0.8, cell=2),
         "blended": blended(rng.random((16, 16)), blend=0.1, target=4),
+        "warp": WarpTrigger(target=3, grid=4, strength=1.5, seed=channels),
     }
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize("kind", ["patch", "patch-blend", "pattern", "checkerboard", "blended"])
+@pytest.mark.parametrize("kind", ["patch", "patch-blend", "pattern", "checkerboard", "blended", "warp"])
 def test_apply_and_apply_torch_are_bit_identical(kind: str, channels: int) -> None:
     trig = _kinds(channels)[kind]
     images = _images(channels, seed=channels)
@@ -160,6 +162,53 @@ def test_apply_torch_is_differentiable_and_keeps_dtype() -> None:
     y = torch.from_numpy(_images(1)).requires_grad_(True)
     patch.apply_torch(y).sum().backward()
     assert y.grad is not None and float(y.grad[0, 0, -1, -1]) == 0.0 and float(y.grad[0, 0, 0, 0]) == 1.0
+
+
+def test_warp_json_round_trip_and_listing(tmp_path: Path) -> None:
+    trig = WarpTrigger(target=2, grid=5, strength=0.75, seed=11)
+    path = tmp_path / "warp.json"
+    assert save_trigger(trig, path) == [path]
+    assert json.loads(path.read_text()) == {"kind": "warp", "grid": 5, "strength": 0.75, "seed": 11,
+                                            "target": 2}
+    assert load_trigger(path) == trig
+    assert trigger_files(path) == [path]
+
+
+def test_warp_moves_pixels_by_its_strength_and_keeps_constants() -> None:
+    # On a ramp along the columns bilinear sampling is exact, so the output minus the
+    # input is each pixel's column displacement (clamped at the borders).
+    size = 64
+    ramp = np.broadcast_to(np.arange(size, dtype=np.float32), (1, 1, size, size)).copy()
+    for strength in (0.5, 2.0):
+        moved = WarpTrigger(target=0, grid=4, strength=strength, seed=3).apply(ramp) - ramp
+        interior = np.abs(moved[0, 0, :, 8:-8])
+        assert 0.6 * strength < interior.mean() < 1.4 * strength
+        assert interior.max() > strength  # a field, not a shift: displacements vary
+    flat = np.full((2, 1, 20, 24), 0.625, dtype=np.float32)
+    np.testing.assert_allclose(WarpTrigger(target=0, seed=1).apply(flat), flat, atol=1e-6)
+    # Another seed is another field.
+    images = _images(1)
+    assert not np.array_equal(WarpTrigger(target=0, seed=1).apply(images),
+                              WarpTrigger(target=0, seed=2).apply(images))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("grid", 1, "'grid' must be at least 2"),
+    ("grid", 2.0, "'grid' must be an integer"),
+    ("strength", 0, "'strength' must be above 0"),
+    ("strength", 17, "'strength' must be at most 16"),
+    ("seed", -1, "'seed' must be at least 0"),
+])
+def test_hostile_warp_json_is_refused(tmp_path: Path, field: str, value: object, message: str) -> None:
+    data = {"kind": "warp", "target": 1, field: value}
+    path = _write(tmp_path / "w.json", json.dumps(data))
+    with pytest.raises(EfrapError, match=message) as info:
+        load_trigger(path)
+    assert str(path) in str(info.value)
+    with pytest.raises(EfrapError, match="unknown key 'blend'"):
+        trigger_from_json({"kind": "warp", "target": 1, "blend": 0.5}, "w.json")
+    with pytest.raises(EfrapError, match="needs 'target'"):
+        trigger_from_json({"kind": "warp"}, "w.json")
 
 
 def test_patch_with_full_blend_sets_its_box_exactly() -> None:
@@ -204,7 +253,7 @@ PATCH_CASES = {
     "position-middle": ('{"size": 2, "target": 0, "position": "middle"}', "'position'"),
     "margin-bool": ('{"size": 2, "target": 0, "margin": true}', "'margin'"),
     "unknown-key": ('{"size": 2, "target": 0, "colour": 1}', "colour"),
-    "unknown-kind": ('{"kind": "warp", "size": 2, "target": 0}', "'kind'"),
+    "unknown-kind": ('{"kind": "wobble", "size": 2, "target": 0}', "'kind'"),
     "nested-100": ('{"size": 2, "target": 0, "value": ' + "[" * 100 + "]" * 100 + "}", "nested"),
     "not-an-object": ("[1, 2]", "trigger"),
     "not-json": ("size: 2\ntarget: 0\n", "cannot parse"),

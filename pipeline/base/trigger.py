@@ -9,7 +9,8 @@ computed as ``(1 - a) * x + a * p`` with ``a = blend * m`` (the same value, exac
 ``a = 0`` and ``a = 1``), in float32, by `apply` (numpy) and `apply_torch` (torch,
 differentiable) alike: the two give bit-identical results on the same float32 input.
 
-Two kinds are stored as JSON:
+Two kinds follow that rule, and a third (the warp) moves pixels instead. All three are
+stored as JSON:
 
 * a **patch** (`PatchTrigger`, also called `Trigger`): a square of constant
   ``value`` (``m = 1`` on the square)::
@@ -36,6 +37,18 @@ Two kinds are stored as JSON:
   255); a mask has 1 or the pattern's channels. The pattern must have the images'
   height and width: it is never resized.
 
+* a **warp** (`WarpTrigger`): a smooth geometric warp of the whole image, after
+  WaNet (Nguyen and Tran, "WaNet - Imperceptible Warping-based Backdoor Attack", ICLR
+  2021). Nothing is stamped, so no mask and pattern express it::
+
+      {"kind": "warp", "grid": 4, "strength": 1.0, "seed": 7, "target": 2}
+
+  A 2 x `grid` x `grid` field drawn uniformly in [-1, 1] from `seed` is upsampled
+  bilinearly (corners aligned) to the image and scaled to a mean absolute value of 1; each
+  output pixel (r, c) reads the input bilinearly at (r + strength * dr, c + strength *
+  dc), the position clamped to the image. `strength` is the mean displacement per axis
+  in pixels, in (0, 16]; `grid` an integer in [2, 32]; `seed` in [0, 2**32).
+
 Trigger files are untrusted. Their JSON is typed strictly (an integer is never 2.0
 or "2"), unknown keys are refused, and depth, size and NaN limits come from
 `pipeline.base.checks`. Files a JSON names must be relative paths that stay inside
@@ -46,6 +59,7 @@ before any data is read. Every failure is an `EfrapError` naming the file and fi
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -71,6 +85,9 @@ if TYPE_CHECKING:
 _CORNERS = ("bottom-right", "top-left", "top-right", "bottom-left")
 _PATCH_KEYS = frozenset({"kind", "size", "target", "position", "margin", "value", "blend"})
 _PATTERN_KEYS = frozenset({"kind", "pattern", "mask", "blend", "target"})
+_WARP_KEYS = frozenset({"kind", "grid", "strength", "seed", "target"})
+#: The kinds a trigger JSON may name.
+_KINDS = ("patch", "pattern", "warp")
 
 #: Largest pattern or mask accepted, in pixels (height x width).
 MAX_TRIGGER_PIXELS = 2048 * 2048
@@ -334,7 +351,117 @@ class PatternTrigger(_Stamped):
         return trigger_from_json(data, source, folder)
 
 
-AnyTrigger = PatchTrigger | PatternTrigger
+@dataclass(frozen=True)
+class _WarpPlan:
+    """Where each output pixel reads: four flat source indices and their float32 weights."""
+
+    index: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # int64, (H * W,) each
+    weight: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # float32, (H * W,) each
+
+
+def _upsample_matrix(size: int, grid: int) -> np.ndarray:
+    """(size, grid) float64 weights of bilinear interpolation with the corners aligned."""
+    pos = np.zeros(size) if size == 1 else np.arange(size) * ((grid - 1) / (size - 1))
+    low = np.minimum(np.floor(pos).astype(np.int64), grid - 2)
+    frac = pos - low
+    out = np.zeros((size, grid))
+    out[np.arange(size), low] = 1.0 - frac
+    out[np.arange(size), low + 1] += frac
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _warp_plan(grid: int, strength: float, seed: int, height: int, width: int) -> _WarpPlan:
+    field_ = np.random.default_rng(seed).uniform(-1.0, 1.0, size=(2, grid, grid))
+    # einsum without BLAS: the same float64 sums whatever the thread count.
+    flow = np.einsum("hi,kij,wj->khw", _upsample_matrix(height, grid), field_,
+                     _upsample_matrix(width, grid), optimize=False)
+    flow /= max(float(np.abs(flow).mean()), 1e-12)  # strength = mean displacement per axis
+    rows = np.clip(np.arange(height)[:, None] + strength * flow[0], 0.0, height - 1.0)
+    cols = np.clip(np.arange(width)[None, :] + strength * flow[1], 0.0, width - 1.0)
+    r0 = np.floor(rows).astype(np.int64)
+    c0 = np.floor(cols).astype(np.int64)
+    r1 = np.minimum(r0 + 1, height - 1)
+    c1 = np.minimum(c0 + 1, width - 1)
+    fr = rows - r0
+    fc = cols - c0
+    index = tuple((r * width + c).reshape(-1) for r, c in ((r0, c0), (r0, c1), (r1, c0), (r1, c1)))
+    weight = tuple(w.reshape(-1).astype(np.float32) for w in
+                   ((1 - fr) * (1 - fc), (1 - fr) * fc, fr * (1 - fc), fr * fc))
+    for array in (*index, *weight):
+        array.setflags(write=False)
+    return _WarpPlan(index=index, weight=weight)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class WarpTrigger:
+    """A smooth warp of the whole image and the label it targets (see the module docstring).
+
+    Attributes:
+        target: Label the backdoor maps to (>= 0).
+        grid: Side of the random control field, in [2, 32] (smaller: smoother).
+        strength: Mean displacement per axis in pixels, in (0, 16].
+        seed: Draws the field, in [0, 2**32).
+    """
+
+    kind: ClassVar[str] = "warp"
+
+    target: int
+    grid: int = 4
+    strength: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        integer(self.target, "trigger 'target'", low=0)
+        integer(self.grid, "trigger 'grid'", low=2, high=32)
+        integer(self.seed, "trigger 'seed'", low=0, high=2**32 - 1)
+        object.__setattr__(self, "strength", finite(self.strength, "trigger 'strength'", low=0.0,
+                                                    high=16.0, low_open=True))
+
+    def _plan(self, shape: tuple[int, ...]) -> _WarpPlan:
+        _, height, width = _image_dims(shape)
+        return _warp_plan(self.grid, self.strength, self.seed, height, width)
+
+    def apply(self, images: np.ndarray) -> np.ndarray:
+        """A float32 warped copy of `images` (N x C x H x W or C x H x W, in [0, 1])."""
+        x = np.asarray(images, dtype=np.float32)
+        plan = self._plan(x.shape)
+        flat = x.reshape(*x.shape[:-2], -1)
+        # Four products summed left to right in float32, as in apply_torch.
+        i, w = plan.index, plan.weight
+        out = (flat[..., i[0]] * w[0] + flat[..., i[1]] * w[1]
+               + flat[..., i[2]] * w[2] + flat[..., i[3]] * w[3])
+        return out.reshape(x.shape)
+
+    def apply_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """`apply` on a tensor: same device and dtype, differentiable with respect to `x`.
+
+        On float32 input the result is bit-identical to `apply`.
+        """
+        if not x.is_floating_point():
+            raise TypeError(f"apply_torch needs a floating-point tensor, got {x.dtype}")
+        plan = self._plan(tuple(x.shape))
+        flat = x.reshape(*x.shape[:-2], -1)
+        int64 = x.new_zeros(()).long().dtype  # torch's int64, without importing torch here
+        index = [x.new_tensor(i, dtype=int64) for i in plan.index]
+        weight = [x.new_tensor(w) for w in plan.weight]
+        out = (flat[..., index[0]] * weight[0] + flat[..., index[1]] * weight[1]
+               + flat[..., index[2]] * weight[2] + flat[..., index[3]] * weight[3])
+        return out.reshape(x.shape)
+
+    def to_json(self) -> dict[str, object]:
+        """A JSON-ready dict (round-trips through `from_json`)."""
+        return {"kind": self.kind, "grid": self.grid, "strength": self.strength, "seed": self.seed,
+                "target": self.target}
+
+    @classmethod
+    def from_json(cls, data: object, source: str = "trigger",
+                  folder: str | os.PathLike[str] | None = None) -> AnyTrigger:
+        """A trigger of any kind from parsed JSON (see `trigger_from_json`)."""
+        return trigger_from_json(data, source, folder)
+
+
+AnyTrigger = PatchTrigger | PatternTrigger | WarpTrigger
 
 # ---------------------------------------------------------------------------- arrays
 
@@ -482,7 +609,7 @@ def _reference(ref: object, folder: Path, what: str) -> Path:
 def _kind(data: object, source: str) -> str:
     table(data, f"{source}: trigger")
     assert isinstance(data, dict)
-    return string(data.get("kind", "patch"), f"{source}: trigger 'kind'", ("patch", "pattern"))
+    return string(data.get("kind", "patch"), f"{source}: trigger 'kind'", _KINDS)
 
 
 @dataclass(frozen=True)
@@ -562,6 +689,17 @@ def _patch_from_json(data: dict[str, object], source: str) -> PatchTrigger:
         raise EfrapError(f"{source}: {exc}") from None
 
 
+def _warp_from_json(data: dict[str, object], source: str) -> WarpTrigger:
+    table(data, f"{source}: trigger", _WARP_KEYS)
+    if "target" not in data:
+        raise EfrapError(f"{source}: a warp trigger needs 'target'")
+    fields = {k: v for k, v in data.items() if k != "kind"}
+    try:
+        return WarpTrigger(**fields)  # type: ignore[arg-type]
+    except EfrapError as exc:
+        raise EfrapError(f"{source}: {exc}") from None
+
+
 def trigger_from_json(data: object, source: str = "trigger",
                       folder: str | os.PathLike[str] | None = None) -> AnyTrigger:
     """A trigger from a parsed JSON object, by its "kind" (default "patch").
@@ -578,6 +716,8 @@ def trigger_from_json(data: object, source: str = "trigger",
     assert isinstance(data, dict)
     if kind == "pattern":
         return _pattern_from_json(data, source, Path(folder) if folder is not None else Path(source).parent)
+    if kind == "warp":
+        return _warp_from_json(data, source)
     return _patch_from_json(data, source)
 
 
@@ -600,8 +740,12 @@ def trigger_files(path: str | os.PathLike[str]) -> list[Path]:
     """
     path = Path(path)
     data = _load_json(path)
-    if _kind(data, str(path)) == "patch":
+    kind = _kind(data, str(path))
+    if kind == "patch":
         _patch_from_json(data, str(path))  # type: ignore[arg-type]
+        return [path]
+    if kind == "warp":
+        _warp_from_json(data, str(path))  # type: ignore[arg-type]
         return [path]
     spec = _pattern_spec(data, str(path), path.parent)  # type: ignore[arg-type]
     return [path, spec.pattern_path] + ([spec.mask_path] if spec.mask_path is not None else [])
@@ -625,7 +769,7 @@ def save_trigger(trigger: AnyTrigger, path: str | os.PathLike[str]) -> list[Path
         write_bytes(npz, _npz_bytes({"pattern": trigger.pattern, "mask": trigger.mask}))
         write_json(trigger.to_json(npz.name), path)
         return [path, npz]
-    if not isinstance(trigger, PatchTrigger):
+    if not isinstance(trigger, PatchTrigger | WarpTrigger):
         raise TypeError(f"not a trigger: {type(trigger).__name__}")
     write_json(trigger.to_json(), path)
     return [path]
