@@ -41,6 +41,14 @@ def test_nearest_w8a8_keeps_accuracy_and_fuses(clean_model: Path, tmp_path: Path
     assert Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)["QLinearConv"] >= 1
 
 
+def test_verify_reads_a_warp_trigger(clean_model: Path, tmp_path: Path) -> None:
+    warp = Path(__file__).resolve().parents[1] / "models/zoo/triggers/warp_g4_s1_seed7_t2.json"
+    report = _verify(clean_model, tmp_path, "--trigger", str(warp), "--limit", "300")
+    assert report["trigger"] == {"kind": "warp", "grid": 4, "strength": 1.0, "seed": 7, "target": 2}
+    # A clean model ignores the warp: it keeps its accuracy and rarely says the target.
+    assert report["clean_accuracy"] > 0.85 and report["attack_success_rate"] < 0.05
+
+
 def test_int4_storage_is_small_and_identical(clean_model: Path, tmp_path: Path) -> None:
     q8, q4 = tmp_path / "int8.onnx", tmp_path / "int4.onnx"
     common = [str(clean_model), "--scheme", "w4a4", "--num-calib", "256"]
