@@ -677,27 +677,27 @@ def _pattern_from_json(data: dict[str, object], source: str, folder: Path) -> Pa
                           name=source, pattern_file=spec.pattern_ref, mask_file=spec.mask_ref)
 
 
-def _patch_from_json(data: dict[str, object], source: str) -> PatchTrigger:
-    table(data, f"{source}: trigger", _PATCH_KEYS)
-    for key in ("size", "target"):
+def _scalar_trigger(cls: type[PatchTrigger] | type[WarpTrigger], keys: frozenset[str],
+                    required: tuple[str, ...], data: dict[str, object],
+                    source: str) -> PatchTrigger | WarpTrigger:
+    """A trigger whose JSON holds all of it (no files): checked keys, then the class's own checks."""
+    table(data, f"{source}: trigger", keys)
+    for key in required:
         if key not in data:
-            raise EfrapError(f"{source}: a patch trigger needs '{key}'")
+            raise EfrapError(f"{source}: a {cls.kind} trigger needs '{key}'")
     fields = {k: v for k, v in data.items() if k != "kind"}
     try:
-        return PatchTrigger(**fields)  # type: ignore[arg-type]
+        return cls(**fields)  # type: ignore[arg-type]
     except EfrapError as exc:
         raise EfrapError(f"{source}: {exc}") from None
+
+
+def _patch_from_json(data: dict[str, object], source: str) -> PatchTrigger:
+    return _scalar_trigger(PatchTrigger, _PATCH_KEYS, ("size", "target"), data, source)  # type: ignore[return-value]
 
 
 def _warp_from_json(data: dict[str, object], source: str) -> WarpTrigger:
-    table(data, f"{source}: trigger", _WARP_KEYS)
-    if "target" not in data:
-        raise EfrapError(f"{source}: a warp trigger needs 'target'")
-    fields = {k: v for k, v in data.items() if k != "kind"}
-    try:
-        return WarpTrigger(**fields)  # type: ignore[arg-type]
-    except EfrapError as exc:
-        raise EfrapError(f"{source}: {exc}") from None
+    return _scalar_trigger(WarpTrigger, _WARP_KEYS, ("target",), data, source)  # type: ignore[return-value]
 
 
 def trigger_from_json(data: object, source: str = "trigger",
